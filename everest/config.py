@@ -1,0 +1,352 @@
+"""Typed, validated configuration for EVEREST experiments.
+
+Everything that changes a result lives in one frozen :class:`EverestConfig`, built in one place
+(:func:`load_config`: defaults <- file <- command-line overrides) and passed down. Its
+:meth:`EverestConfig.config_hash` names the effective configuration for caching and provenance.
+Defaults name their source: "design" is the design document
+(``shared/seed/everest-production-training.md``), "reference" the published implementation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+FLARE_CLASSES: tuple[str, ...] = ("C", "M", "M5")
+HORIZONS: tuple[int, ...] = (24, 48, 72)
+DEFAULT_SEEDS: tuple[int, ...] = (0, 1, 2, 3, 4)
+
+# The 9 EVEREST features in model order (design document); the other 5 columns are flare history.
+EVEREST_FEATURES: tuple[str, ...] = (
+    "TOTUSJH", "TOTUSJZ", "USFLUX", "MEANALP", "R_VALUE", "TOTPOT", "SAVNCPP", "AREA_ACR", "ABSNJZH",
+)
+# Positive, heavy-tailed SHARP keys that span orders of magnitude: signed log10 before standardising.
+EXTENSIVE_FEATURES: tuple[str, ...] = (
+    "TOTUSJH", "TOTUSJZ", "USFLUX", "TOTBSQ", "TOTPOT", "SAVNCPP", "AREA_ACR", "ABSNJZH", "AREA",
+)
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names it, what is allowed and what was given."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Target(_Frozen):
+    """A forecasting target: flare class at least ``flare_class`` within ``horizon`` hours."""
+
+    flare_class: Literal["C", "M", "M5"]
+    horizon: Literal[24, 48, 72]
+
+    @classmethod
+    def parse(cls, text: str | Target) -> Target:
+        """Parse ``"M5-72"`` (also ``M5_72``, ``m5-72h``); anything else lists the valid targets."""
+        if isinstance(text, Target):
+            return text
+        m = re.fullmatch(r"\s*(C|M5|M)[-_ ]?(\d+)h?\s*", str(text), flags=re.IGNORECASE)
+        if m and m.group(1).upper() in FLARE_CLASSES and int(m.group(2)) in HORIZONS:
+            return cls(flare_class=m.group(1).upper(), horizon=int(m.group(2)))
+        raise ConfigError(
+            f"invalid target {text!r}: expected CLASS-HORIZON with class in {list(FLARE_CLASSES)} "
+            f"and horizon in {list(HORIZONS)} hours, e.g. 'M5-72'; valid targets: "
+            + ", ".join(str(t) for t in all_targets())
+        )
+
+    def __str__(self) -> str:
+        return f"{self.flare_class}-{self.horizon}"
+
+    @property
+    def file_suffix(self) -> str:
+        """Suffix of the data files, e.g. ``M5_72`` in ``training_data_M5_72.csv``."""
+        return f"{self.flare_class}_{self.horizon}"
+
+
+def all_targets() -> list[Target]:
+    """The 9 targets in array-job order: C-24, C-48, C-72, M-24, ..., M5-72."""
+    return [Target(flare_class=c, horizon=h) for c in FLARE_CLASSES for h in HORIZONS]
+
+
+class Experiment(_Frozen):
+    """One training run: a target and a seed."""
+
+    target: Target
+    seed: int = Field(ge=0)
+
+    @property
+    def name(self) -> str:
+        """Directory name of the design document, e.g. ``everest_M5_72h_seed0``."""
+        return f"everest_{self.target.flare_class}_{self.target.horizon}h_seed{self.seed}"
+
+    @property
+    def array_index(self) -> int:
+        """1-based PBS array index (design document mapping); defined for seeds 0-4 only."""
+        if self.seed not in DEFAULT_SEEDS:
+            raise ConfigError(f"seed {self.seed} has no array index: the 1..45 mapping covers seeds 0-4")
+        return all_targets().index(self.target) * len(DEFAULT_SEEDS) + self.seed + 1
+
+    @classmethod
+    def from_array_index(cls, index: int) -> Experiment:
+        """Inverse of :attr:`array_index`: 1..5 are C-24 seeds 0..4, ..., 41..45 are M5-72."""
+        n = len(all_targets()) * len(DEFAULT_SEEDS)
+        if not isinstance(index, int) or not 1 <= index <= n:
+            raise ConfigError(f"invalid array index {index!r}: expected an integer in 1..{n}")
+        t, s = divmod(index - 1, len(DEFAULT_SEEDS))
+        return cls(target=all_targets()[t], seed=DEFAULT_SEEDS[s])
+
+    def __str__(self) -> str:
+        return f"{self.target} seed {self.seed}"
+
+
+def experiment_matrix(
+    targets: list[str | Target] | None = None, seeds: list[int] | tuple[int, ...] | None = None
+) -> list[Experiment]:
+    """Experiments for every (target, seed) pair in array-index order; default all 9 x seeds 0-4."""
+    ts = all_targets() if targets is None else [Target.parse(t) for t in targets]
+    ss = list(DEFAULT_SEEDS if seeds is None else seeds)
+    if not ts:
+        raise ConfigError("empty target list: give at least one target, e.g. 'C-24'")
+    if not ss:
+        raise ConfigError("empty seed list: give at least one seed, e.g. 0")
+    if len(set(ts)) != len(ts):
+        raise ConfigError(f"duplicate targets in {[str(t) for t in ts]}")
+    if len(set(ss)) != len(ss) or any((not isinstance(s, int)) or s < 0 for s in ss):
+        raise ConfigError(f"seeds must be distinct non-negative integers, got {ss}")
+    order = {t: i for i, t in enumerate(all_targets())}
+    return [Experiment(target=t, seed=s) for t in sorted(ts, key=order.__getitem__) for s in ss]
+
+
+class ModelConfig(_Frozen):
+    """Architecture (design document); 814,090 parameters with these defaults and 9 features."""
+
+    seq_len: int = Field(10, ge=1)
+    embed_dim: int = Field(128, ge=1)
+    num_heads: int = Field(4, ge=1)
+    ff_dim: int = Field(256, ge=1)
+    num_blocks: int = Field(6, ge=1)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    use_attention_bottleneck: bool = True
+    use_evidential: bool = True
+    use_evt: bool = True
+    use_precursor: bool = True
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelConfig:
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"model.embed_dim ({self.embed_dim}) must be divisible by model.num_heads ({self.num_heads})"
+            )
+        return self
+
+
+class LossPhase(_Frozen):
+    """Loss weights from ``start_epoch`` on (reference 3-phase schedule)."""
+
+    start_epoch: int = Field(ge=0)
+    focal: float = Field(ge=0.0)
+    evidential: float = Field(ge=0.0)
+    evt: float = Field(ge=0.0)
+    precursor: float = Field(ge=0.0)
+
+
+_REFERENCE_SCHEDULE = (
+    LossPhase(start_epoch=0, focal=0.9, evidential=0.1, evt=0.0, precursor=0.05),
+    LossPhase(start_epoch=20, focal=0.8, evidential=0.1, evt=0.1, precursor=0.05),
+    LossPhase(start_epoch=40, focal=0.7, evidential=0.1, evt=0.2, precursor=0.05),
+)
+
+
+class LossConfig(_Frozen):
+    """Loss terms and their schedule (reference)."""
+
+    focal_gamma_max: float = Field(2.803, ge=0.0)
+    focal_gamma_warmup_epochs: int = Field(50, ge=0)
+    schedule: tuple[LossPhase, ...] = _REFERENCE_SCHEDULE
+    evt_quantile: float = Field(0.9, gt=0.0, lt=1.0)
+    evidential_regulariser: float = Field(0.01, ge=0.0)
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule_ordered(cls, v: tuple[LossPhase, ...]) -> tuple[LossPhase, ...]:
+        starts = [p.start_epoch for p in v]
+        if not v or starts[0] != 0 or starts != sorted(set(starts)):
+            raise ValueError(f"loss.schedule start epochs must begin at 0 and increase strictly, got {starts}")
+        return v
+
+    def weights_at(self, epoch: int) -> LossPhase:
+        """The phase in force at ``epoch`` (0-based)."""
+        return [p for p in self.schedule if p.start_epoch <= epoch][-1]
+
+    def gamma_at(self, epoch: int) -> float:
+        """Focal gamma: linear warm-up from 0 to ``focal_gamma_max`` over the warm-up epochs."""
+        if self.focal_gamma_warmup_epochs == 0:
+            return self.focal_gamma_max
+        return self.focal_gamma_max * min(1.0, epoch / self.focal_gamma_warmup_epochs)
+
+
+class TrainConfig(_Frozen):
+    """Optimisation (design document hyper-parameters) and run control."""
+
+    epochs: int = Field(120, ge=1)
+    batch_size: int = Field(512, ge=1)
+    learning_rate: float = Field(5.34e-4, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    early_stopping_patience: int = Field(10, ge=1)
+    early_stopping_metric: Literal["val_tss", "val_auc", "val_loss"] = "val_tss"
+    use_amp: bool = True
+    device: str = "auto"
+    num_threads: int | None = Field(None, ge=1)
+    eval_batch_size: int = Field(8192, ge=1)
+    time_limit_minutes: float | None = Field(None, gt=0.0)
+
+    @field_validator("device")
+    @classmethod
+    def _device_known(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):
+            raise ValueError(f"train.device must be auto, cpu, mps, cuda or cuda:N, got {v!r}")
+        return v
+
+
+class ThresholdConfig(_Frozen):
+    """Decision-threshold search (design document: 81 points 0.1..0.9, balanced score)."""
+
+    start: float = Field(0.10, gt=0.0, lt=1.0)
+    stop: float = Field(0.90, gt=0.0, lt=1.0)
+    points: int = Field(81, ge=1)
+    weights: dict[str, float] = Field(
+        default_factory=lambda: {"tss": 0.40, "f1": 0.20, "precision": 0.15, "recall": 0.15, "specificity": 0.10}
+    )
+    source: Literal["validation", "test"] = "validation"
+
+    @field_validator("weights")
+    @classmethod
+    def _known_metrics(cls, v: dict[str, float]) -> dict[str, float]:
+        allowed = {"tss", "f1", "precision", "recall", "specificity", "accuracy"}
+        unknown = sorted(set(v) - allowed)
+        if unknown:
+            raise ValueError(f"threshold.weights has unknown metrics {unknown}; allowed: {sorted(allowed)}")
+        return v
+
+    @model_validator(mode="after")
+    def _range(self) -> ThresholdConfig:
+        if self.stop < self.start:
+            raise ValueError(f"threshold.stop ({self.stop}) must be >= threshold.start ({self.start})")
+        return self
+
+
+class DataConfig(_Frozen):
+    """How SHARP tables become samples (data.md section 1)."""
+
+    features: tuple[str, ...] = EVEREST_FEATURES
+    feature_aliases: dict[str, str] = Field(default_factory=lambda: {"TOTBSQ": "MEANALP"})
+    log_features: tuple[str, ...] = EXTENSIVE_FEATURES
+    scaling: Literal["auto", "log_standard", "standard", "none"] = "auto"
+    validation_split: Literal["region", "time"] = "region"
+    validation_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    c_zero_filter: bool = True
+    augment_classes: tuple[str, ...] = ("M", "M5")
+    augment_noise: float = Field(0.05, ge=0.0)
+    cache: bool = True
+
+    @field_validator("features")
+    @classmethod
+    def _features_distinct(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"data.features must be a non-empty list of distinct column names, got {list(v)}")
+        return v
+
+    @field_validator("augment_classes")
+    @classmethod
+    def _classes_known(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [c for c in v if c not in FLARE_CLASSES]
+        if bad:
+            raise ValueError(f"data.augment_classes has unknown classes {bad}; allowed: {list(FLARE_CLASSES)}")
+        return v
+
+
+class EverestConfig(_Frozen):
+    """The effective configuration of an experiment: everything that can change its result."""
+
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    threshold: ThresholdConfig = ThresholdConfig()
+    data: DataConfig = DataConfig()
+    seeds: tuple[int, ...] = DEFAULT_SEEDS
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_ok(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or len(set(v)) != len(v) or any(s < 0 for s in v):
+            raise ValueError(f"seeds must be a non-empty list of distinct non-negative integers, got {list(v)}")
+        return v
+
+    def config_hash(self) -> str:
+        """Stable 16-hex-digit hash of the effective configuration (canonical sorted JSON)."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def with_overrides(self, overrides: dict[str, Any] | list[str]) -> EverestConfig:
+        """A copy with dotted-key overrides applied (``{"train.epochs": 3}`` or ``["train.epochs=3"]``)."""
+        pairs = _parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides)
+        data = self.model_dump(mode="json")
+        for key, value in pairs.items():
+            node = data
+            *path, leaf = key.split(".")
+            for part in path:
+                if not isinstance(node.get(part), dict):
+                    raise ConfigError(f"unknown configuration key {key!r}: {part!r} is not a section")
+                node = node[part]
+            if leaf not in node:
+                raise ConfigError(f"unknown configuration key {key!r}; known keys here: {sorted(node)}")
+            node[leaf] = value
+        return _validate(data, source="overrides")
+
+
+def _parse_overrides(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"invalid override {item!r}: expected KEY=VALUE, e.g. train.epochs=3")
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else raw
+    return out
+
+
+def _validate(data: dict[str, Any], source: str) -> EverestConfig:
+    try:
+        return EverestConfig.model_validate(data)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']} (got {e.get('input')!r})"
+            for e in err.errors()
+        )
+        raise ConfigError(f"invalid configuration from {source}: {problems}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list[str] | None = None) -> EverestConfig:
+    """Build the effective configuration: defaults, then a TOML/YAML file, then dotted overrides."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"configuration file {p} does not exist")
+        text = p.read_text()
+        try:
+            data = tomllib.loads(text) if p.suffix == ".toml" else (yaml.safe_load(text) or {})
+        except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
+            raise ConfigError(f"cannot parse configuration file {p}: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"configuration file {p} must hold a mapping of sections, got {type(data).__name__}")
+        source = str(p)
+    cfg = _validate(data, source=source)
+    return cfg.with_overrides(overrides) if overrides else cfg

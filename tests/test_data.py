@@ -1,0 +1,173 @@
+"""Data path: exact sample formation, validation, splits, scaling, augmentation, caching."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import make_table
+
+from everest import data as D
+from everest.config import DataConfig, Target
+
+CFG = DataConfig()
+M24 = Target.parse("M-24")
+
+
+def test_windows_follow_the_reference_rules(write_csv):
+    # region 1: N(1), padding, P(3), N(7); region 2: N(4), P(5)
+    path = write_csv(make_table([("N", 1, 1.0), ("padding", 1, 0.0), ("P", 1, 3.0), ("N", 1, 7.0),
+                                 ("N", 2, 4.0), ("P", 2, 5.0)]))
+    s = D.build_samples(D.read_table(path, CFG), CFG.features, seq_len=3, zero_filter=False)
+    # one sample per non-padding row, current row last, history within the region only
+    np.testing.assert_array_equal(s.row, [0, 2, 3, 4, 5])
+    np.testing.assert_array_equal(s.y, [0, 1, 0, 0, 1])
+    np.testing.assert_array_equal(s.region, [1, 1, 1, 2, 2])
+    np.testing.assert_array_equal(s.x[:, :, 0], [[0, 0, 1], [1, 0, 3], [0, 3, 7], [0, 0, 4], [0, 4, 5]])
+    np.testing.assert_array_equal(s.valid, [[0, 0, 1], [1, 0, 1], [0, 1, 1], [0, 0, 1], [0, 1, 1]])
+    assert s.x.shape == (5, 3, 9) and s.x.dtype == np.float32
+
+
+def test_c_zero_filter_looks_at_the_current_row(write_csv):
+    table = make_table([("N", 1, 0.0), ("P", 1, 2.0), ("N", 1, 3.0)])
+    table.loc[2, "R_VALUE"] = 0.0  # current row of the third sample has one zero feature
+    s = D.build_samples(D.read_table(write_csv(table), CFG), CFG.features, seq_len=3, zero_filter=True)
+    # row 0 (all zero) and row 2 (R_VALUE 0) are dropped as samples; row 0 is still history of row 1
+    np.testing.assert_array_equal(s.row, [1])
+    np.testing.assert_array_equal(s.valid, [[False, True, True]])
+
+
+def test_totbsq_is_an_alias_of_meanalp(write_csv):
+    table = make_table([("N", 1, 1.0), ("P", 1, 2.0)]).rename(columns={"MEANALP": "TOTBSQ"})
+    t = D.read_table(write_csv(table), CFG)
+    assert list(t.columns[3:]) == list(CFG.features)
+    np.testing.assert_array_equal(t["MEANALP"], [1.0, 2.0])
+
+
+def test_other_feature_lists_and_extra_columns(write_csv):
+    table = make_table([("N", 1, 1.0), ("P", 1, 2.0)]).assign(EXTRA="x", AREA=[5.0, 6.0])
+    cfg = DataConfig(features=("USFLUX", "AREA", "R_VALUE"))
+    s = D.build_samples(D.read_table(write_csv(table), cfg), cfg.features, seq_len=2, zero_filter=False)
+    np.testing.assert_array_equal(s.x[1], [[1.0, 5.0, 1.0], [2.0, 6.0, 2.0]])
+
+
+def _bad(table: pd.DataFrame, row: int, col: str, value) -> pd.DataFrame:
+    table = table.astype({col: object})
+    table.loc[row, col] = value
+    return table
+
+
+BASE = make_table([("N", 1, 1.0), ("N", 1, 2.0), ("P", 1, 3.0), ("N", 2, 4.0)])
+
+
+@pytest.mark.parametrize(
+    ("content", "fragments"),
+    [
+        ("", ["file is empty"]),
+        (",".join(BASE.columns) + "\n", ["no data rows"]),
+        (BASE.drop(columns=["USFLUX"]), ["missing required column", "USFLUX"]),
+        (BASE.drop(columns=["NOAA_AR"]), ["missing required column", "NOAA_AR"]),
+        (BASE.drop(columns=["MEANALP"]), ["MEANALP (or TOTBSQ)"]),
+        (_bad(BASE, 1, "TOTPOT", "abc"), ["'TOTPOT'", "'abc'", "row 3"]),
+        (_bad(BASE, 2, "USFLUX", np.nan), ["'USFLUX'", "finite", "row 4"]),
+        (_bad(BASE, 0, "R_VALUE", np.inf), ["'R_VALUE'", "inf", "row 2"]),
+        (_bad(BASE, 1, "Flare", "Q"), ["unknown label 'Q'", "row 3"]),
+        (_bad(BASE, 2, "DATE__OBS", "2011-01-01T00:00:00"), ["out of time order", "row 4"]),
+        (_bad(BASE, 1, "DATE__OBS", "yesterday"), ["not an ISO time", "'yesterday'"]),
+        (pd.concat([BASE, BASE.iloc[[1]]]), ["not contiguous"]),
+        (pd.concat([BASE.iloc[:2], BASE.iloc[[1]], BASE.iloc[2:]]), ["out of time order"]),
+        (_bad(BASE, 3, "NOAA_AR", "AR?"), ["'NOAA_AR'", "row 5"]),
+    ],
+    ids=["empty", "header-only", "missing-feature", "missing-region", "missing-meanalp", "non-numeric", "nan",
+         "inf", "unknown-label", "time-order", "bad-time", "non-contiguous", "duplicate-row", "bad-region"],
+)
+def test_bad_input_names_file_and_problem(write_csv, content, fragments):
+    path = write_csv(content)
+    with pytest.raises(D.DataError) as err:
+        D.read_table(path, CFG)
+    msg = str(err.value)
+    assert str(path) in msg
+    for frag in fragments:
+        assert frag in msg
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(D.DataError, match="data file not found"):
+        D.load_samples(tmp_path / "nope.csv", M24, CFG, 10)
+
+
+def _many_regions(n_regions: int = 20, per_region: int = 6) -> pd.DataFrame:
+    rows = []
+    for r in range(n_regions):
+        for k in range(per_region):
+            rows.append(("P" if (r % 4 == 0 and k > 2) else "N", 100 + r, float(10 ** (r % 5 + k / 10))))
+    return make_table(rows)
+
+
+def test_region_split_is_disjoint_deterministic_and_stratified(write_csv):
+    s = D.build_samples(D.read_table(write_csv(_many_regions()), CFG), CFG.features, 10, False)
+    tr, va = D.split_validation(s, CFG, seed=3)
+    assert not set(tr.region) & set(va.region)
+    assert len(tr) + len(va) == len(s)
+    assert va.n_positive > 0 and tr.n_positive > 0  # flaring regions split separately
+    assert len(set(va.region)) == 4  # round(0.2 * 5 flaring) + round(0.2 * 15 quiet) = 1 + 3
+    tr2, va2 = D.split_validation(s, CFG, seed=3)
+    np.testing.assert_array_equal(va.row, va2.row)
+    _, va3 = D.split_validation(s, CFG, seed=4)
+    assert set(va3.region) != set(va.region)
+
+
+def test_time_split_takes_the_latest_regions(write_csv):
+    s = D.build_samples(D.read_table(write_csv(_many_regions()), CFG), CFG.features, 10, False)
+    tr, va = D.split_validation(s, DataConfig(validation_split="time"), seed=0)
+    assert va.time.min() > tr.time.min()
+    assert not set(tr.region) & set(va.region)
+
+
+def test_scaler_fits_training_only_and_keeps_padding_zero(write_csv):
+    s = D.build_samples(D.read_table(write_csv(_many_regions()), CFG), CFG.features, 10, False)
+    tr, va = D.split_validation(s, CFG, seed=0)
+    sc = D.Scaler.fit(tr, CFG.features, CFG)
+    assert sc.method == "log_standard"  # values up to 1e4.5 trigger the log scaling in auto mode
+    cur = np.log10(1 + tr.x[:, -1, 0].astype(np.float64))
+    assert sc.mean[0] == pytest.approx(cur.mean())
+    assert sc.std[0] == pytest.approx(cur.std())
+    out = sc.transform(tr)
+    assert np.all(out.x[~tr.valid] == 0)
+    np.testing.assert_allclose(out.x[:, -1, 0].mean(), 0, atol=1e-5)
+    again = D.Scaler.from_dict(sc.to_dict()).transform(va)
+    np.testing.assert_array_equal(again.x, sc.transform(va).x)
+    prescaled = D.Scaler.fit(D.SampleSet(**{**tr.__dict__, "x": np.clip(tr.x, -3, 3)}), CFG.features, CFG)
+    assert prescaled.method == "none"
+
+
+def test_augmentation_duplicates_positives_with_noise_on_real_steps_only(write_csv):
+    s = D.build_samples(D.read_table(write_csv(_many_regions()), CFG), CFG.features, 10, False)
+    out = D.augment_positives(s, noise=0.05, seed=0)
+    n_pos = s.n_positive
+    assert len(out) == len(s) + n_pos and out.n_positive == 2 * n_pos
+    copy = out.subset(np.arange(len(s), len(out)))
+    orig = s.subset(s.y == 1)
+    np.testing.assert_array_equal(copy.row, orig.row)
+    diff = copy.x - orig.x
+    assert np.all(diff[~orig.valid] == 0)  # padding untouched
+    assert np.all(diff[orig.valid] != 0)  # every feature of every real step jittered
+    std = s.x[s.valid].std(axis=0)
+    assert diff[orig.valid].std(axis=0) == pytest.approx(0.05 * std, rel=0.5)
+
+
+def test_cache_reuses_and_invalidates(write_csv, tmp_path, monkeypatch):
+    path = write_csv(_many_regions())
+    cache = tmp_path / "cache"
+    first, h1 = D.load_samples(path, M24, CFG, 10, cache)
+    assert len(list(cache.glob("*.npz"))) == 1
+    monkeypatch.setattr(D, "read_table", lambda *a, **k: pytest.fail("CSV parsed again despite the cache"))
+    again, h2 = D.load_samples(path, M24, CFG, 10, cache)
+    assert h1 == h2
+    np.testing.assert_array_equal(first.x, again.x)
+    monkeypatch.undo()
+    _many_regions(21).to_csv(path, index=False)  # changed content -> new key
+    changed, h3 = D.load_samples(path, M24, CFG, 10, cache)
+    assert h3 != h1 and len(changed) > len(first)
+    D.load_samples(path, M24, DataConfig(features=("USFLUX", "TOTPOT")), 10, cache)  # changed config -> new key
+    assert len(list(cache.glob("*.npz"))) == 3
