@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from everest.config import DataConfig, Target
+from everest.io import write_npz
 
 log = logging.getLogger(__name__)
 
@@ -223,19 +222,6 @@ def _cache_key(file_digest: str, target: Target, cfg: DataConfig) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
-    """Write an ``.npz`` under a temporary name and rename it, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.npz")
-    os.close(fd)
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_samples(path: str | Path, target: Target, cfg: DataConfig, seq_len: int,
                  cache_dir: Path | None = None) -> tuple[SampleSet, str]:
     """Samples of one file plus its content hash; reuses a cache built from the same content and config."""
@@ -259,7 +245,7 @@ def load_samples(path: str | Path, target: Target, cfg: DataConfig, seq_len: int
         raise DataError(f"{path}: no usable samples (all rows are padding"
                         + (" or have a zero feature in the C-class filter)" if zero_filter else ")"))
     if cache is not None:
-        atomic_save_npz(cache, **{f.name: getattr(samples, f.name) for f in fields(SampleSet)})
+        write_npz(cache, **{f.name: getattr(samples, f.name) for f in fields(SampleSet)})
     return samples, digest
 
 

@@ -1,0 +1,115 @@
+"""The ``everest`` command: ``data synth``, ``data check``, ``train`` and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from everest.config import ConfigError
+
+log = logging.getLogger("everest")
+
+EXIT_USAGE = 2  # bad configuration, arguments or input data: nothing to retry
+EXIT_DIVERGED = 3  # training diverged (NaN/inf loss)
+EXIT_TIME_LIMIT = 4  # time limit reached; rerun to resume
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Plain timestamped log lines on stderr for the ``everest`` loggers."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                            datefmt="%H:%M:%S")
+
+
+def run_guarded(fn: Callable[[], Any]) -> int:
+    """Run a command; known failures become one clear line on stderr and a non-zero exit status."""
+    from everest.data import DataError
+    from everest.train import TimeLimitReached, TrainingDiverged
+
+    setup_logging()
+    try:
+        fn()
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except TimeLimitReached as err:
+        print(f"stopped: {err}", file=sys.stderr)
+        return EXIT_TIME_LIMIT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _synth(args: argparse.Namespace) -> None:
+    from everest import synthetic
+
+    paths = synthetic.generate(args.out, size=args.size, seed=args.seed)
+    print(f"wrote {len(paths)} SHARP tables ({args.size}, seed {args.seed}) and their truth sidecars to {args.out}")
+
+
+def _check(args: argparse.Namespace) -> None:
+    from everest.config import load_config
+    from everest.datacheck import format_summary, summarise
+
+    cfg = load_config(args.config)
+    print(format_summary(summarise(args.dir, cfg.data, cfg.model.seq_len)))
+
+
+def _train(args: argparse.Namespace) -> None:
+    from everest.train import run_from_args
+
+    run_from_args(args)
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from everest.demo import run_demo
+
+    run_demo(Path(args.data_dir), Path(args.output_dir))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from everest import __version__
+    from everest.train import add_train_arguments
+
+    p = argparse.ArgumentParser(prog="everest", description="EVEREST production training.")
+    p.add_argument("--version", action="version", version=f"everest {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="synthesise or inspect SHARP tables").add_subparsers(dest="data_cmd",
+                                                                                         required=True)
+    synth = data.add_parser("synth", help="write the 18 synthetic SHARP tables")
+    synth.add_argument("--size", default="demo", help="demo, tiny or full (default demo)")
+    synth.add_argument("--out", default="data", help="output folder (default data)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(fn=_synth)
+    check = data.add_parser("check", help="per-target samples, positives, regions and the Bayes ceiling")
+    check.add_argument("dir", help="folder holding the 18 CSVs")
+    check.add_argument("--config", help="TOML or YAML configuration (data section)")
+    check.set_defaults(fn=_check)
+
+    train = sub.add_parser("train", help="train one experiment")
+    add_train_arguments(train)
+    train.set_defaults(fn=_train)
+
+    demo = sub.add_parser("demo", help="the embedded default: demo data, then the production run")
+    demo.add_argument("--data-dir", default="data/demo")
+    demo.add_argument("--output-dir", default="output/demo")
+    demo.set_defaults(fn=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_guarded(lambda: args.fn(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,528 @@
+"""One EVEREST experiment end to end: data -> model -> early-stopped training -> threshold -> test metrics.
+
+Usable from a notebook (``ProductionTrainer("M5", "72", seed=0).train()``), from the command line
+(``python -m everest.train --flare_class M5 --time_window 72 --seed 0`` or ``--array-index K``), from a
+PBS/SLURM array job and from the Prefect flow, which only wraps :meth:`ProductionTrainer.train`.
+
+Fixes of the first implementation (reference.md): early stopping and the decision threshold use a
+region-disjoint **validation** split, never the test set; the best weights are a real copy; the EVT
+term is computed in float32 and errors propagate; a non-finite loss stops the run with
+:class:`TrainingDiverged`. Every epoch ends with an atomic checkpoint, so a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from everest import __version__, io
+from everest import metrics as M
+from everest.config import ConfigError, EverestConfig, Experiment, Target, load_config
+from everest.data import ExperimentData, SampleSet, prepare_experiment
+from everest.losses import EverestLoss, nig_uncertainty
+from everest.model import EverestModel, count_parameters
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite; the run stopped (an orchestrator may retry it)."""
+
+
+class TimeLimitReached(RuntimeError):
+    """``train.time_limit_minutes`` elapsed; the last finished epoch is checkpointed for a resume."""
+
+
+@dataclass(frozen=True)
+class EpochReport:
+    """What the progress callback receives after each epoch."""
+
+    experiment: str
+    epoch: int  # 1-based number of finished epochs
+    max_epochs: int
+    train_loss: float
+    val_loss: float
+    val_tss: float
+    best_epoch: int
+
+
+ProgressCallback = Callable[[EpochReport], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; explicit names are checked for availability."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device is {name!r} but no CUDA device is available; use 'auto' or 'cpu'")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("train.device is 'mps' but MPS is not available; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def experiment_dirs(output_dir: Path, experiment: Experiment) -> tuple[Path, Path, Path]:
+    """(results dir, trained-model dir, checkpoint file) of the design document's layout."""
+    out = Path(output_dir)
+    return (out / "results" / experiment.name, out / "trained_models" / experiment.name,
+            out / "checkpoints" / f"{experiment.name}.pt")
+
+
+def _git_commit() -> str | None:
+    try:
+        res = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return res.stdout.strip() or None if res.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment_info(device: torch.device) -> dict[str, Any]:
+    """Versions and device recorded with every result."""
+    import pandas
+    import scipy
+    import sklearn
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {
+        "everest": __version__, "git_commit": _git_commit(), "python": platform.python_version(),
+        "torch": torch.__version__, "numpy": np.__version__, "pandas": pandas.__version__,
+        "scipy": scipy.__version__, "scikit_learn": sklearn.__version__,
+        "device": str(device), "device_name": name, "torch_threads": torch.get_num_threads(),
+        "host": platform.node(),
+    }
+
+
+class ProductionTrainer:
+    """Train, select the threshold for, evaluate and save one (flare class, horizon, seed) experiment."""
+
+    def __init__(
+        self,
+        flare_class: str,
+        time_window: str | int,
+        seed: int = 0,
+        *,
+        config: EverestConfig | None = None,
+        data_dir: str | Path = "data",
+        output_dir: str | Path = "output",
+        cache_dir: str | Path | None = None,
+        progress: ProgressCallback | None = None,
+        force: bool = False,
+    ) -> None:
+        self.experiment = Experiment(target=Target.parse(f"{flare_class}-{time_window}"), seed=seed)
+        self.config = config or EverestConfig()
+        self.data_dir = Path(data_dir)
+        self.output_dir = Path(output_dir)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else self.output_dir / "cache"
+        self.progress = progress
+        self.force = force
+        self.results_dir, self.model_dir, self.checkpoint_path = experiment_dirs(self.output_dir, self.experiment)
+
+    # ------------------------------------------------------------------ public API
+    def train(self) -> dict[str, Any]:
+        """Run the experiment (or return its finished results) and return the ``results.json`` content."""
+        cfg = self.config
+        seed_everything(self.experiment.seed)
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        device = resolve_device(cfg.train.device)
+        data = prepare_experiment(self.data_dir, self.experiment.target, self.experiment.seed, cfg.data,
+                                  cfg.model.seq_len, self.cache_dir)
+        done = self.finished_results(data.file_hashes)
+        if done is not None and not self.force:
+            log.info("%s: already finished with this config and data; skipping", self.experiment.name)
+            return done
+        if self.force:
+            self.checkpoint_path.unlink(missing_ok=True)
+        self._data_hashes = data.file_hashes
+        log.info("%s: %d train (%d pos), %d val (%d pos), %d test (%d pos) samples on %s",
+                 self.experiment.name, len(data.train), data.train.n_positive, len(data.val), data.val.n_positive,
+                 len(data.test), data.test.n_positive, device)
+        model = EverestModel(cfg.model, n_features=data.train.x.shape[2]).to(device)
+        history, best_epoch, stop_reason = self._fit(model, data, device)
+        return self._evaluate_and_save(model, data, device, history, best_epoch, stop_reason)
+
+    def finished_results(self, file_hashes: dict[str, str]) -> dict[str, Any] | None:
+        """The saved results if this experiment already finished with the same config and data."""
+        path = self.results_dir / "results.json"
+        if not path.is_file():
+            return None
+        import json
+
+        try:
+            res = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            log.warning("%s: unreadable %s (%s); retraining", self.experiment.name, path, err)
+            return None
+        prov = res.get("provenance", {})
+        if prov.get("config_hash") == self.config.config_hash() and prov.get("data_hashes") == file_hashes:
+            return res
+        return None
+
+    # ------------------------------------------------------------------ training
+    def _fit(self, model: EverestModel, data: ExperimentData, device: torch.device) -> tuple[list[dict], int, str]:
+        cfg = self.config
+        tc = cfg.train
+        fused = device.type == "cuda"
+        opt = torch.optim.AdamW(model.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay, fused=fused)
+        loss_fn = EverestLoss(cfg.loss)
+        amp = tc.use_amp and device.type == "cuda"
+        x = torch.from_numpy(data.train.x).to(device)  # (N, T, F), resident on the device
+        y = torch.from_numpy(data.train.y).to(device=device, dtype=torch.float32)
+        state = self._resume(model, opt)
+        history: list[dict] = state["history"]
+        best_state, best_score, best_epoch = state["best_state"], state["best_score"], state["best_epoch"]
+        start_epoch = state["epoch"]
+        started = time.monotonic()
+        bar = _progress_bar(self.experiment.name, tc.epochs, start_epoch)
+        metric = tc.early_stopping_metric
+        if metric != "val_loss" and data.val.n_positive in (0, len(data.val)):
+            log.warning("%s: validation split has one class only; early stopping on val_loss", self.experiment.name)
+            metric = "val_loss"
+        patience_left = not history or len(history) - 1 - best_epoch < tc.early_stopping_patience
+        for epoch in range(start_epoch, tc.epochs if patience_left else start_epoch):
+            t0 = time.perf_counter()
+            # Shuffling and dropout depend only on (seed, epoch): a resumed run replays them exactly.
+            torch.manual_seed(self.experiment.seed * 1_000_003 + epoch)
+            model.train()
+            n = len(y)
+            perm = torch.randperm(n, device=device)
+            sums = torch.zeros(5, device=device)  # total, focal, evidential, evt, precursor (sum over samples)
+            for i in range(0, n, tc.batch_size):
+                idx = perm[i:i + tc.batch_size]
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    out = model(x[idx])
+                    loss, terms = loss_fn(out, y[idx], epoch)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                b = len(idx)
+                sums += torch.stack([loss.detach().float()] + [terms.get(k, torch.zeros((), device=device)).float()
+                                                               for k in ("focal", "evidential", "evt", "precursor")]) * b
+            train_terms = (sums / n).tolist()  # one host sync per epoch
+            if not all(math.isfinite(v) for v in train_terms):
+                raise TrainingDiverged(f"{self.experiment.name}: training loss is {train_terms[0]} at epoch {epoch + 1}"
+                                       f" (terms focal/evidential/evt/precursor = {train_terms[1:]}); "
+                                       "the last finished epoch is checkpointed")
+            val = self._validate(model, data.val, device)
+            seconds = time.perf_counter() - t0
+            row = {"epoch": epoch + 1, "train_loss": train_terms[0], "focal": train_terms[1],
+                   "evidential": train_terms[2], "evt": train_terms[3], "precursor": train_terms[4],
+                   "val_loss": val["val_loss"], "val_tss": val["val_tss"], "val_auc": val["val_auc"],
+                   "lr": opt.param_groups[0]["lr"], "seconds": seconds, "samples_per_s": n / seconds}
+            history.append(row)
+            score = -val["val_loss"] if metric == "val_loss" else val[metric]
+            if best_epoch < 0 or (math.isfinite(score) and score > best_score):
+                best_score, best_epoch = score, epoch
+                best_state = copy.deepcopy(model.state_dict())  # a real copy, not references to live tensors
+            self._save_checkpoint(model, opt, epoch + 1, history, best_state, best_score, best_epoch)
+            bar(row)
+            if self.progress:
+                self.progress(EpochReport(self.experiment.name, epoch + 1, tc.epochs, row["train_loss"],
+                                          row["val_loss"], row["val_tss"], best_epoch + 1))
+            if tc.time_limit_minutes and (time.monotonic() - started) / 60 > tc.time_limit_minutes:
+                raise TimeLimitReached(f"{self.experiment.name}: time limit of {tc.time_limit_minutes} min reached "
+                                       f"after epoch {epoch + 1}; rerun to resume from the checkpoint")
+            if epoch - best_epoch >= tc.early_stopping_patience:
+                break
+        stopped_early = len(history) < tc.epochs
+        model.load_state_dict(best_state)
+        return history, best_epoch + 1, f"early_stopping on {metric}" if stopped_early else "max_epochs"
+
+    def _validate(self, model: EverestModel, val: SampleSet, device: torch.device) -> dict[str, float]:
+        p = self.predict(model, val, device)["y_prob"]
+        y = val.y.astype(np.float64)
+        eps = 1e-7
+        pc = np.clip(p, eps, 1 - eps)
+        val_loss = float(-np.mean(y * np.log(pc) + (1 - y) * np.log(1 - pc)))  # BCE of the forecast
+        with _quiet_undefined():
+            table = M.threshold_table(val.y, p, self.config.threshold)
+            auc = M.roc_auc(val.y, p)
+        return {"val_loss": val_loss, "val_tss": float(np.nanmax(table["tss"])) if len(table) else float("nan"),
+                "val_auc": auc}
+
+    @torch.no_grad()
+    def predict(self, model: EverestModel, samples: SampleSet, device: torch.device) -> dict[str, np.ndarray]:
+        """Forecast probability and evidential uncertainties for every sample, in large batches."""
+        model.eval()
+        amp = self.config.train.use_amp and device.type == "cuda"
+        x = torch.from_numpy(samples.x)
+        probs, alea, epis = [], [], []
+        for i in range(0, len(x), self.config.train.eval_batch_size):
+            xb = x[i:i + self.config.train.eval_batch_size].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                out = model(xb)
+            probs.append(torch.sigmoid(out.logits.float()))
+            if out.nig is not None:
+                a, e = nig_uncertainty(*(t.float() for t in out.nig))
+                alea.append(a)
+                epis.append(e)
+        res = {"y_prob": torch.cat(probs).cpu().numpy().astype(np.float64)}
+        if alea:
+            res["aleatoric"] = torch.cat(alea).cpu().numpy()
+            res["epistemic"] = torch.cat(epis).cpu().numpy()
+        return res
+
+    # ------------------------------------------------------------------ checkpoints
+    def _ckpt_identity(self) -> dict[str, Any]:
+        return {"format": CHECKPOINT_FORMAT, "experiment": self.experiment.name,
+                "config_hash": self.config.config_hash(), "data_hashes": self._data_hashes}
+
+    def _save_checkpoint(self, model, opt, epoch, history, best_state, best_score, best_epoch) -> None:
+        payload = {**self._ckpt_identity(), "epoch": epoch, "model": model.state_dict(),
+                   "optimizer": opt.state_dict(), "history": history, "best_state": best_state,
+                   "best_score": best_score, "best_epoch": best_epoch}
+        io.atomic_write(self.checkpoint_path, lambda p: torch.save(payload, p))
+
+    def _resume(self, model: EverestModel, opt: torch.optim.Optimizer) -> dict[str, Any]:
+        fresh = {"epoch": 0, "history": [], "best_state": None, "best_score": -math.inf, "best_epoch": -1}
+        if not self.checkpoint_path.is_file():
+            return fresh
+        try:
+            ck = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+            if {k: ck.get(k) for k in self._ckpt_identity()} != self._ckpt_identity():
+                log.warning("%s: checkpoint %s is from another config or data; starting fresh",
+                            self.experiment.name, self.checkpoint_path)
+                return fresh
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+        except Exception as err:  # a corrupt checkpoint must not block the run: log it and start over
+            log.error("%s: cannot load checkpoint %s (%s: %s); starting from epoch 0",
+                      self.experiment.name, self.checkpoint_path, type(err).__name__, err)
+            return fresh
+        log.info("%s: resuming after epoch %d from %s", self.experiment.name, ck["epoch"], self.checkpoint_path)
+        return {k: ck[k] for k in fresh}
+
+    # ------------------------------------------------------------------ evaluation and outputs
+    def _evaluate_and_save(self, model: EverestModel, data: ExperimentData, device: torch.device,
+                           history: list[dict], best_epoch: int, stop_reason: str) -> dict[str, Any]:
+        cfg = self.config
+        val_pred = self.predict(model, data.val, device)
+        test_pred = self.predict(model, data.test, device)
+        with _quiet_undefined():
+            val_table = M.threshold_table(data.val.y, val_pred["y_prob"], cfg.threshold)
+            test_table = M.threshold_table(data.test.y, test_pred["y_prob"], cfg.threshold)
+            val_threshold = M.select_threshold(val_table)
+            oracle_threshold = M.select_threshold(test_table)
+            threshold = val_threshold if cfg.threshold.source == "validation" else oracle_threshold
+            test_metrics = M.evaluate(data.test.y, test_pred["y_prob"], threshold)
+            val_metrics = M.evaluate(data.val.y, val_pred["y_prob"], threshold)
+            oracle_metrics = M.evaluate(data.test.y, test_pred["y_prob"], oracle_threshold)
+        latency = measure_latency(model, data.test, device)
+        test_metrics.update(latency)
+        env = environment_info(device)
+        t = self.experiment.target
+        y_pred = (test_pred["y_prob"] >= threshold).astype(np.int8)
+        results = {
+            "experiment": {"name": self.experiment.name, "flare_class": t.flare_class, "horizon_hours": t.horizon,
+                           "target": str(t), "seed": self.experiment.seed,
+                           "array_index": self.experiment.array_index if self.experiment.seed < 5 else None},
+            "threshold": {"source": cfg.threshold.source, "selected": threshold, "validation": val_threshold,
+                          "oracle_test": oracle_threshold,
+                          "note": "'oracle_test' is tuned on the test set: an optimistic reference, not a result"},
+            "test_metrics": test_metrics,
+            "validation_metrics": val_metrics,
+            "oracle_test_metrics": oracle_metrics,
+            "confusion_matrix": {k: int(test_metrics[k]) for k in ("tp", "fp", "tn", "fn")},
+            "training": {"best_epoch": best_epoch, "epochs_run": len(history), "stop_reason": stop_reason,
+                         "early_stopping_metric": cfg.train.early_stopping_metric,
+                         "seconds": float(sum(h["seconds"] for h in history)),
+                         "n_parameters": count_parameters(model)},
+            "data": {"data_dir": str(self.data_dir), "scaler": data.scaler.to_dict(),
+                     **{f"n_{k}": len(getattr(data, k)) for k in ("train", "val", "test")},
+                     **{f"n_{k}_positive": getattr(data, k).n_positive for k in ("train", "val", "test")},
+                     "n_val_regions": int(len(np.unique(data.val.region)))},
+            "history": history,
+            "config": cfg.model_dump(mode="json"),
+            "provenance": {"config_hash": cfg.config_hash(), "data_hashes": data.file_hashes, **env},
+        }
+        self._write_outputs(results, history, val_table, test_table, data, test_pred, y_pred, model)
+        return results
+
+    def _write_outputs(self, results, history, val_table, test_table, data, test_pred, y_pred, model) -> None:
+        rd, md = self.results_dir, self.model_dir
+        io.write_csv(rd / "training_history.csv", pd.DataFrame(history))
+        thr = pd.concat([val_table.add_prefix("val_").rename(columns={"val_threshold": "threshold"}),
+                         test_table.drop(columns="threshold").add_prefix("test_")], axis=1)
+        io.write_csv(rd / "threshold_optimization.csv", thr)
+        final = {"experiment": results["experiment"]["name"], "target": results["experiment"]["target"],
+                 "seed": results["experiment"]["seed"], "threshold": results["threshold"]["selected"],
+                 "threshold_source": results["threshold"]["source"],
+                 **{k: v for k, v in results["test_metrics"].items()},
+                 "oracle_threshold": results["threshold"]["oracle_test"],
+                 "oracle_tss": results["oracle_test_metrics"]["tss"], "best_epoch": results["training"]["best_epoch"],
+                 "config_hash": results["provenance"]["config_hash"]}
+        io.write_csv(rd / "final_metrics.csv", pd.DataFrame([final]))
+        pred = pd.DataFrame({"y_true": data.test.y, "y_prob": test_pred["y_prob"], "y_pred": y_pred,
+                             "noaa_ar": data.test.region, "row": data.test.row,
+                             "time": pd.to_datetime(data.test.time).strftime("%Y-%m-%dT%H:%M:%S")})
+        for k in ("aleatoric", "epistemic"):
+            if k in test_pred:
+                pred[k] = test_pred[k]
+        io.write_csv(rd / "predictions.csv", pred)
+        io.atomic_write(md / "model_weights.pt", lambda p: torch.save(model.state_dict(), p))
+        io.write_json(md / "scaler.json", data.scaler.to_dict())
+        io.write_json(md / "config.json", results["config"])
+        io.write_text(md / "MODEL_CARD.md", _model_card(results))
+        io.write_json(rd / "results.json", results)  # last: its presence marks the experiment finished
+        self.checkpoint_path.unlink(missing_ok=True)
+
+
+def load_model(model_dir: str | Path, n_features: int | None = None) -> tuple[EverestModel, EverestConfig, dict]:
+    """Reload a saved model, its configuration and scaler (weights only: nothing is unpickled)."""
+    import json
+
+    md = Path(model_dir)
+    cfg = EverestConfig.model_validate(json.loads((md / "config.json").read_text()))
+    scaler = json.loads((md / "scaler.json").read_text())
+    model = EverestModel(cfg.model, n_features=n_features or len(cfg.data.features))
+    model.load_state_dict(torch.load(md / "model_weights.pt", map_location="cpu", weights_only=True))
+    return model.eval(), cfg, scaler
+
+
+@torch.no_grad()
+def measure_latency(model: EverestModel, samples: SampleSet, device: torch.device, repeats: int = 30) -> dict:
+    """Inference latency: ms per sample at batch 32 after warm-up (reference method) and for one sample."""
+    model.eval()
+    x = torch.from_numpy(samples.x[:32]).to(device)
+    if len(x) == 0:
+        return {"latency_ms": float("nan"), "latency_single_ms": float("nan")}
+
+    def timed(batch: torch.Tensor) -> float:
+        for _ in range(5):
+            model(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            model(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - t0) / repeats * 1000
+
+    return {"latency_ms": timed(x) / len(x), "latency_single_ms": timed(x[:1])}
+
+
+def _model_card(res: dict[str, Any]) -> str:
+    e, m, th = res["experiment"], res["test_metrics"], res["threshold"]
+    return (
+        f"# EVEREST {e['target']} (seed {e['seed']})\n\n"
+        f"Forecasts whether a flare of class >= {e['flare_class']} starts within {e['horizon_hours']} h of a SHARP "
+        f"record, from the last {res['config']['model']['seq_len']} records of its active region.\n\n"
+        f"* Parameters: {res['training']['n_parameters']:,}; best epoch {res['training']['best_epoch']} of "
+        f"{res['training']['epochs_run']} ({res['training']['stop_reason']}).\n"
+        f"* Decision threshold {th['selected']:.2f}, chosen on the {th['source']} split.\n"
+        f"* Test: TSS {m['tss']:.3f}, ROC AUC {m['roc_auc']:.3f}, Brier {m['brier']:.4f}, ECE {m['ece']:.4f}.\n"
+        f"* Config hash {res['provenance']['config_hash']}; data {res['provenance']['data_hashes']}.\n"
+        f"* Load: `everest.train.load_model(dir)` (weights_only=True); inputs scaled with `scaler.json`.\n"
+    )
+
+
+class _quiet_undefined:
+    """Silence the metrics' undefined-value warnings in bulk threshold scans (values are recorded as NaN/0)."""
+
+    def __enter__(self) -> None:
+        import warnings
+
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.simplefilter("ignore", M.UndefinedMetricWarning)
+
+    def __exit__(self, *exc: object) -> None:
+        self._ctx.__exit__(*exc)
+
+
+def _progress_bar(name: str, total: int, start: int) -> Callable[[dict], None]:
+    """A tqdm bar on a terminal, plain log lines otherwise."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start, desc=name, unit="epoch", leave=False)
+
+        def update(row: dict) -> None:
+            bar.set_postfix(loss=f"{row['train_loss']:.4f}", val_tss=f"{row['val_tss']:.3f}")
+            bar.update(1)
+        return update
+
+    def log_line(row: dict) -> None:
+        log.info("%s epoch %d/%d: loss %.4f val_loss %.4f val_tss %.3f val_auc %.3f (%.1f s, %.0f samples/s)",
+                 name, row["epoch"], total, row["train_loss"], row["val_loss"], row["val_tss"], row["val_auc"],
+                 row["seconds"], row["samples_per_s"])
+    return log_line
+
+
+# ---------------------------------------------------------------------- command line
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``python -m everest.train`` and ``everest train``."""
+    p.add_argument("--flare_class", "--flare-class", choices=["C", "M", "M5"], help="flare class")
+    p.add_argument("--time_window", "--time-window", choices=["24", "48", "72"], help="horizon in hours")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--array-index", type=int, help="1..45: target and seed from the design document's mapping")
+    p.add_argument("--data-dir", default=os.environ.get("EVEREST_DATA_DIR", "data"), help="folder of the 18 CSVs")
+    p.add_argument("--output-dir", default=os.environ.get("EVEREST_OUTPUT_DIR", "output"), help="output root")
+    p.add_argument("--config", help="TOML or YAML configuration file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="configuration override, e.g. --set train.batch_size=256 (repeatable)")
+    p.add_argument("--epochs", type=int, help="epoch cap (train.epochs)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (train.device)")
+    p.add_argument("--force", action="store_true", help="retrain even if finished results exist")
+
+
+def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Validate the arguments, build the configuration and train one experiment."""
+    overrides = list(args.set)
+    if args.epochs is not None:
+        overrides.append(f"train.epochs={args.epochs}")
+    if args.device is not None:
+        overrides.append(f"train.device={args.device}")
+    cfg = load_config(args.config, overrides)
+    if args.array_index is not None:
+        exp = Experiment.from_array_index(args.array_index)
+    elif args.flare_class and args.time_window:
+        exp = Experiment(target=Target.parse(f"{args.flare_class}-{args.time_window}"), seed=args.seed)
+    else:
+        raise ConfigError("give --flare_class and --time_window (and --seed), or --array-index K in 1..45")
+    trainer = ProductionTrainer(exp.target.flare_class, exp.target.horizon, exp.seed, config=cfg,
+                                data_dir=args.data_dir, output_dir=args.output_dir, force=args.force)
+    res = trainer.train()
+    m = res["test_metrics"]
+    print(f"{exp.name}: test TSS {m['tss']:.3f} (threshold {res['threshold']['selected']:.2f} from "
+          f"{res['threshold']['source']}), ROC AUC {m['roc_auc']:.3f}, Brier {m['brier']:.4f}; "
+          f"results in {trainer.results_dir}")
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    from everest.cli import run_guarded
+
+    p = argparse.ArgumentParser(prog="python -m everest.train", description="Train one EVEREST experiment.")
+    add_train_arguments(p)
+    return run_guarded(lambda: run_from_args(p.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

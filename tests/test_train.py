@@ -1,0 +1,183 @@
+"""The single-experiment trainer, end to end on tiny synthetic data (real files, real training, CPU).
+
+A narrow model (``TINY``) keeps each run to seconds; the training logic under test is the production one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from everest import synthetic
+from everest.config import EverestConfig, Target
+from everest.data import prepare_experiment
+from everest.metrics import evaluate, threshold_table
+from everest.train import ProductionTrainer, TrainingDiverged, load_model
+
+TINY = ["model.embed_dim=16", "model.ff_dim=32", "model.num_blocks=1", "model.num_heads=2",
+        "train.batch_size=256", "train.num_threads=1"]
+
+
+def tiny_config(*extra: str) -> EverestConfig:
+    return EverestConfig().with_overrides([*TINY, *extra])
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny-data")
+    synthetic.generate(out, size="tiny", seed=0)
+    return out
+
+
+def _train(data_dir: Path, out: Path, cfg: EverestConfig, progress=None, cls="M", seed=0) -> dict:
+    return ProductionTrainer(cls, 24, seed, config=cfg, data_dir=data_dir, output_dir=out, progress=progress).train()
+
+
+def test_layout_and_contents(data_dir, tmp_path):
+    res = _train(data_dir, tmp_path, tiny_config("train.epochs=3"))
+    rd = tmp_path / "results" / "everest_M_24h_seed0"
+    for name in ("results.json", "training_history.csv", "threshold_optimization.csv", "final_metrics.csv",
+                 "predictions.csv"):
+        assert (rd / name).stat().st_size > 0
+    thr = pd.read_csv(rd / "threshold_optimization.csv")
+    assert len(thr) == 81 and {"val_tss", "test_tss", "val_balanced_score"} <= set(thr.columns)
+    hist = pd.read_csv(rd / "training_history.csv")
+    assert list(hist.epoch) == [1, 2, 3]
+    assert {"train_loss", "focal", "evidential", "evt", "precursor", "val_loss", "val_tss", "val_auc", "lr",
+            "seconds", "samples_per_s"} <= set(hist.columns)
+    pred = pd.read_csv(rd / "predictions.csv")
+    assert {"y_true", "y_prob", "y_pred", "aleatoric", "epistemic", "noaa_ar"} <= set(pred.columns)
+    # the recorded test metrics are recomputable from predictions.csv at the validation-chosen threshold
+    t = res["threshold"]["selected"]
+    assert res["threshold"]["source"] == "validation" and t == res["threshold"]["validation"]
+    again = evaluate(pred.y_true, pred.y_prob, t)
+    assert again["tss"] == pytest.approx(res["test_metrics"]["tss"])
+    assert (pred.y_pred == (pred.y_prob >= t)).all()
+    # the oracle threshold is the best balanced score on test, and labelled as such
+    table = threshold_table(pred.y_true, pred.y_prob)
+    assert res["threshold"]["oracle_test"] == table.threshold[table.balanced_score.idxmax()]
+    assert "oracle" in res["threshold"]["note"]
+    prov = res["provenance"]
+    assert prov["config_hash"] == tiny_config("train.epochs=3").config_hash()
+    assert set(prov["data_hashes"]) == {"training_data_M_24.csv", "testing_data_M_24.csv"}
+    assert prov["torch"] == torch.__version__ and prov["device"] == "cpu"
+    assert res["test_metrics"]["latency_ms"] > 0 and res["test_metrics"]["latency_single_ms"] > 0
+    # the saved model reloads with weights_only and reproduces the predictions
+    md = tmp_path / "trained_models" / "everest_M_24h_seed0"
+    model, cfg, scaler = load_model(md)
+    data = prepare_experiment(data_dir, Target.parse("M-24"), 0, cfg.data, cfg.model.seq_len)
+    with torch.no_grad():
+        p = torch.sigmoid(model(torch.from_numpy(data.test.x)).logits).numpy()
+    np.testing.assert_allclose(p, pred.y_prob, atol=1e-6)
+    assert scaler["method"] == "log_standard"
+    assert not (tmp_path / "checkpoints" / "everest_M_24h_seed0.pt").exists()
+
+
+def test_same_seed_gives_identical_metrics_and_predictions(data_dir, tmp_path):
+    cfg = tiny_config("train.epochs=2")
+    a = _train(data_dir, tmp_path / "a", cfg)
+    b = _train(data_dir, tmp_path / "b", cfg)
+    drop = ("latency_ms", "latency_single_ms")
+    strip = {k: v for k, v in a["test_metrics"].items() if k not in drop}
+    assert strip == {k: v for k, v in b["test_metrics"].items() if k not in drop}
+    name = "results/everest_M_24h_seed0/predictions.csv"
+    assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    c = _train(data_dir, tmp_path / "c", cfg, seed=1)
+    assert c["test_metrics"]["roc_auc"] != a["test_metrics"]["roc_auc"]
+
+
+def test_restores_the_best_epoch_not_the_last(data_dir, tmp_path):
+    # lr high enough that validation quality moves around, patience 2: training stops after a worse epoch
+    cfg = tiny_config("train.epochs=30", "train.early_stopping_patience=2", "train.early_stopping_metric=val_loss",
+                      "train.learning_rate=0.01")
+    res = _train(data_dir, tmp_path, cfg)
+    hist = res["history"]
+    best = res["training"]["best_epoch"]
+    assert best < len(hist) and res["training"]["stop_reason"].startswith("early_stopping")
+    assert len(hist) - best == 2
+    best_loss = min(h["val_loss"] for h in hist)
+    assert hist[best - 1]["val_loss"] == best_loss and hist[-1]["val_loss"] > best_loss
+    # the saved weights reproduce the best epoch's validation loss, not the last epoch's
+    model, cfg2, _ = load_model(tmp_path / "trained_models" / "everest_M_24h_seed0")
+    data = prepare_experiment(data_dir, Target.parse("M-24"), 0, cfg2.data, cfg2.model.seq_len)
+    with torch.no_grad():
+        p = torch.sigmoid(model(torch.from_numpy(data.val.x)).logits).double().numpy()
+    y = data.val.y
+    pc = np.clip(p, 1e-7, 1 - 1e-7)
+    loss = -np.mean(y * np.log(pc) + (1 - y) * np.log(1 - pc))
+    assert loss == pytest.approx(best_loss, rel=1e-5)
+    assert loss != pytest.approx(hist[-1]["val_loss"], rel=1e-5)
+
+
+def test_killed_run_resumes_from_its_checkpoint_and_matches(data_dir, tmp_path):
+    args = [f"--set={o}" for o in TINY] + ["--flare_class", "M", "--time_window", "24", "--seed", "0",
+                                           "--data-dir", str(data_dir), "--epochs", "6",
+                                           "--set=train.early_stopping_patience=20"]
+    ref = subprocess.run([sys.executable, "-m", "everest.train", *args, "--output-dir", str(tmp_path / "ref")],
+                         capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "killed"
+    ckpt = out / "checkpoints" / "everest_M_24h_seed0.pt"
+    proc = subprocess.Popen([sys.executable, "-m", "everest.train", *args, "--output-dir", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # let it get into a later epoch
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    done_before = torch.load(ckpt, weights_only=True)["epoch"]
+    assert 1 <= done_before < 6
+    seen: list[int] = []
+    res = _train(data_dir, out, EverestConfig().with_overrides([*TINY, "train.epochs=6",
+                                                                "train.early_stopping_patience=20"]),
+                 progress=lambda r: seen.append(r.epoch))
+    assert seen[0] == done_before + 1  # continued, not restarted
+    ref_res = json.loads((tmp_path / "ref" / "results" / "everest_M_24h_seed0" / "results.json").read_text())
+    drop = ("latency_ms", "latency_single_ms")
+    assert {k: v for k, v in res["test_metrics"].items() if k not in drop} == \
+        {k: v for k, v in ref_res["test_metrics"].items() if k not in drop}
+    assert [h["val_loss"] for h in res["history"]] == [h["val_loss"] for h in ref_res["history"]]
+
+
+def test_finished_experiment_is_skipped_unless_forced(data_dir, tmp_path):
+    cfg = tiny_config("train.epochs=1")
+    first = _train(data_dir, tmp_path, cfg)
+    calls: list[int] = []
+    again = _train(data_dir, tmp_path, cfg, progress=lambda r: calls.append(r.epoch))
+    assert calls == [] and again == json.loads(json.dumps(first))
+    changed = _train(data_dir, tmp_path, tiny_config("train.epochs=2"), progress=lambda r: calls.append(r.epoch))
+    assert calls == [1, 2] and changed["training"]["epochs_run"] == 2
+
+
+def test_non_finite_loss_stops_with_a_clear_error(data_dir, tmp_path):
+    cfg = tiny_config("train.epochs=3", "train.learning_rate=1e30")
+    with pytest.raises(TrainingDiverged, match="training loss is nan|training loss is inf"):
+        _train(data_dir, tmp_path, cfg)
+    assert not (tmp_path / "results" / "everest_M_24h_seed0" / "results.json").exists()
+
+
+def test_cli_array_index_and_errors(data_dir, tmp_path):
+    base = [sys.executable, "-m", "everest.train", "--data-dir", str(data_dir), "--output-dir", str(tmp_path)]
+    ok = subprocess.run([*base, "--array-index", "16", "--epochs", "1", *[f"--set={o}" for o in TINY]],
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert "everest_M_24h_seed0: test TSS" in ok.stdout
+    for bad, frag in [(["--array-index", "46"], "expected an integer in 1..45"),
+                      (["--flare_class", "M"], "give --flare_class and --time_window"),
+                      (["--array-index", "1", "--set", "train.batch_size=0"], "train.batch_size"),
+                      (["--array-index", "1", "--set", "train.nope=1"], "unknown configuration key")]:
+        r = subprocess.run([*base, *bad], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and frag in r.stderr, (bad, r.stderr)
+        assert "Traceback" not in r.stderr
