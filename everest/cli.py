@@ -1,4 +1,4 @@
-"""The ``everest`` command: ``data synth``, ``data check``, ``train`` and ``demo``."""
+"""The ``everest`` command: ``data synth``, ``data check`` and ``train``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from everest.config import ConfigError
@@ -69,12 +68,6 @@ def _train(args: argparse.Namespace) -> None:
     run_from_args(args)
 
 
-def _demo(args: argparse.Namespace) -> None:
-    from everest.demo import run_demo
-
-    run_demo(Path(args.data_dir), Path(args.output_dir))
-
-
 def build_parser() -> argparse.ArgumentParser:
     from everest import __version__
     from everest.train import add_train_arguments
@@ -98,11 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train one experiment")
     add_train_arguments(train)
     train.set_defaults(fn=_train)
-
-    demo = sub.add_parser("demo", help="the embedded default: demo data, then the production run")
-    demo.add_argument("--data-dir", default="data/demo")
-    demo.add_argument("--output-dir", default="output/demo")
-    demo.set_defaults(fn=_demo)
     return p
 
 

@@ -15,7 +15,7 @@ from everest.data import data_file, load_samples
 
 def summarise(data_dir: str | Path, cfg: DataConfig, seq_len: int) -> pd.DataFrame:
     """One row per target with sample counts of both files and, given truth sidecars, the test ceiling."""
-    from everest.synthetic import truth_path, load_truth
+    from everest.synthetic import load_truth, truth_path
 
     rows = []
     for target in all_targets():
@@ -29,7 +29,8 @@ def summarise(data_dir: str | Path, cfg: DataConfig, seq_len: int) -> pd.DataFra
                 p = load_truth(path)[s.row]
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", M.UndefinedMetricWarning)
-                    row.update(ceiling_tss=M.max_tss(s.y, p), ceiling_auc=M.roc_auc(s.y, p), ceiling_brier=M.brier(s.y, p))
+                    row.update(ceiling_tss=M.max_tss(s.y, p), ceiling_auc=M.roc_auc(s.y, p),
+                               ceiling_brier=M.brier(s.y, p))
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -189,7 +189,7 @@ def _f1(tp: Counts, fp: Counts, tn: Counts, fn: Counts) -> np.ndarray:
     return _ratio(2 * tp, 2 * tp + fp + fn, "f1", "no positive samples and no predicted positives")
 
 
-_FROM_COUNTS: dict[str, Callable[..., np.ndarray]] = {
+METRICS_FROM_COUNTS: dict[str, Callable[..., np.ndarray]] = {
     "tss": _tss,
     "accuracy": _accuracy,
     "precision": _precision,
@@ -211,7 +211,7 @@ def _counts(y: np.ndarray, p: np.ndarray, t: float) -> Confusion:
 
 def _scalar(name: str, y_true: ArrayLike, y_prob: ArrayLike, threshold: float) -> float:
     y, p = _check_inputs(y_true, y_prob)
-    return float(_FROM_COUNTS[name](*_counts(y, p, _check_threshold(threshold))))
+    return float(METRICS_FROM_COUNTS[name](*_counts(y, p, _check_threshold(threshold))))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -342,7 +342,7 @@ def evaluate(y_true: ArrayLike, y_prob: ArrayLike, threshold: float = DEFAULT_TH
     y, p = _check_inputs(y_true, y_prob)
     t = _check_threshold(threshold)
     counts = _counts(y, p, t)
-    out: dict[str, float] = {name: float(fn(*counts)) for name, fn in _FROM_COUNTS.items()}
+    out: dict[str, float] = {name: float(fn(*counts)) for name, fn in METRICS_FROM_COUNTS.items()}
     out.update(roc_auc=roc_auc(y, p), brier=brier(y, p), ece=ece(y, p))
     out.update(counts._asdict())
     return out
@@ -381,7 +381,7 @@ def threshold_table(y_true: ArrayLike, y_prob: ArrayLike, cfg: ThresholdConfig |
     fn = pos.size - tp
     tn = neg.size - fp
     table: dict[str, np.ndarray] = {"threshold": grid, "tp": tp, "fp": fp, "tn": tn, "fn": fn}
-    for name, fn_ in _FROM_COUNTS.items():
+    for name, fn_ in METRICS_FROM_COUNTS.items():
         table[name] = fn_(tp, fp, tn, fn)
     table["balanced_score"] = balanced_score(table, cfg.weights) + np.zeros(grid.size)
     return pd.DataFrame(table, columns=list(TABLE_COLUMNS))

@@ -220,9 +220,9 @@ class ProductionTrainer:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                b = len(idx)
-                sums += torch.stack([loss.detach().float()] + [terms.get(k, torch.zeros((), device=device)).float()
-                                                               for k in ("focal", "evidential", "evt", "precursor")]) * b
+                zero = torch.zeros((), device=device)
+                parts = [loss.detach()] + [terms.get(k, zero) for k in ("focal", "evidential", "evt", "precursor")]
+                sums += torch.stack([t.float() for t in parts]) * len(idx)
             train_terms = (sums / n).tolist()  # one host sync per epoch
             if not all(math.isfinite(v) for v in train_terms):
                 raise TrainingDiverged(f"{self.experiment.name}: training loss is {train_terms[0]} at epoch {epoch + 1}"

@@ -1,0 +1,58 @@
+"""``python -m everest.analysis``: analyse a results root into a report, CSVs and plots."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from everest.analysis.analyzer import ProductionAnalyzer
+from everest.analysis.loading import AnalysisError
+from everest.config import ConfigError
+
+EXIT_USAGE = 2  # bad arguments or unanalysable results: nothing to retry
+EXIT_NOTHING = 1  # the report was written but no experiment had finished
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface (defaults: output/results in, its parent folder out)."""
+    p = argparse.ArgumentParser(prog="python -m everest.analysis", description=__doc__)
+    p.add_argument("--results-dir", default="output/results", type=Path,
+                   help="folder holding the everest_<class>_<horizon>h_seed<k> folders (default: output/results)")
+    p.add_argument("--out", default=None, type=Path,
+                   help="writes OUT/analysis and OUT/plots (default: the parent of --results-dir)")
+    p.add_argument("--bootstrap", default=10_000, type=int, help="bootstrap resamples (default 10000)")
+    p.add_argument("--seed", default=0, type=int, help="random seed of the bootstrap (default 0)")
+    p.add_argument("--confidence", default=0.95, type=float, help="confidence level of intervals (default 0.95)")
+    p.add_argument("--targets", nargs="+", default=None, help="expected targets, e.g. C-24 M5-72 (default: all 9)")
+    p.add_argument("--seeds", nargs="+", default=None, type=int, help="expected seeds (default: 0 1 2 3 4)")
+    p.add_argument("--baseline", default=None, type=Path,
+                   help="a baseline results root to compare with (paired on seeds and test samples)")
+    p.add_argument("--allow-mixed", action="store_true",
+                   help="analyse targets whose results mix config hashes (listed as a warning) instead of stopping")
+    p.add_argument("--no-plots", action="store_true", help="skip the figures")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the analysis; exit 0 on success, 1 if nothing had finished, 2 on bad input."""
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        summary = ProductionAnalyzer(
+            args.results_dir, args.out, targets=args.targets, seeds=args.seeds, n_bootstrap=args.bootstrap,
+            seed=args.seed, confidence=args.confidence, baseline_dir=args.baseline,
+            on_mixed="warn" if args.allow_mixed else "raise", make_plots=not args.no_plots,
+        ).run_complete_analysis()
+    except (ConfigError, AnalysisError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"{summary.n_completed}/{summary.n_expected} experiments analysed ({summary.n_failed} failed, "
+          f"{summary.n_missing} missing) in {summary.seconds:.1f} s; report: {summary.report}")
+    return 0 if summary.n_completed else EXIT_NOTHING
+
+
+if __name__ == "__main__":
+    sys.exit(main())

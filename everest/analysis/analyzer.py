@@ -1,0 +1,401 @@
+"""ProductionAnalyzer: statistics, plots and the report over a results root, callable from anywhere.
+
+A notebook, the command line (``python -m everest.analysis``) and the Prefect flow (which only wraps
+:func:`run_analysis`) all run the same code. Nothing here knows its launcher.
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from everest import io
+from everest.analysis import plots, report
+from everest.analysis import stats as st
+from everest.analysis.loading import (
+    ExperimentResult,
+    MixedPolicy,
+    ResultSet,
+    load_results,
+    resampling_units,
+)
+from everest.config import HORIZONS, ConfigError, Target, all_targets
+
+log = logging.getLogger(__name__)
+
+# Metrics summarised across seeds (issue 5), as they are named in raw_results.csv.
+SUMMARY_METRICS: tuple[str, ...] = ("tss", "accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "brier",
+                                    "ece", "latency_ms", "threshold")
+TEST_METRICS: tuple[str, ...] = ("tss", "accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "brier",
+                                 "ece", "latency_ms", "latency_single_ms", "tp", "fp", "tn", "fn")
+SEED_STATS: tuple[str, ...] = ("n", "mean", "std", "min", "median", "max", "ci_low", "ci_high")
+# Bootstrapped metrics reported per experiment and pooled per target.
+REPORTED_BOOTSTRAP: tuple[str, ...] = ("tss", "f1", "recall", "specificity", "precision", "brier")
+PLOT_FILES: dict[str, str] = {
+    "performance": "production_performance_analysis.png",
+    "detailed": "detailed_metrics_analysis.png",
+    "threshold": "threshold_analysis.png",
+    "latency": "latency_analysis.png",
+    "reliability": "reliability_diagrams.png",
+    "roc_pr": "roc_pr_curves.png",
+    "training": "training_curves.png",
+}
+
+
+def _rng(seed: int, purpose: str, index: int = 0) -> np.random.Generator:
+    """An independent, reproducible stream per (seed, purpose, index): one target's numbers never depend on
+    which other targets happen to exist."""
+    return np.random.default_rng([seed, zlib.crc32(purpose.encode()), index])
+
+
+def _check_int(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+@dataclass
+class AnalysisSummary:
+    """What one analysis produced: file paths, coverage and the per-target headline numbers (JSON-able)."""
+
+    report: str
+    raw_results: str
+    summary_statistics: str
+    plots: dict[str, str]
+    plot_panels: dict[str, int]
+    n_expected: int
+    n_completed: int
+    n_failed: int
+    n_missing: int
+    failed: list[str]
+    missing: list[str]
+    unexpected: list[str]
+    mixed: dict[str, dict[str, list[str]]]
+    targets: list[dict[str, Any]]
+    comparisons: list[dict[str, Any]]
+    n_bootstrap: int
+    seed: int
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (NaN as None) for Prefect artifacts and ``analysis_summary.json``."""
+        return _jsonable(asdict(self))
+
+    def table(self) -> list[dict[str, Any]]:
+        """Per-target means as rows of a table (e.g. a Prefect table artifact)."""
+        return _jsonable(self.targets)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+class ProductionAnalyzer:
+    """Analyse the 45 (or any expected subset of) experiments under ``results_dir`` into ``out_dir``.
+
+    Outputs go to ``out_dir/analysis`` (report, CSVs, summary JSON) and ``out_dir/plots``; ``out_dir``
+    defaults to the parent of ``results_dir`` (``output/results`` -> ``output``). ``baseline_dir``, if
+    given, is a second results root compared target by target (paired on seeds and test samples).
+    ``on_mixed`` is the policy for one target holding several config hashes (see :func:`load_results`).
+    """
+
+    def __init__(self, results_dir: str | Path = "output/results", out_dir: str | Path | None = None, *,
+                 targets: Sequence[str | Target] | None = None, seeds: Sequence[int] | None = None,
+                 n_bootstrap: int = 10_000, seed: int = 0, confidence: float = 0.95,
+                 baseline_dir: str | Path | None = None, on_mixed: MixedPolicy = "raise",
+                 make_plots: bool = True) -> None:
+        self.results_dir = Path(results_dir)
+        self.out_dir = Path(out_dir) if out_dir is not None else self.results_dir.resolve().parent
+        self.n_bootstrap = _check_int(n_bootstrap, "n_bootstrap", 100)
+        self.seed = _check_int(seed, "seed", 0)
+        if isinstance(confidence, bool) or not isinstance(confidence, numbers.Real) or not 0 < confidence < 1:
+            raise ConfigError(f"confidence must be a number strictly between 0 and 1, got {confidence!r}")
+        self.confidence = float(confidence)
+        if on_mixed not in ("raise", "warn"):
+            raise ConfigError(f"on_mixed must be 'raise' or 'warn', got {on_mixed!r}")
+        self.on_mixed = on_mixed
+        self.targets = [Target.parse(t) for t in targets] if targets is not None else None
+        self.seeds = [_check_int(s, "seeds[i]", 0) for s in seeds] if seeds is not None else None
+        self.baseline_dir = Path(baseline_dir) if baseline_dir is not None else None
+        self.make_plots = bool(make_plots)
+        self.analysis_dir = self.out_dir / "analysis"
+        self.plots_dir = self.out_dir / "plots"
+
+    # ------------------------------------------------------------------ loading
+    @cached_property
+    def results(self) -> ResultSet:
+        """The results found under ``results_dir`` (read once)."""
+        return load_results(self.results_dir, self.targets, self.seeds, self.on_mixed)
+
+    @cached_property
+    def baseline(self) -> ResultSet | None:
+        """The baseline results to compare with, if a ``baseline_dir`` was given."""
+        if self.baseline_dir is None:
+            return None
+        return load_results(self.baseline_dir, self.targets, self.seeds, self.on_mixed)
+
+    # ------------------------------------------------------------------ statistics
+    @cached_property
+    def unit_stats(self) -> dict[str, st.UnitStats]:
+        """Per-unit sufficient statistics of every analysed experiment with predictions, by experiment name."""
+        return {r.name: _unit_stats(r) for r in self.results.analysed if r.predictions is not None}
+
+    @cached_property
+    def bootstrap(self) -> dict[str, st.TargetBootstrap]:
+        """Region-block bootstrap per target (per seed and pooled), shared draws within a target."""
+        out = {}
+        for target, runs in self.results.by_target().items():
+            parts = [self.unit_stats[r.name] for r in runs if r.name in self.unit_stats]
+            if parts:
+                rng = _rng(self.seed, "bootstrap", all_targets().index(target))
+                out[str(target)] = st.bootstrap_target(parts, self.n_bootstrap, rng, confidence=self.confidence)
+        return out
+
+    @cached_property
+    def raw_results(self) -> pd.DataFrame:
+        """One row per experiment (completed, failed, missing, unexpected) with every metric and provenance."""
+        rows = [self._completed_row(r) for r in self.results.completed]
+        rows += [{"experiment": f.name, "target": f.target, "flare_class": f.target.split("-")[0],
+                  "horizon": int(f.target.split("-")[1]) if "-" in f.target else None, "seed": f.seed,
+                  "status": "failed", "expected": f.expected, "error_type": f.error_type, "error": f.error,
+                  "path": str(f.path)} for f in self.results.failed]
+        rows += [{"experiment": e.name, "target": str(e.target), "flare_class": e.target.flare_class,
+                  "horizon": e.target.horizon, "seed": e.seed, "status": "missing", "expected": True}
+                 for e in self.results.missing]
+        return pd.DataFrame(rows)
+
+    def _completed_row(self, r: ExperimentResult) -> dict[str, Any]:
+        res = r.results
+        tm, om, vm = res.get("test_metrics", {}), res.get("oracle_test_metrics", {}), res.get("validation_metrics", {})
+        th, tr, data, prov = (res.get(k, {}) for k in ("threshold", "training", "data", "provenance"))
+        row: dict[str, Any] = {"experiment": r.name, "target": str(r.target), "flare_class": r.target.flare_class,
+                               "horizon": r.target.horizon, "seed": r.seed,
+                               "status": "completed" if r.expected else "unexpected", "expected": r.expected}
+        row.update({m: tm.get(m, np.nan) for m in TEST_METRICS})
+        row.update(threshold=th.get("selected", np.nan), threshold_source=th.get("source"),
+                   validation_threshold=th.get("validation", np.nan), oracle_threshold=th.get("oracle_test", np.nan))
+        row.update({f"oracle_{m}": om.get(m, np.nan) for m in st.INFLATION_METRICS + ("roc_auc",)})
+        row.update({f"val_{m}": vm.get(m, np.nan) for m in ("tss", "f1", "roc_auc", "brier")})
+        row.update(best_epoch=tr.get("best_epoch"), epochs_run=tr.get("epochs_run"), stop_reason=tr.get("stop_reason"),
+                   train_seconds=tr.get("seconds"), n_parameters=tr.get("n_parameters"), n_train=data.get("n_train"),
+                   n_test=data.get("n_test"), n_test_positive=data.get("n_test_positive"))
+        boot = self.bootstrap.get(str(r.target))
+        if r.expected and boot is not None and r.name in self.unit_stats:
+            runs = [x for x in self.results.by_target()[r.target] if x.name in self.unit_stats]
+            cis = boot.per_seed[[x.name for x in runs].index(r.name)]
+            row["n_units"] = boot.n_units
+            for m in REPORTED_BOOTSTRAP:
+                row.update({f"boot_{m}_low": cis[m].low, f"boot_{m}_high": cis[m].high, f"boot_{m}_se": cis[m].se})
+        row.update(config_hash=r.config_hash, git_commit=prov.get("git_commit"), everest=prov.get("everest"),
+                   device=prov.get("device_name") or prov.get("device"), path=str(r.path), notes="; ".join(r.notes))
+        return row
+
+    @cached_property
+    def analysed_frame(self) -> pd.DataFrame:
+        """The rows of raw_results the statistics cover: completed experiments inside the expected set."""
+        raw = self.raw_results
+        if raw.empty or "status" not in raw:
+            return raw
+        return raw[raw["status"] == "completed"].reset_index(drop=True)
+
+    @cached_property
+    def summary_statistics(self) -> pd.DataFrame:
+        """One row per expected target: coverage, seed statistics of every metric and pooled bootstrap CIs."""
+        a = self.analysed_frame
+        rows = []
+        targets = list(dict.fromkeys(e.target for e in self.results.expected))
+        for t in targets:
+            name = str(t)
+            g = a[a["target"] == name] if len(a) else a
+            fails = [f for f in self.results.failed if f.target == name and f.expected]
+            miss = [e for e in self.results.missing if e.target == t]
+            row: dict[str, Any] = {"target": name, "flare_class": t.flare_class, "horizon": t.horizon,
+                                   "n_seeds": int(len(g)), "n_failed": len(fails), "n_missing": len(miss),
+                                   "seeds": " ".join(str(s) for s in sorted(g["seed"])) if len(g) else "",
+                                   "config_hashes": " ".join(sorted(set(g["config_hash"]))) if len(g) else ""}
+            for m in SUMMARY_METRICS:
+                s = st.seed_summary(g[m].to_numpy(float) if len(g) else [], self.confidence)
+                row.update({f"{m}_{k}": v for k, v in s.items()})
+            boot = self.bootstrap.get(name)
+            row["n_units"] = boot.n_units if boot else 0
+            for m in REPORTED_BOOTSTRAP:
+                iv = boot.pooled[m] if boot else None
+                row.update({f"pooled_boot_{m}_low": iv.low if iv else np.nan,
+                            f"pooled_boot_{m}_high": iv.high if iv else np.nan})
+            row["threshold_cv"] = row["threshold_std"] / row["threshold_mean"] if row["threshold_mean"] else np.nan
+            if len(g):
+                row["tss_inflation_mean"] = float((g["oracle_tss"] - g["tss"]).mean())
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    @cached_property
+    def horizon_comparisons(self) -> pd.DataFrame:
+        """Every horizon pair within each class (e.g. C 24 h vs 72 h): TSS difference, CI, p, Holm-adjusted p."""
+        by_target = {str(t): [self.unit_stats[r.name] for r in runs if r.name in self.unit_stats]
+                     for t, runs in self.results.by_target().items()}
+        rows = []
+        for cls in dict.fromkeys(e.target.flare_class for e in self.results.expected):
+            for i, ha in enumerate(HORIZONS):
+                for hb in HORIZONS[i + 1:]:
+                    a, b = by_target.get(f"{cls}-{ha}"), by_target.get(f"{cls}-{hb}")
+                    if not a or not b:
+                        continue
+                    rng = _rng(self.seed, f"horizon {cls} {ha} {hb}")
+                    res = st.compare_independent(a, b, self.n_bootstrap, rng, "tss", self.confidence)
+                    rows.append({"family": "horizon", "comparison": f"{cls}: {ha} h vs {hb} h", "a": f"{cls}-{ha}",
+                                 "b": f"{cls}-{hb}", **res})
+        return _with_holm(pd.DataFrame(rows), 1 - self.confidence)
+
+    @cached_property
+    def baseline_comparisons(self) -> pd.DataFrame:
+        """Candidate (``results_dir``) minus baseline TSS per target, paired on seeds and test samples."""
+        if self.baseline is None:
+            return pd.DataFrame()
+        return compare_result_sets(self.baseline, self.results, self.n_bootstrap, self.seed, self.confidence)
+
+    @cached_property
+    def threshold_stability(self) -> pd.DataFrame:
+        """Per target: mean, std and CV of the chosen threshold and its correlation with TSS across seeds."""
+        a = self.analysed_frame
+        return st.threshold_stability(a) if len(a) else pd.DataFrame()
+
+    @cached_property
+    def protocol_inflation(self) -> pd.DataFrame:
+        """Per target: validation-chosen vs test-oracle threshold metrics and the oracle's inflation."""
+        a = self.analysed_frame
+        return st.protocol_inflation(a) if len(a) else pd.DataFrame()
+
+    # ------------------------------------------------------------------ plots
+    def figures(self) -> dict[str, Any]:
+        """Every figure of the analysis as ``{key: matplotlib Figure}`` (empty when nothing finished)."""
+        a = self.analysed_frame
+        if not len(a):
+            return {}
+        runs = self.results.analysed
+        return {"performance": plots.performance_figure(a), "detailed": plots.detailed_metrics_figure(a),
+                "threshold": plots.threshold_figure(a, runs), "latency": plots.latency_figure(a),
+                "reliability": plots.reliability_figure(runs), "roc_pr": plots.roc_pr_figure(runs),
+                "training": plots.training_figure(runs)}
+
+    def save_plots(self) -> tuple[dict[str, str], dict[str, int]]:
+        """Render and write every figure (PNG, atomically); return paths and panel counts by key."""
+        paths, panels = {}, {}
+        for key, fig in self.figures().items():
+            path = self.plots_dir / PLOT_FILES[key]
+            io.atomic_write(path, lambda p, f=fig: f.savefig(p, format="png", dpi=100))
+            paths[key], panels[key] = str(path), len(fig.axes)
+        return paths, panels
+
+    # ------------------------------------------------------------------ everything
+    def run_complete_analysis(self) -> AnalysisSummary:
+        """Load, compute every statistic, write the CSVs, plots, report and summary JSON; return the summary."""
+        started = time.perf_counter()
+        rs = self.results
+        plot_paths, panels = self.save_plots() if self.make_plots else ({}, {})
+        raw_path = io.write_csv(self.analysis_dir / "raw_results.csv", self.raw_results)
+        summary_path = io.write_csv(self.analysis_dir / "summary_statistics.csv", self.summary_statistics)
+        comparisons = pd.concat([self.horizon_comparisons, self.baseline_comparisons], ignore_index=True)
+        if len(comparisons):
+            io.write_csv(self.analysis_dir / "significance_tests.csv", comparisons)
+        if len(self.threshold_stability):
+            io.write_csv(self.analysis_dir / "threshold_stability.csv", self.threshold_stability)
+            io.write_csv(self.analysis_dir / "threshold_protocol_comparison.csv", self.protocol_inflation)
+        report_path = self.analysis_dir / "production_training_report.md"
+        rel_plots = {k: str(Path("..") / "plots" / Path(p).name) for k, p in plot_paths.items()}
+        io.write_text(report_path, report.render(self, rel_plots))
+        warn = [f"{t}: mixed {', '.join(g)}" for t, g in rs.mixed.items()]
+        summary = AnalysisSummary(
+            report=str(report_path), raw_results=str(raw_path), summary_statistics=str(summary_path),
+            plots=plot_paths, plot_panels=panels, n_expected=len(rs.expected), n_completed=len(rs.analysed),
+            n_failed=sum(f.expected for f in rs.failed), n_missing=len(rs.missing),
+            failed=[f.name for f in rs.failed], missing=[e.name for e in rs.missing],
+            unexpected=[r.name for r in rs.unexpected], mixed=rs.mixed, targets=self.target_table(),
+            comparisons=comparisons.to_dict("records") if len(comparisons) else [],
+            n_bootstrap=self.n_bootstrap, seed=self.seed, seconds=time.perf_counter() - started, warnings=warn)
+        io.write_json(self.analysis_dir / "analysis_summary.json", summary.to_dict())
+        log.info("analysis of %d/%d experiments written to %s in %.1f s", summary.n_completed, summary.n_expected,
+                 report_path, summary.seconds)
+        return summary
+
+    def target_table(self) -> list[dict[str, Any]]:
+        """Per-target headline numbers (small, JSON-able): n, TSS mean/std/CIs, F1, ROC AUC, threshold."""
+        cols = {"target": "target", "n_seeds": "n", "n_failed": "failed", "n_missing": "missing",
+                "tss_mean": "tss_mean", "tss_std": "tss_std", "tss_ci_low": "tss_t_ci_low",
+                "tss_ci_high": "tss_t_ci_high", "pooled_boot_tss_low": "tss_boot_ci_low",
+                "pooled_boot_tss_high": "tss_boot_ci_high", "f1_mean": "f1_mean", "roc_auc_mean": "roc_auc_mean",
+                "threshold_mean": "threshold_mean"}
+        s = self.summary_statistics
+        return _jsonable([{new: row[old] for old, new in cols.items()} for row in s.to_dict("records")])
+
+
+def _unit_stats(r: ExperimentResult) -> st.UnitStats:
+    """Sufficient statistics per resampling unit of one experiment, at its chosen threshold."""
+    p = r.predictions
+    prob = p["y_prob"].to_numpy(float)
+    if "y_pred" in p.columns:
+        pred = p["y_pred"].to_numpy()
+    else:
+        pred = prob >= float(r.results.get("threshold", {}).get("selected", 0.5))
+    units, _ = resampling_units(p)
+    return st.unit_statistics(p["y_true"].to_numpy(), pred, prob, units)
+
+
+def _with_holm(df: pd.DataFrame, alpha: float) -> pd.DataFrame:
+    if df.empty:
+        return df
+    df = df.copy()
+    df["p_holm"] = st.holm(df["p_value"].to_numpy(float))
+    df["significant"] = df["p_holm"] < alpha
+    return df
+
+
+def compare_result_sets(baseline: ResultSet, candidate: ResultSet, n_bootstrap: int = 10_000, seed: int = 0,
+                        confidence: float = 0.95) -> pd.DataFrame:
+    """Per target, candidate minus baseline TSS: paired region bootstrap CI, permutation p, Holm over targets.
+
+    Use two results roots, or two configurations of one tree via ``ResultSet.select(config_hash)``.
+    Targets whose test samples differ between the two get a row with the reason and no p-value.
+    """
+    base_t = {t: {r.seed: _unit_stats(r) for r in rs if r.predictions is not None}
+              for t, rs in baseline.by_target().items()}
+    rows = []
+    for t, runs in candidate.by_target().items():
+        cand = {r.seed: _unit_stats(r) for r in runs if r.predictions is not None}
+        base = base_t.get(t, {})
+        if not cand or not base:
+            continue
+        row: dict[str, Any] = {"family": "baseline", "comparison": f"{t}: candidate vs baseline", "a": str(t),
+                               "b": f"{t} (baseline)"}
+        try:
+            res = st.compare_paired(base, cand, n_bootstrap, _rng(seed, "baseline", all_targets().index(t)), "tss",
+                                    confidence)
+            row.update(res)
+        except ValueError as err:
+            row.update(p_value=np.nan, note=str(err))
+        rows.append(row)
+    return _with_holm(pd.DataFrame(rows), 1 - confidence)
+
+
+def run_analysis(results_dir: str | Path = "output/results", out_dir: str | Path | None = None,
+                 **kwargs: Any) -> dict[str, Any]:
+    """Run the complete analysis and return its JSON-able summary (the function a Prefect task wraps)."""
+    return ProductionAnalyzer(results_dir, out_dir, **kwargs).run_complete_analysis().to_dict()

@@ -1,0 +1,294 @@
+"""The Markdown report: every number in it is read from the analyzer's computed tables, none is typed."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from everest import __version__
+
+if TYPE_CHECKING:
+    from everest.analysis.analyzer import ProductionAnalyzer
+
+PLOT_CAPTIONS = {
+    "performance": "TSS, F1 and ROC AUC by class and horizon (mean ± std over seeds); TSS by horizon with "
+                   "95 % t-intervals",
+    "detailed": "Every metric across seeds, per target (each dot is one seed)",
+    "threshold": "Chosen thresholds, threshold vs TSS, threshold stability and test TSS over the threshold grid",
+    "latency": "Performance vs inference latency",
+    "reliability": "Reliability diagrams (calibration), band: min-max over seeds",
+    "roc_pr": "ROC and precision-recall curves, band: min-max over seeds",
+    "training": "Training curves: validation TSS and losses per epoch, every seed",
+}
+
+
+def fmt(x: Any, nd: int = 3) -> str:
+    """A number for the report: fixed decimals, 'n/a' for missing or undefined values."""
+    if x is None:
+        return "n/a"
+    if isinstance(x, bool | np.bool_):
+        return "yes" if x else "no"
+    if isinstance(x, int | np.integer):
+        return str(int(x))
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    if not math.isfinite(v):
+        return "n/a"
+    if v != 0 and abs(v) < 10 ** (-nd):
+        return f"{v:.2g}"
+    return f"{v:.{nd}f}"
+
+
+def _p(x: Any) -> str:
+    v = float(x) if x is not None else float("nan")
+    return "n/a" if not math.isfinite(v) else (f"{v:.2g}" if v < 0.001 else f"{v:.3f}")
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table; cells are formatted with :func:`fmt` unless already strings."""
+    def cell(v: Any) -> str:
+        return (v if isinstance(v, str) else fmt(v)).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _int(x: Any) -> str:
+    try:
+        return str(int(x)) if math.isfinite(float(x)) else "n/a"
+    except (TypeError, ValueError):
+        return "n/a"
+
+
+def _ci(lo: Any, hi: Any) -> str:
+    return f"[{fmt(lo)}, {fmt(hi)}]"
+
+
+def _pm(mean: Any, std: Any) -> str:
+    return f"{fmt(mean)} ± {fmt(std)}"
+
+
+def _status(a: ProductionAnalyzer) -> list[str]:
+    rs = a.results
+    out = ["## Status of the run\n"]
+    n_failed = sum(f.expected for f in rs.failed)
+    out.append(f"**{len(rs.analysed)} of {len(rs.expected)} expected experiments finished; {n_failed} failed; "
+               f"{len(rs.missing)} missing.** Statistics cover the finished ones; every finished seed is included "
+               "(no seed is ever dropped for its score).\n")
+    if rs.mixed:
+        out.append("> **WARNING: mixed configurations.** These targets hold results of different config hashes or "
+                   "data files; their statistics average over them (analysed with `on_mixed='warn'`):\n")
+        for t, groups in rs.mixed.items():
+            out += [f"> * {t}: {k}: {', '.join(v)}" for k, v in groups.items()]
+        out.append("")
+    if rs.failed:
+        out.append(f"### Failed experiments ({len(rs.failed)})\n")
+        out.append(table(["experiment", "target", "seed", "error type", "error", "time"],
+                         [[f.name, f.target, str(f.seed), f.error_type, f.error[:200], f.time] for f in rs.failed]))
+    if rs.missing:
+        out.append(f"### Missing experiments ({len(rs.missing)})\n")
+        out.append("Expected but with neither `results.json` nor `failure.json`: "
+                   + ", ".join(f"`{e.name}`" for e in rs.missing) + "\n")
+    if rs.unexpected:
+        out.append(f"### Results outside the expected set ({len(rs.unexpected)}; listed, not in the statistics)\n")
+        out.append(", ".join(f"`{r.name}`" for r in rs.unexpected) + "\n")
+    notes = [(r.name, n) for r in rs.completed for n in r.notes]
+    if notes:
+        out.append("### Notes on individual results\n")
+        out += [f"* `{name}`: {note}" for name, note in notes]
+        out.append("")
+    return out
+
+
+def _overall(a: ProductionAnalyzer) -> list[str]:
+    d = a.analysed_frame
+    out = ["## Overall statistics\n"]
+    if not len(d):
+        return out + ["No finished experiment: nothing to summarise.\n"]
+    metrics = ["tss", "f1", "precision", "recall", "specificity", "accuracy", "roc_auc", "brier", "ece", "latency_ms"]
+    out.append(f"Over all {len(d)} finished experiments (targets pooled; see the per-target tables for meaning):\n")
+    out.append(table(["metric", "mean", "std", "min", "median", "max"],
+                     [[m, d[m].mean(), d[m].std(ddof=1), d[m].min(), d[m].median(), d[m].max()] for m in metrics]))
+    s = a.summary_statistics[a.summary_statistics["n_seeds"] > 0]
+    best_t = s.loc[s["tss_mean"].idxmax()]
+    best_e = d.loc[d["tss"].idxmax()]
+    out.append("### Best models\n")
+    out.append(f"* Best target by mean test TSS: **{best_t['target']}**, "
+               f"{_pm(best_t['tss_mean'], best_t['tss_std'])} over {int(best_t['n_seeds'])} seed(s), "
+               f"{int(round(a.confidence * 100))} % t-interval {_ci(best_t['tss_ci_low'], best_t['tss_ci_high'])}.")
+    out.append(f"* Best single experiment: **{best_e['experiment']}**, TSS {fmt(best_e['tss'])} "
+               f"(the maximum of many runs is optimistic; quote the seed mean).\n")
+    for key, label in (("flare_class", "By flare class"), ("horizon", "By horizon")):
+        out.append(f"### {label}\n")
+        rows = []
+        for v, g in d.groupby(key, sort=False):
+            rows.append([str(v), len(g), _pm(g["tss"].mean(), g["tss"].std(ddof=1)),
+                         _pm(g["f1"].mean(), g["f1"].std(ddof=1)), _pm(g["roc_auc"].mean(), g["roc_auc"].std(ddof=1))])
+        out.append(table([key, "experiments", "TSS", "F1", "ROC AUC"], rows))
+    return out
+
+
+def _detailed(a: ProductionAnalyzer) -> list[str]:
+    s = a.summary_statistics
+    conf = int(round(a.confidence * 100))
+    out = ["## Per-target results with confidence intervals\n",
+           f"Mean ± sample std (ddof = 1) over seeds; **t-CI**: {conf} % Student-t confidence interval of the seed "
+           "mean (training randomness; undefined for one seed). **Bootstrap CI**: "
+           f"{conf} % percentile interval of the seed-mean score from a region-block bootstrap of the test set "
+           f"({a.n_bootstrap:,} resamples of whole active regions, seed {a.seed}): how much the score depends on "
+           "which regions fell in the test period. Rows of one region are near-duplicates (9 of 10 time steps "
+           "shared), so regions, not rows, are the independent units.\n"]
+    rows = [[r["target"], 0, f"{r['n_failed']}/{r['n_missing']}", "no finished seed", *[""] * 9]
+            if r["n_seeds"] == 0 else
+            [r["target"], r["n_seeds"], f"{r['n_failed']}/{r['n_missing']}", _pm(r["tss_mean"], r["tss_std"]),
+             _ci(r["tss_ci_low"], r["tss_ci_high"]), _ci(r["pooled_boot_tss_low"], r["pooled_boot_tss_high"]),
+             r["n_units"], _pm(r["f1_mean"], r["f1_std"]), _ci(r["pooled_boot_f1_low"], r["pooled_boot_f1_high"]),
+             _pm(r["roc_auc_mean"], r["roc_auc_std"]), _pm(r["brier_mean"], r["brier_std"]),
+             _pm(r["ece_mean"], r["ece_std"]), _pm(r["threshold_mean"], r["threshold_std"])]
+            for r in s.to_dict("records")]
+    out.append(table(["target", "seeds", "failed/missing", "TSS", "TSS t-CI", "TSS bootstrap CI", "regions", "F1",
+                      "F1 bootstrap CI", "ROC AUC", "Brier", "ECE", "threshold"], rows))
+    out.append("\nFull statistics (n, mean, std, min, median, max, t-CI of every metric) are in "
+               "`summary_statistics.csv`.\n")
+    d = a.analysed_frame
+    if len(d) and "boot_tss_low" in d:
+        out.append("### Every experiment (test TSS with its region-bootstrap confidence interval)\n")
+        out.append(table(["experiment", "TSS", "bootstrap CI", "F1", "ROC AUC", "threshold", "best epoch"],
+                         [[r["experiment"], r["tss"], _ci(r.get("boot_tss_low"), r.get("boot_tss_high")), r["f1"],
+                           r["roc_auc"], r["threshold"], _int(r.get("best_epoch"))] for r in d.to_dict("records")]))
+    return out
+
+
+def _significance(a: ProductionAnalyzer) -> list[str]:
+    out = ["## Significance tests\n"]
+    alpha = 1 - a.confidence
+    h = a.horizon_comparisons
+    out.append("**Horizon comparisons** (difference of seed-mean test TSS, A minus B; positive: A better). Two-level "
+               f"bootstrap, {a.n_bootstrap:,} resamples: active regions drawn once from the union of both test sets "
+               "and applied to both (they share regions), seeds resampled within each arm. p: two-sided bootstrap "
+               "p-value for a zero difference; Holm-corrected over all horizon comparisons (family-wise "
+               f"α = {fmt(alpha, 2)}). Effect sizes: the TSS difference and Hedges' g over the seeds' scores.\n")
+    if h.empty:
+        out.append("No class has results at two horizons.\n")
+    else:
+        out.append(table(["comparison", "seeds A/B", "ΔTSS", "CI", "Hedges' g", "p", "p (Holm)", "significant"],
+                         [[r["comparison"], f"{r['n_a']}/{r['n_b']}", r["delta"], _ci(r["ci_low"], r["ci_high"]),
+                           r["hedges_g"], _p(r["p_value"]), _p(r["p_holm"]), r["significant"]]
+                          for r in h.to_dict("records")]))
+    b = a.baseline_comparisons
+    if a.baseline_dir is not None:
+        out.append(f"\n**Candidate vs baseline** (baseline: `{a.baseline_dir}`; candidate minus baseline seed-mean "
+                   "TSS, seeds paired by number, same test samples). CI: paired region bootstrap; p: paired region "
+                   "permutation test (each region's predictions swapped between the models at random); Holm over "
+                   "targets. Effect sizes: ΔTSS and Cohen's d_z over the per-seed differences.\n")
+        if b.empty:
+            out.append("No target has results in both.\n")
+        else:
+            out.append(table(["target", "pairs", "baseline", "candidate", "ΔTSS", "CI", "d_z", "p", "p (Holm)",
+                              "significant", "note"],
+                             [[r["a"], r.get("n_pairs"), r.get("baseline_mean"), r.get("candidate_mean"),
+                               r.get("delta"), _ci(r.get("ci_low"), r.get("ci_high")), r.get("cohens_dz"),
+                               _p(r.get("p_value")), _p(r.get("p_holm")), r.get("significant"), r.get("note", "") or ""]
+                              for r in b.to_dict("records")]))
+    else:
+        out.append("\nNo baseline given (`--baseline DIR` compares another results root, paired on seeds and test "
+                   "samples).\n")
+    return out
+
+
+def _thresholds(a: ProductionAnalyzer) -> list[str]:
+    from everest.analysis.stats import threshold_tss_correlation
+
+    out = ["## Decision threshold\n", "### Stability across seeds\n"]
+    t = a.threshold_stability
+    if t.empty:
+        return out + ["No finished experiment.\n"]
+    out.append(table(["target", "seeds", "mean", "std", "CV", "range", "oracle mean", "r(threshold, TSS)"],
+                     [[r["target"], r["n"], r["threshold_mean"], r["threshold_std"], r["threshold_cv"],
+                       f"{fmt(r['threshold_min'], 2)}-{fmt(r['threshold_max'], 2)}", r["oracle_threshold_mean"],
+                       r["corr_threshold_tss"]] for r in t.to_dict("records")]))
+    c = threshold_tss_correlation(a.analysed_frame)
+    out.append(f"\nThreshold vs TSS over all {c['n']} experiments: Pearson r = {fmt(c['pearson_r'])} "
+               f"(p = {_p(c['p_value'])}); within targets (target means removed) r = {fmt(c['within_target_r'])} "
+               f"(p = {_p(c['within_target_p'])}). Per-target r needs 3 or more seeds.\n")
+    out.append("### Validation-chosen vs test-oracle threshold (protocol inflation)\n")
+    out.append("Our protocol picks the threshold on the validation split. The first implementation tuned it on the "
+               "test set (the *oracle*); the difference (oracle minus validation-chosen, mean over seeds) is how much "
+               "that protocol inflates each reported metric.\n")
+    p = a.protocol_inflation
+    out.append(table(["target", "TSS (val-chosen)", "TSS (oracle)", "TSS inflation", "F1 inflation",
+                      "precision infl.", "recall infl.", "specificity infl."],
+                     [[r["target"], r["tss_validation"], r["tss_oracle"], _pm(r["tss_inflation_mean"],
+                       r["tss_inflation_std"]), r["f1_inflation_mean"], r["precision_inflation_mean"],
+                       r["recall_inflation_mean"], r["specificity_inflation_mean"]] for r in p.to_dict("records")]))
+    return out
+
+
+def _latency(a: ProductionAnalyzer) -> list[str]:
+    s = a.summary_statistics[a.summary_statistics["n_seeds"] > 0]
+    out = ["## Latency\n", "Milliseconds per sample at batch 32 after warm-up (measured by the trainer).\n"]
+    out.append(table(["target", "latency ms/sample", "t-CI"],
+                     [[r["target"], _pm(r["latency_ms_mean"], r["latency_ms_std"]),
+                       _ci(r["latency_ms_ci_low"], r["latency_ms_ci_high"])] for r in s.to_dict("records")]))
+    return out
+
+
+def _plots(rel: dict[str, str]) -> list[str]:
+    if not rel:
+        return ["## Plots\n", "No plots (no finished experiment, or plotting switched off).\n"]
+    out = ["## Plots\n"]
+    for key, path in rel.items():
+        out.append(f"### {PLOT_CAPTIONS.get(key, key)}\n\n![{PLOT_CAPTIONS.get(key, key)}]({path})\n")
+    return out
+
+
+def _counted(values: Sequence[Any]) -> str:
+    c = Counter(str(v) for v in values)
+    return ", ".join(f"`{k}` ({n})" for k, n in c.most_common())
+
+
+def _provenance(a: ProductionAnalyzer) -> list[str]:
+    runs = a.results.completed
+    out = ["## Provenance\n"]
+    if not runs:
+        return out + ["No finished experiment.\n"]
+    by_hash: dict[str, list[str]] = {}
+    for r in runs:
+        by_hash.setdefault(r.config_hash, []).append(r.name)
+    out.append("Config hashes (experiments): " + "; ".join(f"`{h}`: {len(v)}" for h, v in by_hash.items()) + "\n")
+    files: dict[str, set[str]] = {}
+    for r in runs:
+        for f, h in r.data_hashes.items():
+            files.setdefault(f, set()).add(h)
+    out.append("Data files (sha256):\n")
+    out.append(table(["file", "sha256"], [[f, ", ".join(sorted(h))] for f, h in sorted(files.items())]))
+    prov = pd.DataFrame([r.results.get("provenance", {}) for r in runs])
+    rows = [[k, _counted(prov[k].tolist())] for k in ("everest", "git_commit", "python", "torch", "numpy", "pandas",
+                                                       "scipy", "device", "device_name", "host") if k in prov]
+    out.append("\nVersions and devices (experiments per value):\n")
+    out.append(table(["item", "values"], rows))
+    import numpy
+    import scipy
+
+    out.append(f"\nAnalysis: everest {__version__}, numpy {numpy.__version__}, scipy {scipy.__version__}, "
+               f"{a.n_bootstrap:,} bootstrap resamples, seed {a.seed}, confidence {fmt(a.confidence, 2)}.\n")
+    return out
+
+
+def render(a: ProductionAnalyzer, rel_plots: dict[str, str]) -> str:
+    """The whole report as Markdown (status and failures first, then statistics, tests, plots, provenance)."""
+    head = ["# EVEREST production training report\n",
+            f"Generated {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} from `{a.results_dir}`. Decision thresholds "
+            "are chosen on the validation split; test-oracle values are shown only as a labelled reference.\n"]
+    parts = head + _status(a) + _overall(a) + _detailed(a) + _significance(a) + _thresholds(a) + _latency(a)
+    parts += _plots(rel_plots) + _provenance(a)
+    return "\n".join(parts).rstrip() + "\n"
