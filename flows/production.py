@@ -1,0 +1,394 @@
+"""Prefect flow ``everest-production``: the 45 experiments fanned out on Dask, then analysis and report.
+
+Thin glue over the library: each task calls one function of ``everest``. Deployment variants
+(``everest-production/local``, ``/pbs``, ``/slurm``) are the same flow with another Dask task runner,
+built from the cluster profiles in ``deployments/``.
+
+Failure policy: an experiment's Python error is retried (``retries``) only when it is an infrastructure
+problem (CUDA out of memory, a lost file system or node, a walltime/time limit: the retry resumes from
+the checkpoint); a diverged run (:class:`everest.train.TrainingDiverged`) or bad data/config is not
+retried, because it would fail again the same way. A Dask worker that dies is rescheduled by Dask;
+after ``distributed.scheduler.allowed-failures`` deaths the experiment is marked Crashed. Every future
+is settled, the analysis and report run on whatever finished, and the flow run ends Failed, after the
+report is written, when any experiment failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import dask
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.context import TaskRunContext
+from prefect.states import Completed, Failed
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from everest import io
+from everest.config import (
+    DEFAULT_SEEDS,
+    ConfigError,
+    EverestConfig,
+    Experiment,
+    Target,
+    all_targets,
+    experiment_matrix,
+    load_config,
+)
+from everest.data import DataError, data_file, file_hash
+from flows.profiles import load_profile
+
+# Bump to invalidate every cached experiment result (e.g. after a fix to the trainer's science).
+CACHE_VERSION = "everest-1"
+RETRIES = 2
+RETRY_DELAY_SECONDS = 10
+
+
+class ProductionParameters(BaseModel):
+    """Parameters of a production run; validated before anything is submitted."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    targets: list[str] = Field(default_factory=lambda: [str(t) for t in all_targets()],
+                               description="targets such as C-24 or M5-72 (default: all 9)")
+    seeds: list[int] = Field(default_factory=lambda: list(DEFAULT_SEEDS), description="seeds (default 0-4)")
+    data_dir: str = Field("data/demo", description="folder holding the 18 SHARP CSV files")
+    output_dir: str = Field("output", description="shared folder for results, models and the report")
+    profile: str = Field("local", description="cluster profile: local, pbs, slurm or a YAML path")
+    config_file: str | None = Field(None, description="TOML/YAML configuration file")
+    overrides: list[str] = Field(default_factory=list, description="KEY=VALUE overrides, e.g. train.epochs=3")
+    epochs: int | None = Field(None, ge=1, description="epoch cap (overrides train.epochs)")
+    force: bool = Field(False, description="retrain experiments that already finished")
+    synthesize_demo_data: bool = Field(True, description="generate demo synthetic data if data_dir has none")
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: list[str]) -> list[str]:
+        return [str(t.target) for t in experiment_matrix(v, [0])]  # raises on unknown/duplicate/empty
+
+    @model_validator(mode="after")
+    def _matrix(self) -> ProductionParameters:
+        experiment_matrix(self.targets, self.seeds)
+        return self
+
+    def effective_config(self) -> EverestConfig:
+        """The configuration every experiment of this run uses."""
+        overrides = list(self.overrides) + ([f"train.epochs={self.epochs}"] if self.epochs else [])
+        return load_config(self.config_file, overrides)
+
+
+def experiment_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """Cache key of a finished experiment.
+
+    * experiment name: target and seed;
+    * config hash: any change to model, loss, training, threshold or data settings invalidates;
+    * data hash: the content of its two CSV files (a regenerated or edited file invalidates);
+    * CACHE_VERSION: bumped when the code's results change.
+    The run id is deliberately absent, so reruns and UI retries reuse finished experiments.
+    """
+    spec = parameters["spec"]
+    data = hashlib.sha256(json.dumps(spec["data_hashes"], sort_keys=True).encode()).hexdigest()[:16]
+    return f"{spec['name']}-{spec['config_hash']}-{data}-{CACHE_VERSION}"
+
+
+def is_infrastructure_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry condition: retry infrastructure failures, never a diverged run or bad input."""
+    from everest.train import TimeLimitReached, TrainingDiverged
+
+    try:
+        state.result()
+    except (TrainingDiverged, ConfigError, DataError):
+        return False
+    except TimeLimitReached:
+        return True
+    except Exception as err:  # noqa: BLE001 - classifying, not swallowing: the state keeps the error
+        text = f"{type(err).__name__}: {err}".lower()
+        return isinstance(err, OSError | MemoryError) or "out of memory" in text or "cuda" in text
+    return False
+
+
+@task(name="train-experiment", task_run_name="train-{spec[name]}", retries=RETRIES,
+      retry_delay_seconds=RETRY_DELAY_SECONDS, retry_condition_fn=is_infrastructure_error,
+      cache_key_fn=experiment_cache_key, persist_result=True, result_serializer="json", log_prints=True)
+def train_experiment(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train (or resume) one experiment and return its small JSON summary."""
+    import torch
+
+    from everest.train import ProductionTrainer
+
+    if spec.get("torch_threads"):
+        torch.set_num_threads(spec["torch_threads"])
+    cfg = EverestConfig.model_validate(spec["config"])
+    progress_id = create_progress_artifact(progress=0.0, key=_artifact_key("progress", spec["name"]),
+                                           description=f"epochs of {spec['name']}")
+
+    def report(r: Any) -> None:
+        update_progress_artifact(progress_id, progress=100.0 * r.epoch / r.max_epochs)
+
+    exp = Experiment.model_validate(spec["experiment"])
+    trainer = ProductionTrainer(exp.target.flare_class, exp.target.horizon, exp.seed, config=cfg,
+                                data_dir=spec["data_dir"], output_dir=spec["output_dir"], progress=report,
+                                force=spec["force"])
+    res = trainer.train()
+    update_progress_artifact(progress_id, progress=100.0)
+    (trainer.results_dir / "failure.json").unlink(missing_ok=True)
+    return summarise_result(res)
+
+
+def summarise_result(res: dict[str, Any]) -> dict[str, Any]:
+    """The few numbers the flow needs from ``results.json``."""
+    m = res["test_metrics"]
+    return {"experiment": res["experiment"]["name"], "target": res["experiment"]["target"],
+            "seed": res["experiment"]["seed"], "threshold": res["threshold"]["selected"],
+            **{k: m[k] for k in ("tss", "f1", "precision", "recall", "roc_auc", "brier", "ece")},
+            "best_epoch": res["training"]["best_epoch"], "epochs_run": res["training"]["epochs_run"]}
+
+
+@task(name="analyse-results", log_prints=True)
+def analyse(results_dir: str, out_dir: str, targets: list[str], seeds: list[int]) -> dict[str, Any]:
+    """Statistics, plots and the markdown report over whatever experiments finished."""
+    from everest.analysis import ProductionAnalyzer
+
+    summary = ProductionAnalyzer(results_dir, out_dir, targets=targets, seeds=seeds).run_complete_analysis()
+    return summary if isinstance(summary, dict) else summary.to_dict()
+
+
+@task(name="publish-report")
+def publish_report(report_path: str, rows: list[dict[str, Any]], failures: list[dict[str, Any]]) -> None:
+    """Prefect artifacts: the final-metrics table and the markdown report."""
+    if rows:
+        create_table_artifact(table=rows, key="everest-final-metrics", description="test metrics per experiment")
+    text = Path(report_path).read_text() if report_path and Path(report_path).is_file() else "(no report)"
+    if failures:
+        text = "## Failed experiments\n\n" + "\n".join(f"* {f['experiment']}: {f['error_type']}: {f['error']}"
+                                                        for f in failures) + "\n\n" + text
+    create_markdown_artifact(markdown=text, key="everest-report", description="EVEREST production report")
+
+
+def _artifact_key(kind: str, name: str) -> str:
+    return f"{kind}-{name}".lower().replace("_", "-")
+
+
+def _data_hashes(data_dir: Path, targets: list[Target]) -> dict[str, dict[str, str]]:
+    """Content hash of every data file the run needs, per target; names each missing file."""
+    out, missing = {}, []
+    for t in targets:
+        files = [data_file(data_dir, t, s) for s in ("train", "test")]
+        missing += [str(f) for f in files if not f.is_file()]
+        if not missing:
+            out[str(t)] = {f.name: file_hash(f) for f in files}
+    if missing:
+        raise DataError(f"data files not found: {missing} (generate demo data with `everest data synth "
+                        f"--size demo --out {data_dir}` or point --data-dir at the SHARP tables)")
+    return out
+
+
+def _record_failure(results_dir: Path, exp: Experiment, err: BaseException) -> dict[str, Any]:
+    rec = {"experiment": exp.name, "target": str(exp.target), "seed": exp.seed, "error_type": type(err).__name__,
+           "error": str(err)[:2000], "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+    io.write_json(results_dir / exp.name / "failure.json", rec)
+    return rec
+
+
+def _mark_crashed(task_run_id: Any, message: str) -> None:
+    """Dask gave up on a task (KilledWorker): tell the Prefect API, which otherwise shows it Running."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    with get_client(sync_client=True) as client:
+        client.set_task_run_state(task_run_id, Crashed(message=message), force=True)
+
+
+def run_production(params: ProductionParameters, uses_gpus: bool, torch_threads: int | None) -> Any:
+    """Body of the flow: validate, fan out, settle every future, analyse, report."""
+    logger = get_run_logger()
+    cfg = params.effective_config()
+    experiments = experiment_matrix(params.targets, params.seeds)
+    data_dir, out = Path(params.data_dir), Path(params.output_dir)
+    if params.synthesize_demo_data and not any(data_dir.glob("training_data_*.csv")):
+        from everest import synthetic
+
+        logger.info("no data in %s: generating demo synthetic SHARP tables", data_dir)
+        synthetic.generate(data_dir, size="demo", seed=0)
+    hashes = _data_hashes(data_dir, sorted({e.target for e in experiments}, key=all_targets().index))
+    _check_writable(out)
+    results_dir = out / "results"
+    storage = out / ".prefect-results"
+    storage.mkdir(parents=True, exist_ok=True)
+    trainer_task = train_experiment.with_options(result_storage=storage, refresh_cache=params.force or None)
+    logger.info("%d experiments (%s; seeds %s), config %s, on profile %s", len(experiments),
+                ", ".join(params.targets), params.seeds, cfg.config_hash(), params.profile)
+
+    futures = []
+    for exp in experiments:
+        spec = {"name": exp.name, "experiment": exp.model_dump(mode="json"), "config": cfg.model_dump(mode="json"),
+                "config_hash": cfg.config_hash(), "data_hashes": hashes[str(exp.target)],
+                "data_dir": str(data_dir.resolve()), "output_dir": str(out.resolve()), "force": params.force,
+                "torch_threads": torch_threads}
+        with dask.annotate(resources={"GPU": 1}) if uses_gpus else contextlib.nullcontext():
+            futures.append((exp, trainer_task.submit(spec)))
+
+    rows, failures = [], []
+    for exp, fut in futures:
+        try:
+            rows.append(fut.result())
+        except Exception as err:  # noqa: BLE001 - every failure is recorded, reported and fails the run
+            if type(err).__name__ == "KilledWorker":
+                _mark_crashed(fut.task_run_id, f"Dask gave up after repeated worker deaths: {err}")
+            logger.error("%s failed: %s: %s", exp.name, type(err).__name__, err)
+            failures.append(_record_failure(results_dir, exp, err))
+        finally:
+            fut.wrapped_future.release()  # else a finished task is recomputed if its worker dies later
+
+    summary = analyse(str(results_dir), str(out), params.targets, params.seeds)
+    publish_report(summary.get("report", ""), rows, failures)
+    result = {"completed": len(rows), "failed": [f["experiment"] for f in failures], "report": summary.get("report"),
+              "results": rows}
+    io.write_json(out / "analysis" / "flow_summary.json", result)
+    if failures:
+        return Failed(message=f"{len(failures)} of {len(experiments)} experiments failed: "
+                      f"{', '.join(f['experiment'] for f in failures)}; report: {summary.get('report')}",
+                      data=result)
+    return Completed(message=f"{len(rows)} experiments; report: {summary.get('report')}", data=result)
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"output directory {out} is not writable: {err}") from None
+
+
+def make_flow(profile_name: str) -> Any:
+    """The flow ``everest-production`` bound to one cluster profile's Dask task runner.
+
+    Parameters are flat (not one nested object) because deployment parameters merge shallowly.
+    """
+    from prefect_dask import DaskTaskRunner
+
+    site = load_profile(profile_name)
+    defaults = ProductionParameters(profile=profile_name)
+
+    def everest_production(
+        targets: list[str] = defaults.targets,
+        seeds: list[int] = defaults.seeds,
+        data_dir: str = defaults.data_dir,
+        output_dir: str = defaults.output_dir,
+        profile: str = profile_name,
+        config_file: str | None = None,
+        overrides: list[str] = defaults.overrides,
+        epochs: int | None = None,
+        force: bool = False,
+        synthesize_demo_data: bool = True,
+    ) -> Any:
+        """Train the EVEREST experiment matrix on Dask, then analyse and report."""
+        if profile != profile_name:
+            raise ConfigError(f"profile {profile!r} requested, but this flow runs on profile {profile_name!r}; "
+                              f"run the deployment everest-production/{profile} instead")
+        params = ProductionParameters(targets=targets, seeds=seeds, data_dir=data_dir, output_dir=output_dir,
+                                      profile=profile, config_file=config_file, overrides=overrides, epochs=epochs,
+                                      force=force, synthesize_demo_data=synthesize_demo_data)
+        return run_production(params, uses_gpus=site.uses_gpus, torch_threads=site.threads)
+
+    return flow(everest_production, name="everest-production", log_prints=True,
+                task_runner=DaskTaskRunner(**site.task_runner_kwargs()))
+
+
+_VARIANTS = {"everest_local": "local", "everest_pbs": "pbs", "everest_slurm": "slurm"}
+
+
+def __getattr__(name: str) -> Any:
+    """Deployment entrypoints ``flows.production:everest_{local,pbs,slurm}``, built on first use, so a broken
+    site profile only affects its own deployment."""
+    if name in _VARIANTS:
+        variant = make_flow(_VARIANTS[name])
+        globals()[name] = variant
+        return variant
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m flows.production",
+                                description="Run the EVEREST production study (flow everest-production).")
+    p.add_argument("--targets", nargs="+", default=[str(t) for t in all_targets()], metavar="TARGET",
+                   help="targets such as C-24 M-48 (default: all 9)")
+    p.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS), metavar="SEED",
+                   help="seeds (default 0 1 2 3 4)")
+    p.add_argument("--profile", default="local", help="cluster profile: local, pbs, slurm or a YAML file")
+    p.add_argument("--data-dir", default="data/demo", help="folder of the 18 CSVs (demo data generated if empty)")
+    p.add_argument("--output-dir", default="output", help="shared output folder")
+    p.add_argument("--config", help="TOML or YAML configuration file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="configuration override")
+    p.add_argument("--epochs", type=int, help="epoch cap (train.epochs)")
+    p.add_argument("--force", action="store_true", help="retrain experiments that already finished")
+    return p.parse_args(argv)
+
+
+def _print_summary(state: Any, out: Path) -> None:
+    data = state.result(raise_on_failure=False) if state.is_completed() else None
+    summary_file = out / "analysis" / "flow_summary.json"
+    if data is None and summary_file.is_file():
+        data = json.loads(summary_file.read_text())
+    if not isinstance(data, dict):
+        print(f"flow run ended {state.name}: {state.message}")
+        return
+    rows = data.get("results", [])
+    if rows:
+        import pandas as pd
+
+        table = pd.DataFrame(rows)[["experiment", "tss", "roc_auc", "brier", "threshold", "epochs_run"]]
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    for name in data.get("failed", []):
+        print(f"FAILED: {name}")
+    print(f"flow run ended {state.name}: {len(rows)} experiments finished, {len(data.get('failed', []))} failed")
+    print(f"report: {data.get('report')}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: validate everything, make sure a Prefect API exists, run the flow, summarise."""
+    from everest.cli import EXIT_USAGE, setup_logging
+    from flows.server import prefect_api
+
+    args = _parse_args(argv)
+    setup_logging()
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # keep the console to run progress
+    try:
+        params = ProductionParameters(targets=args.targets, seeds=args.seeds, data_dir=args.data_dir,
+                                      output_dir=args.output_dir, profile=args.profile, config_file=args.config,
+                                      overrides=args.set, epochs=args.epochs, force=args.force)
+        params.effective_config()
+        load_profile(args.profile)
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as err:  # pydantic's ValidationError: our validators raise ConfigError inside it
+        print(f"error: invalid parameters: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    with prefect_api():
+        run = make_flow(args.profile)  # inside: batch job scripts must carry this run's PREFECT_API_URL
+        state = run(**params.model_dump(), return_state=True)
+    _print_summary(state, Path(args.output_dir))
+    if not state.is_completed():
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,646 @@
+"""Cluster profiles: editable site files in ``deployments/`` that say where the Dask workers run.
+
+A profile is a YAML file with a ``kind`` (``local``, ``pbs`` or ``slurm``) and the keys documented in
+the shipped files. It is validated once, when loaded (:func:`load_profile`): unknown keys, malformed
+walltimes or memory sizes, impossible job counts and values that could smuggle shell text into a job
+script are all reported together as one :class:`~everest.config.ConfigError` naming the file and key.
+Nothing is submitted before a profile has loaded cleanly.
+
+A loaded :class:`Profile` is a frozen value that builds what the flow needs:
+
+* :meth:`Profile.task_runner_kwargs` -> keyword arguments for ``prefect_dask.DaskTaskRunner``;
+* :meth:`Profile.make_cluster` -> a started ``LocalCluster`` / ``PBSCluster`` / ``SLURMCluster``;
+* :meth:`BatchProfile.job_script` -> the batch script text, rendered without a scheduler or a job.
+
+The batch backends share :class:`BatchProfile`; :class:`PBSProfile` and :class:`SLURMProfile` only say
+how the per-job request is written (``select=...`` versus ``--gres``/``--cpus-per-task``/``--mem``).
+Job shape follows ``shared/docs/orchestration.md``: one GPU and one single-threaded Dask worker per
+job (``cores=1, processes=1``), the real request in the scheduler directives, and a ``GPU=1`` worker
+resource that ``dask.annotate(resources={"GPU": 1})`` submissions consume.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from abc import abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+import yaml
+from dask_jobqueue import PBSCluster, SLURMCluster
+from distributed import LocalCluster, Nanny
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
+
+from everest.config import ConfigError
+
+__all__ = [
+    "BatchProfile",
+    "LocalProfile",
+    "PBSProfile",
+    "PinnedGPUNanny",
+    "Profile",
+    "SLURMProfile",
+    "available_profiles",
+    "load_profile",
+    "profile_dirs",
+]
+
+PROFILE_DIR_ENV = "EVEREST_PROFILE_DIR"
+# Placed where the scheduler address goes when a job script is rendered without a scheduler.
+SCHEDULER_PLACEHOLDER = "tcp://<scheduler-address>:8786"
+# Always in every worker's environment: library log records reach the Prefect UI.
+BASE_WORKER_ENV = {"PREFECT_LOGGING_EXTRA_LOGGERS": "everest"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Value checks. Each raises ValueError with what is allowed; the loader adds the file, key and value.
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]*")
+_INTERFACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
+# Paths that the job script passes to a command unquoted: no spaces, quotes or shell operators.
+# `$VAR`/`${VAR}` stay possible (e.g. `$TMPDIR`, expanded on the compute node); `$(` and backticks not.
+_SHELL_PATH = re.compile(r"[A-Za-z0-9_./~+@=,:${}-]+")
+_LOCAL_PATH = re.compile(r"[A-Za-z0-9_./~+@=,:-]+")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_WALLTIME = re.compile(r"(\d+):(\d\d):(\d\d)")
+_MEMORY = re.compile(r"\s*(\d+)\s*([KMGT])(?:I?B)?\s*", re.IGNORECASE)
+
+
+def _token(v: str) -> str:
+    if not _TOKEN.fullmatch(v):
+        raise ValueError("must be one word of letters, digits and _.@+- (no spaces, newlines or shell characters)")
+    return v
+
+
+def _interface(v: str) -> str:
+    if not _INTERFACE.fullmatch(v):
+        raise ValueError("must be a network interface name such as 'ib0', 'eth0' or 'lo'")
+    return v
+
+
+def _shell_path(v: str) -> str:
+    if not _SHELL_PATH.fullmatch(v):
+        raise ValueError(
+            "must be a path without spaces, quotes, newlines or shell operators ($VAR and ${VAR} are allowed)"
+        )
+    return v
+
+
+def _local_path(v: str) -> str:
+    if not _LOCAL_PATH.fullmatch(v):
+        raise ValueError("must be a path without spaces, quotes, newlines, '$' or shell operators")
+    return v
+
+
+def _one_line(v: str) -> str:
+    if _CONTROL.search(v):
+        raise ValueError("must be a single line without newlines or control characters")
+    if not v.strip():
+        raise ValueError("must not be empty")
+    return v
+
+
+def _directive(v: str) -> str:
+    _one_line(v)
+    if v.lstrip().startswith("#"):
+        raise ValueError("is written without its '#PBS'/'#SBATCH' prefix, e.g. '--constraint=a100'")
+    return v
+
+
+def _walltime(v: Any) -> str:
+    """``HH:MM:SS``. YAML 1.1 reads an unquoted ``12:00:00`` as the integer 43200: accept it as seconds."""
+    if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+        return f"{v // 3600:02d}:{v // 60 % 60:02d}:{v % 60:02d}"
+    m = _WALLTIME.fullmatch(v.strip()) if isinstance(v, str) else None
+    if not m or int(m.group(2)) >= 60 or int(m.group(3)) >= 60 or not any(int(g) for g in m.groups()):
+        raise ValueError("must be a positive HH:MM:SS with minutes and seconds below 60, e.g. '12:00:00'")
+    return f"{int(m.group(1)):02d}:{m.group(2)}:{m.group(3)}"
+
+
+def _memory(v: Any) -> str:
+    """A whole number of K/M/G/T (KB/KiB alike: PBS and SLURM both read units as binary) -> ``"32G"``."""
+    m = _MEMORY.fullmatch(v) if isinstance(v, str) else None
+    if not m or int(m.group(1)) <= 0:
+        raise ValueError("must be a positive whole number with a unit K, M, G or T (binary, e.g. '32GB' or '32G')")
+    return f"{int(m.group(1))}{m.group(2).upper()}"
+
+
+def _auto_or(minimum: int):
+    def check(v: Any) -> str | int:
+        if v == "auto":
+            return v
+        if isinstance(v, int) and not isinstance(v, bool) and v >= minimum:
+            return v
+        raise ValueError(f"must be 'auto' or an integer >= {minimum}")
+
+    return check
+
+
+def _auto_or_memory(v: Any) -> str:
+    return v if v == "auto" else _memory(v)
+
+
+Token = Annotated[str, AfterValidator(_token)]
+Interface = Annotated[str, AfterValidator(_interface)]
+ShellPath = Annotated[str, AfterValidator(_shell_path)]
+LocalPath = Annotated[str, AfterValidator(_local_path)]
+Line = Annotated[str, AfterValidator(_one_line)]
+Directive = Annotated[str, AfterValidator(_directive)]
+Walltime = Annotated[str, PlainValidator(_walltime)]
+Memory = Annotated[str, PlainValidator(_memory)]
+
+
+def _env_names(v: dict[str, str]) -> dict[str, str]:
+    bad = [k for k in v if not _ENV_NAME.fullmatch(k)]
+    if bad:
+        raise ValueError(f"has invalid variable names {bad}: use letters, digits and _, not starting with a digit")
+    for value in v.values():
+        if _CONTROL.search(value):
+            raise ValueError("values must be single lines without control characters")
+    return v
+
+
+def _pass_names(v: tuple[str, ...]) -> tuple[str, ...]:
+    bad = [k for k in v if not _ENV_NAME.fullmatch(k)]
+    if bad:
+        raise ValueError(f"has invalid variable names {bad}: use letters, digits and _, not starting with a digit")
+    return v
+
+
+def _memory_units(mem: str) -> tuple[int, str]:
+    return int(mem[:-1]), mem[-1]
+
+
+# --------------------------------------------------------------------------------------------------
+# Profiles
+
+
+class Profile(BaseModel):
+    """What every profile has: where it came from, worker environment and threads.
+
+    Subclasses fix ``kind`` and add their keys; :func:`load_profile` picks the class from ``kind``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: str
+    description: str = ""
+    torch_threads: int | None = Field(None, ge=1)
+    env: Annotated[dict[str, str], AfterValidator(_env_names)] = Field(default_factory=dict)
+    pass_env: Annotated[tuple[str, ...], AfterValidator(_pass_names)] = ("PREFECT_API_URL",)
+    dashboard_address: str | None = ":8787"
+
+    _source: str = PrivateAttr("<in memory>")
+
+    @property
+    def source(self) -> str:
+        """The file this profile was loaded from (or ``<in memory>``)."""
+        return self._source
+
+    @property
+    @abstractmethod
+    def gpus_per_worker(self) -> int:
+        """GPUs each Dask worker owns (0 or 1); submissions annotate ``resources={"GPU": 1}`` when 1."""
+
+    @property
+    def uses_gpus(self) -> bool:
+        """Whether workers own GPUs, i.e. whether tasks must be annotated with the GPU resource."""
+        return self.gpus_per_worker > 0
+
+    @property
+    def threads(self) -> int:
+        """Intra-op threads for torch in one worker (``torch_threads``, else a per-kind default)."""
+        return self.torch_threads or 1
+
+    def worker_env(self) -> dict[str, str]:
+        """Environment of every worker: fixed entries, the file's ``env``, then ``pass_env`` values set here."""
+        t = str(self.threads)
+        out = {**BASE_WORKER_ENV, "OMP_NUM_THREADS": t, "MKL_NUM_THREADS": t, **self.env}
+        out.update({k: os.environ[k] for k in self.pass_env if k in os.environ})
+        return out
+
+    @abstractmethod
+    def cluster_class(self) -> type:
+        """The Dask cluster class this profile builds."""
+
+    @abstractmethod
+    def cluster_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :meth:`cluster_class`."""
+
+    def adapt_kwargs(self) -> dict[str, Any] | None:
+        """Arguments for ``cluster.adapt`` (None: fixed size)."""
+        return None
+
+    def task_runner_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``prefect_dask.DaskTaskRunner(**kwargs)``."""
+        out: dict[str, Any] = {"cluster_class": self.cluster_class(), "cluster_kwargs": self.cluster_kwargs()}
+        if (adapt := self.adapt_kwargs()) is not None:
+            out["adapt_kwargs"] = adapt
+        return out
+
+    def make_cluster(self, **extra: Any):
+        """Start this profile's cluster (a LocalCluster starts its workers; batch clusters start none).
+
+        ``extra`` is passed to the constructor (e.g. ``asynchronous=True``). Adaptive scaling is left
+        to the caller: ``cluster.adapt(**profile.adapt_kwargs())``, as DaskTaskRunner does.
+        """
+        return self.cluster_class()(**self.cluster_kwargs(), **extra)
+
+    def with_overrides(self, **changes: Any) -> Profile:
+        """A validated copy with some keys changed; errors are :class:`ConfigError` like a bad file."""
+        data = self.model_dump(exclude_unset=False) | changes
+        return _build(type(self), data, source=f"{self.source} (with overrides {sorted(changes)})")
+
+    @abstractmethod
+    def for_test_machine(self, **changes: Any) -> Profile:
+        """A copy shrunk to run on one CI machine (loopback network, tiny jobs, no site modules)."""
+
+
+class PinnedGPUNanny(Nanny):
+    """A Nanny whose worker process sees one GPU: ``CUDA_VISIBLE_DEVICES`` = ``gpu_ids[name]``.
+
+    LocalCluster names its workers 0..n-1 and restarts a dead worker under the same name, so each
+    worker keeps its device. Torch then calls that device ``cuda:0``.
+    """
+
+    def __init__(self, *args: Any, gpu_ids: Sequence[str], name: Any = None, env: dict | None = None, **kw: Any):
+        device = str(gpu_ids[int(name) % len(gpu_ids)])
+        super().__init__(*args, name=name, env={**(env or {}), "CUDA_VISIBLE_DEVICES": device}, **kw)
+
+
+def _visible_gpus() -> list[str]:
+    """Device ids usable here: ``CUDA_VISIBLE_DEVICES`` when set, else what ``nvidia-smi -L`` lists."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d.strip() for d in visible.split(",") if d.strip() and d.strip() != "-1"]
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [str(i) for i, line in enumerate(listing.stdout.splitlines()) if line.startswith("GPU ")]
+
+
+class LocalProfile(Profile):
+    """One machine: one worker process per GPU with its device pinned, or N CPU workers."""
+
+    kind: Literal["local"] = "local"
+    gpus: Annotated[str | int, PlainValidator(_auto_or(0))] = "auto"
+    n_workers: Annotated[str | int, PlainValidator(_auto_or(1))] = "auto"
+    processes: bool = True
+    memory_limit: Annotated[str, PlainValidator(_auto_or_memory)] = "auto"
+
+    @model_validator(mode="after")
+    def _pinning_needs_processes(self) -> LocalProfile:
+        if not self.processes and self.gpus != 0:
+            raise ValueError(
+                f"gpus must be 0 when processes is false (got gpus={self.gpus!r}): a GPU is pinned per "
+                "worker process through CUDA_VISIBLE_DEVICES"
+            )
+        return self
+
+    def gpu_ids(self) -> list[str]:
+        """Devices the workers get, one each: ``gpus`` first visible ones, or all for ``auto``."""
+        if self.gpus == 0:
+            return []
+        visible = _visible_gpus()
+        if self.gpus == "auto":
+            return visible
+        if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+            if self.gpus > len(visible):
+                raise ConfigError(
+                    f"cluster profile {self.source}: gpus is {self.gpus} but CUDA_VISIBLE_DEVICES "
+                    f"lists {len(visible)} device(s) {visible}"
+                )
+            return visible[: self.gpus]
+        # An explicit count without CUDA_VISIBLE_DEVICES is trusted (devices 0..N-1), as CUDA would.
+        return [str(i) for i in range(self.gpus)]
+
+    @property
+    def gpus_per_worker(self) -> int:
+        return 1 if self.gpu_ids() else 0
+
+    def n_cpu_workers(self) -> int:
+        """CPU workers: ``n_workers``, or for ``auto`` the usable cores divided by ``torch_threads``."""
+        if self.n_workers != "auto":
+            return int(self.n_workers)
+        return max(1, len(os.sched_getaffinity(0)) // self.threads)
+
+    def cluster_class(self) -> type:
+        return LocalCluster
+
+    def cluster_kwargs(self) -> dict[str, Any]:
+        ids = self.gpu_ids()
+        kw: dict[str, Any] = {
+            "n_workers": len(ids) or self.n_cpu_workers(),
+            "threads_per_worker": 1,
+            "processes": self.processes,
+            "dashboard_address": self.dashboard_address,
+        }
+        if self.memory_limit != "auto":
+            n, unit = _memory_units(self.memory_limit)
+            kw["memory_limit"] = f"{n}{unit}iB"
+        if ids:
+            kw.update(worker_class=PinnedGPUNanny, gpu_ids=ids, resources={"GPU": 1}, env=self.worker_env())
+        elif self.processes:
+            # CPU workers must not pick up a GPU of this machine behind the scheduler's back.
+            kw["env"] = {**self.worker_env(), "CUDA_VISIBLE_DEVICES": ""}
+        return kw
+
+    def for_test_machine(self, **changes: Any) -> Profile:
+        return self.with_overrides(**({"n_workers": 2, "dashboard_address": ":0", "torch_threads": 1} | changes))
+
+
+class BatchProfile(Profile):
+    """Keys shared by batch schedulers: one Dask worker per job, adaptive ``minimum_jobs..maximum_jobs``.
+
+    Subclasses set ``cluster_cls`` and write the per-job request in :meth:`_request_kwargs`.
+    """
+
+    cluster_cls: ClassVar[type]
+
+    queue: Token | None = None
+    account: Token | None = None
+    walltime: Walltime = "12:00:00"
+    job_cpus: int = Field(4, ge=1)
+    job_memory: Memory = "32G"
+    worker_memory: Memory | None = None
+    gpus_per_job: int = Field(1, ge=0, le=1)
+    gpu_type: Token | None = None
+    minimum_jobs: int = Field(0, ge=0)
+    maximum_jobs: int = Field(45, ge=1)
+    interface: Interface | None = None
+    python: ShellPath | None = None
+    prologue: tuple[Line, ...] = ()
+    log_directory: LocalPath | None = None
+    local_directory: ShellPath | None = None
+    job_name: Token = "everest-worker"
+    death_timeout: int = Field(120, ge=1)
+    extra_directives: tuple[Directive, ...] = ()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BatchProfile:
+        problems = []
+        if self.minimum_jobs > self.maximum_jobs:
+            problems.append(f"minimum_jobs ({self.minimum_jobs}) must be <= maximum_jobs ({self.maximum_jobs})")
+        if self.gpu_type is not None and self.gpus_per_job == 0:
+            problems.append(f"gpu_type ({self.gpu_type!r}) needs gpus_per_job: 1")
+        if self.torch_threads is not None and self.torch_threads > self.job_cpus:
+            problems.append(f"torch_threads ({self.torch_threads}) must be <= job_cpus ({self.job_cpus})")
+        if self.worker_memory is not None and _bytes(self.worker_memory) > _bytes(self.job_memory):
+            problems.append(f"worker_memory ({self.worker_memory}) must be <= job_memory ({self.job_memory})")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def gpus_per_worker(self) -> int:
+        return self.gpus_per_job
+
+    @property
+    def threads(self) -> int:
+        return self.torch_threads or self.job_cpus
+
+    def cluster_class(self) -> type:
+        return self.cluster_cls
+
+    @abstractmethod
+    def _request_kwargs(self) -> dict[str, Any]:
+        """The scheduler-specific part of the job request (directives for CPUs, memory, GPU)."""
+
+    def job_script_prologue(self) -> list[str]:
+        """Site lines (``module load``, environment activation), then the worker environment exports."""
+        exports = [f"export {k}={shlex.quote(v)}" for k, v in self.worker_env().items()]
+        return [*self.prologue, *exports]
+
+    def _job_kwargs(self) -> dict[str, Any]:
+        n, unit = _memory_units(self.worker_memory or self.job_memory)
+        return {
+            # One single-threaded worker per job: adaptive scaling then requests one job per task.
+            "cores": 1,
+            "processes": 1,
+            "memory": f"{n}{unit}iB",
+            "walltime": self.walltime,
+            "queue": self.queue,
+            "account": self.account,
+            "interface": self.interface,
+            "python": self.python or sys.executable,
+            "job_name": self.job_name,
+            # Absolute, so the directives do not depend on where the scheduler starts the job.
+            "log_directory": str(Path(self.log_directory).expanduser().absolute()) if self.log_directory else None,
+            "local_directory": self.local_directory,
+            "death_timeout": self.death_timeout,
+            "job_script_prologue": self.job_script_prologue(),
+            "worker_extra_args": ["--resources", "GPU=1"] if self.gpus_per_job else [],
+            "shebang": "#!/usr/bin/env bash",
+            # Explicit values so that a user's ~/.config/dask/jobqueue.yaml cannot change the script.
+            "job_directives_skip": [],
+            "nanny": True,
+            **self._request_kwargs(),
+        }
+
+    def cluster_kwargs(self) -> dict[str, Any]:
+        return {**self._job_kwargs(), "scheduler_options": {"dashboard_address": self.dashboard_address}}
+
+    def adapt_kwargs(self) -> dict[str, Any]:
+        return {"minimum_jobs": self.minimum_jobs, "maximum_jobs": self.maximum_jobs}
+
+    def job_script(self) -> str:
+        """The batch script one worker job runs, rendered without starting a scheduler or submitting.
+
+        It is built by the cluster's own job class (what ``cluster.job_script()`` uses), with a
+        placeholder scheduler address; so it renders on a login node whose ``interface`` (e.g.
+        ``ib0``) is absent. Like dask-jobqueue, this creates ``log_directory`` if it is missing.
+        """
+        job_cls = self.cluster_class().job_cls
+        return job_cls(SCHEDULER_PLACEHOLDER, name="dummy-name", **self._job_kwargs()).job_script()
+
+    def for_test_machine(self, **changes: Any) -> Profile:
+        tiny: dict[str, Any] = {
+            "interface": "lo",
+            "queue": None,
+            "account": None,
+            "gpu_type": None,
+            "job_cpus": 1,
+            "job_memory": "1G",
+            "worker_memory": None,
+            "torch_threads": 1,
+            "walltime": "00:10:00",
+            "minimum_jobs": 0,
+            "maximum_jobs": 2,
+            "prologue": (),
+            "python": sys.executable,
+            "local_directory": None,
+            "log_directory": str(Path(tempfile.gettempdir()) / "everest-dask-logs"),
+            "dashboard_address": ":0",
+            "death_timeout": 60,
+        }
+        return self.with_overrides(**(tiny | changes))
+
+
+def _bytes(mem: str) -> int:
+    n, unit = _memory_units(mem)
+    return n * 1024 ** "KMGT".index(unit) * 1024
+
+
+class PBSProfile(BatchProfile):
+    """PBS Pro / OpenPBS: the request is one ``-l select=1:ncpus=..:mem=..:ngpus=..[:gpu_type=..]``."""
+
+    kind: Literal["pbs"] = "pbs"
+    cluster_cls: ClassVar[type] = PBSCluster
+
+    def resource_spec(self) -> str:
+        """``select=1:ncpus=4:mem=32gb:ngpus=1`` (PBS writes binary units as kb/mb/gb/tb)."""
+        n, unit = _memory_units(self.job_memory)
+        spec = f"select=1:ncpus={self.job_cpus}:mem={n}{unit.lower()}b"
+        if self.gpus_per_job:
+            spec += f":ngpus={self.gpus_per_job}"
+        if self.gpu_type:
+            spec += f":gpu_type={self.gpu_type}"
+        return spec
+
+    def _request_kwargs(self) -> dict[str, Any]:
+        return {"resource_spec": self.resource_spec(), "job_extra_directives": list(self.extra_directives)}
+
+    def for_test_machine(self, **changes: Any) -> Profile:
+        # CPU jobs by default: CI runs PBS scripts through SLURM's #PBS emulation (slurm-wlm-torque),
+        # which maps no ngpus to a GPU and reads everything after `mem=` as the memory size.
+        return super().for_test_machine(**({"gpus_per_job": 0} | changes))
+
+
+class SLURMProfile(BatchProfile):
+    """SLURM: ``--cpus-per-task``, ``--mem`` and ``--gres=gpu[:TYPE]:1``; ``partition`` is ``queue``."""
+
+    kind: Literal["slurm"] = "slurm"
+    cluster_cls: ClassVar[type] = SLURMCluster
+
+    @model_validator(mode="before")
+    @classmethod
+    def _partition_is_queue(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "partition" in data:
+            if data.get("queue") is not None:
+                raise ValueError("give partition or queue, not both (they are the same SLURM option -p)")
+            data = {k: v for k, v in data.items() if k != "partition"} | {"queue": data["partition"]}
+        return data
+
+    def _request_kwargs(self) -> dict[str, Any]:
+        gres = [f"--gres=gpu:{self.gpu_type + ':' if self.gpu_type else ''}{self.gpus_per_job}"]
+        return {
+            "job_cpu": self.job_cpus,
+            "job_mem": self.job_memory,
+            "job_extra_directives": (gres if self.gpus_per_job else []) + list(self.extra_directives),
+        }
+
+
+PROFILE_KINDS: dict[str, type[Profile]] = {"local": LocalProfile, "pbs": PBSProfile, "slurm": SLURMProfile}
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def profile_dirs() -> list[Path]:
+    """Where profile names are looked up, in order: ``$EVEREST_PROFILE_DIR`` entries, then the
+    ``deployments/`` folder next to the ``flows`` package (the project root in a checkout)."""
+    dirs = [Path(p) for p in os.environ.get(PROFILE_DIR_ENV, "").split(os.pathsep) if p]
+    dirs.append(Path(__file__).resolve().parent.parent / "deployments")
+    return dirs
+
+
+def available_profiles() -> list[str]:
+    """Names that :func:`load_profile` resolves, from all of :func:`profile_dirs`."""
+    return sorted({p.stem for d in profile_dirs() if d.is_dir() for p in d.glob("*.yaml")})
+
+
+def _resolve(name_or_path: str | Path) -> Path:
+    text = str(name_or_path)
+    if isinstance(name_or_path, Path) or "/" in text or text.endswith((".yaml", ".yml")):
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"cluster profile file {path} does not exist")
+        return path
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", text):
+        raise ConfigError(f"invalid cluster profile name {text!r}: expected a name such as 'local' or a YAML path")
+    for d in profile_dirs():
+        if (d / f"{text}.yaml").is_file():
+            return d / f"{text}.yaml"
+    raise ConfigError(
+        f"unknown cluster profile {text!r}: no {text}.yaml in {[str(d) for d in profile_dirs()]}; "
+        f"available: {available_profiles()}"
+    )
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys instead of silently keeping the last one."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    keys = [loader.construct_object(k, deep=deep) for k, _ in node.value]
+    dupes = sorted({str(k) for k in keys if keys.count(k) > 1})
+    if dupes:
+        raise yaml.constructor.ConstructorError(None, None, f"duplicate keys {dupes}", node.start_mark)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def _describe(err: dict[str, Any], cls: type[Profile]) -> str:
+    loc = ".".join(str(p) for p in err["loc"]) or "<profile>"
+    if err["type"] == "extra_forbidden":
+        return f"{loc}: unknown key; allowed keys: {sorted(cls.model_fields)} (got {err.get('input')!r})"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["loc"]:
+        return f"{loc}: {msg} (got {err.get('input')!r})"
+    return msg
+
+
+def _build(cls: type[Profile], data: dict[str, Any], source: str) -> Profile:
+    try:
+        profile = cls.model_validate(data)
+    except ValidationError as err:
+        problems = "; ".join(_describe(e, cls) for e in err.errors())
+        raise ConfigError(f"invalid cluster profile {source}: {problems}") from None
+    profile._source = source
+    return profile
+
+
+def load_profile(name_or_path: str | Path | Profile) -> Profile:
+    """Load and validate a cluster profile: a name (``local``, ``pbs``, ``slurm``, ...) or a YAML path.
+
+    Names resolve to ``<dir>/<name>.yaml`` over :func:`profile_dirs`. A :class:`Profile` is returned
+    as is. Raises :class:`ConfigError` naming the file and every invalid key.
+    """
+    if isinstance(name_or_path, Profile):
+        return name_or_path
+    path = _resolve(name_or_path)
+    try:
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"cannot parse cluster profile {path}: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"cluster profile {path} must hold a mapping of keys, got {type(data).__name__}")
+    kind = data.get("kind")
+    if kind not in PROFILE_KINDS:
+        raise ConfigError(
+            f"invalid cluster profile {path}: kind: must be one of {sorted(PROFILE_KINDS)} (got {kind!r})"
+        )
+    return _build(PROFILE_KINDS[kind], data, source=str(path))

@@ -1,0 +1,81 @@
+"""A private local Prefect server for command-line runs that have no ``PREFECT_API_URL``.
+
+Without a real server every Dask worker process would start its own temporary server on the same
+SQLite file (orchestration.md). The server binds 127.0.0.1 unless told otherwise and keeps its
+database under ``PREFECT_HOME``, so run history survives and can be browsed later with
+``prefect server start``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def prefect_api(host: str = "127.0.0.1", timeout: float = 90.0) -> Iterator[str]:
+    """Yield a Prefect API URL: the configured one, else a private server started for the block."""
+    existing = os.environ.get("PREFECT_API_URL")
+    if existing:
+        yield existing
+        return
+    port = _free_port(host)
+    url = f"http://{host}:{port}/api"
+    home = Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect"))
+    home.mkdir(parents=True, exist_ok=True)
+    logfile = open(home / "everest-server.log", "ab")  # noqa: SIM115 - closed in finally
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port),
+           "--analytics-off", "--no-ui"]
+    proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not _healthy(url):
+            if proc.poll() is not None:
+                raise RuntimeError(f"prefect server exited with status {proc.returncode}; see {logfile.name}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"prefect server did not answer at {url} within {timeout:.0f} s; see {logfile.name}")
+            time.sleep(0.5)
+        log.info("started a private Prefect server at %s (history kept in %s)", url, home)
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        os.environ["PREFECT_API_URL"] = url  # inherited by Dask worker processes started later
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            try:
+                yield url
+            finally:
+                from prefect.logging.handlers import APILogHandler
+
+                APILogHandler.flush()  # ship buffered run logs before the server goes away
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        logfile.close()
