@@ -252,7 +252,9 @@ def run_production(params: ProductionParameters, uses_gpus: bool, torch_threads:
             logger.error("%s failed: %s: %s", exp.name, type(err).__name__, err)
             failures.append(_record_failure(results_dir, exp, err))
         finally:
-            fut.wrapped_future.release()  # else a finished task is recomputed if its worker dies later
+            release = getattr(fut.wrapped_future, "release", None)  # Dask futures only
+            if release is not None:
+                release()  # else a finished task is recomputed if its worker dies later
 
     summary = analyse(str(results_dir), str(out), params.targets, params.seeds)
     publish_report(summary.get("report", ""), rows, failures)

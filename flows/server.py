@@ -67,9 +67,9 @@ def prefect_api(host: str = "127.0.0.1", timeout: float = 90.0) -> Iterator[str]
             try:
                 yield url
             finally:
-                from prefect.logging.handlers import APILogHandler
+                from prefect.logging.handlers import APILogWorker
 
-                APILogHandler.flush()  # ship buffered run logs before the server goes away
+                APILogWorker.drain_all(timeout=10)  # ship buffered run logs before the server goes away
     finally:
         os.environ.pop("PREFECT_API_URL", None)
         proc.terminate()

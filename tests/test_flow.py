@@ -1,0 +1,131 @@
+"""The Prefect flow ``everest-production`` against a real Prefect server, on tiny synthetic data.
+
+Flow logic runs on Prefect's thread-pool runner; one run uses the real Dask LocalCluster profile.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from everest import synthetic
+from flows.production import ProductionParameters, make_flow
+
+TINY = ["model.embed_dim=16", "model.ff_dim=32", "model.num_blocks=1", "model.num_heads=2", "train.epochs=2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("flow-data")
+    synthetic.generate(out, size="tiny", seed=0)
+    return out
+
+
+def task_states(flow_state) -> dict[str, str]:
+    """Task-run name -> final state name, read back from the Prefect API."""
+    fid = flow_state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fid])))
+    return {r.name: r.state.name for r in runs}
+
+
+def run_threads(**params):
+    flow = make_flow("local").with_options(task_runner=ThreadPoolTaskRunner(max_workers=2))
+    return flow(**ProductionParameters(**params).model_dump(), return_state=True)
+
+
+@pytest.mark.parametrize(
+    ("params", "fragment"),
+    [
+        ({"targets": ["X-12"]}, "invalid target 'X-12'"),
+        ({"targets": ["M-36"]}, "invalid target 'M-36'"),
+        ({"targets": []}, "empty target list"),
+        ({"targets": ["C-24", "C-24"]}, "duplicate targets"),
+        ({"seeds": [0, 0]}, "distinct non-negative"),
+        ({"seeds": [-1]}, "distinct non-negative"),
+        ({"epochs": 0}, "greater than or equal to 1"),
+        ({"targets": ["C-24; rm -rf ~"]}, "invalid target"),
+    ],
+)
+def test_bad_parameters_are_refused_before_anything_runs(params, fragment):
+    with pytest.raises(ValueError, match=fragment.replace("[", r"\[")):
+        ProductionParameters(**params)
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--targets", "X-12"], "invalid target 'X-12'"),
+        (["--seeds", "0", "0"], "distinct non-negative"),
+        (["--profile", "nope"], "nope"),
+        (["--set", "train.batch_size=0"], "train.batch_size"),
+    ],
+)
+def test_command_line_rejects_bad_input_with_exit_2(args, fragment, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "flows.production", *args, "--output-dir", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert fragment in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_failure_is_reported_and_rerun_retrains_only_it(prefect_server, tiny_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    bad = data / "training_data_C_48.csv"
+    good_text = bad.read_text()
+    lines = good_text.splitlines()
+    lines[5] = lines[5].replace(lines[5].split(",")[4], "oops", 1)  # a non-numeric TOTUSJH value
+    bad.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    common = {"targets": ["M-24", "C-48"], "seeds": [0, 1], "data_dir": str(data), "output_dir": str(out),
+              "overrides": TINY}
+
+    first = run_threads(**common)
+    assert first.is_failed()
+    assert "2 of 4 experiments failed" in first.message
+    for seed in (0, 1):
+        failure = json.loads((out / "results" / f"everest_C_48h_seed{seed}" / "failure.json").read_text())
+        assert failure["error_type"] == "DataError" and "oops" in failure["error"]
+        assert (out / "results" / f"everest_M_24h_seed{seed}" / "results.json").is_file()
+    report = (out / "analysis" / "production_training_report.md").read_text()
+    assert "everest_C_48h_seed0" in report and "everest_C_48h_seed1" in report  # failures listed
+    states = task_states(first)
+    assert states["train-everest_M_24h_seed0"] == "Completed" and states["train-everest_C_48h_seed0"] == "Failed"
+
+    bad.write_text(good_text)
+    second = run_threads(**common)
+    assert second.is_completed(), second.message
+    states = task_states(second)
+    assert states["train-everest_M_24h_seed0"] == "Cached" and states["train-everest_M_24h_seed1"] == "Cached"
+    assert states["train-everest_C_48h_seed0"] == "Completed"
+    assert not (out / "results" / "everest_C_48h_seed0" / "failure.json").exists()
+    summary = json.loads((out / "analysis" / "flow_summary.json").read_text())
+    assert summary["failed"] == [] and len(summary["results"]) == 4
+
+    forced = run_threads(**{**common, "targets": ["M-24"], "seeds": [0], "force": True})
+    assert task_states(forced)["train-everest_M_24h_seed0"] == "Completed"  # --force retrains
+
+
+def test_dask_local_cluster_end_to_end_with_artifacts(prefect_server, tiny_data, tmp_path):
+    profile = tmp_path / "ci-local.yaml"
+    profile.write_text("kind: local\ngpus: 0\nn_workers: 2\ntorch_threads: 1\ndashboard_address: null\n")
+    out = tmp_path / "out"
+    flow = make_flow(str(profile))
+    state = flow(**ProductionParameters(targets=["M5-24"], seeds=[0, 1], data_dir=str(tiny_data),
+                                        output_dir=str(out), profile=str(profile), overrides=TINY).model_dump(),
+                 return_state=True)
+    assert state.is_completed(), state.message
+    assert set(task_states(state).values()) == {"Completed"}
+    assert (out / "analysis" / "production_training_report.md").is_file()
+    with get_client(sync_client=True) as client:
+        keys = {a.key for a in client.read_artifacts()}
+    assert {"everest-report", "everest-final-metrics", "progress-everest-m5-24h-seed0"} <= keys
