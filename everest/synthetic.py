@@ -203,7 +203,10 @@ def _simulate_split(
     s = rng.standard_normal(pool)
     life = rng.integers(6 * STEPS_PER_DAY, 10 * STEPS_PER_DAY + 1, size=pool)
     tau = rng.normal(phys.trend_mean, phys.trend_sd, size=pool)
-    prod = rng.normal(0.0, phys.productivity_sd, size=pool)
+    # Flare productivity beyond size rides on the region's non-potential "twist" factor, which SAVNCPP and
+    # ABSNJZH observe (with noise): p_true then depends on what a forecaster can see, so it is a Bayes ceiling.
+    twist = rng.standard_normal(pool)
+    prod = phys.productivity_sd * twist
     e_r = rng.standard_normal(pool)
     width = int(life.max())
     steps = np.arange(width)
@@ -248,8 +251,8 @@ def _simulate_split(
         rest = 0.5 / pool + 0.5 * quiet / quiet.sum()
         w = (1 - spec.enrich) * rest + spec.enrich * expect / expect.sum()
         keep = np.sort(rng.choice(pool, size=n_regions, replace=False, p=w / w.sum()))
-        s, life, tau, prod, e_r, valid, g, z, r_star, o_start, o_len = (
-            a[keep] for a in (s, life, tau, prod, e_r, valid, g, z, r_star, o_start, o_len))
+        s, life, tau, twist, e_r, valid, g, z, r_star, o_start, o_len = (
+            a[keep] for a in (s, life, tau, twist, e_r, valid, g, z, r_star, o_start, o_len))
         lam = {k: v[keep] for k, v in lam.items()}
     n = n_regions
 
@@ -292,7 +295,6 @@ def _simulate_split(
     # --- observed features
     cols: dict[str, np.ndarray] = {}
     zc = z[cell]
-    twist = rng.standard_normal(n)
     for name, law in phys.features.items():
         e = rng.standard_normal(n)
         e = law.twist * twist + np.sqrt(1 - law.twist**2) * e
