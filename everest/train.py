@@ -67,6 +67,16 @@ class EpochReport:
 ProgressCallback = Callable[[EpochReport], None]
 
 
+@dataclass(frozen=True)
+class FitOutcome:
+    """What the training loop hands to evaluation."""
+
+    history: list[dict]
+    best_epoch: int  # 1-based
+    stop_reason: str
+    resumed_after_epoch: int  # 0 for a fresh run; else the checkpoint's finished epochs
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when present, else CPU; explicit names are checked for availability."""
     if name == "auto":
@@ -113,7 +123,8 @@ def environment_info(device: torch.device) -> dict[str, Any]:
         "torch": torch.__version__, "numpy": np.__version__, "pandas": pandas.__version__,
         "scipy": scipy.__version__, "scikit_learn": sklearn.__version__,
         "device": str(device), "device_name": name, "torch_threads": torch.get_num_threads(),
-        "host": platform.node(),
+        "host": platform.node(), "batch_job_id": os.environ.get("PBS_JOBID") or os.environ.get("SLURM_JOB_ID"),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
     }
 
 
@@ -163,8 +174,8 @@ class ProductionTrainer:
                  self.experiment.name, len(data.train), data.train.n_positive, len(data.val), data.val.n_positive,
                  len(data.test), data.test.n_positive, device)
         model = EverestModel(cfg.model, n_features=data.train.x.shape[2]).to(device)
-        history, best_epoch, stop_reason = self._fit(model, data, device)
-        return self._evaluate_and_save(model, data, device, history, best_epoch, stop_reason)
+        fit = self._fit(model, data, device)
+        return self._evaluate_and_save(model, data, device, fit)
 
     def finished_results(self, file_hashes: dict[str, str]) -> dict[str, Any] | None:
         """The saved results if this experiment already finished with the same config and data."""
@@ -184,7 +195,7 @@ class ProductionTrainer:
         return None
 
     # ------------------------------------------------------------------ training
-    def _fit(self, model: EverestModel, data: ExperimentData, device: torch.device) -> tuple[list[dict], int, str]:
+    def _fit(self, model: EverestModel, data: ExperimentData, device: torch.device) -> FitOutcome:
         cfg = self.config
         tc = cfg.train
         fused = device.type == "cuda"
@@ -251,7 +262,8 @@ class ProductionTrainer:
                 break
         stopped_early = len(history) < tc.epochs
         model.load_state_dict(best_state)
-        return history, best_epoch + 1, f"early_stopping on {metric}" if stopped_early else "max_epochs"
+        return FitOutcome(history, best_epoch + 1, f"early_stopping on {metric}" if stopped_early else "max_epochs",
+                          start_epoch)
 
     def _validate(self, model: EverestModel, val: SampleSet, device: torch.device) -> dict[str, float]:
         p = self.predict(model, val, device)["y_prob"]
@@ -319,8 +331,9 @@ class ProductionTrainer:
 
     # ------------------------------------------------------------------ evaluation and outputs
     def _evaluate_and_save(self, model: EverestModel, data: ExperimentData, device: torch.device,
-                           history: list[dict], best_epoch: int, stop_reason: str) -> dict[str, Any]:
+                           fit: FitOutcome) -> dict[str, Any]:
         cfg = self.config
+        history = fit.history
         val_pred = self.predict(model, data.val, device)
         test_pred = self.predict(model, data.test, device)
         with _quiet_undefined():
@@ -348,7 +361,8 @@ class ProductionTrainer:
             "validation_metrics": val_metrics,
             "oracle_test_metrics": oracle_metrics,
             "confusion_matrix": {k: int(test_metrics[k]) for k in ("tp", "fp", "tn", "fn")},
-            "training": {"best_epoch": best_epoch, "epochs_run": len(history), "stop_reason": stop_reason,
+            "training": {"best_epoch": fit.best_epoch, "epochs_run": len(history), "stop_reason": fit.stop_reason,
+                         "resumed_after_epoch": fit.resumed_after_epoch,
                          "early_stopping_metric": cfg.train.early_stopping_metric,
                          "seconds": float(sum(h["seconds"] for h in history)),
                          "n_parameters": count_parameters(model)},

@@ -50,7 +50,7 @@ from everest.config import (
     load_config,
 )
 from everest.data import DataError, data_file, file_hash
-from flows.profiles import load_profile
+from flows.profiles import Profile, load_profile
 
 # Bump to invalidate every cached experiment result (e.g. after a fix to the trainer's science).
 CACHE_VERSION = "everest-1"
@@ -278,14 +278,17 @@ def _check_writable(out: Path) -> None:
         raise ConfigError(f"output directory {out} is not writable: {err}") from None
 
 
-def make_flow(profile_name: str) -> Any:
+def make_flow(profile: str | Profile) -> Any:
     """The flow ``everest-production`` bound to one cluster profile's Dask task runner.
 
-    Parameters are flat (not one nested object) because deployment parameters merge shallowly.
+    ``profile`` is a profile name, a YAML path or a :class:`~flows.profiles.Profile` (tests shrink the
+    site profiles with ``for_test_machine``). Parameters are flat, not one nested object, because
+    deployment parameters merge shallowly.
     """
     from prefect_dask import DaskTaskRunner
 
-    site = load_profile(profile_name)
+    site = load_profile(profile)
+    profile_name = profile if isinstance(profile, str) else site.kind
     defaults = ProductionParameters(profile=profile_name)
 
     def everest_production(

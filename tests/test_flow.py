@@ -16,17 +16,9 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from everest import synthetic
 from flows.production import ProductionParameters, make_flow
 
 TINY = ["model.embed_dim=16", "model.ff_dim=32", "model.num_blocks=1", "model.num_heads=2", "train.epochs=2"]
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("flow-data")
-    synthetic.generate(out, size="tiny", seed=0)
-    return out
 
 
 def task_states(flow_state) -> dict[str, str]:

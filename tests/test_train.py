@@ -144,6 +144,7 @@ def test_killed_run_resumes_from_its_checkpoint_and_matches(data_dir, tmp_path):
                                                                 "train.early_stopping_patience=20"]),
                  progress=lambda r: seen.append(r.epoch))
     assert seen[0] == done_before + 1  # continued, not restarted
+    assert res["training"]["resumed_after_epoch"] == done_before
     ref_res = json.loads((tmp_path / "ref" / "results" / "everest_M_24h_seed0" / "results.json").read_text())
     drop = ("latency_ms", "latency_single_ms")
     assert {k: v for k, v in res["test_metrics"].items() if k not in drop} == \

@@ -1,0 +1,134 @@
+"""Validate a batch submission and list the experiments it trains (used by the submit_jobs.sh scripts).
+
+Prints one line per experiment, ``<array index 1..45><TAB><experiment name>``, in array-index order;
+prints nothing when every selected experiment has already finished and ``--unfinished`` was given.
+Every problem is reported at once on stderr, and the exit status is then 2 (nothing may be submitted).
+
+The selection is the grid ``--targets`` x ``--seeds`` (default: all 9 targets x seeds 0-4), narrowed
+by ``--indices`` (which must lie inside the grid) and, with ``--unfinished``, by dropping experiments
+whose ``results.json`` already exists under ``--output-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from everest.config import DEFAULT_SEEDS, ConfigError, Experiment, Target, all_targets, load_config
+from everest.data import data_file
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cluster/plan.py", description=__doc__)
+    p.add_argument("--targets", nargs="+", default=[])
+    p.add_argument("--seeds", nargs="+", default=[])
+    p.add_argument("--indices", nargs="+", default=[])
+    p.add_argument("--unfinished", action="store_true")
+    p.add_argument("--output-dir", type=Path, required=True)
+    p.add_argument("--data-dir", type=Path, required=True)
+    p.add_argument("--config")
+    p.add_argument("--set", action="append", default=[], dest="overrides")
+    p.add_argument("--epochs")
+    p.add_argument("--device")
+    p.add_argument("--missing-data-ok", action="store_true", help="report missing data files as a warning")
+    return p
+
+
+def _int_or_error(text: str, what: str, errors: list[str]) -> int | None:
+    try:
+        return int(text, 10)
+    except ValueError:
+        errors.append(f"invalid {what} {text!r}: expected an integer")
+        return None
+
+
+def plan(args: argparse.Namespace) -> tuple[list[Experiment], list[str], list[str]]:
+    """(experiments to train, errors, warnings)."""
+    errors: list[str] = []
+    warnings: list[str] = []
+
+    targets: list[Target] = []
+    for text in args.targets or [str(t) for t in all_targets()]:
+        try:
+            t = Target.parse(text)
+        except ConfigError as err:
+            errors.append(f"--targets: {err}")
+            continue
+        if t not in targets:
+            targets.append(t)
+
+    seeds: list[int] = []
+    for text in args.seeds or [str(s) for s in DEFAULT_SEEDS]:
+        s = _int_or_error(text, "seed", errors)
+        if s is None:
+            continue
+        if s not in DEFAULT_SEEDS:
+            errors.append(f"--seeds: seed {s} has no array index: the 1..45 mapping covers seeds "
+                          f"{DEFAULT_SEEDS[0]}-{DEFAULT_SEEDS[-1]}")
+        elif s not in seeds:
+            seeds.append(s)
+
+    grid = {Experiment(target=t, seed=s).array_index for t in targets for s in seeds}
+    chosen = set(grid)
+    if args.indices:
+        chosen = set()
+        for text in args.indices:
+            k = _int_or_error(text, "array index", errors)
+            if k is None:
+                continue
+            try:
+                exp = Experiment.from_array_index(k)
+            except ConfigError as err:
+                errors.append(f"--indices: {err}")
+                continue
+            if k not in grid:
+                errors.append(f"--indices: {k} ({exp}) is outside the --targets/--seeds selection")
+            chosen.add(k)
+
+    overrides = list(args.overrides)
+    if args.epochs is not None:
+        n = _int_or_error(args.epochs, "--epochs", errors)
+        if n is not None and n < 1:
+            errors.append(f"invalid --epochs {n}: expected a positive integer")
+        overrides.append(f"train.epochs={args.epochs}")
+    if args.device is not None:
+        overrides.append(f"train.device={args.device}")
+    for item in overrides:
+        if "\n" in item or "\r" in item:
+            errors.append(f"invalid --set {item!r}: line breaks are not allowed")
+    if not errors:
+        try:
+            load_config(args.config, overrides)
+        except ConfigError as err:
+            errors.append(f"configuration: {err}")
+
+    experiments = [Experiment.from_array_index(k) for k in sorted(chosen)]
+    missing = sorted({str(data_file(args.data_dir, e.target, split)) for e in experiments
+                      for split in ("train", "test") if not data_file(args.data_dir, e.target, split).is_file()})
+    if missing:
+        msg = f"--data-dir: {len(missing)} data file(s) not found: {', '.join(missing)}"
+        (warnings if args.missing_data_ok else errors).append(msg)
+
+    if args.unfinished:
+        experiments = [e for e in experiments
+                       if not (args.output_dir / "results" / e.name / "results.json").is_file()]
+    return experiments, errors, warnings
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    experiments, errors, warnings = plan(args)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    if errors:
+        for e in errors:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    for e in experiments:
+        print(f"{e.array_index}\t{e.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""The flow on real batch schedulers: the ``slurm`` profile (SLURMCluster, fake GPU GRES) and the ``pbs``
+profile (PBSCluster through Debian's slurm-wlm-torque ``qsub``/``qdel``) on the single-node SLURM that
+``tests/cluster/slurm.sh up`` starts (CI does). PBS Pro itself cannot be installed here.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from flows.production import ProductionParameters, make_flow
+from flows.profiles import load_profile
+
+pytestmark = [pytest.mark.cluster,
+              pytest.mark.skipif(shutil.which("sinfo") is None, reason="no SLURM here (tests/cluster/slurm.sh up)")]
+
+TINY = ["model.embed_dim=16", "model.ff_dim=32", "model.num_blocks=1", "model.num_heads=2", "train.epochs=1"]
+
+
+@pytest.mark.parametrize("kind", ["slurm", "pbs"])
+def test_tiny_flow_runs_on_batch_jobs(kind, prefect_server, tiny_data, tmp_path):
+    site = load_profile(kind).for_test_machine(maximum_jobs=2)
+    out = tmp_path / "out"
+    params = ProductionParameters(targets=["M-24"], seeds=[0, 1], data_dir=str(tiny_data), output_dir=str(out),
+                                  profile=kind, overrides=TINY)
+    state = make_flow(site)(**params.model_dump(), return_state=True)
+    assert state.is_completed(), state.message
+    jobs, gpus = set(), set()
+    for seed in (0, 1):
+        prov = json.loads((out / "results" / f"everest_M_24h_seed{seed}" / "results.json").read_text())["provenance"]
+        assert prov["batch_job_id"], "the experiment did not run inside a batch job"
+        jobs.add(prov["batch_job_id"])
+        gpus.add(prov["cuda_visible_devices"])
+    if kind == "slurm":
+        assert None not in gpus  # SLURM handed each job a (fake) GPU through --gres=gpu:1
+    assert (out / "analysis" / "production_training_report.md").is_file()
+    left = subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip()
+    assert left == "", f"batch jobs left behind: {left}"
