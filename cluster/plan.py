@@ -107,7 +107,10 @@ def plan(args: argparse.Namespace) -> tuple[list[Experiment], list[str], list[st
     missing = sorted({str(data_file(args.data_dir, e.target, split)) for e in experiments
                       for split in ("train", "test") if not data_file(args.data_dir, e.target, split).is_file()})
     if missing:
-        msg = f"--data-dir: {len(missing)} data file(s) not found: {', '.join(missing)}"
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        msg = f"--data-dir: {len(missing)} data file(s) not found: {shown}"
+        if args.missing_data_ok:
+            msg += " (a real submission stops here)"
         (warnings if args.missing_data_ok else errors).append(msg)
 
     if args.unfinished:
@@ -120,10 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     experiments, errors, warnings = plan(args)
     for w in warnings:
-        print(f"warning: {w}", file=sys.stderr)
+        print(f"everest: warning: {w}", file=sys.stderr)
     if errors:
         for e in errors:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"everest: error: {e}", file=sys.stderr)
         return 2
     for e in experiments:
         print(f"{e.array_index}\t{e.name}")

@@ -39,6 +39,7 @@ everest_activate() {
 # Empty means "not given": the scheduler's default queue/partition and account are used.
 : "${EVEREST_QUEUE:=}"
 : "${EVEREST_ACCOUNT:=}"
+: "${EVEREST_ANALYSIS_QUEUE:=}"  # queue/partition of the CPU analysis job; empty: the same as --queue
 # GPU model for the training sub-jobs, e.g. l40s (PBS Pro: select=...:ngpus=1:gpu_type=l40s, if your
 # site defines that resource; SLURM: --gres=gpu:l40s:1). Empty: any GPU.
 : "${EVEREST_GPU_TYPE:=}"

@@ -1,0 +1,475 @@
+# shellcheck shell=bash
+# Code shared by the PBS Pro and SLURM scripts; the backend files hold only what differs.
+#
+# Job side:    everest_job_setup, everest_train_task, everest_analysis_task
+# Submit side: everest_submit_main (the backend's submit_jobs.sh defines the backend_* functions)
+#
+# Site settings (environment activation, paths, queue, GPU type) live in cluster/site.sh.
+
+everest_log() { printf 'everest: %s\n' "$*" >&2; }
+everest_err() { printf 'everest: error: %s\n' "$*" >&2; }
+
+# ====================================================================== job side
+
+# Enter the submission directory, read site.sh and activate the environment; fail loudly (non-zero)
+# when `everest` cannot be imported, instead of crashing later (flaw 8 of the first implementation).
+everest_job_setup() {
+    local workdir=$1
+    if [[ -n $workdir ]]; then
+        cd "$workdir" || { everest_err "cannot enter the submission directory $workdir"; return 1; }
+    fi
+    # shellcheck source=cluster/site.sh
+    source "$EVEREST_CLUSTER_DIR/site.sh" || { everest_err "cannot read $EVEREST_CLUSTER_DIR/site.sh"; return 1; }
+    everest_activate || { everest_err "environment activation failed (everest_activate in $EVEREST_CLUSTER_DIR/site.sh)"; return 1; }
+    EVEREST_PY=$(command -v "$EVEREST_PYTHON") || { everest_err "no '$EVEREST_PYTHON' on PATH after activation"; return 1; }
+    "$EVEREST_PY" -c 'import everest.train, everest.analysis' || {
+        everest_err "$EVEREST_PY cannot import everest: fix everest_activate in $EVEREST_CLUSTER_DIR/site.sh"
+        return 1
+    }
+}
+
+# What a training exit status means (python -m everest.train), for logs and failure.json.
+everest_train_status_meaning() {
+    case $1 in
+        0) echo "finished" ;;
+        2) echo "bad input or configuration: fix it, then resubmit" ;;
+        3) echo "training diverged (NaN/inf loss)" ;;
+        4) echo "train.time_limit_minutes reached: resubmit to resume from the checkpoint" ;;
+        143) echo "killed by SIGTERM (walltime reached, or qdel/scancel): resubmit to resume from the last epoch checkpoint" ;;
+        137) echo "killed by SIGKILL (memory limit, or the scheduler's kill after the walltime): resubmit to resume from the last epoch checkpoint" ;;
+        129 | 1[3-9][0-9]) echo "killed by signal $(($1 - 128)): resubmit to resume from the last epoch checkpoint" ;;
+        *) echo "crashed" ;;
+    esac
+}
+
+# Run a command in the background and forward TERM/INT to it: the scheduler signals the job script at
+# the walltime, and the training (not just this shell) has to stop. Returns the command's status.
+everest_run_forwarding() {
+    local child status pending=""
+    "$@" &
+    child=$!
+    trap 'pending=TERM; kill -s TERM "$child" 2>/dev/null' TERM
+    trap 'pending=INT; kill -s INT "$child" 2>/dev/null' INT
+    while :; do
+        wait "$child"
+        status=$?
+        # A trapped signal interrupts `wait` (status 128+n): wait again for the child's own status.
+        [[ -n $pending ]] || break
+        pending=""
+    done
+    trap - TERM INT
+    return "$status"
+}
+
+# Record a failed sub-job where the analysis looks for it: results/<experiment>/failure.json.
+everest_write_failure() {
+    local index=$1 status=$2 message=$3
+    "$EVEREST_PY" -c '
+import datetime as dt, sys
+from pathlib import Path
+from everest import io
+from everest.config import Experiment
+index, status, out, message = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+exp = Experiment.from_array_index(index)
+io.write_json(out / "results" / exp.name / "failure.json", {
+    "experiment": exp.name, "target": str(exp.target), "seed": exp.seed,
+    "error_type": f"ExitStatus{status}", "error": message[-2000:],
+    "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
+' "$index" "$status" "$EVEREST_OUTPUT_DIR" "$message" || everest_err "could not write failure.json for array index $index"
+}
+
+# One training sub-job: map the array slot to an experiment index (through EVEREST_INDEX_FILE when
+# set), train it, record a failure, and return the training's exit status.
+#   everest_train_task pbs|slurm SLOT JOB_ID [extra everest.train arguments...]
+# pbs: the output goes to $EVEREST_OUTPUT_DIR/logs/train_<job>_<index>_<experiment>.log (PBS does not
+# expand the array index in -o); slurm: sbatch -o already gives one log per sub-job.
+everest_train_task() {
+    local backend=$1 slot=$2 job=$3
+    shift 3
+    local index=$slot name log
+    if [[ ! $slot =~ ^[0-9]+$ ]]; then
+        everest_err "no array index (got '${slot}'): run this script as an array job via cluster/submit_jobs.sh, or set PBS_ARRAY_INDEX / SLURM_ARRAY_TASK_ID"
+        return 2
+    fi
+    if [[ -n ${EVEREST_INDEX_FILE:-} ]]; then
+        [[ -r $EVEREST_INDEX_FILE ]] || { everest_err "index list $EVEREST_INDEX_FILE is not readable"; return 2; }
+        index=$(sed -n "${slot}p" "$EVEREST_INDEX_FILE")
+        if [[ $index == skip ]]; then
+            # PBS Pro refuses a one-element array (-J 1-1): a single experiment is padded with this entry.
+            everest_log "array slot $slot is the placeholder of a one-experiment submission: nothing to train"
+            return 0
+        fi
+        if [[ ! $index =~ ^[0-9]+$ ]]; then
+            everest_err "array slot $slot has no experiment index in $EVEREST_INDEX_FILE (line $slot: '${index}')"
+            return 2
+        fi
+    fi
+    name=$("$EVEREST_PY" -c 'import sys; from everest.config import Experiment; print(Experiment.from_array_index(int(sys.argv[1])).name)' "$index") || {
+        everest_err "array slot $slot: invalid experiment index $index"
+        return 2
+    }
+
+    case $backend in
+        pbs)
+            log="$EVEREST_OUTPUT_DIR/logs/train_${job}_${index}_${name}.log"
+            mkdir -p "$EVEREST_OUTPUT_DIR/logs" || return 1
+            echo "everest: experiment $index ($name): log in $log"
+            exec >>"$log" 2>&1
+            ;;
+        *) log="$EVEREST_OUTPUT_DIR/logs/train_${SLURM_ARRAY_JOB_ID:-$job}_${SLURM_ARRAY_TASK_ID:-$slot}.log" ;;
+    esac
+
+    local -a extra=()
+    if [[ -n ${EVEREST_TRAIN_ARGS_FILE:-} ]]; then
+        mapfile -t extra <"$EVEREST_TRAIN_ARGS_FILE" || { everest_err "cannot read $EVEREST_TRAIN_ARGS_FILE"; return 2; }
+    fi
+    local -a cmd=("$EVEREST_PY" -m everest.train --array-index "$index" --data-dir "$EVEREST_DATA_DIR"
+                  --output-dir "$EVEREST_OUTPUT_DIR" "${extra[@]}" "$@")
+    everest_log "experiment $index = $name (array slot $slot, job $job) on $(hostname), GPUs: ${CUDA_VISIBLE_DEVICES:-none}, $(date -Is)"
+    everest_log "running: $(printf '%q ' "${cmd[@]}")"
+
+    local status meaning
+    everest_run_forwarding "${cmd[@]}"
+    status=$?
+    meaning=$(everest_train_status_meaning "$status")
+    if ((status == 0)); then
+        rm -f "$EVEREST_OUTPUT_DIR/results/$name/failure.json"
+        everest_log "experiment $index = $name: $meaning, $(date -Is)"
+    else
+        everest_err "experiment $index = $name FAILED with exit status $status: $meaning"
+        # The training's own last lines (its error message), without this script's lines, on one line.
+        local last=""
+        [[ -r $log ]] && last=$(grep -v '^everest: ' "$log" | tail -n 3 | paste -s -d '|' - | sed 's/|/ | /g')
+        everest_write_failure "$index" "$status" \
+            "python -m everest.train exited with status $status ($meaning); last output: ${last:-none}; job $job, log $log"
+    fi
+    return "$status"
+}
+
+# The analysis job: analyse $EVEREST_OUTPUT_DIR/results; returns the analysis' exit status
+# (0 ok, 1 nothing had finished, 2 bad input).
+#   everest_analysis_task pbs|slurm JOB_ID [extra everest.analysis arguments...]
+everest_analysis_task() {
+    local backend=$1 job=$2
+    shift 2
+    if [[ $backend == pbs ]]; then
+        local log="$EVEREST_OUTPUT_DIR/logs/analysis_${job}.log"
+        mkdir -p "$EVEREST_OUTPUT_DIR/logs" || return 1
+        echo "everest: analysis log in $log"
+        exec >>"$log" 2>&1
+    fi
+    local -a extra=()
+    if [[ -n ${EVEREST_ANALYSIS_ARGS_FILE:-} ]]; then
+        mapfile -t extra <"$EVEREST_ANALYSIS_ARGS_FILE" || { everest_err "cannot read $EVEREST_ANALYSIS_ARGS_FILE"; return 2; }
+    fi
+    local -a cmd=("$EVEREST_PY" -m everest.analysis --results-dir "$EVEREST_OUTPUT_DIR/results"
+                  --out "$EVEREST_OUTPUT_DIR" "${extra[@]}" "$@")
+    everest_log "analysis (job $job) on $(hostname), $(date -Is)"
+    everest_log "running: $(printf '%q ' "${cmd[@]}")"
+    local status
+    everest_run_forwarding "${cmd[@]}"
+    status=$?
+    case $status in
+        0) everest_log "analysis finished: $EVEREST_OUTPUT_DIR/analysis/production_training_report.md" ;;
+        1) everest_err "analysis: no experiment has finished (see $EVEREST_OUTPUT_DIR/analysis and the training logs)" ;;
+        *) everest_err "analysis FAILED with exit status $status" ;;
+    esac
+    return "$status"
+}
+
+# ====================================================================== submit side
+
+everest_usage() {
+    local prog=$1 sched=$2
+    cat <<EOF
+Usage: $prog [options]
+
+Submit the EVEREST production training ($sched array job, one GPU per experiment) and the
+analysis job that runs after it. Every argument is checked before anything is submitted.
+
+Selection (default: all 9 targets x seeds 0-4 = array indices 1..45):
+  --targets T [T ...]   targets, e.g. C-24 M-48 M5-72 (classes C, M, M5; horizons 24, 48, 72)
+  --seeds S [S ...]     seeds among 0 1 2 3 4
+  --indices K [K ...]   only these array indices (1..45) of the selection, e.g. failed ones
+  --unfinished          leave out experiments that already have results.json
+
+Training:
+  --data-dir DIR        the SHARP CSVs (default: \$EVEREST_DATA_DIR or 'data', see cluster/site.sh)
+  --output-dir DIR      results, checkpoints, logs (default: \$EVEREST_OUTPUT_DIR or 'output')
+  --epochs N            epoch cap (train.epochs)
+  --device DEV          auto, cpu, cuda, cuda:N (train.device)
+  --config FILE         TOML/YAML configuration file
+  --set KEY=VALUE       configuration override, repeatable (e.g. --set train.batch_size=256)
+  Keep these the same when you resubmit: finished experiments are skipped and interrupted ones
+  resume from their checkpoint only under the same configuration and data.
+
+Scheduler:
+  --queue Q             $([[ $sched == SLURM ]] && echo partition || echo queue) (default: \$EVEREST_QUEUE)
+  --account A           account/project to charge (default: \$EVEREST_ACCOUNT)
+  --depend TYPE         afterany (default) or afterok: when the analysis job may start
+                        afterany: after every sub-job ended, failed ones included; the report then
+                        lists the failures (from failure.json). afterok: only if all succeeded;
+                        one failed sub-job means no analysis$([[ $sched == SLURM ]] && echo " (SLURM cancels it)" || echo " (PBS deletes it)").
+  --no-analysis         submit the training array only
+  --dry-run             print every command and the experiment list; write and submit nothing
+  -h, --help            this help
+
+Site settings (environment activation, GPU type, resources): cluster/site.sh.
+EOF
+}
+
+# A value that travels inside a scheduler's VAR=value,VAR=value list must not break that list.
+_everest_check_path() {
+    local what=$1 value=$2
+    if [[ $value == *[,\"\'$'\n']* ]]; then
+        SUBMIT_ERRORS+=("$what '$value' contains a comma, quote or line break, which the job environment list cannot carry")
+    fi
+}
+
+_everest_abs() { if [[ $1 == /* ]]; then printf '%s' "$1"; else printf '%s/%s' "$PWD" "$1"; fi; }
+
+# Print a command as one shell line that can be pasted back: words with characters the shell would
+# interpret are single-quoted.
+everest_show_cmd() {
+    local w out="" sq="'\\''"
+    for w in "$@"; do
+        if [[ $w =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
+            out+="$w "
+        else
+            out+="'${w//\'/$sq}' "
+        fi
+    done
+    printf '%s\n' "${out% }"
+}
+
+# Parse and validate the options, plan the experiments, then submit (or print) through the backend:
+#   backend_name                   e.g. "PBS Pro"
+#   backend_uses_index_file        true when the array runs over lines of indices.txt (slot -> index)
+#   backend_array_cmd              fills ARRAY_CMD (the submit command of the training array)
+#   backend_analysis_cmd DEP_ID    fills ANALYSIS_CMD (DEP_ID: the array id, or a shell placeholder)
+#   backend_job_id OUTPUT          prints the job id from the submit command's output, fails if none
+#   backend_monitor ARRAY_ID ANALYSIS_ID   prints how to follow the jobs
+everest_submit_main() {
+    local prog=$1 sched=$2
+    shift 2
+    SUBMIT_ERRORS=()
+    local dry_run=0 no_analysis=0 unfinished=0 depend=afterany opt
+    local -a targets=() seeds=() indices=() sets=()
+    local queue=${EVEREST_QUEUE:-} account=${EVEREST_ACCOUNT:-} data_dir=${EVEREST_DATA_DIR:-data}
+    local output_dir=${EVEREST_OUTPUT_DIR:-output} epochs="" device="" config=""
+    while (($#)); do
+        opt=$1
+        shift
+        case $opt in
+            -h | --help) everest_usage "$prog" "$sched"; return 0 ;;
+            --dry-run) dry_run=1 ;;
+            --no-analysis) no_analysis=1 ;;
+            --unfinished) unfinished=1 ;;
+            --targets | --seeds | --indices)
+                local -a vals=()
+                while (($#)) && [[ $1 != --* ]]; do vals+=("$1"); shift; done
+                if ((${#vals[@]} == 0)); then
+                    SUBMIT_ERRORS+=("$opt needs at least one value")
+                fi
+                case $opt in
+                    --targets) targets+=("${vals[@]}") ;;
+                    --seeds) seeds+=("${vals[@]}") ;;
+                    *) indices+=("${vals[@]}") ;;
+                esac
+                ;;
+            --queue | --account | --data-dir | --output-dir | --epochs | --device | --config | --set | --depend)
+                if (($# == 0)) || [[ $1 == --* ]]; then
+                    SUBMIT_ERRORS+=("$opt needs a value")
+                    continue
+                fi
+                case $opt in
+                    --queue) queue=$1 ;;
+                    --account) account=$1 ;;
+                    --data-dir) data_dir=$1 ;;
+                    --output-dir) output_dir=$1 ;;
+                    --epochs) epochs=$1 ;;
+                    --device) device=$1 ;;
+                    --config) config=$1 ;;
+                    --set) sets+=("$1") ;;
+                    --depend) depend=$1 ;;
+                esac
+                shift
+                ;;
+            *) SUBMIT_ERRORS+=("unknown argument '$opt' (see $prog --help)") ;;
+        esac
+    done
+
+    local name_re='^[A-Za-z0-9][A-Za-z0-9_.@-]*$'
+    [[ -z $queue || $queue =~ $name_re ]] || SUBMIT_ERRORS+=("invalid --queue '$queue': letters, digits and _ . @ - only")
+    [[ -z ${EVEREST_ANALYSIS_QUEUE:-} || $EVEREST_ANALYSIS_QUEUE =~ $name_re ]] ||
+        SUBMIT_ERRORS+=("invalid EVEREST_ANALYSIS_QUEUE '$EVEREST_ANALYSIS_QUEUE': letters, digits and _ . @ - only")
+    [[ -z $account || $account =~ $name_re ]] || SUBMIT_ERRORS+=("invalid --account '$account': letters, digits and _ . @ - only")
+    [[ $depend == afterany || $depend == afterok ]] || SUBMIT_ERRORS+=("invalid --depend '$depend': expected afterany or afterok")
+    local gpu_re='^[A-Za-z0-9_.-]*$'
+    [[ ${EVEREST_GPU_TYPE:-} =~ $gpu_re ]] || SUBMIT_ERRORS+=("invalid EVEREST_GPU_TYPE '${EVEREST_GPU_TYPE}' in cluster/site.sh")
+    local v
+    for v in EVEREST_TRAIN_CPUS EVEREST_ANALYSIS_CPUS; do
+        [[ -z ${!v:-} || ${!v} =~ ^[1-9][0-9]*$ ]] || SUBMIT_ERRORS+=("invalid $v '${!v}': expected a positive integer")
+    done
+    for v in EVEREST_TRAIN_MEM EVEREST_ANALYSIS_MEM EVEREST_TRAIN_WALLTIME EVEREST_ANALYSIS_WALLTIME; do
+        [[ -z ${!v:-} || ${!v} =~ ^[0-9A-Za-z:-]+$ ]] || SUBMIT_ERRORS+=("invalid $v '${!v}'")
+    done
+    data_dir=$(_everest_abs "$data_dir")
+    output_dir=$(_everest_abs "$output_dir")
+    [[ -z $config ]] || config=$(_everest_abs "$config")
+    _everest_check_path --data-dir "$data_dir"
+    _everest_check_path --output-dir "$output_dir"
+    _everest_check_path "the cluster directory" "$EVEREST_CLUSTER_DIR"
+    _everest_check_path EVEREST_VENV "${EVEREST_VENV:-}"
+
+    # The Python side checks targets, seeds, indices, the configuration and the data files, and lists
+    # the experiments. Values reach it as separate arguments, never through a shell line.
+    local -a plan_args=(--output-dir "$output_dir" --data-dir "$data_dir")
+    ((${#targets[@]})) && plan_args+=(--targets "${targets[@]}")
+    ((${#seeds[@]})) && plan_args+=(--seeds "${seeds[@]}")
+    ((${#indices[@]})) && plan_args+=(--indices "${indices[@]}")
+    ((unfinished)) && plan_args+=(--unfinished)
+    ((dry_run)) && plan_args+=(--missing-data-ok)
+    [[ -n $config ]] && plan_args+=(--config "$config")
+    [[ -n $epochs ]] && plan_args+=(--epochs "$epochs")
+    [[ -n $device ]] && plan_args+=(--device "$device")
+    for v in "${sets[@]}"; do plan_args+=(--set "$v"); done
+
+    local plan="" plan_status=0
+    if ! everest_activate; then
+        SUBMIT_ERRORS+=("environment activation failed (everest_activate in $EVEREST_CLUSTER_DIR/site.sh)")
+    elif ! EVEREST_PY=$(command -v "$EVEREST_PYTHON"); then
+        SUBMIT_ERRORS+=("no '$EVEREST_PYTHON' on PATH after activation (cluster/site.sh)")
+    else
+        plan=$("$EVEREST_PY" "$EVEREST_CLUSTER_DIR/plan.py" "${plan_args[@]}") || plan_status=$?
+    fi
+    if ((${#SUBMIT_ERRORS[@]})) || ((plan_status)); then
+        for v in "${SUBMIT_ERRORS[@]}"; do everest_err "$v"; done
+        everest_err "nothing submitted"
+        return 2
+    fi
+
+    local -a exp_indices=() exp_names=()
+    local line
+    while IFS=$'\t' read -r line v; do
+        [[ -n $line ]] || continue
+        exp_indices+=("$line")
+        exp_names+=("$v")
+    done <<<"$plan"
+    local n=${#exp_indices[@]}
+    if ((n == 0)); then
+        echo "Nothing to submit: every selected experiment already has results.json under $output_dir/results."
+        return 0
+    fi
+
+    # Everything the backend functions need; they read these globals.
+    # shellcheck disable=SC2034
+    SUBMIT_INDICES=("${exp_indices[@]}")
+    # shellcheck disable=SC2034
+    SUBMIT_QUEUE=$queue
+    # shellcheck disable=SC2034
+    SUBMIT_ACCOUNT=$account
+    # shellcheck disable=SC2034
+    SUBMIT_DEPEND=$depend
+    SUBMIT_DATA_DIR=$data_dir
+    SUBMIT_OUTPUT_DIR=$output_dir
+    SUBMIT_LOG_DIR=$output_dir/logs
+    SUBMIT_RUN_DIR=$output_dir/submissions/$(date +%Y%m%d-%H%M%S)-$$
+    _everest_check_path "the submission directory" "$SUBMIT_RUN_DIR"
+    # The array slot -> experiment index list, for schedulers whose arrays are one plain range.
+    SUBMIT_INDEX_LINES=()
+    if backend_uses_index_file; then
+        SUBMIT_INDEX_LINES=("${exp_indices[@]}")
+        # PBS Pro refuses a one-element array (-J 1-1): pad with a slot that trains nothing.
+        ((n > 1)) || SUBMIT_INDEX_LINES+=(skip)
+    fi
+
+    local -a train_args=() analysis_args=()
+    [[ -n $config ]] && train_args+=(--config "$config")
+    [[ -n $epochs ]] && train_args+=(--epochs "$epochs")
+    [[ -n $device ]] && train_args+=(--device "$device")
+    for v in "${sets[@]}"; do train_args+=(--set "$v"); done
+    ((${#targets[@]})) && analysis_args+=(--targets "${targets[@]}")
+    ((${#seeds[@]})) && analysis_args+=(--seeds "${seeds[@]}")
+
+    echo "# EVEREST on $(backend_name): $n experiment(s), array index -> experiment index, name:"
+    local i
+    for ((i = 0; i < n; i++)); do
+        printf '#   %3d -> %2d %s\n' "$((i + 1))" "${exp_indices[i]}" "${exp_names[i]}"
+    done
+    echo "# experiment indices: ${exp_indices[*]}"
+    echo "# data: $data_dir"
+    echo "# output: $output_dir (logs in $SUBMIT_LOG_DIR)"
+    echo "# job files in $SUBMIT_RUN_DIR:"
+    ((${#SUBMIT_INDEX_LINES[@]})) && echo "#   indices.txt:   ${SUBMIT_INDEX_LINES[*]}"
+    echo "#   train.args:    ${train_args[*]}"
+    echo "#   analysis.args: ${analysis_args[*]}"
+
+    backend_array_cmd
+    local array_id analysis_id="" out
+    if ((dry_run)); then
+        echo "ARRAY_ID=\$($(everest_show_cmd "${ARRAY_CMD[@]}"))"
+        if ((!no_analysis)); then
+            backend_analysis_cmd '@ARRAY_ID@'
+            # shellcheck disable=SC2016  # a literal $ARRAY_ID in the printed command
+            everest_show_cmd "${ANALYSIS_CMD[@]}" | sed 's/@ARRAY_ID@/"$ARRAY_ID"/'
+        fi
+        echo "# dry run: nothing written, nothing submitted"
+        # shellcheck disable=SC2016
+        backend_monitor '$ARRAY_ID' '$ANALYSIS_ID'
+        return 0
+    fi
+
+    mkdir -p "$SUBMIT_RUN_DIR" "$SUBMIT_LOG_DIR" || { everest_err "cannot create $SUBMIT_RUN_DIR"; return 1; }
+    ((${#SUBMIT_INDEX_LINES[@]})) && printf '%s\n' "${SUBMIT_INDEX_LINES[@]}" >"$SUBMIT_RUN_DIR/indices.txt"
+    for ((i = 0; i < n; i++)); do printf '%s\t%s\n' "${exp_indices[i]}" "${exp_names[i]}"; done >"$SUBMIT_RUN_DIR/experiments.txt"
+    printf '%s\n' "${train_args[@]}" >"$SUBMIT_RUN_DIR/train.args"
+    printf '%s\n' "${analysis_args[@]}" >"$SUBMIT_RUN_DIR/analysis.args"
+    # printf writes one empty line for an empty list; the jobs must read no argument then.
+    ((${#train_args[@]})) || : >"$SUBMIT_RUN_DIR/train.args"
+    ((${#analysis_args[@]})) || : >"$SUBMIT_RUN_DIR/analysis.args"
+
+    everest_show_cmd "${ARRAY_CMD[@]}"
+    out=$("${ARRAY_CMD[@]}") || { everest_err "submitting the training array failed: ${out}"; return 1; }
+    array_id=$(backend_job_id "$out") || { everest_err "cannot read a job id from the submit output: '$out'"; return 1; }
+    echo "training array: $array_id"
+    printf 'array\t%s\n' "$array_id" >"$SUBMIT_RUN_DIR/jobs.txt"
+    if ((!no_analysis)); then
+        backend_analysis_cmd "$array_id"
+        everest_show_cmd "${ANALYSIS_CMD[@]}"
+        if ! out=$("${ANALYSIS_CMD[@]}") || ! analysis_id=$(backend_job_id "$out"); then
+            everest_err "the training array $array_id is submitted, but submitting the analysis job failed: '$out'"
+            everest_err "submit it by hand: $(everest_show_cmd "${ANALYSIS_CMD[@]}")"
+            return 1
+        fi
+        echo "analysis job: $analysis_id ($depend on $array_id)"
+        printf 'analysis\t%s\n' "$analysis_id" >>"$SUBMIT_RUN_DIR/jobs.txt"
+    fi
+    backend_monitor "$array_id" "$analysis_id"
+}
+
+# The variables every job needs, as NAME=value words (the backend joins them with commas).
+everest_job_env() {
+    local kind=$1
+    local -a env=("EVEREST_CLUSTER_DIR=$EVEREST_CLUSTER_DIR" "EVEREST_DATA_DIR=$SUBMIT_DATA_DIR"
+                  "EVEREST_OUTPUT_DIR=$SUBMIT_OUTPUT_DIR")
+    [[ -n ${EVEREST_VENV:-} ]] && env+=("EVEREST_VENV=$EVEREST_VENV")
+    if [[ $kind == train ]]; then
+        env+=("EVEREST_TRAIN_ARGS_FILE=$SUBMIT_RUN_DIR/train.args")
+    else
+        env+=("EVEREST_ANALYSIS_ARGS_FILE=$SUBMIT_RUN_DIR/analysis.args")
+    fi
+    local IFS=,
+    printf '%s' "${env[*]}"
+}
+
+# Monitoring lines both backends share.
+everest_monitor_common() {
+    cat <<EOF
+Logs:      $SUBMIT_LOG_DIR/ (train_<job>_<index>*.log per sub-job, analysis_<job>.log)
+Results:   $SUBMIT_OUTPUT_DIR/results/<experiment>/results.json; failed sub-jobs leave failure.json there
+Report:    $SUBMIT_OUTPUT_DIR/analysis/production_training_report.md (lists failed and missing experiments)
+Resubmit:  the same command with --unfinished (or --indices K ...): finished experiments are skipped,
+           interrupted ones resume from their checkpoint.
+EOF
+}

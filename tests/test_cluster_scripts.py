@@ -1,0 +1,428 @@
+"""The plain batch-job path in ``cluster/``: PBS Pro scripts, their SLURM twins and the submit scripts.
+
+Tiers: text checks (syntax, shellcheck, job headers, dry-run output, argument validation) need only
+bash; the job scripts are run locally with ``PBS_ARRAY_INDEX`` set, on tiny synthetic data and a tiny
+model; the ``cluster``-marked test submits the SLURM twin for real to the single-node SLURM of
+``tests/cluster/slurm.sh up`` (skipped only where ``sinfo`` is absent). Submissions that are not meant
+to reach a scheduler go to fake ``qsub``/``sbatch`` commands that record their calls.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+PBS_SUBMIT = CLUSTER / "submit_jobs.sh"
+SLURM_SUBMIT = CLUSTER / "slurm" / "submit_jobs.sh"
+PBS_ARRAY = CLUSTER / "submit_production_array.pbs"
+PBS_ANALYSIS = CLUSTER / "submit_analysis.pbs"
+SLURM_ARRAY = CLUSTER / "slurm" / "submit_production_array.sbatch"
+SLURM_ANALYSIS = CLUSTER / "slurm" / "submit_analysis.sbatch"
+SHELL_FILES = [CLUSTER / "site.sh", CLUSTER / "lib.sh", PBS_SUBMIT, PBS_ARRAY, PBS_ANALYSIS,
+               SLURM_SUBMIT, SLURM_ARRAY, SLURM_ANALYSIS]
+
+TINY_MODEL = ["--set", "model.embed_dim=16", "--set", "model.ff_dim=32", "--set", "model.num_blocks=1",
+              "--set", "model.num_heads=2", "--epochs", "1"]
+
+FAKE_SCHEDULER = """#!/bin/bash
+# Records its arguments (one per line, a '---' line first) and answers like the real command.
+{ echo ---; printf '%s\\n' "$@"; } >>"$FAKE_SCHEDULER_LOG"
+case "$(basename "$0") $*" in
+    qsub*" -J "*) echo "4242[].fakeserver" ;;
+    qsub*) echo "4243.fakeserver" ;;
+    sbatch*--array=*) echo "4242" ;;
+    *) echo "4243" ;;
+esac
+"""
+
+
+# ---------------------------------------------------------------------- helpers and fixtures
+def _job_env(**extra: str) -> dict[str, str]:
+    """The test's environment for the scripts: this interpreter's venv, no stale EVEREST_/PBS_/SLURM_."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EVEREST_", "PBS_", "SLURM_"))}
+    if (Path(sys.prefix) / "bin" / "activate").is_file():
+        env["EVEREST_VENV"] = sys.prefix
+    else:
+        env["EVEREST_PYTHON"] = sys.executable
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def fake_scheduler(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """(environment with fake qsub/sbatch first on PATH, the file recording their calls)."""
+    bindir = tmp_path / "fakebin"
+    bindir.mkdir()
+    for name in ("qsub", "sbatch"):
+        (bindir / name).write_text(FAKE_SCHEDULER)
+        (bindir / name).chmod(0o755)
+    log = tmp_path / "scheduler_calls.txt"
+    log.touch()
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "canary").write_text("still here")
+    env = _job_env(PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}", FAKE_SCHEDULER_LOG=str(log), HOME=str(home))
+    return env, log
+
+
+def _calls(log: Path) -> list[list[str]]:
+    """The recorded scheduler calls, each as its argument list."""
+    text = log.read_text()
+    return [chunk.strip("\n").split("\n") for chunk in text.split("---\n")[1:]]
+
+
+def _submit(script: Path, args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(script), *args], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=60)
+
+
+def _indices(out: str) -> list[int]:
+    """The experiment indices of a submit script's '# experiment indices:' line."""
+    m = re.search(r"^# experiment indices: ([\d ]+)$", out, flags=re.MULTILINE)
+    assert m, out
+    return [int(k) for k in m.group(1).split()]
+
+
+def _line(out: str, start: str) -> str:
+    lines = [ln for ln in out.splitlines() if ln.startswith(start)]
+    assert len(lines) == 1, out
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    from everest import synthetic
+
+    d = tmp_path_factory.mktemp("tiny_data")
+    synthetic.generate(d, size="tiny", seed=0)
+    return d
+
+
+# ---------------------------------------------------------------------- the scripts as text
+@pytest.mark.parametrize("script", SHELL_FILES, ids=lambda p: str(p.relative_to(CLUSTER)))
+def test_script_syntax(script: Path):
+    res = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+def test_shellcheck_clean():
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (Debian package 'shellcheck')")
+    res = subprocess.run(["shellcheck", "-x", *[str(p.relative_to(ROOT)) for p in SHELL_FILES]], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_job_headers():
+    pbs = PBS_ARRAY.read_text()
+    for line in ("#PBS -J 1-45", "#PBS -l select=1:ncpus=4:mem=32gb:ngpus=1", "#PBS -l walltime=12:00:00"):
+        assert f"\n{line}\n" in pbs
+    analysis = PBS_ANALYSIS.read_text()
+    assert "#PBS -l select=" in analysis and "ngpus" not in analysis
+    slurm = SLURM_ARRAY.read_text()
+    for line in ("#SBATCH --array=1-45", "#SBATCH --gres=gpu:1", "#SBATCH --time=12:00:00"):
+        assert f"\n{line}\n" in slurm
+    assert "--gres" not in SLURM_ANALYSIS.read_text()
+    for script in (PBS_ARRAY, PBS_ANALYSIS, SLURM_ARRAY, SLURM_ANALYSIS):
+        text = script.read_text()
+        # The first implementation ended with `exit 0` and hid every failure.
+        assert not re.search(r"exit 0\b", text), script
+        assert text.rstrip().endswith('exit "$status"'), script
+
+
+# ---------------------------------------------------------------------- dry runs
+@pytest.mark.parametrize("script", [PBS_SUBMIT, SLURM_SUBMIT], ids=["pbs", "slurm"])
+def test_dry_run_all_45(script: Path, fake_scheduler, tmp_path: Path):
+    env, log = fake_scheduler
+    res = _submit(script, ["--dry-run", "--output-dir", "out"], env, tmp_path)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert _indices(out) == list(range(1, 46))
+    array = _line(out, "ARRAY_ID=$(")
+    analysis = _line(out, "qsub -N everest-analysis" if script == PBS_SUBMIT else "sbatch --parsable --job-name=everest-a")
+    if script == PBS_SUBMIT:
+        assert " -J 1-45 " in array
+        assert _line(out, "#   indices.txt:") == "#   indices.txt:   " + " ".join(map(str, range(1, 46)))
+        assert ' -W depend=afterany:"$ARRAY_ID" ' in analysis
+        assert "qstat -t" in out
+    else:
+        assert " --array=1-45 " in array
+        assert ' --dependency=afterany:"$ARRAY_ID" ' in analysis
+        assert "squeue" in out
+    assert "dry run: nothing written, nothing submitted" in out
+    assert _calls(log) == []
+    assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_target_subset_pbs(fake_scheduler, tmp_path: Path):
+    env, log = fake_scheduler
+    res = _submit(PBS_SUBMIT, ["--dry-run", "--targets", "M-48", "C-24", "--seeds", "0", "1"], env, tmp_path)
+    assert res.returncode == 0, res.stderr
+    # C-24 is target 0 (indices 1-5), M-48 target 4 (indices 21-25); seeds 0 and 1 are the first two.
+    assert _indices(res.stdout) == [1, 2, 21, 22]
+    assert _line(res.stdout, "#   indices.txt:") == "#   indices.txt:   1 2 21 22"
+    assert " -J 1-4 " in _line(res.stdout, "ARRAY_ID=$(")
+    assert "EVEREST_INDEX_FILE=" in _line(res.stdout, "ARRAY_ID=$(")
+    assert _line(res.stdout, "#   analysis.args:") == "#   analysis.args: --targets M-48 C-24 --seeds 0 1"
+    assert _calls(log) == []
+
+
+def test_dry_run_target_subset_slurm(fake_scheduler, tmp_path: Path):
+    env, log = fake_scheduler
+    res = _submit(SLURM_SUBMIT, ["--dry-run", "--targets", "M-48", "C-24", "--seeds", "0", "1"], env, tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert _indices(res.stdout) == [1, 2, 21, 22]
+    assert " --array=1-2,21-22 " in _line(res.stdout, "ARRAY_ID=$(")
+    assert _calls(log) == []
+
+
+def test_dry_run_single_experiment_pads_the_pbs_array(fake_scheduler, tmp_path: Path):
+    """PBS Pro refuses `-J 1-1`: one experiment becomes a two-slot array whose second slot is a no-op."""
+    env, _ = fake_scheduler
+    res = _submit(PBS_SUBMIT, ["--dry-run", "--targets", "M5-72", "--seeds", "4", "--no-analysis"], env, tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert _indices(res.stdout) == [45]
+    assert " -J 1-2 " in _line(res.stdout, "ARRAY_ID=$(")
+    assert _line(res.stdout, "#   indices.txt:") == "#   indices.txt:   45 skip"
+    assert "everest-analysis" not in res.stdout
+
+
+def test_help(fake_scheduler, tmp_path: Path):
+    env, log = fake_scheduler
+    for script in (PBS_SUBMIT, SLURM_SUBMIT):
+        res = _submit(script, ["-h"], env, tmp_path)
+        assert res.returncode == 0 and "--targets" in res.stdout and "afterany" in res.stdout
+    assert _calls(log) == []
+
+
+# ---------------------------------------------------------------------- real submissions to fake schedulers
+def test_pbs_submission_sequence(fake_scheduler, tiny_data: Path, tmp_path: Path):
+    env, log = fake_scheduler
+    res = _submit(PBS_SUBMIT, ["--targets", "M-48", "C-24", "--seeds", "0", "1", "--data-dir", str(tiny_data),
+                               "--output-dir", "out", "--epochs", "2", "--set", "train.batch_size=64"], env, tmp_path)
+    assert res.returncode == 0, res.stderr
+    array, analysis = _calls(log)
+    assert array[:6] == ["-N", "everest-train", "-J", "1-4", "-j", "oe"]
+    variables = dict(v.split("=", 1) for v in array[array.index("-v") + 1].split(","))
+    assert variables["EVEREST_OUTPUT_DIR"] == str(tmp_path / "out")
+    assert variables["EVEREST_DATA_DIR"] == str(tiny_data)
+    assert Path(variables["EVEREST_INDEX_FILE"]).read_text() == "1\n2\n21\n22\n"
+    assert Path(variables["EVEREST_TRAIN_ARGS_FILE"]).read_text().splitlines() == [
+        "--epochs", "2", "--set", "train.batch_size=64"]
+    assert array[-1] == str(PBS_ARRAY)
+    assert "depend=afterany:4242[].fakeserver" in analysis
+    assert analysis[-1] == str(PBS_ANALYSIS)
+    run_dir = Path(variables["EVEREST_INDEX_FILE"]).parent
+    assert (run_dir / "analysis.args").read_text().split() == ["--targets", "M-48", "C-24", "--seeds", "0", "1"]
+    assert (run_dir / "jobs.txt").read_text() == "array\t4242[].fakeserver\nanalysis\t4243.fakeserver\n"
+    assert (tmp_path / "out" / "logs").is_dir()
+    assert "qstat -t 4242[].fakeserver" in res.stdout
+
+
+def test_unfinished_leaves_out_finished_experiments(fake_scheduler, tiny_data: Path, tmp_path: Path):
+    env, log = fake_scheduler
+    finished = tmp_path / "out" / "results" / "everest_C_24h_seed1"
+    finished.mkdir(parents=True)
+    (finished / "results.json").write_text("{}")
+    res = _submit(SLURM_SUBMIT, ["--targets", "C-24", "--unfinished", "--data-dir", str(tiny_data),
+                                 "--output-dir", "out", "--depend", "afterok"], env, tmp_path)
+    assert res.returncode == 0, res.stderr
+    array, analysis = _calls(log)
+    assert "--array=1,3-5" in array
+    assert "--dependency=afterok:4242" in analysis and "--kill-on-invalid-dep=yes" in analysis
+
+
+BAD_ARGUMENTS = {
+    "injection": (["--targets", "C-24; rm -rf ~"], "invalid target 'C-24; rm -rf ~'"),
+    "unknown target": (["--targets", "C-24", "X-99"], "invalid target 'X-99'"),
+    "no targets": (["--targets", "--seeds", "0"], "--targets needs at least one value"),
+    "seed outside 0-4": (["--seeds", "5"], "seed 5 has no array index"),
+    "seed not a number": (["--seeds", "one"], "invalid seed 'one'"),
+    "index outside 1..45": (["--indices", "46"], "invalid array index 46"),
+    "index outside selection": (["--targets", "C-24", "--indices", "6"], "6 (C-48 seed 0) is outside"),
+    "epochs": (["--epochs", "0"], "invalid --epochs 0"),
+    "config key": (["--set", "model.no_such_key=1"], "no_such_key"),
+    "config value": (["--set", "model.num_heads=0"], "num_heads"),
+    "queue": (["--queue", "gpu;reboot"], "invalid --queue"),
+    "account": (["--account", "$(id)"], "invalid --account"),
+    "dependency": (["--depend", "afterfoo"], "invalid --depend 'afterfoo'"),
+    "unknown option": (["--targts", "C-24"], "unknown argument '--targts'"),
+    "missing value": (["--queue"], "--queue needs a value"),
+    "comma in path": (["--output-dir", "a,b"], "contains a comma"),
+    "missing data": (["--data-dir", "no/such/dir"], "data file(s) not found"),
+}
+
+
+# Both submit scripts share the validation (cluster/lib.sh, cluster/plan.py): all cases on PBS, a few on SLURM.
+SLURM_BAD = ["injection", "seed outside 0-4", "unknown option", "missing data"]
+
+
+@pytest.mark.parametrize(("case", "script"), [(c, PBS_SUBMIT) for c in BAD_ARGUMENTS]
+                         + [(c, SLURM_SUBMIT) for c in SLURM_BAD],
+                         ids=[f"pbs-{c}" for c in BAD_ARGUMENTS] + [f"slurm-{c}" for c in SLURM_BAD])
+def test_bad_arguments_submit_nothing(case: str, script: Path, fake_scheduler, tiny_data: Path, tmp_path: Path):
+    env, log = fake_scheduler
+    args, message = BAD_ARGUMENTS[case]
+    if "--data-dir" not in args:
+        args = [*args, "--data-dir", str(tiny_data)]
+    res = _submit(script, [*args, "--output-dir", str(tmp_path / "out")] if "--output-dir" not in args else args,
+                  env, tmp_path)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert message in res.stderr
+    assert "nothing submitted" in res.stderr
+    assert _calls(log) == []
+    assert not (tmp_path / "out").exists()
+    assert (Path(env["HOME"]) / "canary").is_file()
+
+
+def test_all_errors_reported_at_once(fake_scheduler, tiny_data: Path, tmp_path: Path):
+    env, log = fake_scheduler
+    res = _submit(PBS_SUBMIT, ["--targets", "Q-1", "--seeds", "9", "--queue", "a b", "--data-dir", str(tiny_data)],
+                  env, tmp_path)
+    assert res.returncode == 2
+    for message in ("invalid target 'Q-1'", "seed 9 has no array index", "invalid --queue 'a b'"):
+        assert message in res.stderr
+    assert _calls(log) == []
+
+
+# ---------------------------------------------------------------------- the job scripts, run locally
+def _run_pbs_job(script: Path, out: Path, data: Path, env_extra: dict[str, str], args: list[str],
+                 cwd: Path) -> subprocess.CompletedProcess:
+    env = _job_env(EVEREST_DATA_DIR=str(data), EVEREST_OUTPUT_DIR=str(out), PBS_O_WORKDIR=str(cwd), **env_extra)
+    return subprocess.run(["bash", str(script), *args], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_pbs_sub_job_trains_its_experiment(tiny_data: Path, tmp_path: Path):
+    """Sub-job 2 of an array over the index list [5, 21] trains experiment 21 (M-48 seed 0)."""
+    out = tmp_path / "out"
+    index_file = tmp_path / "indices.txt"
+    index_file.write_text("5\n21\n")
+    res = _run_pbs_job(PBS_ARRAY, out, tiny_data, {"PBS_ARRAY_INDEX": "2", "PBS_JOBID": "77[2].server",
+                                                   "EVEREST_INDEX_FILE": str(index_file)},
+                       [*TINY_MODEL, "--device", "cpu"], tmp_path)
+    log = out / "logs" / "train_77_21_everest_M_48h_seed0.log"
+    assert res.returncode == 0, res.stdout + res.stderr + (log.read_text() if log.exists() else "")
+    results = json.loads((out / "results" / "everest_M_48h_seed0" / "results.json").read_text())
+    assert results["experiment"]["name"] == "everest_M_48h_seed0"
+    assert not (out / "results" / "everest_C_24h_seed4").exists()
+    assert "--array-index 21" in log.read_text()
+    assert str(log) in res.stdout
+
+
+def test_pbs_sub_job_failure_exits_non_zero_and_writes_failure_json(tiny_data: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    res = _run_pbs_job(PBS_ARRAY, out, tiny_data, {"PBS_ARRAY_INDEX": "7", "PBS_JOBID": "78[7].server"},
+                       ["--set", "model.num_heads=0"], tmp_path)
+    assert res.returncode == 2
+    failure = json.loads((out / "results" / "everest_C_48h_seed1" / "failure.json").read_text())
+    assert {k: failure[k] for k in ("experiment", "target", "seed", "error_type")} == {
+        "experiment": "everest_C_48h_seed1", "target": "C-48", "seed": 1, "error_type": "ExitStatus2"}
+    assert "num_heads" in failure["error"] and "train_78_7_everest_C_48h_seed1.log" in failure["error"]
+    assert failure["time"]
+
+    # The analysis job lists the failure; with nothing finished it fails loudly (exit 1).
+    res = _run_pbs_job(PBS_ANALYSIS, out, tiny_data, {"PBS_JOBID": "79.server"}, ["--no-plots"], tmp_path)
+    assert res.returncode == 1, res.stdout + res.stderr
+    log = (out / "logs" / "analysis_79.log").read_text()
+    assert "0/45 experiments analysed (1 failed, 44 missing)" in log
+    report = (out / "analysis" / "production_training_report.md").read_text()
+    assert "everest_C_48h_seed1" in report and "ExitStatus2" in report
+
+
+@pytest.mark.parametrize(("slot", "status", "message"), [
+    ("2", 0, "placeholder of a one-experiment submission"),
+    ("3", 2, "array slot 3 has no experiment index"),
+    ("", 2, "no array index"),
+])
+def test_pbs_sub_job_slots_without_an_experiment(slot: str, status: int, message: str, tiny_data: Path,
+                                                 tmp_path: Path):
+    index_file = tmp_path / "indices.txt"
+    index_file.write_text("45\nskip\n")
+    res = _run_pbs_job(PBS_ARRAY, tmp_path / "out", tiny_data,
+                       {"PBS_ARRAY_INDEX": slot, "EVEREST_INDEX_FILE": str(index_file)}, [], tmp_path)
+    assert res.returncode == status, res.stderr
+    assert message in res.stderr
+    assert not (tmp_path / "out" / "results").exists()
+
+
+@pytest.mark.parametrize("script", [PBS_ARRAY, PBS_ANALYSIS, SLURM_ARRAY, SLURM_ANALYSIS],
+                         ids=lambda p: p.name)
+def test_job_fails_loudly_when_the_environment_is_broken(script: Path, tiny_data: Path, tmp_path: Path):
+    env = {"PBS_ARRAY_INDEX": "1", "SLURM_ARRAY_TASK_ID": "1", "EVEREST_VENV": str(tmp_path / "no-venv")}
+    res = _run_pbs_job(script, tmp_path / "out", tiny_data, env, [], tmp_path)
+    assert res.returncode == 1
+    assert "no bin/activate" in res.stderr and "activation failed" in res.stderr
+
+
+# ---------------------------------------------------------------------- the SLURM twin on a real SLURM
+def _scontrol_jobs(job_id: str) -> list[dict[str, str]]:
+    """`scontrol -o show job ID` as one dict per job (an array job gives one per task)."""
+    res = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, timeout=20)
+    assert res.returncode == 0, res.stderr
+    return [dict(re.findall(r"(\w+)=(\S*)", line)) for line in res.stdout.splitlines() if line.strip()]
+
+
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
+                "BOOT_FAIL", "DEADLINE"}
+
+
+@pytest.mark.cluster
+@pytest.mark.skipif(shutil.which("sinfo") is None, reason="SLURM is not installed (no sinfo on PATH)")
+def test_slurm_array_and_analysis_on_real_slurm(tiny_data: Path, tmp_path: Path):
+    """Two experiments, one of which cannot read its data: FAILED task, COMPLETED task and analysis."""
+    state = subprocess.run(["sinfo", "-h", "-n", "localhost", "-o", "%t"], capture_output=True, text=True)
+    if state.returncode or state.stdout.strip().rstrip("*~#") not in {"idle", "mix", "alloc"}:
+        pytest.fail(f"SLURM is installed but not usable (sinfo: {state.stdout.strip() or state.stderr.strip()!r});"
+                    " start it with `tests/cluster/slurm.sh up`")
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    # Passes the submit-time check (the file exists) but the training cannot load it: exit status 2.
+    (data / "training_data_M_48.csv").write_text("not,a,sharp,table\n1,2,3,4\n")
+    small = {f"EVEREST_{job}_{what}": value for job in ("TRAIN", "ANALYSIS")
+             for what, value in (("CPUS", "1"), ("MEM", "1G"), ("WALLTIME", "00:10:00"))}
+    env = _job_env(**small)
+    res = _submit(SLURM_SUBMIT, ["--targets", "C-24", "M-48", "--seeds", "0", "--data-dir", "data",
+                                 "--output-dir", "out", *TINY_MODEL, "--device", "cpu"], env, tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    array_id = re.search(r"^training array: (\d+)$", res.stdout, flags=re.MULTILINE).group(1)
+    analysis_id = re.search(r"^analysis job: (\d+) \(afterany on \d+\)$", res.stdout, flags=re.MULTILINE).group(1)
+    try:
+        deadline = time.monotonic() + 150
+        while True:
+            (analysis,) = _scontrol_jobs(analysis_id)
+            if analysis["JobState"] in FINAL_STATES:
+                break
+            assert time.monotonic() < deadline, f"analysis job still {analysis['JobState']}"
+            time.sleep(1)
+    finally:
+        subprocess.run(["scancel", array_id, analysis_id], capture_output=True)
+
+    out = tmp_path / "out"
+    logs = {p.name: p.read_text() for p in (out / "logs").iterdir()}
+    tasks = {int(t["ArrayTaskId"]): t for t in _scontrol_jobs(array_id)}
+    assert sorted(tasks) == [1, 21]
+    assert (tasks[1]["JobState"], tasks[1]["ExitCode"]) == ("COMPLETED", "0:0"), logs
+    assert (tasks[21]["JobState"], tasks[21]["ExitCode"]) == ("FAILED", "2:0"), logs
+    assert (analysis["JobState"], analysis["ExitCode"]) == ("COMPLETED", "0:0"), logs
+    # afterany: the analysis started only after both tasks had ended.
+    assert analysis["StartTime"] >= max(t["EndTime"] for t in tasks.values())
+
+    assert (out / "results" / "everest_C_24h_seed0" / "results.json").is_file()
+    failure = json.loads((out / "results" / "everest_M_48h_seed0" / "failure.json").read_text())
+    assert failure["error_type"] == "ExitStatus2" and "missing required column" in failure["error"]
+    assert f"train_{array_id}_21.log" in failure["error"]
+    assert set(logs) == {f"train_{array_id}_1.log", f"train_{array_id}_21.log", f"analysis_{analysis_id}.log"}
+    assert "1/2 experiments analysed (1 failed, 0 missing)" in logs[f"analysis_{analysis_id}.log"]
+    report = (out / "analysis" / "production_training_report.md").read_text()
+    assert "everest_M_48h_seed0" in report and "ExitStatus2" in report
