@@ -11,8 +11,7 @@ everest_err() { printf 'everest: error: %s\n' "$*" >&2; }
 
 # ====================================================================== job side
 
-# Enter the submission directory, read site.sh and activate the environment; fail loudly (non-zero)
-# when `everest` cannot be imported, instead of crashing later (flaw 8 of the first implementation).
+# Enter the submission directory, read site.sh and activate the environment (non-zero on failure).
 everest_job_setup() {
     local workdir=$1
     if [[ -n $workdir ]]; then
@@ -22,8 +21,13 @@ everest_job_setup() {
     source "$EVEREST_CLUSTER_DIR/site.sh" || { everest_err "cannot read $EVEREST_CLUSTER_DIR/site.sh"; return 1; }
     everest_activate || { everest_err "environment activation failed (everest_activate in $EVEREST_CLUSTER_DIR/site.sh)"; return 1; }
     EVEREST_PY=$(command -v "$EVEREST_PYTHON") || { everest_err "no '$EVEREST_PYTHON' on PATH after activation"; return 1; }
-    "$EVEREST_PY" -c 'import everest.train, everest.analysis' || {
-        everest_err "$EVEREST_PY cannot import everest: fix everest_activate in $EVEREST_CLUSTER_DIR/site.sh"
+}
+
+# Fail loudly (status 1) when a module cannot be imported, instead of crashing half-way (the first
+# implementation's analysis job crashed on an import).
+everest_check_import() {
+    "$EVEREST_PY" -c "import $1" || {
+        everest_err "$EVEREST_PY cannot import $1: fix everest_activate in $EVEREST_CLUSTER_DIR/site.sh"
         return 1
     }
 }
@@ -104,6 +108,7 @@ everest_train_task() {
             return 2
         fi
     fi
+    everest_check_import everest.train || return 1
     name=$("$EVEREST_PY" -c 'import sys; from everest.config import Experiment; print(Experiment.from_array_index(int(sys.argv[1])).name)' "$index") || {
         everest_err "array slot $slot: invalid experiment index $index"
         return 2
@@ -158,6 +163,7 @@ everest_analysis_task() {
         echo "everest: analysis log in $log"
         exec >>"$log" 2>&1
     fi
+    everest_check_import everest.analysis || return 1
     local -a extra=()
     if [[ -n ${EVEREST_ANALYSIS_ARGS_FILE:-} ]]; then
         mapfile -t extra <"$EVEREST_ANALYSIS_ARGS_FILE" || { everest_err "cannot read $EVEREST_ANALYSIS_ARGS_FILE"; return 2; }

@@ -19,8 +19,10 @@ import math
 import os
 import platform
 import random
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,6 +51,47 @@ class TrainingDiverged(RuntimeError):
 
 class TimeLimitReached(RuntimeError):
     """``train.time_limit_minutes`` elapsed; the last finished epoch is checkpointed for a resume."""
+
+
+class Preempted(TimeLimitReached):
+    """SIGTERM (a batch job's walltime or a pre-emption) stopped training; progress is checkpointed."""
+
+
+class _StopOnSignal:
+    """Record SIGTERM/SIGINT instead of dying, so training can checkpoint mid-epoch and exit cleanly.
+
+    Signal handlers can only be installed from the main thread (a Dask worker thread skips this).
+    """
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 @dataclass(frozen=True)
@@ -174,7 +217,8 @@ class ProductionTrainer:
                  self.experiment.name, len(data.train), data.train.n_positive, len(data.val), data.val.n_positive,
                  len(data.test), data.test.n_positive, device)
         model = EverestModel(cfg.model, n_features=data.train.x.shape[2]).to(device)
-        fit = self._fit(model, data, device)
+        with _StopOnSignal() as self._stop:
+            fit = self._fit(model, data, device)
         return self._evaluate_and_save(model, data, device, fit)
 
     def finished_results(self, file_hashes: dict[str, str]) -> dict[str, Any] | None:
@@ -215,6 +259,7 @@ class ProductionTrainer:
             log.warning("%s: validation split has one class only; early stopping on val_loss", self.experiment.name)
             metric = "val_loss"
         patience_left = not history or len(history) - 1 - best_epoch < tc.early_stopping_patience
+        partial = state["partial"]
         for epoch in range(start_epoch, tc.epochs if patience_left else start_epoch):
             t0 = time.perf_counter()
             # Shuffling and dropout depend only on (seed, epoch): a resumed run replays them exactly.
@@ -223,7 +268,17 @@ class ProductionTrainer:
             n = len(y)
             perm = torch.randperm(n, device=device)
             sums = torch.zeros(5, device=device)  # total, focal, evidential, evt, precursor (sum over samples)
-            for i in range(0, n, tc.batch_size):
+            first = 0
+            if partial:  # resume inside the epoch a SIGTERM interrupted, with its random state
+                first, sums = partial["offset"], partial["sums"].to(device)
+                _set_rng_state(partial["rng"], device)
+                partial = None
+            for i in range(first, n, tc.batch_size):
+                if self._stop.requested:
+                    self._save_checkpoint(model, opt, epoch, history, best_state, best_score, best_epoch,
+                                          partial={"offset": i, "sums": sums.cpu(), "rng": _rng_state(device)})
+                    raise Preempted(f"{self.experiment.name}: stopped by {self._stop.requested} in epoch {epoch + 1}"
+                                    f" at sample {i} of {n}; checkpointed, rerun to resume")
                 idx = perm[i:i + tc.batch_size]
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                     out = model(x[idx])
@@ -304,14 +359,16 @@ class ProductionTrainer:
         return {"format": CHECKPOINT_FORMAT, "experiment": self.experiment.name,
                 "config_hash": self.config.config_hash(), "data_hashes": self._data_hashes}
 
-    def _save_checkpoint(self, model, opt, epoch, history, best_state, best_score, best_epoch) -> None:
+    def _save_checkpoint(self, model, opt, epoch, history, best_state, best_score, best_epoch, partial=None) -> None:
+        """``epoch`` finished epochs; ``partial`` marks a mid-epoch stop (sample offset, loss sums, RNG)."""
         payload = {**self._ckpt_identity(), "epoch": epoch, "model": model.state_dict(),
                    "optimizer": opt.state_dict(), "history": history, "best_state": best_state,
-                   "best_score": best_score, "best_epoch": best_epoch}
+                   "best_score": best_score, "best_epoch": best_epoch, "partial": partial}
         io.atomic_write(self.checkpoint_path, lambda p: torch.save(payload, p))
 
     def _resume(self, model: EverestModel, opt: torch.optim.Optimizer) -> dict[str, Any]:
-        fresh = {"epoch": 0, "history": [], "best_state": None, "best_score": -math.inf, "best_epoch": -1}
+        fresh = {"epoch": 0, "history": [], "best_state": None, "best_score": -math.inf, "best_epoch": -1,
+                 "partial": None}
         if not self.checkpoint_path.is_file():
             return fresh
         try:
@@ -326,8 +383,9 @@ class ProductionTrainer:
             log.error("%s: cannot load checkpoint %s (%s: %s); starting from epoch 0",
                       self.experiment.name, self.checkpoint_path, type(err).__name__, err)
             return fresh
-        log.info("%s: resuming after epoch %d from %s", self.experiment.name, ck["epoch"], self.checkpoint_path)
-        return {k: ck[k] for k in fresh}
+        log.info("%s: resuming after epoch %d%s from %s", self.experiment.name, ck["epoch"],
+                 f" (+{ck['partial']['offset']} samples)" if ck.get("partial") else "", self.checkpoint_path)
+        return {k: ck.get(k) for k in fresh}
 
     # ------------------------------------------------------------------ evaluation and outputs
     def _evaluate_and_save(self, model: EverestModel, data: ExperimentData, device: torch.device,
@@ -539,4 +597,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, so exceptions are everest.train classes (not __main__ copies)
+    # and the CLI maps them to their exit statuses.
+    from everest.train import main as _main
+
+    sys.exit(_main())

@@ -149,7 +149,7 @@ def test_dry_run_all_45(script: Path, fake_scheduler, tmp_path: Path):
     out = res.stdout
     assert _indices(out) == list(range(1, 46))
     array = _line(out, "ARRAY_ID=$(")
-    analysis = _line(out, "qsub -N everest-analysis" if script == PBS_SUBMIT else "sbatch --parsable --job-name=everest-a")
+    analysis = _line(out, "qsub -N everest-analysis" if script == PBS_SUBMIT else "sbatch --parsable --job-name=ever")
     if script == PBS_SUBMIT:
         assert " -J 1-45 " in array
         assert _line(out, "#   indices.txt:") == "#   indices.txt:   " + " ".join(map(str, range(1, 46)))
@@ -273,10 +273,11 @@ SLURM_BAD = ["injection", "seed outside 0-4", "unknown option", "missing data"]
 def test_bad_arguments_submit_nothing(case: str, script: Path, fake_scheduler, tiny_data: Path, tmp_path: Path):
     env, log = fake_scheduler
     args, message = BAD_ARGUMENTS[case]
-    if "--data-dir" not in args:
-        args = [*args, "--data-dir", str(tiny_data)]
-    res = _submit(script, [*args, "--output-dir", str(tmp_path / "out")] if "--output-dir" not in args else args,
-                  env, tmp_path)
+    defaults = {"--data-dir": str(tiny_data), "--output-dir": str(tmp_path / "out")}
+    for option, value in defaults.items():
+        if option not in args:
+            args = [*args, option, value]
+    res = _submit(script, args, env, tmp_path)
     assert res.returncode == 2, res.stdout + res.stderr
     assert message in res.stderr
     assert "nothing submitted" in res.stderr
@@ -363,6 +364,24 @@ def test_job_fails_loudly_when_the_environment_is_broken(script: Path, tiny_data
     res = _run_pbs_job(script, tmp_path / "out", tiny_data, env, [], tmp_path)
     assert res.returncode == 1
     assert "no bin/activate" in res.stderr and "activation failed" in res.stderr
+
+
+@pytest.mark.parametrize(("script", "module"), [(PBS_ARRAY, "everest.train"), (PBS_ANALYSIS, "everest.analysis")],
+                         ids=["array", "analysis"])
+def test_job_fails_loudly_when_everest_cannot_be_imported(script: Path, module: str, tiny_data: Path,
+                                                          tmp_path: Path):
+    """An environment whose python lacks the project: status 1 and a clear line, not a traceback later."""
+    venv = tmp_path / "venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "activate").write_text(f'PATH="{venv}:$PATH"\n')
+    (venv / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" -S "$@"\n')  # -S: no site-packages
+    (venv / "python").chmod(0o755)
+    env = {"PBS_ARRAY_INDEX": "1", "EVEREST_VENV": str(venv.parent)}
+    res = _run_pbs_job(script, tmp_path / "out", tiny_data, env, [], tmp_path)
+    assert res.returncode == 1
+    text = res.stderr + "".join(p.read_text() for p in (tmp_path / "out" / "logs").glob("*.log"))
+    assert f"cannot import {module}" in text
+    assert not (tmp_path / "out" / "results").exists()
 
 
 # ---------------------------------------------------------------------- the SLURM twin on a real SLURM

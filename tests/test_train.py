@@ -119,37 +119,60 @@ def test_restores_the_best_epoch_not_the_last(data_dir, tmp_path):
     assert loss != pytest.approx(hist[-1]["val_loss"], rel=1e-5)
 
 
-def test_killed_run_resumes_from_its_checkpoint_and_matches(data_dir, tmp_path):
-    args = [f"--set={o}" for o in TINY] + ["--flare_class", "M", "--time_window", "24", "--seed", "0",
-                                           "--data-dir", str(data_dir), "--epochs", "6",
-                                           "--set=train.early_stopping_patience=20"]
-    ref = subprocess.run([sys.executable, "-m", "everest.train", *args, "--output-dir", str(tmp_path / "ref")],
-                         capture_output=True, text=True, timeout=300)
+RESUME_ARGS = [f"--set={o}" for o in TINY] + ["--flare_class", "M", "--time_window", "24", "--seed", "0",
+                                              "--epochs", "6", "--set=train.early_stopping_patience=20"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(data_dir, tmp_path_factory) -> dict:
+    """An uninterrupted 6-epoch run to compare interrupted-and-resumed runs with."""
+    out = tmp_path_factory.mktemp("reference")
+    ref = subprocess.run([sys.executable, "-m", "everest.train", *RESUME_ARGS, "--data-dir", str(data_dir),
+                          "--output-dir", str(out)], capture_output=True, text=True, timeout=300)
     assert ref.returncode == 0, ref.stderr
-    out = tmp_path / "killed"
+    return json.loads((out / "results" / "everest_M_24h_seed0" / "results.json").read_text())
+
+
+def _interrupt(data_dir: Path, out: Path, sig: int) -> tuple[int, dict]:
+    """Start a run, wait for its first checkpoint, send ``sig``; return its exit status and last checkpoint."""
     ckpt = out / "checkpoints" / "everest_M_24h_seed0.pt"
-    proc = subprocess.Popen([sys.executable, "-m", "everest.train", *args, "--output-dir", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "everest.train", *RESUME_ARGS, "--data-dir", str(data_dir),
+                             "--output-dir", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(0.3)  # let it get into a later epoch
-    os.kill(proc.pid, signal.SIGKILL)
+    os.kill(proc.pid, sig)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    done_before = torch.load(ckpt, weights_only=True)["epoch"]
-    assert 1 <= done_before < 6
+    return proc.returncode, torch.load(ckpt, weights_only=True)
+
+
+def _resume_and_compare(data_dir: Path, out: Path, reference: dict, done_before: int) -> dict:
     seen: list[int] = []
     res = _train(data_dir, out, EverestConfig().with_overrides([*TINY, "train.epochs=6",
                                                                 "train.early_stopping_patience=20"]),
                  progress=lambda r: seen.append(r.epoch))
     assert seen[0] == done_before + 1  # continued, not restarted
     assert res["training"]["resumed_after_epoch"] == done_before
-    ref_res = json.loads((tmp_path / "ref" / "results" / "everest_M_24h_seed0" / "results.json").read_text())
     drop = ("latency_ms", "latency_single_ms")
     assert {k: v for k, v in res["test_metrics"].items() if k not in drop} == \
-        {k: v for k, v in ref_res["test_metrics"].items() if k not in drop}
-    assert [h["val_loss"] for h in res["history"]] == [h["val_loss"] for h in ref_res["history"]]
+        {k: v for k, v in reference["test_metrics"].items() if k not in drop}
+    assert [h["val_loss"] for h in res["history"]] == [h["val_loss"] for h in reference["history"]]
+    return res
+
+
+def test_killed_run_resumes_from_its_checkpoint_and_matches(data_dir, tmp_path, reference_run):
+    status, ckpt = _interrupt(data_dir, tmp_path, signal.SIGKILL)
+    assert status == -signal.SIGKILL, "the run finished before it could be killed"
+    assert 1 <= ckpt["epoch"] < 6 and ckpt["partial"] is None
+    _resume_and_compare(data_dir, tmp_path, reference_run, ckpt["epoch"])
+
+
+def test_sigterm_checkpoints_mid_epoch_and_the_rerun_matches(data_dir, tmp_path, reference_run):
+    status, ckpt = _interrupt(data_dir, tmp_path, signal.SIGTERM)
+    assert status == 4, "SIGTERM should end the run with the 'rerun resumes' status"
+    assert ckpt["partial"] is not None and ckpt["partial"]["offset"] >= 0
+    _resume_and_compare(data_dir, tmp_path, reference_run, ckpt["epoch"])
 
 
 def test_finished_experiment_is_skipped_unless_forced(data_dir, tmp_path):
