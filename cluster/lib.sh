@@ -144,6 +144,7 @@ everest_train_task() {
         everest_err "experiment $index = $name FAILED with exit status $status: $meaning"
         # The training's own last lines (its error message), without this script's lines, on one line.
         local last=""
+        [[ -r $log ]] || log="the job's output file"  # a SLURM job submitted by hand, with its own --output
         [[ -r $log ]] && last=$(grep -v '^everest: ' "$log" | tail -n 3 | paste -s -d '|' - | sed 's/|/ | /g')
         everest_write_failure "$index" "$status" \
             "python -m everest.train exited with status $status ($meaning); last output: ${last:-none}; job $job, log $log"

@@ -396,4 +396,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the installed module's flow, not a __main__ copy: batch workers must import the tasks by name.
+    from flows.production import main as _main
+
+    sys.exit(_main())
