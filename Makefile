@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/everest demo
+	$(PY) -m flows.production
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check everest flows tests benchmarks

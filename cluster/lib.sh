@@ -38,16 +38,17 @@ everest_train_status_meaning() {
         0) echo "finished" ;;
         2) echo "bad input or configuration: fix it, then resubmit" ;;
         3) echo "training diverged (NaN/inf loss)" ;;
-        4) echo "train.time_limit_minutes reached: resubmit to resume from the checkpoint" ;;
-        143) echo "killed by SIGTERM (walltime reached, or qdel/scancel): resubmit to resume from the last epoch checkpoint" ;;
+        4) echo "stopped early (SIGTERM at the walltime or a pre-emption, or train.time_limit_minutes), progress checkpointed: resubmit to resume" ;;
+        143) echo "killed by SIGTERM before training started (walltime, qdel or scancel): resubmit" ;;
         137) echo "killed by SIGKILL (memory limit, or the scheduler's kill after the walltime): resubmit to resume from the last epoch checkpoint" ;;
         129 | 1[3-9][0-9]) echo "killed by signal $(($1 - 128)): resubmit to resume from the last epoch checkpoint" ;;
         *) echo "crashed" ;;
     esac
 }
 
-# Run a command in the background and forward TERM/INT to it: the scheduler signals the job script at
-# the walltime, and the training (not just this shell) has to stop. Returns the command's status.
+# Run a command in the background and forward TERM/INT to it: the scheduler may signal only the job
+# script at the walltime, and the training has to hear it to checkpoint (it then exits with status 4).
+# Returns the command's status.
 everest_run_forwarding() {
     local child status pending=""
     "$@" &

@@ -557,6 +557,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=os.environ.get("EVEREST_DATA_DIR", "data"), help="folder of the 18 CSVs")
     p.add_argument("--output-dir", default=os.environ.get("EVEREST_OUTPUT_DIR", "output"), help="output root")
     p.add_argument("--config", help="TOML or YAML configuration file")
+    p.add_argument("--preset", default="production", choices=["production", "demo"],
+                   help="training budget: production (design document) or demo (capped epochs)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="configuration override, e.g. --set train.batch_size=256 (repeatable)")
     p.add_argument("--epochs", type=int, help="epoch cap (train.epochs)")
@@ -571,7 +573,7 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
         overrides.append(f"train.epochs={args.epochs}")
     if args.device is not None:
         overrides.append(f"train.device={args.device}")
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides, preset=args.preset)
     if args.array_index is not None:
         exp = Experiment.from_array_index(args.array_index)
     elif args.flare_class and args.time_window:

@@ -24,7 +24,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import dask
 from prefect import flow, get_run_logger, task
@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from everest import io
 from everest.config import (
     DEFAULT_SEEDS,
+    PRESETS,
     ConfigError,
     EverestConfig,
     Experiment,
@@ -69,6 +70,8 @@ class ProductionParameters(BaseModel):
     data_dir: str = Field("data/demo", description="folder holding the 18 SHARP CSV files")
     output_dir: str = Field("output", description="shared folder for results, models and the report")
     profile: str = Field("local", description="cluster profile: local, pbs, slurm or a YAML path")
+    preset: Literal["production", "demo"] = Field("production", description="training budget: the design "
+                                                  "document's recipe, or 'demo' (same recipe, capped epochs)")
     config_file: str | None = Field(None, description="TOML/YAML configuration file")
     overrides: list[str] = Field(default_factory=list, description="KEY=VALUE overrides, e.g. train.epochs=3")
     epochs: int | None = Field(None, ge=1, description="epoch cap (overrides train.epochs)")
@@ -88,7 +91,7 @@ class ProductionParameters(BaseModel):
     def effective_config(self) -> EverestConfig:
         """The configuration every experiment of this run uses."""
         overrides = list(self.overrides) + ([f"train.epochs={self.epochs}"] if self.epochs else [])
-        return load_config(self.config_file, overrides)
+        return load_config(self.config_file, overrides, preset=self.preset)
 
 
 def experiment_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -297,6 +300,7 @@ def make_flow(profile: str | Profile) -> Any:
         data_dir: str = defaults.data_dir,
         output_dir: str = defaults.output_dir,
         profile: str = profile_name,
+        preset: Literal["production", "demo"] = "production",
         config_file: str | None = None,
         overrides: list[str] = defaults.overrides,
         epochs: int | None = None,
@@ -308,8 +312,8 @@ def make_flow(profile: str | Profile) -> Any:
             raise ConfigError(f"profile {profile!r} requested, but this flow runs on profile {profile_name!r}; "
                               f"run the deployment everest-production/{profile} instead")
         params = ProductionParameters(targets=targets, seeds=seeds, data_dir=data_dir, output_dir=output_dir,
-                                      profile=profile, config_file=config_file, overrides=overrides, epochs=epochs,
-                                      force=force, synthesize_demo_data=synthesize_demo_data)
+                                      profile=profile, preset=preset, config_file=config_file, overrides=overrides,
+                                      epochs=epochs, force=force, synthesize_demo_data=synthesize_demo_data)
         return run_production(params, uses_gpus=site.uses_gpus, torch_threads=site.threads)
 
     return flow(everest_production, name="everest-production", log_prints=True,
@@ -337,7 +341,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS), metavar="SEED",
                    help="seeds (default 0 1 2 3 4)")
     p.add_argument("--profile", default="local", help="cluster profile: local, pbs, slurm or a YAML file")
-    p.add_argument("--data-dir", default="data/demo", help="folder of the 18 CSVs (demo data generated if empty)")
+    p.add_argument("--data-dir", help="folder of the 18 CSVs (default data/demo, generated when empty)")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="training budget (default: demo with the default demo data, production with --data-dir)")
     p.add_argument("--output-dir", default="output", help="shared output folder")
     p.add_argument("--config", help="TOML or YAML configuration file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="configuration override")
@@ -372,11 +378,18 @@ def main(argv: list[str] | None = None) -> int:
     from flows.server import prefect_api
 
     args = _parse_args(argv)
+    if args.preset is None:
+        args.preset = "production" if args.data_dir else "demo"
+        if args.preset == "demo":
+            print("embedded default: synthetic demo data in data/demo and the 'demo' preset "
+                  f"({', '.join(PRESETS['demo'])}); give --data-dir or --preset production for the full recipe")
+    args.data_dir = args.data_dir or "data/demo"
     setup_logging()
     logging.getLogger("distributed").setLevel(logging.WARNING)  # keep the console to run progress
     try:
         params = ProductionParameters(targets=args.targets, seeds=args.seeds, data_dir=args.data_dir,
-                                      output_dir=args.output_dir, profile=args.profile, config_file=args.config,
+                                      output_dir=args.output_dir, profile=args.profile, preset=args.preset,
+                                      config_file=args.config,
                                       overrides=args.set, epochs=args.epochs, force=args.force)
         params.effective_config()
         load_profile(args.profile)

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -339,6 +340,32 @@ def test_pbs_sub_job_failure_exits_non_zero_and_writes_failure_json(tiny_data: P
     assert "0/45 experiments analysed (1 failed, 44 missing)" in log
     report = (out / "analysis" / "production_training_report.md").read_text()
     assert "everest_C_48h_seed1" in report and "ExitStatus2" in report
+
+
+def test_pbs_sub_job_forwards_sigterm_to_the_training(tiny_data: Path, tmp_path: Path):
+    """The walltime's SIGTERM to the job script reaches the training, which checkpoints and exits 4."""
+    out = tmp_path / "out"
+    env = _job_env(EVEREST_DATA_DIR=str(tiny_data), EVEREST_OUTPUT_DIR=str(out), PBS_O_WORKDIR=str(tmp_path),
+                   PBS_ARRAY_INDEX="7", PBS_JOBID="80[7].server")
+    args = [*TINY_MODEL[:-2], "--epochs", "500", "--device", "cpu"]
+    proc = subprocess.Popen(["bash", str(PBS_ARRAY), *args], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    log = out / "logs" / "train_80_7_everest_C_48h_seed1.log"
+    try:
+        deadline = time.monotonic() + 60
+        while not (log.is_file() and "epoch 1/500" in log.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate(timeout=5)
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)  # the job script only, as a scheduler may do
+        status = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert status == 4, log.read_text()
+    assert "stopped by SIGTERM" in log.read_text()
+    assert (out / "checkpoints" / "everest_C_48h_seed1.pt").is_file()
+    failure = json.loads((out / "results" / "everest_C_48h_seed1" / "failure.json").read_text())
+    assert failure["error_type"] == "ExitStatus4" and "resubmit to resume" in failure["error"]
 
 
 @pytest.mark.parametrize(("slot", "status", "message"), [
