@@ -14,7 +14,8 @@ log = logging.getLogger("everest")
 
 EXIT_USAGE = 2  # bad configuration, arguments or input data: nothing to retry
 EXIT_DIVERGED = 3  # training diverged (NaN/inf loss)
-EXIT_TIME_LIMIT = 4  # time limit reached; rerun to resume
+EXIT_TIME_LIMIT = 4  # time limit or SIGTERM: checkpointed; rerun to resume
+EXIT_IO = 5  # the file system refused a read or write (full disk, permissions, quota)
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -44,6 +45,11 @@ def run_guarded(fn: Callable[[], Any]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as err:  # after the specific errors: a full disk or a permission problem, not a bug
+        where = f" {err.filename}" if err.filename else ""
+        print(f"error: cannot read or write{where}: {err.strerror or err}; files written before are intact "
+              "(every output is written to a temporary file and renamed)", file=sys.stderr)
+        return EXIT_IO
     return 0
 
 

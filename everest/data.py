@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -27,6 +28,8 @@ LABEL_COLUMN = "Flare"
 TIME_COLUMN = "DATE__OBS"
 REGION_COLUMN = "NOAA_AR"
 LABELS = {"N": 0, "P": 1, "padding": -1}
+# Largest magnitude accepted: samples are float32 (max 3.4e38); real SHARP values stay below ~1e25.
+MAX_ABS_VALUE = 1e37
 # Bump when sample formation changes, so stale caches are rebuilt.
 BUILDER_VERSION = "1"
 
@@ -145,6 +148,11 @@ def read_table(path: str | Path, cfg: DataConfig) -> pd.DataFrame:
         if bad.any():
             raw = df[col].iloc[int(np.flatnonzero(bad)[0])]
             raise DataError(f"{path}: column {col!r} must hold finite numbers; found {raw!r} at {where(bad)}")
+        huge = np.abs(values) > MAX_ABS_VALUE
+        if huge.any():
+            raw = df[col].iloc[int(np.flatnonzero(huge)[0])]
+            raise DataError(f"{path}: column {col!r} holds {raw!r} at {where(huge)}: beyond {MAX_ABS_VALUE:.0e}, "
+                            "the float32 range samples are stored in (a unit or parsing error?)")
         out[feat] = values
     table = pd.DataFrame(out)
     _check_regions(path, table)
@@ -225,7 +233,15 @@ def _cache_key(file_digest: str, target: Target, cfg: DataConfig) -> str:
 def load_samples(path: str | Path, target: Target, cfg: DataConfig, seq_len: int,
                  cache_dir: Path | None = None) -> tuple[SampleSet, str]:
     """Samples of one file plus its content hash; reuses a cache built from the same content and config."""
-    path = Path(path)
+    samples, digest, save = _load_samples(Path(path), target, cfg, seq_len, cache_dir)
+    save()
+    return samples, digest
+
+
+def _load_samples(path: Path, target: Target, cfg: DataConfig, seq_len: int,
+                  cache_dir: Path | None) -> tuple[SampleSet, str, Callable[[], None]]:
+    """Like :func:`load_samples`, but the cache write is returned, so callers can write only after all
+    their inputs proved valid (bad input leaves nothing behind)."""
     if not path.is_file():
         raise DataError(f"{path}: data file not found (expected a SHARP table such as training_data_M_24.csv)")
     digest = file_hash(path)
@@ -235,7 +251,7 @@ def load_samples(path: str | Path, target: Target, cfg: DataConfig, seq_len: int
         if cache.is_file():
             try:
                 with np.load(cache) as z:
-                    return SampleSet(**{f.name: z[f.name] for f in fields(SampleSet)}), digest
+                    return SampleSet(**{f.name: z[f.name] for f in fields(SampleSet)}), digest, lambda: None
             except (OSError, ValueError, KeyError) as err:
                 log.warning("ignoring unreadable sample cache %s (%s); rebuilding", cache, err)
     table = read_table(path, cfg)
@@ -244,9 +260,12 @@ def load_samples(path: str | Path, target: Target, cfg: DataConfig, seq_len: int
     if len(samples) == 0:
         raise DataError(f"{path}: no usable samples (all rows are padding"
                         + (" or have a zero feature in the C-class filter)" if zero_filter else ")"))
-    if cache is not None:
-        write_npz(cache, **{f.name: getattr(samples, f.name) for f in fields(SampleSet)})
-    return samples, digest
+
+    def save() -> None:
+        if cache is not None:
+            write_npz(cache, **{f.name: getattr(samples, f.name) for f in fields(SampleSet)})
+
+    return samples, digest, save
 
 
 def split_validation(samples: SampleSet, cfg: DataConfig, seed: int) -> tuple[SampleSet, SampleSet]:
@@ -362,9 +381,11 @@ def prepare_experiment(data_dir: str | Path, target: Target, seed: int, cfg: Dat
                        cache_dir: Path | None = None) -> ExperimentData:
     """Everything one experiment needs: read (or reuse cached) samples, split, scale, augment."""
     train_path, test_path = data_file(Path(data_dir), target, "train"), data_file(Path(data_dir), target, "test")
-    train_all, h_train = load_samples(train_path, target, cfg, seq_len, cache_dir)
-    test, h_test = load_samples(test_path, target, cfg, seq_len, cache_dir)
+    train_all, h_train, save_train = _load_samples(train_path, target, cfg, seq_len, cache_dir)
+    test, h_test, save_test = _load_samples(test_path, target, cfg, seq_len, cache_dir)
     train, val = split_validation(train_all, cfg, seed)
+    save_train()
+    save_test()
     scaler = Scaler.fit(train, cfg.features, cfg)
     train, val, test = scaler.transform(train), scaler.transform(val), scaler.transform(test)
     if target.flare_class in cfg.augment_classes:

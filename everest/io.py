@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import tempfile
@@ -66,3 +67,38 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
+
+
+class LockedError(RuntimeError):
+    """Another process holds the lock; the message says who."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path, what: str) -> Iterator[Path]:
+    """Hold an exclusive advisory lock (``flock``) on ``path`` for the block, or raise :class:`LockedError`.
+
+    The lock dies with its process (no stale lock after a crash); the file records the holder for the
+    message. Works on local file systems and NFSv4; on file systems without ``flock`` it raises OSError.
+    """
+    import fcntl
+    import platform
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")  # noqa: SIM115 - closed in finally
+    try:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise LockedError(f"{what} is in use by {holder}; wait for it to finish or use another output "
+                              f"directory (lock file {path})") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {platform.node()} since "
+                 f"{datetime.datetime.now().isoformat(timespec='seconds')}\n")
+        fh.flush()
+        yield path
+    finally:
+        fh.close()  # closing releases the lock

@@ -20,7 +20,6 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -217,7 +216,19 @@ def _mark_crashed(task_run_id: Any, message: str) -> None:
 
 
 def run_production(params: ProductionParameters, uses_gpus: bool, torch_threads: int | None) -> Any:
-    """Body of the flow: validate, fan out, settle every future, analyse, report."""
+    """Body of the flow: validate, fan out, settle every future, analyse, report.
+
+    One run at a time per output directory: a second run on the same directory is refused (lock file).
+    """
+    _check_writable(Path(params.output_dir))
+    try:
+        with io.exclusive_lock(Path(params.output_dir) / ".everest.lock", f"output directory {params.output_dir}"):
+            return _run_locked(params, uses_gpus, torch_threads)
+    except io.LockedError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _run_locked(params: ProductionParameters, uses_gpus: bool, torch_threads: int | None) -> Any:
     logger = get_run_logger()
     cfg = params.effective_config()
     experiments = experiment_matrix(params.targets, params.seeds)
@@ -228,7 +239,6 @@ def run_production(params: ProductionParameters, uses_gpus: bool, torch_threads:
         logger.info("no data in %s: generating demo synthetic SHARP tables", data_dir)
         synthetic.generate(data_dir, size="demo", seed=0)
     hashes = _data_hashes(data_dir, sorted({e.target for e in experiments}, key=all_targets().index))
-    _check_writable(out)
     results_dir = out / "results"
     storage = out / ".prefect-results"
     storage.mkdir(parents=True, exist_ok=True)
@@ -385,7 +395,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"({', '.join(PRESETS['demo'])}); give --data-dir or --preset production for the full recipe")
     args.data_dir = args.data_dir or "data/demo"
     setup_logging()
-    logging.getLogger("distributed").setLevel(logging.WARNING)  # keep the console to run progress
+    # Keep the console to run progress: Dask's per-connection INFO lines (here and in worker processes).
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    dask.config.refresh()
     try:
         params = ProductionParameters(targets=args.targets, seeds=args.seeds, data_dir=args.data_dir,
                                       output_dir=args.output_dir, profile=args.profile, preset=args.preset,
