@@ -125,6 +125,12 @@ everest_train_task() {
         *) log="$EVEREST_OUTPUT_DIR/logs/train_${SLURM_ARRAY_JOB_ID:-$job}_${SLURM_ARRAY_TASK_ID:-$slot}.log" ;;
     esac
 
+    # PBS Pro sets OMP_NUM_THREADS to the ncpus asked for; SLURM does not, and torch would otherwise
+    # start a thread per core of the whole node.
+    if [[ -z ${OMP_NUM_THREADS:-} && -n ${SLURM_CPUS_PER_TASK:-} ]]; then
+        export OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK
+    fi
+
     local -a extra=()
     if [[ -n ${EVEREST_TRAIN_ARGS_FILE:-} ]]; then
         mapfile -t extra <"$EVEREST_TRAIN_ARGS_FILE" || { everest_err "cannot read $EVEREST_TRAIN_ARGS_FILE"; return 2; }
@@ -329,6 +335,7 @@ everest_submit_main() {
     _everest_check_path --output-dir "$output_dir"
     _everest_check_path "the cluster directory" "$EVEREST_CLUSTER_DIR"
     _everest_check_path EVEREST_VENV "${EVEREST_VENV:-}"
+    _everest_check_path EVEREST_PYTHON "${EVEREST_PYTHON:-}"
 
     # The Python side checks targets, seeds, indices, the configuration and the data files, and lists
     # the experiments. Values reach it as separate arguments, never through a shell line.
@@ -462,6 +469,7 @@ everest_job_env() {
     local -a env=("EVEREST_CLUSTER_DIR=$EVEREST_CLUSTER_DIR" "EVEREST_DATA_DIR=$SUBMIT_DATA_DIR"
                   "EVEREST_OUTPUT_DIR=$SUBMIT_OUTPUT_DIR")
     [[ -n ${EVEREST_VENV:-} ]] && env+=("EVEREST_VENV=$EVEREST_VENV")
+    [[ ${EVEREST_PYTHON:-python} != python ]] && env+=("EVEREST_PYTHON=$EVEREST_PYTHON")
     if [[ $kind == train ]]; then
         env+=("EVEREST_TRAIN_ARGS_FILE=$SUBMIT_RUN_DIR/train.args")
     else

@@ -117,7 +117,7 @@ def read_table(path: str | Path, cfg: DataConfig) -> pd.DataFrame:
 
     def where(mask: np.ndarray) -> str:
         first = int(np.flatnonzero(mask)[0])
-        return f"row {first + 2} (line {first + 2} of the file, {int(mask.sum())} such row(s) in all)"
+        return f"line {first + 2} ({int(mask.sum())} such row(s) in all)"
 
     labels = df[LABEL_COLUMN].str.strip()
     unknown = ~labels.isin(list(LABELS)).to_numpy()
@@ -167,9 +167,9 @@ def _check_regions(path: Path, table: pd.DataFrame) -> None:
     uniq, counts = np.unique(run_regions, return_counts=True)
     if (counts > 1).any():
         ar = int(uniq[counts > 1][0])
-        rows = np.flatnonzero(new_run & (region == ar))[:2] + 2
+        lines = np.flatnonzero(new_run & (region == ar))[:2] + 2
         raise DataError(f"{path}: rows of region {REGION_COLUMN}={ar} are not contiguous "
-                        f"(separate runs start at rows {rows.tolist()}); expected one time-ordered run per region")
+                        f"(separate runs start at lines {lines.tolist()}); expected one time-ordered run per region")
     t = table["time"].to_numpy().astype("datetime64[s]").astype(np.int64)
     known = table["time"].notna().to_numpy()
     # Compare each dated row with the previous dated row of the same region.
@@ -179,7 +179,7 @@ def _check_regions(path: Path, table: pd.DataFrame) -> None:
     if back.any():
         k = int(np.flatnonzero(back)[0])
         r = int(idx[k + 1])
-        raise DataError(f"{path}: region {REGION_COLUMN}={int(region[r])} is out of time order at row {r + 2}: "
+        raise DataError(f"{path}: region {REGION_COLUMN}={int(region[r])} is out of time order at line {r + 2}: "
                         f"{table['time'].iloc[r]} does not follow {table['time'].iloc[int(idx[k])]} "
                         f"(rows of a region must be strictly increasing in {TIME_COLUMN})")
 

@@ -35,7 +35,7 @@ from prefect.artifacts import (
 )
 from prefect.context import TaskRunContext
 from prefect.states import Completed, Failed
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from everest import io
 from everest.config import (
@@ -408,8 +408,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except ValueError as err:  # pydantic's ValidationError: our validators raise ConfigError inside it
-        print(f"error: invalid parameters: {err}", file=sys.stderr)
+    except ValidationError as err:  # our validators' ConfigErrors arrive wrapped in it
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'parameters'}: "
+                             f"{e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})"
+                             for e in err.errors())
+        print(f"error: invalid parameters: {problems}", file=sys.stderr)
         return EXIT_USAGE
     with prefect_api():
         run = make_flow(args.profile)  # inside: batch job scripts must carry this run's PREFECT_API_URL
