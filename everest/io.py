@@ -102,3 +102,14 @@ def exclusive_lock(path: str | Path, what: str) -> Iterator[Path]:
         yield path
     finally:
         fh.close()  # closing releases the lock
+
+
+def write_torch(path: str | Path, obj: Any) -> Path:
+    """``torch.save`` atomically; serialised in memory first so a full disk raises a plain OSError."""
+    import io as _io
+
+    import torch
+
+    buffer = _io.BytesIO()
+    torch.save(obj, buffer)
+    return atomic_write(path, lambda p: p.write_bytes(buffer.getbuffer()))

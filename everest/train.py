@@ -364,7 +364,7 @@ class ProductionTrainer:
         payload = {**self._ckpt_identity(), "epoch": epoch, "model": model.state_dict(),
                    "optimizer": opt.state_dict(), "history": history, "best_state": best_state,
                    "best_score": best_score, "best_epoch": best_epoch, "partial": partial}
-        io.atomic_write(self.checkpoint_path, lambda p: torch.save(payload, p))
+        io.write_torch(self.checkpoint_path, payload)
 
     def _resume(self, model: EverestModel, opt: torch.optim.Optimizer) -> dict[str, Any]:
         fresh = {"epoch": 0, "history": [], "best_state": None, "best_score": -math.inf, "best_epoch": -1,
@@ -456,7 +456,7 @@ class ProductionTrainer:
             if k in test_pred:
                 pred[k] = test_pred[k]
         io.write_csv(rd / "predictions.csv", pred)
-        io.atomic_write(md / "model_weights.pt", lambda p: torch.save(model.state_dict(), p))
+        io.write_torch(md / "model_weights.pt", model.state_dict())
         io.write_json(md / "scaler.json", data.scaler.to_dict())
         io.write_json(md / "config.json", results["config"])
         io.write_text(md / "MODEL_CARD.md", _model_card(results))

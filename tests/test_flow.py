@@ -5,19 +5,12 @@ Flow logic runs on Prefect's thread-pool runner; one run uses the real Dask Loca
 
 from __future__ import annotations
 
-import contextvars
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import threading
-import time
-from pathlib import Path
 
 import pytest
-import torch
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -128,45 +121,3 @@ def test_dask_local_cluster_end_to_end_with_artifacts(prefect_server, tiny_data,
         keys = {a.key for a in client.read_artifacts()}
     assert {"everest-report", "everest-final-metrics", "progress-everest-m5-24h-seed0"} <= keys
 
-
-def _worker_pids() -> list[int]:
-    """Dask worker processes of a LocalCluster started by this process (multiprocessing spawn children)."""
-    pids = []
-    for child in Path(f"/proc/{os.getpid()}/task").glob("*/children"):
-        for pid in child.read_text().split():
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
-            if b"multiprocessing" in cmd and b"spawn_main" in cmd:
-                pids.append(int(pid))
-    return pids
-
-
-def test_worker_killed_mid_training_resumes_from_checkpoint(prefect_server, tiny_data, tmp_path):
-    profile = tmp_path / "one-worker.yaml"
-    profile.write_text("kind: local\ngpus: 0\nn_workers: 1\ntorch_threads: 1\ndashboard_address: null\n")
-    out = tmp_path / "out"
-    ckpt = out / "checkpoints" / "everest_M_24h_seed0.pt"
-    overrides = ["model.embed_dim=32", "model.ff_dim=64", "model.num_blocks=2", "model.num_heads=2",
-                 "train.epochs=8", "train.early_stopping_patience=20"]
-    params = ProductionParameters(targets=["M-24"], seeds=[0], data_dir=str(tiny_data), output_dir=str(out),
-                                  profile=str(profile), overrides=overrides)
-    result: dict = {}
-    # copy_context: the thread must see the test server's settings (a context variable), not start its own
-    runner = threading.Thread(target=contextvars.copy_context().run, args=(lambda: result.update(
-        state=make_flow(str(profile))(**params.model_dump(), return_state=True)),))
-    runner.start()
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if ckpt.exists() and torch.load(ckpt, weights_only=True)["epoch"] >= 2:
-            break
-        time.sleep(0.1)
-    else:
-        pytest.fail("no checkpoint with 2 finished epochs appeared")
-    victims = _worker_pids()
-    assert victims, "found no Dask worker process to kill"
-    for pid in victims:
-        os.kill(pid, signal.SIGKILL)
-    runner.join(timeout=300)
-    assert result["state"].is_completed(), result["state"].message
-    res = json.loads((out / "results" / "everest_M_24h_seed0" / "results.json").read_text())
-    assert res["training"]["resumed_after_epoch"] >= 2  # picked up from the checkpoint, not from epoch 0
-    assert [h["epoch"] for h in res["history"]] == list(range(1, 9))

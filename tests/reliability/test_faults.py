@@ -1,0 +1,247 @@
+"""Faults survived: nothing finished is lost or recomputed, interrupted work resumes, failures are reported.
+
+Real processes, real files, a real Prefect server and real Dask workers; tiny synthetic data and a narrow
+model keep each case to seconds.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from everest import io
+from everest.config import EverestConfig
+from everest.train import ProductionTrainer
+from flows.production import ProductionParameters, make_flow
+
+TINY = ["model.embed_dim=16", "model.ff_dim=32", "model.num_blocks=1", "model.num_heads=2"]
+SLOWER = ["model.embed_dim=32", "model.ff_dim=64", "model.num_blocks=2", "model.num_heads=2"]
+
+
+def _task_runs(flow_run_id) -> dict[str, object]:
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name: r for r in runs}
+
+
+def _wait_for_checkpoint(path: Path, epochs: int, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if path.exists() and torch.load(path, weights_only=True)["epoch"] >= epochs:
+                return
+        except (EOFError, RuntimeError):  # caught between write and rename: cannot happen, but be patient
+            pass
+        time.sleep(0.1)
+    pytest.fail(f"no checkpoint with {epochs} finished epochs at {path}")
+
+
+def _worker_pids() -> list[int]:
+    """Dask worker processes of a LocalCluster started by this process (multiprocessing spawn children)."""
+    pids = []
+    for child in Path(f"/proc/{os.getpid()}/task").glob("*/children"):
+        for pid in child.read_text().split():
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            if b"multiprocessing" in cmd and b"spawn_main" in cmd:
+                pids.append(int(pid))
+    return pids
+
+
+def test_dask_worker_killed_mid_training_resumes_from_its_checkpoint(prefect_server, tiny_data, tmp_path):
+    profile = tmp_path / "one-worker.yaml"
+    profile.write_text("kind: local\ngpus: 0\nn_workers: 1\ntorch_threads: 1\ndashboard_address: null\n")
+    out = tmp_path / "out"
+    params = ProductionParameters(targets=["M-24"], seeds=[0], data_dir=str(tiny_data), output_dir=str(out),
+                                  profile=str(profile),
+                                  overrides=[*SLOWER, "train.epochs=8", "train.early_stopping_patience=20"])
+    result: dict = {}
+    # copy_context: the thread must see the test server's settings (a context variable), not start its own
+    runner = threading.Thread(target=contextvars.copy_context().run, args=(lambda: result.update(
+        state=make_flow(str(profile))(**params.model_dump(), return_state=True)),))
+    runner.start()
+    _wait_for_checkpoint(out / "checkpoints" / "everest_M_24h_seed0.pt", 2)
+    victims = _worker_pids()
+    assert victims, "found no Dask worker process to kill"
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    runner.join(timeout=300)
+    assert result["state"].is_completed(), result["state"].message
+    res = json.loads((out / "results" / "everest_M_24h_seed0" / "results.json").read_text())
+    assert res["training"]["resumed_after_epoch"] >= 2  # picked up from the checkpoint, not from epoch 0
+    assert [h["epoch"] for h in res["history"]] == list(range(1, 9))
+
+
+def test_flow_process_killed_mid_study_then_rerun_finishes_only_what_was_missing(prefect_server, tiny_data,
+                                                                                 tmp_path):
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "flows.production", "--targets", "M-24", "--seeds", "0", "1", "2",
+            "--data-dir", str(tiny_data), "--output-dir", str(out), "--profile", str(tmp_path / "one.yaml"),
+            "--epochs", "6", *[f"--set={o}" for o in [*SLOWER, "train.early_stopping_patience=20"]]]
+    (tmp_path / "one.yaml").write_text("kind: local\ngpus: 0\nn_workers: 1\ntorch_threads: 1\n"
+                                       "dashboard_address: null\n")
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    first = out / "results" / "everest_M_24h_seed0" / "results.json"
+    deadline = time.monotonic() + 300
+    while not first.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert first.exists(), "the first experiment never finished"
+    running = [p for p in (out / "checkpoints").glob("*.pt")]
+    while not running and time.monotonic() < deadline:
+        time.sleep(0.1)
+        running = list((out / "checkpoints").glob("*.pt"))
+    _wait_for_checkpoint(running[0], 1)
+    os.killpg(proc.pid, signal.SIGKILL)  # the flow process and its Dask workers, like a lost login node
+    proc.wait()
+    finished_at = first.stat().st_mtime_ns
+    interrupted = running[0].stem
+
+    rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert first.stat().st_mtime_ns == finished_at  # not retrained, not rewritten
+    resumed = json.loads((out / "results" / interrupted / "results.json").read_text())
+    assert resumed["training"]["resumed_after_epoch"] >= 1
+    assert "everest_M_24h_seed0" in rerun.stdout and "3 experiments finished, 0 failed" in rerun.stdout
+
+
+def test_walltime_sigterm_then_sigkill_checkpoints_and_the_retry_resumes(tiny_data, tmp_path):
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "everest.train", "--flare_class", "M", "--time_window", "24", "--data-dir",
+            str(tiny_data), "--output-dir", str(out), "--epochs", "8", "--set=train.early_stopping_patience=20",
+            *[f"--set={o}" for o in SLOWER]]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ckpt = out / "checkpoints" / "everest_M_24h_seed0.pt"
+    _wait_for_checkpoint(ckpt, 1)
+    proc.send_signal(signal.SIGTERM)  # the batch system's warning ...
+    try:
+        proc.wait(timeout=10)  # ... and its grace period before SIGKILL
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the trainer did not stop within the grace period")
+    assert proc.returncode == 4, proc.stderr.read()
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["partial"] is not None
+    retry = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert retry.returncode == 0, retry.stderr
+    res = json.loads((out / "results" / "everest_M_24h_seed0" / "results.json").read_text())
+    assert res["training"]["resumed_after_epoch"] == saved["epoch"]
+
+
+def _trainer(data: Path, out: Path, *extra: str) -> ProductionTrainer:
+    cfg = EverestConfig().with_overrides([*TINY, "train.epochs=2", *extra])
+    return ProductionTrainer("M", 24, 0, config=cfg, data_dir=data, output_dir=out)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupted_checkpoint_is_detected_and_training_restarts_cleanly(damage, tiny_data, tmp_path, caplog):
+    trainer = _trainer(tiny_data, tmp_path)
+    trainer.checkpoint_path.parent.mkdir(parents=True)
+    reference = _trainer(tiny_data, tmp_path / "ref").train()
+    if damage == "truncated":
+        good = tmp_path / "good.pt"
+        torch.save({"epoch": 1, "model": {}}, good)
+        trainer.checkpoint_path.write_bytes(good.read_bytes()[:40])
+    else:
+        trainer.checkpoint_path.write_bytes(os.urandom(300))
+    res = trainer.train()
+    assert "cannot load checkpoint" in caplog.text
+    assert res["training"]["resumed_after_epoch"] == 0
+    assert res["test_metrics"]["tss"] == reference["test_metrics"]["tss"]  # a clean restart, same result
+
+
+def test_corrupted_results_file_means_the_experiment_is_redone(tiny_data, tmp_path, caplog):
+    first = _trainer(tiny_data, tmp_path).train()
+    results = tmp_path / "results" / "everest_M_24h_seed0" / "results.json"
+    results.write_text(results.read_text()[:100])  # half a file, as a crash without atomic writes would leave
+    again = _trainer(tiny_data, tmp_path).train()
+    assert "unreadable" in caplog.text
+    assert json.loads(results.read_text())["test_metrics"]["tss"] == again["test_metrics"]["tss"] == \
+        first["test_metrics"]["tss"]
+
+
+def test_corrupted_sample_cache_is_rebuilt(tiny_data, tmp_path, caplog):
+    _trainer(tiny_data, tmp_path).train()
+    for cache in (tmp_path / "cache").glob("*.npz"):
+        cache.write_bytes(b"PK\x03\x04 not really a zip")
+    res = _trainer(tiny_data, tmp_path / "second", "train.epochs=1").train()
+    assert res["training"]["epochs_run"] == 1
+
+
+def test_a_crash_while_writing_never_leaves_half_a_file(tmp_path, monkeypatch):
+    target = tmp_path / "results.json"
+    io.write_json(target, {"ok": 1})
+
+    def crash(self, *args, **kwargs):
+        Path.write_bytes(self, b'{"ok": 2, "half')  # the new content gets half written, then the process dies
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", crash)
+    with pytest.raises(KeyboardInterrupt):
+        io.write_json(target, {"ok": 2})
+    monkeypatch.undo()
+    assert json.loads(target.read_text()) == {"ok": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary left behind
+
+
+def test_diverging_run_fails_clearly_is_not_retried_and_is_reported(prefect_server, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    flow = make_flow("local").with_options(task_runner=ThreadPoolTaskRunner(max_workers=1))
+    params = ProductionParameters(targets=["M-24"], seeds=[0], data_dir=str(tiny_data), output_dir=str(out),
+                                  overrides=[*TINY, "train.epochs=3", "train.learning_rate=1e30"])
+    state = flow(**params.model_dump(), return_state=True)
+    assert state.is_failed()
+    failure = json.loads((out / "results" / "everest_M_24h_seed0" / "failure.json").read_text())
+    assert failure["error_type"] == "TrainingDiverged" and "training loss is nan" in failure["error"].lower()
+    run = _task_runs(state.state_details.flow_run_id)["train-everest_M_24h_seed0"]
+    assert run.run_count == 1  # diverging again on retry would only burn GPU hours: not retried
+    assert "everest_M_24h_seed0" in (out / "analysis" / "production_training_report.md").read_text()
+
+
+def test_two_flows_on_one_output_directory_cannot_interleave(prefect_server, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    flow = make_flow("local").with_options(task_runner=ThreadPoolTaskRunner(max_workers=1))
+    params = ProductionParameters(targets=["M-24"], seeds=[0], data_dir=str(tiny_data), output_dir=str(out),
+                                  overrides=[*TINY, "train.epochs=1"])
+    with io.exclusive_lock(out / ".everest.lock", "test holder"):  # stands for a first run in progress
+        state = flow(**params.model_dump(), return_state=True)
+    assert state.is_failed()
+    assert "is in use by pid" in state.message and str(os.getpid()) in state.message
+    assert not (out / "results").exists()
+    assert flow(**params.model_dump(), return_state=True).is_completed()  # free again afterwards
+
+
+def test_disk_full_while_writing_results_is_a_clear_error_and_earlier_results_survive(tiny_data, tmp_path):
+    out = tmp_path / "out"
+    earlier = _trainer(tiny_data, out).train()
+    kept = (out / "results" / "everest_M_24h_seed0" / "results.json").read_bytes()
+    limit = 64 * 1024  # a file-size limit stands for a full disk: writes past it fail with EFBIG
+
+    def cap() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    r = subprocess.run([sys.executable, "-m", "everest.train", "--flare_class", "M", "--time_window", "24",
+                        "--seed", "1", "--data-dir", str(tiny_data), "--output-dir", str(out),
+                        *[f"--set={o}" for o in TINY], "--epochs", "1"], preexec_fn=cap,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 5, r.stderr
+    assert "File too large" in r.stderr and "Traceback" not in r.stderr
+    assert (out / "results" / "everest_M_24h_seed0" / "results.json").read_bytes() == kept
+    assert earlier["test_metrics"]["tss"] == json.loads(kept)["test_metrics"]["tss"]
+    assert not (out / "results" / "everest_M_24h_seed1" / "results.json").exists()
+    assert not list(out.rglob("*.tmp")), "a temporary file was left behind"
