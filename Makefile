@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean reliability-doc
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check everest flows tests benchmarks
 	$(PY) -m pytest -q
+
+reliability-doc: $(STAMP)
+	EVEREST_WRITE_RELIABILITY_DOC=1 $(PY) -m pytest -q tests/reliability
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check everest flows tests benchmarks
