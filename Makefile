@@ -20,14 +20,14 @@ demo: $(STAMP)
 	$(PY) -m flows.production
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check everest flows tests benchmarks
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 reliability-doc: $(STAMP)
 	EVEREST_WRITE_RELIABILITY_DOC=1 $(PY) -m pytest -q tests/reliability
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check everest flows tests benchmarks
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf $(VENV) output data
