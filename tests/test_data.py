@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_table
+from tables import make_table
 
 from everest import data as D
 from everest.config import DataConfig, Target

@@ -1,0 +1,30 @@
+"""Small SHARP tables in the real layout, built in memory for data tests."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from everest.config import EVEREST_FEATURES
+
+ALL_COLUMNS = ["Flare", "DATE__OBS", "NOAA_AR", "HARPNUM", "TOTUSJH", "Cdec", "TOTUSJZ", "Chis1d", "USFLUX",
+               "MEANALP", "R_VALUE", "TOTPOT", "Chis", "SAVNCPP", "AREA_ACR", "Edec", "Xmax1d", "ABSNJZH"]
+
+
+def make_table(rows: list[tuple[str, int, float]], start: str = "2012-01-01T00:00:00") -> pd.DataFrame:
+    """A table in the real layout from (label, region, value) rows; every feature of a row holds `value`.
+
+    Times advance 12 minutes per row within a region.
+    """
+    records = []
+    t0 = pd.Timestamp(start)
+    step: dict[int, int] = {}
+    for label, region, value in rows:
+        k = step.get(region, 0)
+        step[region] = k + 1
+        rec = {c: 0.0 for c in ALL_COLUMNS}
+        rec.update(Flare=label, DATE__OBS=(t0 + pd.Timedelta(minutes=12 * k) + pd.Timedelta(days=region % 7))
+                   .strftime("%Y-%m-%dT%H:%M:%S"), NOAA_AR=region, HARPNUM=region + 1000)
+        for f in EVEREST_FEATURES:
+            rec[f] = value
+        records.append(rec)
+    return pd.DataFrame(records, columns=ALL_COLUMNS)
