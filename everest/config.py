@@ -205,6 +205,10 @@ class TrainConfig(_Frozen):
     device: str = "auto"
     num_threads: int | None = Field(None, ge=1)
     eval_batch_size: int = Field(8192, ge=1)
+    # CUDA-only speed options (everest.fast); ignored on CPU. Off by default until a GPU check of
+    # benchmarks/gpu_check.sh shows their gain and their agreement with the eager step.
+    cuda_graphs: bool = False
+    compile: bool = False
     time_limit_minutes: float | None = Field(None, gt=0.0)
 
     @field_validator("device")

@@ -37,6 +37,7 @@ from everest import __version__, io
 from everest import metrics as M
 from everest.config import ConfigError, EverestConfig, Experiment, Target, load_config
 from everest.data import ExperimentData, SampleSet, prepare_experiment
+from everest.fast import TrainStep, device_stream, eval_chunk, make_optimizer
 from everest.losses import EverestLoss, nig_uncertainty
 from everest.model import EverestModel, count_parameters
 
@@ -217,9 +218,10 @@ class ProductionTrainer:
                  self.experiment.name, len(data.train), data.train.n_positive, len(data.val), data.val.n_positive,
                  len(data.test), data.test.n_positive, device)
         model = EverestModel(cfg.model, n_features=data.train.x.shape[2]).to(device)
-        with _StopOnSignal() as self._stop:
-            fit = self._fit(model, data, device)
-        return self._evaluate_and_save(model, data, device, fit)
+        with device_stream(device):  # a private CUDA stream (graph capture needs one); no-op elsewhere
+            with _StopOnSignal() as self._stop:
+                fit = self._fit(model, data, device)
+            return self._evaluate_and_save(model, data, device, fit)
 
     def finished_results(self, file_hashes: dict[str, str]) -> dict[str, Any] | None:
         """The saved results if this experiment already finished with the same config and data."""
@@ -242,12 +244,13 @@ class ProductionTrainer:
     def _fit(self, model: EverestModel, data: ExperimentData, device: torch.device) -> FitOutcome:
         cfg = self.config
         tc = cfg.train
-        fused = device.type == "cuda"
-        opt = torch.optim.AdamW(model.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay, fused=fused)
+        opt = make_optimizer(model, tc.learning_rate, tc.weight_decay, device, capturable=tc.cuda_graphs)
         loss_fn = EverestLoss(cfg.loss)
         amp = tc.use_amp and device.type == "cuda"
         x = torch.from_numpy(data.train.x).to(device)  # (N, T, F), resident on the device
         y = torch.from_numpy(data.train.y).to(device=device, dtype=torch.float32)
+        step = TrainStep(model, opt, loss_fn, x, y, device, amp=amp, cuda_graphs=tc.cuda_graphs,
+                         compile=tc.compile, name=self.experiment.name)
         state = self._resume(model, opt)
         history: list[dict] = state["history"]
         best_state, best_score, best_epoch = state["best_state"], state["best_score"], state["best_epoch"]
@@ -267,29 +270,20 @@ class ProductionTrainer:
             model.train()
             n = len(y)
             perm = torch.randperm(n, device=device)
-            sums = torch.zeros(5, device=device)  # total, focal, evidential, evt, precursor (sum over samples)
-            first = 0
+            first, sums = 0, None
             if partial:  # resume inside the epoch a SIGTERM interrupted, with its random state
-                first, sums = partial["offset"], partial["sums"].to(device)
+                first, sums = partial["offset"], partial["sums"]
                 _set_rng_state(partial["rng"], device)
                 partial = None
+            step.start_epoch(epoch, sums)  # running sums: total, focal, evidential, evt, precursor
             for i in range(first, n, tc.batch_size):
                 if self._stop.requested:
                     self._save_checkpoint(model, opt, epoch, history, best_state, best_score, best_epoch,
-                                          partial={"offset": i, "sums": sums.cpu(), "rng": _rng_state(device)})
+                                          partial={"offset": i, "sums": step.sums.cpu(), "rng": _rng_state(device)})
                     raise Preempted(f"{self.experiment.name}: stopped by {self._stop.requested} in epoch {epoch + 1}"
                                     f" at sample {i} of {n}; checkpointed, rerun to resume")
-                idx = perm[i:i + tc.batch_size]
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    out = model(x[idx])
-                    loss, terms = loss_fn(out, y[idx], epoch)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                zero = torch.zeros((), device=device)
-                parts = [loss.detach()] + [terms.get(k, zero) for k in ("focal", "evidential", "evt", "precursor")]
-                sums += torch.stack([t.float() for t in parts]) * len(idx)
-            train_terms = (sums / n).tolist()  # one host sync per epoch
+                step(perm[i:i + tc.batch_size], tc.batch_size)
+            train_terms = (step.sums / n).tolist()  # one host sync per epoch
             if not all(math.isfinite(v) for v in train_terms):
                 raise TrainingDiverged(f"{self.experiment.name}: training loss is {train_terms[0]} at epoch {epoch + 1}"
                                        f" (terms focal/evidential/evt/precursor = {train_terms[1:]}); "
@@ -339,8 +333,9 @@ class ProductionTrainer:
         amp = self.config.train.use_amp and device.type == "cuda"
         x = torch.from_numpy(samples.x)
         probs, alea, epis = [], [], []
-        for i in range(0, len(x), self.config.train.eval_batch_size):
-            xb = x[i:i + self.config.train.eval_batch_size].to(device, non_blocking=True)
+        chunk = eval_chunk(device, self.config.train.eval_batch_size)
+        for i in range(0, len(x), chunk):
+            xb = x[i:i + chunk].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 out = model(xb)
             probs.append(torch.sigmoid(out.logits.float()))

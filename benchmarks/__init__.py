@@ -1,0 +1,1 @@
+"""EVEREST benchmark suite (issue 7): ``python -m benchmarks [--quick] [--out DIR]``."""
