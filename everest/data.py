@@ -209,7 +209,7 @@ def build_samples(table: pd.DataFrame, features: tuple[str, ...], seq_len: int, 
     valid = in_region & (label[src] != LABELS["padding"])  # (N, T)
     x = feats[src] * valid[:, :, None]  # (N, T, F)
     return SampleSet(
-        x=x.astype(np.float32),
+        x=x.astype(np.float32, copy=False),
         valid=valid,
         y=label[rows].astype(np.int8),
         region=region[rows],

@@ -47,6 +47,7 @@ from pydantic import (
     model_validator,
 )
 
+from everest import packing
 from everest.config import ConfigError
 
 __all__ = [
@@ -203,6 +204,9 @@ class Profile(BaseModel):
     kind: str
     description: str = ""
     torch_threads: int | None = Field(None, ge=1)
+    # k experiment worker processes share one GPU (everest.packing: processes, not threads, keep each
+    # experiment's random stream identical to a solo run).
+    experiments_per_gpu: int = Field(1, ge=1, le=packing.MAX_EXPERIMENTS_PER_GPU)
     env: Annotated[dict[str, str], AfterValidator(_env_names)] = Field(default_factory=dict)
     pass_env: Annotated[tuple[str, ...], AfterValidator(_pass_names)] = ("PREFECT_API_URL",)
     dashboard_address: str | None = ":8787"
@@ -350,7 +354,7 @@ class LocalProfile(Profile):
     def cluster_kwargs(self) -> dict[str, Any]:
         ids = self.gpu_ids()
         kw: dict[str, Any] = {
-            "n_workers": len(ids) or self.n_cpu_workers(),
+            "n_workers": len(ids) * self.experiments_per_gpu or self.n_cpu_workers(),
             "threads_per_worker": 1,
             "processes": self.processes,
             "dashboard_address": self.dashboard_address,
@@ -403,6 +407,8 @@ class BatchProfile(Profile):
             problems.append(f"minimum_jobs ({self.minimum_jobs}) must be <= maximum_jobs ({self.maximum_jobs})")
         if self.gpu_type is not None and self.gpus_per_job == 0:
             problems.append(f"gpu_type ({self.gpu_type!r}) needs gpus_per_job: 1")
+        if self.gpus_per_job and self.experiments_per_gpu > self.job_cpus:
+            problems.append(f"experiments_per_gpu ({self.experiments_per_gpu}) must be <= job_cpus ({self.job_cpus})")
         if self.torch_threads is not None and self.torch_threads > self.job_cpus:
             problems.append(f"torch_threads ({self.torch_threads}) must be <= job_cpus ({self.job_cpus})")
         if self.worker_memory is not None and _bytes(self.worker_memory) > _bytes(self.job_memory):
@@ -434,9 +440,9 @@ class BatchProfile(Profile):
     def _job_kwargs(self) -> dict[str, Any]:
         n, unit = _memory_units(self.worker_memory or self.job_memory)
         return {
-            # One single-threaded worker per job: adaptive scaling then requests one job per task.
-            "cores": 1,
-            "processes": 1,
+            # One single-threaded worker per experiment slot (experiments_per_gpu of them on the job's GPU):
+            # adaptive scaling then requests one job per experiments_per_gpu tasks.
+            **packing.batch_job_layout(self.experiments_per_gpu if self.gpus_per_job else 1),
             "memory": f"{n}{unit}iB",
             "walltime": self.walltime,
             "queue": self.queue,

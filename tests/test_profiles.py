@@ -304,3 +304,18 @@ def test_local_profile_builds_a_real_local_cluster(monkeypatch, changes, gpus):
             with dask.annotate(resources={"GPU": 1}):
                 futures = client.map(lambda i: os.environ["CUDA_VISIBLE_DEVICES"], range(4), pure=False)
             assert set(client.gather(futures)) <= set(gpus)
+
+
+def test_experiments_per_gpu_packs_worker_processes_onto_each_gpu(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    local = load_profile("local").with_overrides(gpus=2, experiments_per_gpu=3)
+    assert local.cluster_kwargs()["n_workers"] == 6  # 3 worker processes on each of the 2 GPUs
+    pbs = load_profile("pbs").with_overrides(experiments_per_gpu=3)
+    kwargs = pbs.cluster_kwargs()
+    assert (kwargs["processes"], kwargs["cores"]) == (3, 3)
+    script = pbs.job_script()
+    assert "--nworkers 3" in script and "ngpus=1" in script and "--resources GPU=1" in script
+    with pytest.raises(ConfigError, match="experiments_per_gpu"):
+        load_profile("pbs").with_overrides(experiments_per_gpu=5)  # more than the job's 4 CPUs
+    with pytest.raises(ConfigError, match="experiments_per_gpu"):
+        load_profile("slurm").with_overrides(experiments_per_gpu=0)
