@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -37,5 +38,8 @@ def test_tiny_flow_runs_on_batch_jobs(kind, prefect_server, tiny_data, tmp_path)
     if kind == "slurm":
         assert None not in gpus  # SLURM handed each job a (fake) GPU through --gres=gpu:1
     assert (out / "analysis" / "production_training_report.md").is_file()
-    left = subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip()
+    deadline = time.monotonic() + 60  # cancelled jobs pass through COMPLETING before they leave the queue
+    while (left := subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip()) and \
+            time.monotonic() < deadline:
+        time.sleep(1)
     assert left == "", f"batch jobs left behind: {left}"
