@@ -340,7 +340,7 @@ def _validate(data: dict[str, Any], source: str) -> EverestConfig:
 # but caps the budget so all 45 experiments on the demo data finish in minutes on 2 CPU cores.
 PRESETS: dict[str, tuple[str, ...]] = {
     "production": (),
-    "demo": ("train.epochs=8", "train.early_stopping_patience=3", "train.batch_size=256"),
+    "demo": ("train.epochs=6", "train.early_stopping_patience=2", "train.batch_size=256"),
 }
 
 

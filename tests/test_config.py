@@ -130,13 +130,13 @@ def test_presets_cap_the_budget_and_files_still_win(tmp_path):
     from everest.config import PRESETS
 
     demo = load_config(preset="demo")
-    assert (demo.train.epochs, demo.train.early_stopping_patience, demo.train.batch_size) == (8, 3, 256)
+    assert (demo.train.epochs, demo.train.early_stopping_patience, demo.train.batch_size) == (6, 2, 256)
     assert demo.train.learning_rate == 5.34e-4 and demo.model == EverestConfig().model  # same recipe otherwise
     assert load_config(preset="production") == EverestConfig() and PRESETS["production"] == ()
     f = tmp_path / "c.toml"
     f.write_text("[train]\nepochs = 5\n[threshold.weights]\ntss = 1.0\n")
     cfg = load_config(f, ["train.batch_size=64"], preset="demo")
-    assert (cfg.train.epochs, cfg.train.early_stopping_patience, cfg.train.batch_size) == (5, 3, 64)
+    assert (cfg.train.epochs, cfg.train.early_stopping_patience, cfg.train.batch_size) == (5, 2, 64)
     assert cfg.threshold.weights == {"tss": 1.0}  # a mapping value is replaced whole, not merged
     with pytest.raises(ConfigError, match="unknown preset 'fast'"):
         load_config(preset="fast")
