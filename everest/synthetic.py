@@ -2,7 +2,7 @@
 
 Why: no real training table can be downloaded here, so the project trains and tests on data that has the
 real format and the real statistics, read through the same loader as real files, and that knows its own
-answer: every CSV gets a sidecar ``<stem>.truth.csv`` with the generator's true probability that each row
+answer: every CSV gets a sidecar ``truth/<same name>`` with the generator's true probability that each row
 is ``P`` (the Bayes ceiling against which trained models are judged).
 
 Model (per active region, 12-minute steps, rates per day; constants in :class:`Physics`):
@@ -39,8 +39,6 @@ drops rows at read time); only the ``Flare`` column differs. Test files hold lat
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +47,7 @@ import pandas as pd
 from scipy.ndimage import maximum_filter1d
 from scipy.signal import lfilter
 
+from everest import io
 from everest.config import FLARE_CLASSES, HORIZONS, Target, all_targets
 
 # Column order of the real tables (data.md section 1).
@@ -375,9 +374,11 @@ def simulate(size: str = "demo", seed: int = 0, physics: Physics | None = None) 
 
 
 def truth_path(csv_path: str | Path) -> Path:
-    """The sidecar of a data file: ``training_data_M_24.csv`` -> ``training_data_M_24.truth.csv``."""
+    """The sidecar of a data file: ``D/training_data_M_24.csv`` -> ``D/truth/training_data_M_24.csv``.
+
+    A sub-folder keeps the data folder itself to exactly the 18 tables of the real layout."""
     p = Path(csv_path)
-    return p.with_name(p.stem + ".truth.csv")
+    return p.parent / "truth" / p.name
 
 
 def _count_rows(path: Path) -> int:
@@ -409,18 +410,6 @@ def load_truth(csv_path: str | Path) -> np.ndarray:
     return truth["p_true"].to_numpy(dtype=np.float64)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def generate(out_dir: str | Path, size: str = "demo", seed: int = 0) -> list[Path]:
     """Write the 18 data files and their 18 truth sidecars to ``out_dir``; return the CSV paths.
 
@@ -438,10 +427,10 @@ def generate(out_dir: str | Path, size: str = "demo", seed: int = 0) -> list[Pat
         for target in all_targets():
             path = out / f"{split}_data_{target.file_suffix}.csv"
             flare = data.flare_column(target)
-            _write_atomic(path, header + "".join(map("{},{}\n".format, flare, lines)))
+            io.write_text(path, header + "".join(map("{},{}\n".format, flare, lines)))
             p = data.p_true[target]
             truth = pd.DataFrame({"p_true": p}).to_csv(index=False, float_format="%.9g", na_rep="NaN",
                                                         lineterminator="\n")
-            _write_atomic(truth_path(path), truth)
+            io.write_text(truth_path(path), truth)
             paths.append(path)
     return paths

@@ -22,7 +22,8 @@ TINY = ["model.embed_dim=16", "model.ff_dim=32", "model.num_blocks=1", "model.nu
 
 
 @pytest.mark.parametrize("kind", ["slurm", "pbs"])
-def test_tiny_flow_runs_on_batch_jobs(kind, prefect_server, tiny_data, tmp_path):
+def test_tiny_flow_runs_on_batch_jobs(kind, prefect_server, tiny_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # slurm-wlm-torque's qsub writes job logs into the submit directory
     site = load_profile(kind).for_test_machine(maximum_jobs=2)
     out = tmp_path / "out"
     params = ProductionParameters(targets=["M-24"], seeds=[0, 1], data_dir=str(tiny_data), output_dir=str(out),

@@ -58,7 +58,7 @@ def _tss(y: np.ndarray, score: np.ndarray) -> float:
 
 
 def test_writes_18_files_in_the_real_layout(tiny_dir: Path) -> None:
-    names = sorted(p.name for p in tiny_dir.glob("*_data_*.csv") if not p.name.endswith(".truth.csv"))
+    names = sorted(p.name for p in tiny_dir.glob("*_data_*.csv"))
     expected = sorted(f"{s}_data_{t.file_suffix}.csv" for s in ("training", "testing") for t in all_targets())
     assert names == expected
     for name in names:
@@ -142,11 +142,12 @@ def test_sidecars_match_rows_and_are_probabilities(tiny_dir: Path) -> None:
 
 
 def test_truth_path_and_load_truth_errors(tmp_path: Path, tiny_dir: Path) -> None:
-    assert syn.truth_path("/x/training_data_M5_72.csv") == Path("/x/training_data_M5_72.truth.csv")
+    assert syn.truth_path("/x/training_data_M5_72.csv") == Path("/x/truth/training_data_M5_72.csv")
     lonely = tmp_path / "training_data_M_24.csv"
     lonely.write_text((tiny_dir / "training_data_M_24.csv").read_text())
-    with pytest.raises(FileNotFoundError, match="training_data_M_24.truth.csv"):
+    with pytest.raises(FileNotFoundError, match="truth/training_data_M_24.csv"):
         syn.load_truth(lonely)
+    syn.truth_path(lonely).parent.mkdir()
     syn.truth_path(lonely).write_text("p_true\n0.5\n")
     with pytest.raises(ValueError, match=r"has 1 rows but .*training_data_M_24.csv has \d+ data rows"):
         syn.load_truth(lonely)
