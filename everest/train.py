@@ -19,6 +19,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -140,10 +141,32 @@ def seed_everything(seed: int) -> None:
 
 
 def experiment_dirs(output_dir: Path, experiment: Experiment) -> tuple[Path, Path, Path]:
-    """(results dir, trained-model dir, checkpoint file) of the design document's layout."""
+    """(results dir, model dir, checkpoint file) of one experiment.
+
+    The model files live with the results (``results/<name>/model/``), so one folder holds everything
+    about an experiment; ``trained_models/<name>`` (the design document's path) links to them.
+    """
     out = Path(output_dir)
-    return (out / "results" / experiment.name, out / "trained_models" / experiment.name,
-            out / "checkpoints" / f"{experiment.name}.pt")
+    results = out / "results" / experiment.name
+    return results, results / "model", out / "checkpoints" / f"{experiment.name}.pt"
+
+
+def link_trained_model(output_dir: Path, experiment: Experiment, model_dir: Path) -> Path:
+    """Point ``trained_models/<name>`` at the model folder (a relative symlink, replaced atomically);
+    where the file system has no symlinks, copy the folder instead."""
+    link = Path(output_dir) / "trained_models" / experiment.name
+    link.parent.mkdir(parents=True, exist_ok=True)
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(os.path.relpath(model_dir, link.parent), target_is_directory=True)
+        if link.is_dir() and not link.is_symlink():
+            shutil.rmtree(link)
+        os.replace(tmp, link)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        shutil.copytree(model_dir, link, dirs_exist_ok=True)
+    return link
 
 
 def _git_commit() -> str | None:
@@ -455,6 +478,7 @@ class ProductionTrainer:
         io.write_json(md / "scaler.json", data.scaler.to_dict())
         io.write_json(md / "config.json", results["config"])
         io.write_text(md / "MODEL_CARD.md", _model_card(results))
+        link_trained_model(self.output_dir, self.experiment, md)
         io.write_json(rd / "results.json", results)  # last: its presence marks the experiment finished
         self.checkpoint_path.unlink(missing_ok=True)
 

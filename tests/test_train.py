@@ -74,6 +74,8 @@ def test_layout_and_contents(data_dir, tmp_path):
     assert res["test_metrics"]["latency_ms"] > 0 and res["test_metrics"]["latency_single_ms"] > 0
     # the saved model reloads with weights_only and reproduces the predictions
     md = tmp_path / "trained_models" / "everest_M_24h_seed0"
+    assert md.is_symlink() and md.resolve() == (rd / "model").resolve()  # the design path, linked
+    assert {p.name for p in md.iterdir()} == {"model_weights.pt", "scaler.json", "config.json", "MODEL_CARD.md"}
     model, cfg, scaler = load_model(md)
     data = prepare_experiment(data_dir, Target.parse("M-24"), 0, cfg.data, cfg.model.seq_len)
     with torch.no_grad():
