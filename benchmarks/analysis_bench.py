@@ -30,8 +30,7 @@ def write_results(root: Path, rows_per_experiment: int, seed: int = 0) -> None:
         pred = pd.DataFrame({"y_true": y, "y_prob": p, "y_pred": (p >= 0.5).astype(int), "noaa_ar": region})
         pred.to_csv(folder / "predictions.csv", index=False)
         metrics = {**M.evaluate(y, p, 0.5), "latency_ms": 0.2}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", M.UndefinedMetricWarning)
+        with M.ignore_undefined():
             table = M.threshold_table(y, p)
         pd.concat([table.add_prefix("val_").rename(columns={"val_threshold": "threshold"}),
                    table.drop(columns="threshold").add_prefix("test_")], axis=1).to_csv(

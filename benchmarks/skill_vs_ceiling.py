@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -38,8 +37,7 @@ def compare(target: Target, data_dir: Path, out: Path, preset: str) -> dict:
     data = prepare_experiment(data_dir, target, 0, cfg.data, cfg.model.seq_len)
     p_test = load_truth(data_file(data_dir, target, "test"))[data.test.row]
     p_val = load_truth(data_file(data_dir, target, "train"))[data.val.row]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", M.UndefinedMetricWarning)
+    with M.ignore_undefined():
         protocol_t = M.select_threshold(M.threshold_table(data.val.y, p_val, cfg.threshold))
         lr = LogisticRegression(max_iter=5000).fit(data.train.x[:, -1, :], data.train.y)
         lr_val, lr_test = (lr.predict_proba(s.x[:, -1, :])[:, 1] for s in (data.val, data.test))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +26,7 @@ def summarise(data_dir: str | Path, cfg: DataConfig, seq_len: int) -> pd.DataFra
                         f"{split}_rate": s.n_positive / len(s), f"{split}_regions": len(np.unique(s.region))})
             if split == "test" and truth_path(path).is_file():
                 p = load_truth(path)[s.row]
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", M.UndefinedMetricWarning)
+                with M.ignore_undefined():
                     row.update(ceiling_tss=M.max_tss(s.y, p), ceiling_auc=M.roc_auc(s.y, p),
                                ceiling_brier=M.brier(s.y, p))
         rows.append(row)

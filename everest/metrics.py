@@ -22,10 +22,11 @@ Accuracy, Brier score and ECE are defined for every non-empty input.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import sys
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -71,6 +72,15 @@ Counts = int | np.ndarray  # one count, or one per threshold
 
 class UndefinedMetricWarning(UserWarning):
     """A metric was undefined for these inputs; the documented substitute value was returned."""
+
+
+@contextlib.contextmanager
+def ignore_undefined() -> Iterator[None]:
+    """Silence :class:`UndefinedMetricWarning` for a block that records the documented values on purpose
+    (threshold scans, bootstrap resamples, ceilings), so they do not flood the log."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        yield
 
 
 class Confusion(NamedTuple):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import math
 import os
@@ -251,8 +252,6 @@ class ProductionTrainer:
         path = self.results_dir / "results.json"
         if not path.is_file():
             return None
-        import json
-
         try:
             res = json.loads(path.read_text())
         except (OSError, ValueError) as err:
@@ -343,7 +342,7 @@ class ProductionTrainer:
         eps = 1e-7
         pc = np.clip(p, eps, 1 - eps)
         val_loss = float(-np.mean(y * np.log(pc) + (1 - y) * np.log(1 - pc)))  # BCE of the forecast
-        with _quiet_undefined():
+        with M.ignore_undefined():
             table = M.threshold_table(val.y, p, self.config.threshold)
             auc = M.roc_auc(val.y, p)
         return {"val_loss": val_loss, "val_tss": float(np.nanmax(table["tss"])) if len(table) else float("nan"),
@@ -412,7 +411,7 @@ class ProductionTrainer:
         history = fit.history
         val_pred = self.predict(model, data.val, device)
         test_pred = self.predict(model, data.test, device)
-        with _quiet_undefined():
+        with M.ignore_undefined():
             val_table = M.threshold_table(data.val.y, val_pred["y_prob"], cfg.threshold)
             test_table = M.threshold_table(data.test.y, test_pred["y_prob"], cfg.threshold)
             val_threshold = M.select_threshold(val_table)
@@ -485,8 +484,6 @@ class ProductionTrainer:
 
 def load_model(model_dir: str | Path, n_features: int | None = None) -> tuple[EverestModel, EverestConfig, dict]:
     """Reload a saved model, its configuration and scaler (weights only: nothing is unpickled)."""
-    import json
-
     md = Path(model_dir)
     cfg = EverestConfig.model_validate(json.loads((md / "config.json").read_text()))
     scaler = json.loads((md / "scaler.json").read_text())
@@ -531,20 +528,6 @@ def _model_card(res: dict[str, Any]) -> str:
         f"* Config hash {res['provenance']['config_hash']}; data {res['provenance']['data_hashes']}.\n"
         f"* Load: `everest.train.load_model(dir)` (weights_only=True); inputs scaled with `scaler.json`.\n"
     )
-
-
-class _quiet_undefined:
-    """Silence the metrics' undefined-value warnings in bulk threshold scans (values are recorded as NaN/0)."""
-
-    def __enter__(self) -> None:
-        import warnings
-
-        self._ctx = warnings.catch_warnings()
-        self._ctx.__enter__()
-        warnings.simplefilter("ignore", M.UndefinedMetricWarning)
-
-    def __exit__(self, *exc: object) -> None:
-        self._ctx.__exit__(*exc)
 
 
 def _progress_bar(name: str, total: int, start: int) -> Callable[[dict], None]:

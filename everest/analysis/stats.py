@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
@@ -177,8 +176,7 @@ def metric_from_totals(name: str, totals: np.ndarray) -> np.ndarray:
     tp, fp, tn, fn, sq = (totals[..., i] for i in range(len(UNIT_STATS)))
     if name == "brier":
         return sq / (tp + fp + tn + fn)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", M.UndefinedMetricWarning)
+    with M.ignore_undefined():
         return M.METRICS_FROM_COUNTS[name](tp, fp, tn, fn)  # the module's own vectorised count formulas
 
 
