@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # GPU check of issue 7: rows 2 (training throughput, TFLOP/s vs measured bf16 peak, CUDA graphs and
 # torch.compile vs eager), 3 (packing 1/2/4/8 processes), 4 (inference) and 7 (study projection) on
-# full-size synthetic data generated in memory. For a machine with PyTorch and nothing of ours: the
-# checkout goes on PYTHONPATH; pydantic (everest.config) comes from wheels in .whl/ if missing
-# (see benchmarks/RESULTS.md). Usage: benchmarks/gpu_check.sh [OUTDIR]   (default $OUT). ~4-6 minutes.
+# full-size synthetic data generated in memory, then the real trainer (M-24, 3 epochs) eager vs graphs.
+# For a machine with PyTorch and nothing of ours: the checkout goes on PYTHONPATH; pydantic
+# (everest.config) comes from wheels in .whl/ if missing (see benchmarks/RESULTS.md). Usage: benchmarks/gpu_check.sh [OUTDIR]   (default $OUT). ~5.5 minutes.
 # On CPU, for a dry run: DEVICE=cpu GPU_CHECK_ARGS='--quick --size tiny' benchmarks/gpu_check.sh /tmp/x
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 outdir=${1:-${OUT:-/tmp/everest-gpu-check}}
 mkdir -p "$outdir"
 py=${PYTHON:-python3}
@@ -22,5 +22,28 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi -L 2>/dev/null || echo "nvidia-smi not available"
 "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
-timeout 460 "$py" -m benchmarks --rows 2,3,4,7 --device "${DEVICE:-cuda}" --out "$outdir" ${GPU_CHECK_ARGS:-} 2>&1 | tee "$outdir/gpu_check.log"
-exit "${PIPESTATUS[0]}"
+# shellcheck disable=SC2086  # GPU_CHECK_ARGS holds several options
+timeout "${BENCH_TIMEOUT:-330}" "$py" -m benchmarks --rows 2,3,4,7 --device "${DEVICE:-cuda}" --out "$outdir" \
+  ${GPU_CHECK_ARGS:-} 2>&1 | tee "$outdir/gpu_check.log"
+status=${PIPESTATUS[0]}
+
+# The real trainer end to end on full-size data (M-24, a few epochs), eager then CUDA graphs: per-epoch
+# samples/s of ProductionTrainer itself (data on the device, bf16 autocast), not of a benchmark loop.
+data=/tmp/everest-gpu-data
+"$py" -m everest.cli data synth --size "${TRAIN_SIZE:-full}" --out "$data" >/dev/null || status=1
+for mode in eager graphs; do
+  flag=false; [ "$mode" = graphs ] && flag=true
+  timeout "${TRAIN_TIMEOUT:-90}" "$py" -m everest.train --flare_class M --time_window 24 --seed 0 \
+    --device "${DEVICE:-cuda}" --epochs "${TRAIN_EPOCHS:-3}" --data-dir "$data" --output-dir "/tmp/everest-gpu-$mode" \
+    --set train.cuda_graphs=$flag >"$outdir/train_$mode.log" 2>&1 || { echo "trainer ($mode) failed"; status=1; }
+  cp /tmp/everest-gpu-$mode/results/everest_M_24h_seed0/results.json "$outdir/train_$mode.json" 2>/dev/null
+  "$py" - "$outdir/train_$mode.json" "$mode" <<'PY' || true
+import json, sys
+r = json.load(open(sys.argv[1]))
+for h in r["history"]:
+    print(f"trainer {sys.argv[2]}: epoch {h['epoch']} {h['samples_per_s']:,.0f} samples/s {h['seconds']:.1f} s "
+          f"val_tss {h['val_tss']:.3f}")
+print(f"trainer {sys.argv[2]}: test TSS {r['test_metrics']['tss']:.3f} device {r['provenance'].get('device')}")
+PY
+done
+exit "$status"

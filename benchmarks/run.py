@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from benchmarks import workloads as W
+from everest import io
 
 log = logging.getLogger("benchmarks")
 GOAL_STUDY_SECONDS = 30 * 60  # issue 7: the 45-experiment study on one H100-class GPU in under 30 minutes
@@ -380,8 +381,12 @@ def main(argv: list[str] | None = None) -> int:
             errors.append({"row": r, "error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()})
             suite.add(r, f"row {r} FAILED: {type(err).__name__}", float("nan"), None, "-", note=str(err)[:200])
         print(f"row {r} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-    report = {"environment": environment(device), "quick": args.quick, "rows": suite.rows, "errors": errors}
-    (out / "benchmarks.json").write_text(json.dumps(report, indent=2, default=float))
+        for row in suite.rows:  # each row as soon as it is measured: a run cut short keeps what it had
+            if row["row"] == r:
+                print(f"  {row['name']}: {row['ours']:.6g} vs {row['baseline']} {row['unit']} -- {row['note']}",
+                      file=sys.stderr, flush=True)
+        report = {"environment": environment(device), "quick": args.quick, "rows": suite.rows, "errors": errors}
+        io.write_text(out / "benchmarks.json", json.dumps(report, indent=2, default=float))
     print(f"wrote {out / 'benchmarks.json'}")
     env = report["environment"]
     print(f"\nEVEREST benchmarks on {env['device_name']} ({env['device']}, {env['cores']} cores, torch {env['torch']})"

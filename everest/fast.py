@@ -74,8 +74,8 @@ class TrainStep:
         self.model, self.opt, self.loss_fn, self.x, self.y = model, opt, loss_fn, x, y
         self.device, self.amp, self.name = device, amp, name
         cuda = device.type == "cuda"
-        if (cuda_graphs or compile) and not cuda:
-            log.info("%s: train.cuda_graphs/train.compile apply to CUDA only; eager step on %s", name, device)
+        if compile and not cuda:
+            log.info("%s: train.compile applies to CUDA only; eager model on %s", name, device)
         self.cuda_graphs = cuda_graphs and cuda
         if self.cuda_graphs and not opt.param_groups[0].get("capturable", False):
             log.warning("%s: CUDA graphs need a capturable optimizer (fast.make_optimizer(..., capturable=True));"

@@ -80,7 +80,7 @@ def test_main_writes_json_and_prints_the_table_last(tmp_path, capsys):
 
 
 def test_cuda_only_options_fall_back_to_the_identical_cpu_run(data_dir, tmp_path):
-    plain = EverestConfig().with_overrides(TINY)
+    plain = EverestConfig().with_overrides([*TINY, "train.cuda_graphs=false"])
     fast = plain.with_overrides(["train.compile=true", "train.cuda_graphs=true"])
     assert fast.config_hash() != plain.config_hash()
     a = ProductionTrainer("M", 24, 0, config=plain, data_dir=data_dir, output_dir=tmp_path / "a").train()
