@@ -258,6 +258,7 @@ class DataConfig(_Frozen):
     c_zero_filter: bool = True
     augment_classes: tuple[str, ...] = ("M", "M5")
     augment_noise: float = Field(0.05, ge=0.0)
+    augment_copies: int = Field(1, ge=0, le=20)  # noisy copies of each positive (the reference: 1)
     cache: bool = True
 
     @field_validator("features")

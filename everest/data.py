@@ -347,19 +347,20 @@ def _signed_log10(x: np.ndarray) -> np.ndarray:
     return np.sign(x) * np.log10(1.0 + np.abs(x))
 
 
-def augment_positives(samples: SampleSet, noise: float, seed: int) -> SampleSet:
-    """Append one noisy copy of every positive (reference M/M5 augmentation, on scaled training data only).
+def augment_positives(samples: SampleSet, noise: float, seed: int, copies: int = 1) -> SampleSet:
+    """Append ``copies`` noisy copies of every positive (reference M/M5 augmentation: one copy), on scaled
+    training data only.
 
     Noise is ``noise`` x the feature's standard deviation over real steps, added to every feature of
     the real steps of the window (never to front padding, never to the label).
     """
     pos = np.flatnonzero(samples.y == 1)
-    if len(pos) == 0 or noise == 0:
+    if len(pos) == 0 or noise == 0 or copies == 0:
         return samples
     real = samples.x[samples.valid]  # (n_real_steps, F)
     std = real.std(axis=0) if len(real) else np.zeros(samples.x.shape[2])
     rng = np.random.default_rng([seed, 0xA06])
-    copy = samples.subset(pos)
+    copy = samples.subset(np.tile(pos, copies))
     jitter = rng.standard_normal(copy.x.shape).astype(np.float32) * (noise * std).astype(np.float32)
     copy = replace(copy, x=copy.x + jitter * copy.valid[:, :, None])
     return SampleSet(**{f.name: np.concatenate([getattr(samples, f.name), getattr(copy, f.name)])
@@ -389,5 +390,5 @@ def prepare_experiment(data_dir: str | Path, target: Target, seed: int, cfg: Dat
     scaler = Scaler.fit(train, cfg.features, cfg)
     train, val, test = scaler.transform(train), scaler.transform(val), scaler.transform(test)
     if target.flare_class in cfg.augment_classes:
-        train = augment_positives(train, cfg.augment_noise, seed)
+        train = augment_positives(train, cfg.augment_noise, seed, cfg.augment_copies)
     return ExperimentData(train, val, test, scaler, {train_path.name: h_train, test_path.name: h_test})

@@ -156,6 +156,18 @@ def test_augmentation_duplicates_positives_with_noise_on_real_steps_only(write_c
     assert diff[orig.valid].std(axis=0) == pytest.approx(0.05 * std, rel=0.5)
 
 
+def test_augmentation_copies_and_the_reference_default(write_csv):
+    s = D.build_samples(D.read_table(write_csv(_many_regions()), CFG), CFG.features, 10, False)
+    assert CFG.augment_copies == 1  # the reference: one noisy copy of each positive
+    three = D.augment_positives(s, noise=0.05, seed=0, copies=3)
+    assert len(three) == len(s) + 3 * s.n_positive and three.n_positive == 4 * s.n_positive
+    copies = three.x[len(s):].reshape(3, s.n_positive, *s.x.shape[1:])
+    assert not np.array_equal(copies[0], copies[1])  # each copy draws its own noise
+    assert D.augment_positives(s, noise=0.05, seed=0, copies=0) is s
+    with pytest.raises(ValueError, match="augment_copies"):
+        DataConfig(augment_copies=-1)
+
+
 def test_cache_reuses_and_invalidates(write_csv, tmp_path, monkeypatch):
     path = write_csv(_many_regions())
     cache = tmp_path / "cache"
