@@ -3,7 +3,8 @@
 # torch.compile vs eager), 3 (packing 1/2/4/8 processes), 4 (inference) and 7 (study projection) on
 # full-size synthetic data generated in memory, then the real trainer (M-24, 3 epochs) eager vs graphs.
 # For a machine with PyTorch and nothing of ours: the checkout goes on PYTHONPATH; pydantic
-# (everest.config) comes from wheels in .whl/ if missing (see benchmarks/RESULTS.md). Usage: benchmarks/gpu_check.sh [OUTDIR]   (default $OUT). ~5.5 minutes.
+# (everest.config) comes from wheels in .whl/ if missing (see benchmarks/RESULTS.md).
+# Usage: benchmarks/gpu_check.sh [OUTDIR]   (default $OUT). ~5.5 minutes.
 # On CPU, for a dry run: DEVICE=cpu GPU_CHECK_ARGS='--quick --size tiny' benchmarks/gpu_check.sh /tmp/x
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1

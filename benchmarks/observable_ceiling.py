@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     features = EverestConfig().data.features
     demo = S.SIZES["demo"]
-    S.SIZES["demo-more"] = replace(demo, train_regions=demo.train_regions * args.more)
-    train, test = S.simulate("demo-more", 0)["training"], S.simulate("demo", 0)["testing"]
+    more = replace(demo, train_regions=demo.train_regions * args.more)
+    train, test = S.simulate(more, 0)["training"], S.simulate("demo", 0)["testing"]
     r_train, x_train = windows(train, features)
     r_test, x_test = windows(test, features)
     print(f"{'target':>7} {'train pos':>9} {'LR TSS':>7} {'GBM TSS':>8} {'ceiling':>8} {'LR AUC':>7} {'GBM AUC':>8} "

@@ -383,8 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"row {r} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         for row in suite.rows:  # each row as soon as it is measured: a run cut short keeps what it had
             if row["row"] == r:
-                print(f"  {row['name']}: {row['ours']:.6g} vs {row['baseline']} {row['unit']} -- {row['note']}",
-                      file=sys.stderr, flush=True)
+                print(f"  {format_table([row]).splitlines()[-1].strip()}  ({row['note']})", file=sys.stderr, flush=True)
         report = {"environment": environment(device), "quick": args.quick, "rows": suite.rows, "errors": errors}
         io.write_text(out / "benchmarks.json", json.dumps(report, indent=2, default=float))
     print(f"wrote {out / 'benchmarks.json'}")

@@ -1,12 +1,13 @@
 """Several experiments on one GPU: ``k`` worker processes share a device, one experiment each.
 
 Measured on an H200 (benchmarks/RESULTS.md, row 3): with CUDA-graph steps (the default) one experiment
-keeps the GPU busy and 2-8 processes give 0.91x, so the profiles keep ``experiments_per_gpu: 1``; packing
-pays for eager steps (``train.cuda_graphs=false``), whose launch gaps other processes can fill.
+keeps the GPU busy and 2-8 processes give 0.91x, so the profiles keep ``experiments_per_gpu: 1``. Packing is
+for eager steps (``train.cuda_graphs=false``), whose launch gaps other processes can fill (not yet
+measured on a GPU).
 
 Why processes rather than threads:
 
-* A step of this model is launch-bound: one Python thread issuing kernels leaves the GPU mostly idle,
+* An eager step of this model is launch-bound: one Python thread issuing kernels leaves the GPU mostly idle,
   so k issuers (processes, each with its own interpreter, GIL and CUDA context) fill it; threads in one
   process share one GIL that is the bottleneck.
 * Correctness: the trainer seeds and draws from torch's *process-global* generators (shuffling per

@@ -357,13 +357,15 @@ def _step_max_flux(rng: np.random.Generator, counts: dict[str, np.ndarray]) -> n
     return out
 
 
-def simulate(size: str = "demo", seed: int = 0, physics: Physics | None = None) -> dict[str, SplitData]:
-    """Simulate both splits in memory (``{"training": ..., "testing": ...}``); nothing is written."""
-    if size not in SIZES:
+def simulate(size: str | SizeSpec = "demo", seed: int = 0, physics: Physics | None = None) -> dict[str, SplitData]:
+    """Simulate both splits in memory (``{"training": ..., "testing": ...}``); nothing is written.
+
+    ``size`` names one of :data:`SIZES` or is a :class:`SizeSpec` of its own (e.g. more training regions)."""
+    if not isinstance(size, SizeSpec) and size not in SIZES:
         raise ValueError(f"invalid size {size!r}: expected one of {sorted(SIZES)}")
     if not isinstance(seed, int | np.integer) or seed < 0:
         raise ValueError(f"invalid seed {seed!r}: expected a non-negative integer")
-    spec = SIZES[size]
+    spec = size if isinstance(size, SizeSpec) else SIZES[size]
     phys = physics or Physics()
     rng_train, rng_test = (np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(2))
     train, end, noaa, harp = _simulate_split(rng_train, spec, spec.train_regions, 0, FIRST_NOAA, 0, phys)

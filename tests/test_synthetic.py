@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -194,6 +195,14 @@ def test_tiny_and_demo_sizes_and_enriched_episodes() -> None:
     for t in (Target.parse("M-24"), Target.parse("M5-72")):
         ok = ~train.padding
         assert abs(train.p_true[t][ok].mean() - train.labels[t][ok].mean()) < 0.5 * train.labels[t][ok].mean() + 0.01
+
+
+def test_simulate_takes_a_size_spec_of_its_own() -> None:
+    more = dataclasses.replace(syn.SIZES["tiny"], train_regions=160)
+    data = syn.simulate(more, seed=0)
+    assert data["training"].region_index.max() + 1 == 160
+    # the test split depends on the test regions only, so it is tiny's
+    np.testing.assert_array_equal(data["testing"].padding, syn.simulate("tiny", seed=0)["testing"].padding)
 
 
 def test_full_size_matches_real_row_counts() -> None:
