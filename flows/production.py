@@ -19,11 +19,14 @@ import argparse
 import contextlib
 import datetime as dt
 import hashlib
+import ipaddress
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import dask
 from prefect import flow, get_run_logger, task
@@ -37,7 +40,7 @@ from prefect.context import TaskRunContext
 from prefect.states import Completed, Failed
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from everest import io
+from everest import io, stopping
 from everest.config import (
     DEFAULT_SEEDS,
     PRESETS,
@@ -50,10 +53,12 @@ from everest.config import (
     load_config,
 )
 from everest.data import DataError, data_file, file_hash
-from flows.profiles import Profile, load_profile
+from flows.profiles import Profile, clear_submission_failures, load_profile, submission_failures
 
 # Bump to invalidate every cached experiment result (e.g. after a fix to the trainer's science).
 CACHE_VERSION = "everest-1"
+# The embedded default: synthetic tables made here when missing. No other folder is ever filled.
+DEMO_DATA_DIR = "data/demo"
 RETRIES = 2
 RETRY_DELAY_SECONDS = 10
 
@@ -66,16 +71,17 @@ class ProductionParameters(BaseModel):
     targets: list[str] = Field(default_factory=lambda: [str(t) for t in all_targets()],
                                description="targets such as C-24 or M5-72 (default: all 9)")
     seeds: list[int] = Field(default_factory=lambda: list(DEFAULT_SEEDS), description="seeds (default 0-4)")
-    data_dir: str = Field("data/demo", description="folder holding the 18 SHARP CSV files")
+    data_dir: str | None = Field(None, description="folder holding the SHARP CSV files of the targets; "
+                                 f"none: the embedded demo (synthetic tables in {DEMO_DATA_DIR}, made if missing)")
     output_dir: str = Field("output", description="shared folder for results, models and the report")
     profile: str = Field("local", description="cluster profile: local, pbs, slurm or a YAML path")
-    preset: Literal["production", "demo"] = Field("production", description="training budget: the design "
-                                                  "document's recipe, or 'demo' (same recipe, capped epochs)")
+    preset: Literal["production", "demo"] | None = Field(
+        None, description="training budget: the design document's recipe, or 'demo' (same recipe, capped "
+        "epochs); none: demo for the embedded demo data, production for a data_dir")
     config_file: str | None = Field(None, description="TOML/YAML configuration file")
     overrides: list[str] = Field(default_factory=list, description="KEY=VALUE overrides, e.g. train.epochs=3")
     epochs: int | None = Field(None, ge=1, description="epoch cap (overrides train.epochs)")
     force: bool = Field(False, description="retrain experiments that already finished")
-    synthesize_demo_data: bool = Field(True, description="generate demo synthetic data if data_dir has none")
 
     @field_validator("targets")
     @classmethod
@@ -87,10 +93,25 @@ class ProductionParameters(BaseModel):
         experiment_matrix(self.targets, self.seeds)
         return self
 
+    @property
+    def embedded_demo(self) -> bool:
+        """No data folder given: the run uses (and may generate) the synthetic demo tables."""
+        return self.data_dir is None
+
+    @property
+    def data_path(self) -> Path:
+        """The folder the experiments read."""
+        return Path(self.data_dir if self.data_dir is not None else DEMO_DATA_DIR)
+
+    @property
+    def effective_preset(self) -> str:
+        """The named training budget: as given, else demo for the embedded demo and production otherwise."""
+        return self.preset or ("demo" if self.embedded_demo else "production")
+
     def effective_config(self) -> EverestConfig:
         """The configuration every experiment of this run uses."""
         overrides = list(self.overrides) + ([f"train.epochs={self.epochs}"] if self.epochs else [])
-        return load_config(self.config_file, overrides, preset=self.preset)
+        return load_config(self.config_file, overrides, preset=self.effective_preset)
 
 
 def experiment_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -118,8 +139,12 @@ def is_infrastructure_error(task: Any, task_run: Any, state: Any) -> bool:
     except TimeLimitReached:
         return True
     except Exception as err:  # noqa: BLE001 - classifying, not swallowing: the state keeps the error
+        import httpx
+
         text = f"{type(err).__name__}: {err}".lower()
-        return isinstance(err, OSError | MemoryError) or "out of memory" in text or "cuda" in text
+        # httpx.TransportError: the Prefect API was briefly unreachable (a restarting server, a network blip).
+        return (isinstance(err, OSError | MemoryError | httpx.TransportError) or "out of memory" in text
+                or "cuda" in text)
     return False
 
 
@@ -130,7 +155,7 @@ def train_experiment(spec: dict[str, Any]) -> dict[str, Any]:
     """Train (or resume) one experiment and return its small JSON summary."""
     import torch
 
-    from everest.train import ProductionTrainer
+    from everest.train import Preempted, ProductionTrainer
 
     if spec.get("torch_threads"):
         torch.set_num_threads(spec["torch_threads"])
@@ -145,10 +170,24 @@ def train_experiment(spec: dict[str, Any]) -> dict[str, Any]:
     trainer = ProductionTrainer(exp.target.flare_class, exp.target.horizon, exp.seed, config=cfg,
                                 data_dir=spec["data_dir"], output_dir=spec["output_dir"], progress=report,
                                 force=spec["force"])
-    res = trainer.train()
+    try:
+        res = trainer.train()
+    except Preempted:
+        if stopping.stop_reason():
+            _hand_back_to_dask()
+        raise
     update_progress_artifact(progress_id, progress=100.0)
     (trainer.results_dir / "failure.json").unlink(missing_ok=True)
     return summarise_result(res)
+
+
+def _hand_back_to_dask(grace_seconds: float = 600.0) -> None:
+    """This worker is going away (SIGTERM, walltime, lifetime) and the experiment is checkpointed: wait
+    for the process to end instead of reporting a failure, so that Dask gives the task to another worker,
+    which resumes it. Returns only if the worker outlives ``grace_seconds``."""
+    import time
+
+    time.sleep(grace_seconds)
 
 
 def summarise_result(res: dict[str, Any]) -> dict[str, Any]:
@@ -215,28 +254,101 @@ def _mark_crashed(task_run_id: Any, message: str) -> None:
         client.set_task_run_state(task_run_id, Crashed(message=message), force=True)
 
 
-def run_production(params: ProductionParameters, uses_gpus: bool, torch_threads: int | None) -> Any:
+def check_data_dir(params: ProductionParameters) -> None:
+    """Refuse a data folder that is missing or lacks a table the targets need, naming what is expected.
+
+    Only the embedded demo (no data folder given) may be generated; any other folder is read as it is,
+    so a typo or an unmounted file system never turns into training on synthetic data.
+    """
+    if params.embedded_demo:
+        return
+    folder = params.data_path
+    expected = [data_file(folder, Target.parse(t), split) for t in params.targets for split in ("train", "test")]
+    names = ", ".join(f.name for f in expected)
+    if not folder.is_dir():
+        raise DataError(f"data folder {folder} ({folder.absolute()}) does not exist; expected the SHARP tables "
+                        f"{names} there")
+    missing = [f.name for f in expected if not f.is_file()]
+    if missing:
+        raise DataError(f"data folder {folder} ({folder.absolute()}) lacks {len(missing)} of the {len(expected)} "
+                        f"tables the targets need: {', '.join(missing)}")
+
+
+def _is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return host == "localhost"
+
+
+def check_api_reachable(site: Profile, api_url: str | None) -> None:
+    """Refuse a Prefect API on a loopback address when the workers run on other machines.
+
+    A batch job on a compute node resolves 127.0.0.1 to itself: every task would fail to reach the API.
+    """
+    if api_url and not site.workers_on_this_host and _is_loopback(urlsplit(api_url).hostname):
+        raise ConfigError(
+            f"PREFECT_API_URL={api_url} is a loopback address, which the compute nodes of cluster profile "
+            f"{site.source} cannot reach: set PREFECT_API_URL to the server's address on the cluster network "
+            "(e.g. http://<login node>:4200/api), or unset it and the run starts a private server on the "
+            "profile's interface"
+        )
+
+
+def preflight(params: ProductionParameters, site: Profile, api_url: str | None, query_site: bool = True) -> None:
+    """Everything that can refuse a run before a server starts or a job is submitted, cheapest first;
+    ``query_site`` asks the batch system too (queue, resources)."""
+    params.effective_config()
+    check_data_dir(params)
+    if params.embedded_demo and not site.workers_on_this_host:
+        raise ConfigError(f"cluster profile {site.source} runs workers on other machines: give a data folder on "
+                          "the shared file system (--data-dir / data_dir); the embedded demo runs on one machine")
+    check_api_reachable(site, api_url)
+    if query_site:
+        site.check_site()
+
+
+def run_production(params: ProductionParameters, site: Profile) -> Any:
     """Body of the flow: validate, fan out, settle every future, analyse, report.
 
     One run at a time per output directory: a second run on the same directory is refused (lock file).
     """
+    from prefect.settings import PREFECT_API_URL
+
+    preflight(params, site, PREFECT_API_URL.value())
     _check_writable(Path(params.output_dir))
     try:
         with io.exclusive_lock(Path(params.output_dir) / ".everest.lock", f"output directory {params.output_dir}"):
-            return _run_locked(params, uses_gpus, torch_threads)
+            return _run_locked(params, site)
     except io.LockedError as err:
         raise ConfigError(str(err)) from None
 
 
-def _run_locked(params: ProductionParameters, uses_gpus: bool, torch_threads: int | None) -> Any:
+def _bind_cluster_to_run(site: Profile, out: Path) -> None:
+    """Give the flow's Dask cluster this run's output folder (job logs, TLS certificates).
+
+    DaskTaskRunner builds its cluster from ``cluster_kwargs`` at the first submission, after this.
+    """
+    from prefect.context import FlowRunContext
+    from prefect_dask import DaskTaskRunner
+
+    runner = FlowRunContext.get().task_runner
+    if type(runner) is DaskTaskRunner and runner.cluster_kwargs:
+        runner.cluster_kwargs = site.cluster_kwargs(out.resolve())
+
+
+def _run_locked(params: ProductionParameters, site: Profile) -> Any:
     logger = get_run_logger()
     cfg = params.effective_config()
     experiments = experiment_matrix(params.targets, params.seeds)
-    data_dir, out = Path(params.data_dir), Path(params.output_dir)
-    if params.synthesize_demo_data and not any(data_dir.glob("training_data_*.csv")):
+    data_dir, out = params.data_path, Path(params.output_dir)
+    if params.embedded_demo and not all(data_file(data_dir, t, s).is_file() for t in all_targets()
+                                        for s in ("train", "test")):
         from everest import synthetic
 
-        logger.info("no data in %s: generating demo synthetic SHARP tables", data_dir)
+        logger.info("embedded demo: generating synthetic SHARP tables in %s", data_dir)
         synthetic.generate(data_dir, size="demo", seed=0)
     hashes = _data_hashes(data_dir, sorted({e.target for e in experiments}, key=all_targets().index))
     results_dir = out / "results"
@@ -246,19 +358,21 @@ def _run_locked(params: ProductionParameters, uses_gpus: bool, torch_threads: in
     logger.info("%d experiments (%s; seeds %s), config %s, on profile %s", len(experiments),
                 ", ".join(params.targets), params.seeds, cfg.config_hash(), params.profile)
 
+    _bind_cluster_to_run(site, out)
+    clear_submission_failures()
     futures = []
     for exp in experiments:
         spec = {"name": exp.name, "experiment": exp.model_dump(mode="json"), "config": cfg.model_dump(mode="json"),
                 "config_hash": cfg.config_hash(), "data_hashes": hashes[str(exp.target)],
                 "data_dir": str(data_dir.resolve()), "output_dir": str(out.resolve()), "force": params.force,
-                "torch_threads": torch_threads}
-        with dask.annotate(resources={"GPU": 1}) if uses_gpus else contextlib.nullcontext():
+                "torch_threads": site.threads}
+        with dask.annotate(resources={"GPU": 1}) if site.uses_gpus else contextlib.nullcontext():
             futures.append((exp, trainer_task.submit(spec)))
 
     rows, failures = [], []
     for exp, fut in futures:
         try:
-            rows.append(fut.result())
+            rows.append(_settle(fut))
         except Exception as err:  # noqa: BLE001 - every failure is recorded, reported and fails the run
             if type(err).__name__ == "KilledWorker":
                 _mark_crashed(fut.task_run_id, f"Dask gave up after repeated worker deaths: {err}")
@@ -275,10 +389,28 @@ def _run_locked(params: ProductionParameters, uses_gpus: bool, torch_threads: in
               "results": rows}
     io.write_json(out / "analysis" / "flow_summary.json", result)
     if failures:
-        return Failed(message=f"{len(failures)} of {len(experiments)} experiments failed: "
+        refused = submission_failures()
+        cause = f"the batch system refused the worker jobs ({refused[-1]}); " if refused else ""
+        return Failed(message=f"{cause}{len(failures)} of {len(experiments)} experiments failed: "
                       f"{', '.join(f['experiment'] for f in failures)}; report: {summary.get('report')}",
                       data=result)
     return Completed(message=f"{len(rows)} experiments; report: {summary.get('report')}", data=result)
+
+
+class SubmissionFailed(RuntimeError):
+    """The batch system refused a worker job: no experiment can start; the message quotes it."""
+
+
+def _settle(fut: Any, poll_seconds: float = 2.0) -> Any:
+    """Wait for one experiment's result; a refused worker-job submission ends the wait with qsub's words.
+
+    dask-jobqueue only logs a failed ``qsub``/``sbatch`` and waits for workers forever.
+    """
+    while not fut.wrapped_future.done():
+        fut.wait(timeout=poll_seconds)
+        if failed := submission_failures():
+            raise SubmissionFailed(f"the batch system refused the worker job: {failed[-1]}")
+    return fut.result()
 
 
 def _check_writable(out: Path) -> None:
@@ -307,15 +439,14 @@ def make_flow(profile: str | Profile) -> Any:
     def everest_production(
         targets: list[str] = defaults.targets,
         seeds: list[int] = defaults.seeds,
-        data_dir: str = defaults.data_dir,
+        data_dir: str | None = None,
         output_dir: str = defaults.output_dir,
         profile: str = profile_name,
-        preset: Literal["production", "demo"] = "production",
+        preset: Literal["production", "demo"] | None = None,
         config_file: str | None = None,
         overrides: list[str] = defaults.overrides,
         epochs: int | None = None,
         force: bool = False,
-        synthesize_demo_data: bool = True,
     ) -> Any:
         """Train the EVEREST experiment matrix on Dask, then analyse and report."""
         if profile != profile_name:
@@ -323,8 +454,8 @@ def make_flow(profile: str | Profile) -> Any:
                               f"run the deployment everest-production/{profile} instead")
         params = ProductionParameters(targets=targets, seeds=seeds, data_dir=data_dir, output_dir=output_dir,
                                       profile=profile, preset=preset, config_file=config_file, overrides=overrides,
-                                      epochs=epochs, force=force, synthesize_demo_data=synthesize_demo_data)
-        return run_production(params, uses_gpus=site.uses_gpus, torch_threads=site.threads)
+                                      epochs=epochs, force=force)
+        return run_production(params, site)
 
     return flow(everest_production, name="everest-production", log_prints=True,
                 task_runner=DaskTaskRunner(**site.task_runner_kwargs()))
@@ -351,7 +482,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS), metavar="SEED",
                    help="seeds (default 0 1 2 3 4)")
     p.add_argument("--profile", default="local", help="cluster profile: local, pbs, slurm or a YAML file")
-    p.add_argument("--data-dir", help="folder of the 18 CSVs (default data/demo, generated when empty)")
+    p.add_argument("--data-dir", help=f"folder of the targets' SHARP CSVs (default: the embedded demo, synthetic "
+                   f"tables in {DEMO_DATA_DIR}, made when missing; a given folder must hold its tables)")
     p.add_argument("--preset", choices=sorted(PRESETS),
                    help="training budget (default: demo with the default demo data, production with --data-dir)")
     p.add_argument("--output-dir", default="output", help="shared output folder")
@@ -382,29 +514,39 @@ def _print_summary(state: Any, out: Path) -> None:
     print(f"report: {data.get('report')}")
 
 
+def _cancel_run(name: str, message: str) -> None:
+    """Mark the named flow run Cancelled (Ctrl-C would otherwise leave it Running on the server)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.states import Cancelled
+
+    with get_client(sync_client=True) as client:
+        for run in client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name]))):
+            if not run.state or not run.state.is_final():
+                client.set_flow_run_state(run.id, Cancelled(message=message), force=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: validate everything, make sure a Prefect API exists, run the flow, summarise."""
+    import uuid
+
     from everest.cli import EXIT_USAGE, setup_logging
     from flows.server import prefect_api
 
     args = _parse_args(argv)
-    if args.preset is None:
-        args.preset = "production" if args.data_dir else "demo"
-        if args.preset == "demo":
-            print("embedded default: synthetic demo data in data/demo and the 'demo' preset "
-                  f"({', '.join(PRESETS['demo'])}); give --data-dir or --preset production for the full recipe")
-    args.data_dir = args.data_dir or "data/demo"
     setup_logging()
     # Keep the console to run progress: Dask's per-connection INFO lines (here and in worker processes).
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     dask.config.refresh()
+    api_url = os.environ.get("PREFECT_API_URL")
     try:
         params = ProductionParameters(targets=args.targets, seeds=args.seeds, data_dir=args.data_dir,
                                       output_dir=args.output_dir, profile=args.profile, preset=args.preset,
                                       config_file=args.config,
                                       overrides=args.set, epochs=args.epochs, force=args.force)
-        params.effective_config()
-        load_profile(args.profile)
+        site = load_profile(args.profile)
+        preflight(params, site, api_url, query_site=False)  # the flow queries the batch system itself
+        host = None if api_url else site.reachable_host()
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
@@ -414,9 +556,21 @@ def main(argv: list[str] | None = None) -> int:
                              for e in err.errors())
         print(f"error: invalid parameters: {problems}", file=sys.stderr)
         return EXIT_USAGE
-    with prefect_api():
-        run = make_flow(args.profile)  # inside: batch job scripts must carry this run's PREFECT_API_URL
-        state = run(**params.model_dump(), return_state=True)
+    if params.embedded_demo:
+        print(f"embedded default: synthetic demo data in {DEMO_DATA_DIR} and the '{params.effective_preset}' preset "
+              f"({', '.join(PRESETS[params.effective_preset]) or 'the full recipe'}); give --data-dir for your "
+              "SHARP tables")
+    run_name = f"everest-{uuid.uuid4().hex[:12]}"
+    with prefect_api(host=host or "127.0.0.1"):
+        # Built inside: batch job scripts must carry this run's PREFECT_API_URL.
+        run = make_flow(site).with_options(flow_run_name=run_name)
+        try:
+            state = run(**params.model_dump(), return_state=True)
+        except KeyboardInterrupt:
+            _cancel_run(run_name, "interrupted from the terminal (Ctrl-C)")
+            print(f"interrupted: flow run {run_name} marked Cancelled; rerun the same command to resume "
+                  "(finished experiments are kept, running ones resume from their checkpoints)", file=sys.stderr)
+            return 130
     _print_summary(state, Path(args.output_dir))
     if not state.is_completed():
         return 1

@@ -35,7 +35,11 @@ from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from dask_jobqueue import PBSCluster, SLURMCluster
+from dask_jobqueue.pbs import PBSJob
+from dask_jobqueue.slurm import SLURMJob
 from distributed import LocalCluster, Nanny
+from distributed.security import Security
+from distributed.utils import get_ip_interface
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -64,9 +68,14 @@ __all__ = [
 
 PROFILE_DIR_ENV = "EVEREST_PROFILE_DIR"
 # Placed where the scheduler address goes when a job script is rendered without a scheduler.
-SCHEDULER_PLACEHOLDER = "tcp://<scheduler-address>:8786"
+SCHEDULER_PLACEHOLDER = "<scheduler-protocol://address:port>"
 # Always in every worker's environment: library log records reach the Prefect UI.
 BASE_WORKER_ENV = {"PREFECT_LOGGING_EXTRA_LOGGERS": "everest"}
+# Loaded by every worker process: SIGTERM or a closing worker checkpoints the running experiment.
+WORKER_PRELOAD = "flows.worker_setup"
+# The dashboard listens on the loopback interface unless a profile says otherwise (ssh -L to view it).
+DEFAULT_DASHBOARD = "127.0.0.1:8787"
+LOOPBACK_INTERFACES = ("lo", "lo0")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -81,6 +90,7 @@ _SHELL_PATH = re.compile(r"[A-Za-z0-9_./~+@=,:${}-]+")
 _LOCAL_PATH = re.compile(r"[A-Za-z0-9_./~+@=,:-]+")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _WALLTIME = re.compile(r"(\d+):(\d\d):(\d\d)")
+_ACTIVATES = re.compile(r"(^|[\s;&|])(source|\.)\s+\S*activate\b|\b(conda|mamba|micromamba)\s+activate\b")
 _MEMORY = re.compile(r"\s*(\d+)\s*([KMGT])(?:I?B)?\s*", re.IGNORECASE)
 
 
@@ -168,6 +178,12 @@ Walltime = Annotated[str, PlainValidator(_walltime)]
 Memory = Annotated[str, PlainValidator(_memory)]
 
 
+def _dashboard(v: str | None) -> str | None:
+    if v is not None and not re.fullmatch(r"[A-Za-z0-9_.:\[\]-]*:\d+", v):
+        raise ValueError("must be HOST:PORT (e.g. '127.0.0.1:8787'), ':PORT' for every interface, or null")
+    return v
+
+
 def _env_names(v: dict[str, str]) -> dict[str, str]:
     bad = [k for k in v if not _ENV_NAME.fullmatch(k)]
     if bad:
@@ -208,8 +224,9 @@ class Profile(BaseModel):
     # experiment's random stream identical to a solo run).
     experiments_per_gpu: int = Field(1, ge=1, le=packing.MAX_EXPERIMENTS_PER_GPU)
     env: Annotated[dict[str, str], AfterValidator(_env_names)] = Field(default_factory=dict)
-    pass_env: Annotated[tuple[str, ...], AfterValidator(_pass_names)] = ("PREFECT_API_URL",)
-    dashboard_address: str | None = ":8787"
+    pass_env: Annotated[tuple[str, ...], AfterValidator(_pass_names)] = ("PREFECT_API_URL",
+                                                                       "PREFECT_API_AUTH_STRING")
+    dashboard_address: Annotated[str | None, AfterValidator(_dashboard)] = DEFAULT_DASHBOARD
 
     _source: str = PrivateAttr("<in memory>")
 
@@ -245,27 +262,44 @@ class Profile(BaseModel):
         """The Dask cluster class this profile builds."""
 
     @abstractmethod
-    def cluster_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for :meth:`cluster_class`."""
+    def cluster_kwargs(self, run_dir: Path | None = None) -> dict[str, Any]:
+        """Keyword arguments for :meth:`cluster_class`; ``run_dir`` is the run's shared output folder
+        (batch job logs and TLS certificates go there; without it, the system's temporary folder)."""
 
     def adapt_kwargs(self) -> dict[str, Any] | None:
         """Arguments for ``cluster.adapt`` (None: fixed size)."""
         return None
 
-    def task_runner_kwargs(self) -> dict[str, Any]:
+    def task_runner_kwargs(self, run_dir: Path | None = None) -> dict[str, Any]:
         """Keyword arguments for ``prefect_dask.DaskTaskRunner(**kwargs)``."""
-        out: dict[str, Any] = {"cluster_class": self.cluster_class(), "cluster_kwargs": self.cluster_kwargs()}
+        out: dict[str, Any] = {"cluster_class": self.cluster_class(), "cluster_kwargs": self.cluster_kwargs(run_dir)}
         if (adapt := self.adapt_kwargs()) is not None:
             out["adapt_kwargs"] = adapt
         return out
 
-    def make_cluster(self, **extra: Any):
+    def make_cluster(self, run_dir: Path | None = None, **extra: Any):
         """Start this profile's cluster (a LocalCluster starts its workers; batch clusters start none).
 
         ``extra`` is passed to the constructor (e.g. ``asynchronous=True``). Adaptive scaling is left
         to the caller: ``cluster.adapt(**profile.adapt_kwargs())``, as DaskTaskRunner does.
         """
-        return self.cluster_class()(**self.cluster_kwargs(), **extra)
+        return self.cluster_class()(**self.cluster_kwargs(run_dir), **extra)
+
+    @property
+    @abstractmethod
+    def workers_on_this_host(self) -> bool:
+        """Whether every worker runs on this machine, so that 127.0.0.1 reaches the flow from them."""
+
+    @abstractmethod
+    def reachable_host(self) -> str:
+        """The address of this machine that every worker reaches (a private Prefect server listens there).
+
+        Raises :class:`ConfigError` when the profile cannot tell (the message says what to set).
+        """
+
+    def check_site(self) -> None:
+        """Check the batch system accepts this profile's jobs (queue, resources) before anything is
+        submitted; raises :class:`ConfigError` quoting the batch system. Nothing to check locally."""
 
     def with_overrides(self, **changes: Any) -> Profile:
         """A validated copy with some keys changed; errors are :class:`ConfigError` like a bad file."""
@@ -351,13 +385,23 @@ class LocalProfile(Profile):
     def cluster_class(self) -> type:
         return LocalCluster
 
-    def cluster_kwargs(self) -> dict[str, Any]:
+    @property
+    def workers_on_this_host(self) -> bool:
+        return True
+
+    def reachable_host(self) -> str:
+        return "127.0.0.1"
+
+    def cluster_kwargs(self, run_dir: Path | None = None) -> dict[str, Any]:
         ids = self.gpu_ids()
         kw: dict[str, Any] = {
             "n_workers": len(ids) * self.experiments_per_gpu or self.n_cpu_workers(),
             "threads_per_worker": 1,
             "processes": self.processes,
+            # Scheduler and workers on loopback only: nothing of this run is reachable from the network.
+            "host": "127.0.0.1",
             "dashboard_address": self.dashboard_address,
+            "preload": [WORKER_PRELOAD],
         }
         if self.memory_limit != "auto":
             n, unit = _memory_units(self.memory_limit)
@@ -370,7 +414,8 @@ class LocalProfile(Profile):
         return kw
 
     def for_test_machine(self, **changes: Any) -> Profile:
-        return self.with_overrides(**({"n_workers": 2, "dashboard_address": ":0", "torch_threads": 1} | changes))
+        return self.with_overrides(**({"n_workers": 2, "dashboard_address": "127.0.0.1:0", "torch_threads": 1}
+                                      | changes))
 
 
 class BatchProfile(Profile):
@@ -399,6 +444,15 @@ class BatchProfile(Profile):
     job_name: Token = "everest-worker"
     death_timeout: int = Field(120, ge=1)
     extra_directives: tuple[Directive, ...] = ()
+    # A worker stops taking experiments and hands its running one back (checkpointed) this long before
+    # its job's walltime; workers of one batch spread their exits over +/- the stagger.
+    worker_lifetime_margin: Walltime = "00:10:00"
+    worker_lifetime_stagger: Walltime = "00:05:00"
+    # Dask traffic over TLS with a certificate made for this run (only this run's jobs can connect).
+    tls: bool = True
+    # Address of this machine that the compute nodes reach (the private Prefect server listens there);
+    # null = the address of `interface` here.
+    api_host: Token | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> BatchProfile:
@@ -413,6 +467,15 @@ class BatchProfile(Profile):
             problems.append(f"torch_threads ({self.torch_threads}) must be <= job_cpus ({self.job_cpus})")
         if self.worker_memory is not None and _bytes(self.worker_memory) > _bytes(self.job_memory):
             problems.append(f"worker_memory ({self.worker_memory}) must be <= job_memory ({self.job_memory})")
+        activates = [line for line in self.prologue if _ACTIVATES.search(line)]
+        if activates and self.python is None:
+            problems.append(f"prologue line {activates[0]!r} activates an environment, but python is null, so the "
+                            f"workers run the flow's interpreter {sys.executable}: set python to that "
+                            "environment's interpreter, or drop the line")
+        if self.lifetime_seconds() - _seconds(self.worker_lifetime_stagger) <= 0:
+            problems.append(f"walltime ({self.walltime}) must exceed worker_lifetime_margin "
+                            f"({self.worker_lifetime_margin}) plus twice worker_lifetime_stagger "
+                            f"({self.worker_lifetime_stagger})")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -428,17 +491,47 @@ class BatchProfile(Profile):
     def cluster_class(self) -> type:
         return self.cluster_cls
 
+    def lifetime_seconds(self) -> int:
+        """Mean worker lifetime: the walltime less the margin and one stagger (Dask adds +/- the stagger)."""
+        return _seconds(self.walltime) - _seconds(self.worker_lifetime_margin) - _seconds(self.worker_lifetime_stagger)
+
+    @property
+    def workers_on_this_host(self) -> bool:
+        return self.interface in LOOPBACK_INTERFACES
+
+    def reachable_host(self) -> str:
+        if self.api_host is not None:
+            return self.api_host
+        if self.interface is None:
+            raise ConfigError(
+                f"cluster profile {self.source}: set `interface` (the network the compute nodes reach this "
+                "machine on, e.g. ib0) or `api_host`, or export PREFECT_API_URL with the address of a Prefect "
+                "server the compute nodes can reach"
+            )
+        try:
+            return get_ip_interface(self.interface)
+        except ValueError as err:
+            raise ConfigError(f"cluster profile {self.source}: interface {self.interface!r} has no IPv4 address on "
+                              f"this machine ({err}); set `interface` or `api_host`") from None
+
     @abstractmethod
     def _request_kwargs(self) -> dict[str, Any]:
         """The scheduler-specific part of the job request (directives for CPUs, memory, GPU)."""
 
     def job_script_prologue(self) -> list[str]:
-        """Site lines (``module load``, environment activation), then the worker environment exports."""
-        exports = [f"export {k}={shlex.quote(v)}" for k, v in self.worker_env().items()]
-        return [*self.prologue, *exports]
+        """Site lines (``module load``), the worker's environment first on PATH, then the worker exports.
 
-    def _job_kwargs(self) -> dict[str, Any]:
+        PBS Pro does not pass the submitting shell's environment to a job: the interpreter's folder
+        goes first on PATH so that the job's commands and the worker use the flow's environment.
+        """
+        exports = [f"export {k}={shlex.quote(v)}" for k, v in self.worker_env().items()]
+        python = Path(self.python or sys.executable)
+        env = [] if "$" in str(python) else [f"export PATH={shlex.quote(str(python.parent))}:\"$PATH\""]
+        return [*self.prologue, *env, *exports]
+
+    def _job_kwargs(self, run_dir: Path | None = None) -> dict[str, Any]:
         n, unit = _memory_units(self.worker_memory or self.job_memory)
+        logs = Path(self.log_directory).expanduser() if self.log_directory else _run_path(run_dir, "submissions")
         return {
             # One single-threaded worker per experiment slot (experiments_per_gpu of them on the job's GPU):
             # adaptive scaling then requests one job per experiments_per_gpu tasks.
@@ -451,11 +544,14 @@ class BatchProfile(Profile):
             "python": self.python or sys.executable,
             "job_name": self.job_name,
             # Absolute, so the directives do not depend on where the scheduler starts the job.
-            "log_directory": str(Path(self.log_directory).expanduser().absolute()) if self.log_directory else None,
+            "log_directory": str(logs.absolute()),
             "local_directory": self.local_directory,
             "death_timeout": self.death_timeout,
             "job_script_prologue": self.job_script_prologue(),
-            "worker_extra_args": ["--resources", "GPU=1"] if self.gpus_per_job else [],
+            "worker_extra_args": [*(["--resources", "GPU=1"] if self.gpus_per_job else []),
+                                  "--preload", WORKER_PRELOAD,
+                                  "--lifetime", f"{self.lifetime_seconds()}s",
+                                  "--lifetime-stagger", f"{_seconds(self.worker_lifetime_stagger)}s"],
             "shebang": "#!/usr/bin/env bash",
             # Explicit values so that a user's ~/.config/dask/jobqueue.yaml cannot change the script.
             "job_directives_skip": [],
@@ -463,8 +559,13 @@ class BatchProfile(Profile):
             **self._request_kwargs(),
         }
 
-    def cluster_kwargs(self) -> dict[str, Any]:
-        return {**self._job_kwargs(), "scheduler_options": {"dashboard_address": self.dashboard_address}}
+    def cluster_kwargs(self, run_dir: Path | None = None) -> dict[str, Any]:
+        kw = {**self._job_kwargs(run_dir), "scheduler_options": {"dashboard_address": self.dashboard_address}}
+        if self.tls:
+            # The workers read the certificate from the shared output folder (mode 0600 files).
+            kw["security"] = Security.temporary()
+            kw["shared_temp_directory"] = str(_run_path(run_dir, ".dask-tls").absolute())
+        return kw
 
     def adapt_kwargs(self) -> dict[str, Any]:
         return {"minimum_jobs": self.minimum_jobs, "maximum_jobs": self.maximum_jobs}
@@ -477,7 +578,11 @@ class BatchProfile(Profile):
         ``ib0``) is absent. Like dask-jobqueue, this creates ``log_directory`` if it is missing.
         """
         job_cls = self.cluster_class().job_cls
-        return job_cls(SCHEDULER_PLACEHOLDER, name="dummy-name", **self._job_kwargs()).job_script()
+        kw = self._job_kwargs()
+        if self.tls:  # the run writes its certificate files to <output>/.dask-tls/
+            kw |= {"protocol": "tls://", "security": Security(
+                **{f"tls_{k}": f"<output>/.dask-tls/{k}" for k in ("ca_file", "worker_cert", "worker_key")})}
+        return job_cls(SCHEDULER_PLACEHOLDER, name="dummy-name", **kw).job_script()
 
     def for_test_machine(self, **changes: Any) -> Profile:
         tiny: dict[str, Any] = {
@@ -496,10 +601,24 @@ class BatchProfile(Profile):
             "python": sys.executable,
             "local_directory": None,
             "log_directory": str(Path(tempfile.gettempdir()) / "everest-dask-logs"),
-            "dashboard_address": ":0",
+            "dashboard_address": "127.0.0.1:0",
             "death_timeout": 60,
+            "worker_lifetime_margin": "00:01:00",
+            "worker_lifetime_stagger": "00:00:10",
         }
         return self.with_overrides(**(tiny | changes))
+
+
+def _seconds(walltime: str) -> int:
+    h, m, s = (int(part) for part in walltime.split(":"))
+    return 3600 * h + 60 * m + s
+
+
+def _run_path(run_dir: Path | None, name: str) -> Path:
+    """``run_dir/name`` (created), or a folder of this user's in the temporary directory without a run."""
+    path = (Path(run_dir) if run_dir is not None else Path(tempfile.gettempdir()) / f"everest-{os.getuid()}") / name
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
 
 
 def _bytes(mem: str) -> int:
@@ -507,11 +626,97 @@ def _bytes(mem: str) -> int:
     return n * 1024 ** "KMGT".index(unit) * 1024
 
 
+# --------------------------------------------------------------------------------------------------
+# Submission failures. dask-jobqueue logs a failed qsub/sbatch and keeps waiting for workers that never
+# come; the flow instead ends the run with the batch system's own message. The clusters live in the flow
+# process, so their job objects report here and the flow polls.
+
+_submission_failures: list[str] = []
+
+
+def submission_failures() -> list[str]:
+    """Messages of worker-job submissions that failed in this process since the last clear."""
+    return list(_submission_failures)
+
+
+def clear_submission_failures() -> None:
+    """Forget earlier failures (at the start of a run)."""
+    _submission_failures.clear()
+
+
+def _run_site_command(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise ConfigError(f"cannot run `{shlex.join(cmd)}` to check the batch system: {err}") from None
+
+
+def _first_lines(text: str, n: int = 3) -> str:
+    return " | ".join(line.strip() for line in text.strip().splitlines()[:n] if line.strip())
+
+
+class _RecordsSubmissionFailures:
+    """Job mix-in: a failed submission is recorded with the submit command's own stderr, then re-raised."""
+
+    async def start(self) -> None:
+        try:
+            await super().start()  # type: ignore[misc]
+        except Exception as err:  # noqa: BLE001 - recorded for the flow, then re-raised to dask-jobqueue
+            text = str(err)
+            status = re.search(r"Exit code: (-?\d+)", text)
+            stderr = text.partition("stderr:")[2].strip() or text.strip()
+            command = self.submit_command.split()[0]  # type: ignore[attr-defined]
+            _submission_failures.append(
+                f"{command} failed{f' with exit status {status.group(1)}' if status else ''}: {_first_lines(stderr)}")
+            raise
+
+
+class _PBSJob(_RecordsSubmissionFailures, PBSJob):
+    pass
+
+
+class _SLURMJob(_RecordsSubmissionFailures, SLURMJob):
+    pass
+
+
+class EverestPBSCluster(PBSCluster):
+    """PBSCluster whose failed job submissions reach :func:`submission_failures`."""
+
+    job_cls = _PBSJob
+
+
+class EverestSLURMCluster(SLURMCluster):
+    """SLURMCluster whose failed job submissions reach :func:`submission_failures`."""
+
+    job_cls = _SLURMJob
+
+
 class PBSProfile(BatchProfile):
     """PBS Pro / OpenPBS: the request is one ``-l select=1:ncpus=..:mem=..:ngpus=..[:gpu_type=..]``."""
 
     kind: Literal["pbs"] = "pbs"
-    cluster_cls: ClassVar[type] = PBSCluster
+    cluster_cls: ClassVar[type] = EverestPBSCluster
+
+    def check_site(self) -> None:
+        """The queue exists (``qstat -Q``) and the nodes offer ``ngpus``/``gpu_type`` (``pbsnodes -a``)."""
+        _require_command("qsub", self)
+        if self.queue:
+            res = _run_site_command(["qstat", "-Q", self.queue])
+            if res.returncode:
+                raise ConfigError(f"cluster profile {self.source}: queue {self.queue!r} is refused by the PBS server "
+                                  f"(qstat -Q {self.queue}: {_first_lines(res.stderr or res.stdout)}); "
+                                  "set `queue` to one that `qstat -Q` lists")
+        wanted = (["ngpus"] if self.gpus_per_job else []) + (["gpu_type"] if self.gpu_type else [])
+        if wanted:
+            nodes = _run_site_command(["pbsnodes", "-a"])
+            missing = [r for r in wanted if f"resources_available.{r}" not in nodes.stdout]
+            if nodes.returncode == 0 and missing:
+                raise ConfigError(
+                    f"cluster profile {self.source}: no PBS node offers the resource(s) {missing} that the jobs "
+                    f"request ({self.resource_spec()}); ask the site admin to define them (qmgr -c \"create "
+                    "resource ngpus type=long, flag=nh\" and `ngpus` on the scheduler's resources: line), or set "
+                    "gpus_per_job: 0 / gpu_type: null"
+                )
 
     def resource_spec(self) -> str:
         """``select=1:ncpus=4:mem=32gb:ngpus=1`` (PBS writes binary units as kb/mb/gb/tb)."""
@@ -536,7 +741,21 @@ class SLURMProfile(BatchProfile):
     """SLURM: ``--cpus-per-task``, ``--mem`` and ``--gres=gpu[:TYPE]:1``; ``partition`` is ``queue``."""
 
     kind: Literal["slurm"] = "slurm"
-    cluster_cls: ClassVar[type] = SLURMCluster
+    cluster_cls: ClassVar[type] = EverestSLURMCluster
+
+    def check_site(self) -> None:
+        """The partition exists (``sinfo -p``) and offers the requested GPUs (its GRES)."""
+        _require_command("sbatch", self)
+        where = ["-p", self.queue] if self.queue else []
+        res = _run_site_command(["sinfo", "-h", *where, "-o", "%P %G"])
+        if res.returncode or not res.stdout.strip():
+            raise ConfigError(f"cluster profile {self.source}: SLURM has no partition {self.queue!r} (sinfo "
+                              f"{shlex.join(where)}: {_first_lines(res.stderr) or 'nothing listed'}); set `partition`")
+        if self.gpus_per_job:
+            gpu = f"gpu:{self.gpu_type}" if self.gpu_type else "gpu"
+            if gpu not in res.stdout:
+                raise ConfigError(f"cluster profile {self.source}: partition {self.queue or '(default)'} offers no "
+                                  f"GRES {gpu} (sinfo: {_first_lines(res.stdout)}); set gpu_type or gpus_per_job")
 
     @model_validator(mode="before")
     @classmethod
@@ -554,6 +773,12 @@ class SLURMProfile(BatchProfile):
             "job_mem": self.job_memory,
             "job_extra_directives": (gres if self.gpus_per_job else []) + list(self.extra_directives),
         }
+
+
+def _require_command(name: str, profile: Profile) -> None:
+    if shutil.which(name) is None:
+        raise ConfigError(f"cluster profile {profile.source} submits with `{name}`, which is not on PATH here; "
+                          "run on a login node of the cluster (or load its batch-system module)")
 
 
 PROFILE_KINDS: dict[str, type[Profile]] = {"local": LocalProfile, "pbs": PBSProfile, "slurm": SLURMProfile}

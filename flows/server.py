@@ -1,16 +1,20 @@
 """A private local Prefect server for command-line runs that have no ``PREFECT_API_URL``.
 
 Without a real server every Dask worker process would start its own temporary server on the same
-SQLite file (orchestration.md). The server binds 127.0.0.1 unless told otherwise and keeps its
-database under ``PREFECT_HOME``, so run history survives and can be browsed later with
-``prefect server start``.
+SQLite file. The server binds 127.0.0.1 unless told otherwise (batch runs bind the address the compute
+nodes reach, and then require a per-run password, ``PREFECT_API_AUTH_STRING``, which the worker jobs
+receive). It keeps its database under ``PREFECT_HOME``, so run history survives and can be browsed
+later with ``prefect server start``.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import ipaddress
 import logging
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -18,6 +22,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +33,12 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def _healthy(url: str) -> bool:
+def _healthy(url: str, auth: str | None) -> bool:
+    request = urllib.request.Request(f"{url}/health")
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
     try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+        with urllib.request.urlopen(request, timeout=2) as r:
             return r.status == 200
     except OSError:
         return False
@@ -38,7 +46,7 @@ def _healthy(url: str) -> bool:
 
 @contextlib.contextmanager
 def prefect_api(host: str = "127.0.0.1", timeout: float = 90.0) -> Iterator[str]:
-    """Yield a Prefect API URL: the configured one, else a private server started for the block."""
+    """Yield a Prefect API URL: the configured one, else a private server started for the block on ``host``."""
     existing = os.environ.get("PREFECT_API_URL")
     if existing:
         yield existing
@@ -50,20 +58,30 @@ def prefect_api(host: str = "127.0.0.1", timeout: float = 90.0) -> Iterator[str]
     logfile = open(home / "everest-server.log", "ab")  # noqa: SIM115 - closed in finally
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port),
            "--analytics-off", "--no-ui"]
-    proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
+    # Reachable from other machines: only clients holding this run's password may use it.
+    auth = None if ipaddress.ip_address(host).is_loopback else f"everest:{secrets.token_urlsafe(24)}"
+    env = {**os.environ, **({"PREFECT_SERVER_API_AUTH_STRING": auth} if auth else {})}
+    print(f"starting a private Prefect server on {host}:{port} for this run (history kept in {home}) ...",
+          file=sys.stderr, flush=True)
+    proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
         deadline = time.monotonic() + timeout
-        while not _healthy(url):
+        while not _healthy(url, auth):
             if proc.poll() is not None:
                 raise RuntimeError(f"prefect server exited with status {proc.returncode}; see {logfile.name}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"prefect server did not answer at {url} within {timeout:.0f} s; see {logfile.name}")
             time.sleep(0.5)
         log.info("started a private Prefect server at %s (history kept in %s)", url, home)
-        from prefect.settings import PREFECT_API_URL, temporary_settings
+        from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
-        os.environ["PREFECT_API_URL"] = url  # inherited by Dask worker processes started later
-        with temporary_settings(updates={PREFECT_API_URL: url}):
+        # Inherited by Dask worker processes started later, and passed into batch jobs (pass_env).
+        os.environ["PREFECT_API_URL"] = url
+        updates: dict[Any, str] = {PREFECT_API_URL: url}
+        if auth:
+            os.environ["PREFECT_API_AUTH_STRING"] = auth
+            updates[PREFECT_API_AUTH_STRING] = auth
+        with temporary_settings(updates=updates):
             try:
                 yield url
             finally:
@@ -72,6 +90,7 @@ def prefect_api(host: str = "127.0.0.1", timeout: float = 90.0) -> Iterator[str]
                 APILogWorker.drain_all(timeout=10)  # ship buffered run logs before the server goes away
     finally:
         os.environ.pop("PREFECT_API_URL", None)
+        os.environ.pop("PREFECT_API_AUTH_STRING", None)
         proc.terminate()
         try:
             proc.wait(timeout=20)

@@ -4,6 +4,7 @@ clearly and all at once, and the local profile builds a real LocalCluster."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import dask
@@ -63,7 +64,13 @@ def test_shipped_profiles_load_with_their_documented_shape():
         assert p.walltime == "12:00:00" and p.gpus_per_worker == 1 and p.uses_gpus
         assert p.adapt_kwargs() == {"minimum_jobs": 0, "maximum_jobs": 45}
         kw = p.cluster_kwargs()
-        assert (kw["cores"], kw["processes"], kw["worker_extra_args"]) == (1, 1, ["--resources", "GPU=1"])
+        # Workers retire 10 min +/- 5 min before the 12 h walltime: lifetime 12h - 10m - 5m = 42,300 s.
+        assert (kw["cores"], kw["processes"], kw["worker_extra_args"]) == (
+            1, 1, ["--resources", "GPU=1", "--preload", "flows.worker_setup",
+                   "--lifetime", "42300s", "--lifetime-stagger", "300s"])
+        # TLS with a per-run certificate by default; the dashboard on loopback only.
+        assert kw["security"].require_encryption and "BEGIN CERTIFICATE" in kw["security"].tls_ca_file
+        assert kw["scheduler_options"]["dashboard_address"] == "127.0.0.1:8787"
     assert pbs.resource_spec() == "select=1:ncpus=4:mem=32gb:ngpus=1"
     assert slurm.queue == "gpu"  # written as `partition` in the file
     assert pbs.source == str(DEPLOYMENTS / "pbs.yaml")
@@ -93,7 +100,8 @@ def test_pbs_job_script_has_the_site_request(tmp_path):
         f"#PBS -e {tmp_path / 'logs'}/",
     ):
         assert directive in lines
-    prologue = ["module load cuda", 'source "$HOME/everest/.venv/bin/activate"',
+    # The worker's own environment goes first on PATH: PBS Pro does not pass the submitting shell's.
+    prologue = ["module load cuda", 'export PATH=/opt/everest/bin:"$PATH"',
                 "export PREFECT_LOGGING_EXTRA_LOGGERS=everest", "export OMP_NUM_THREADS=4"]
     assert all(line in lines for line in prologue)
     assert lines.index(prologue[0]) < lines.index(prologue[1]) < lines.index(prologue[2])
@@ -101,6 +109,8 @@ def test_pbs_job_script_has_the_site_request(tmp_path):
     assert worker.startswith(f"/opt/everest/bin/python -m distributed.cli.dask_worker {SCHEDULER_PLACEHOLDER}")
     assert "--nthreads 1" in worker and "--resources GPU=1" in worker and "--interface ib0" in worker
     assert "--memory-limit 32.00GiB" in worker and '--local-directory ${TMPDIR:-/tmp}' in worker
+    assert "--protocol tls:// --tls-ca-file <output>/.dask-tls/ca_file" in worker
+    assert "--tls-key <output>/.dask-tls/worker_key" in worker
 
 
 def test_pbs_gpu_type_and_cpu_jobs():
@@ -142,7 +152,11 @@ def test_job_script_is_what_the_cluster_submits(tmp_path):
         with profile.make_cluster() as cluster:  # starts a scheduler on lo, submits nothing
             real = cluster.job_script()
             address = cluster.scheduler_address
-        assert real == profile.job_script().replace(SCHEDULER_PLACEHOLDER, address)
+        assert address.startswith("tls://127.0.0.1:")  # TLS by default, on the test machine's loopback
+        # The run's certificate files have random names; the rendered script names their folder only.
+        real = re.sub(r"(--tls-[a-z-]+) \S+/\.dask-jobqueue\.worker\.(\w+)\.\w+", r"\1 <output>/.dask-tls/\2", real)
+        rendered = profile.job_script().replace(SCHEDULER_PLACEHOLDER, address)
+        assert real == re.sub(r"<output>/\.dask-tls/worker_(\w+)", r"<output>/.dask-tls/\1", rendered)
 
 
 def test_walltime_forms_and_quoting(write_profile):
