@@ -24,6 +24,7 @@ import json
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -128,6 +129,13 @@ def experiment_cache_key(context: TaskRunContext, parameters: dict[str, Any]) ->
     return f"{spec['name']}-{spec['config_hash']}-{data}-{CACHE_VERSION}"
 
 
+def api_unreachable(err: BaseException) -> bool:
+    """A connection error to the Prefect API (a restarting server, a network blip, a wrong address)."""
+    import httpx
+
+    return isinstance(err, httpx.TransportError) or "Failed to reach API" in str(err)
+
+
 def is_infrastructure_error(task: Any, task_run: Any, state: Any) -> bool:
     """Retry condition: retry infrastructure failures, never a diverged run or bad input."""
     from everest.train import TimeLimitReached, TrainingDiverged
@@ -139,12 +147,9 @@ def is_infrastructure_error(task: Any, task_run: Any, state: Any) -> bool:
     except TimeLimitReached:
         return True
     except Exception as err:  # noqa: BLE001 - classifying, not swallowing: the state keeps the error
-        import httpx
-
         text = f"{type(err).__name__}: {err}".lower()
-        # httpx.TransportError: the Prefect API was briefly unreachable (a restarting server, a network blip).
-        return (isinstance(err, OSError | MemoryError | httpx.TransportError) or "out of memory" in text
-                or "cuda" in text)
+        return (isinstance(err, OSError | MemoryError) or api_unreachable(err)
+                or "out of memory" in text or "cuda" in text)
     return False
 
 
@@ -266,12 +271,16 @@ def check_data_dir(params: ProductionParameters) -> None:
     expected = [data_file(folder, Target.parse(t), split) for t in params.targets for split in ("train", "test")]
     names = ", ".join(f.name for f in expected)
     if not folder.is_dir():
-        raise DataError(f"data folder {folder} ({folder.absolute()}) does not exist; expected the SHARP tables "
-                        f"{names} there")
+        raise DataError(f"data folder {_shown(folder)} does not exist; expected the SHARP tables {names} there")
     missing = [f.name for f in expected if not f.is_file()]
     if missing:
-        raise DataError(f"data folder {folder} ({folder.absolute()}) lacks {len(missing)} of the {len(expected)} "
-                        f"tables the targets need: {', '.join(missing)}")
+        raise DataError(f"data folder {_shown(folder)} lacks {len(missing)} of the {len(expected)} tables the "
+                        f"targets need: {', '.join(missing)}")
+
+
+def _shown(folder: Path) -> str:
+    """A folder as given, plus its absolute path when relative (a relative path resolves per machine)."""
+    return str(folder) if folder.is_absolute() else f"{folder} ({folder.absolute()})"
 
 
 def _is_loopback(host: str | None) -> bool:
@@ -360,28 +369,38 @@ def _run_locked(params: ProductionParameters, site: Profile) -> Any:
 
     _bind_cluster_to_run(site, out)
     clear_submission_failures()
-    futures = []
-    for exp in experiments:
+    def submit(exp: Experiment) -> Any:
         spec = {"name": exp.name, "experiment": exp.model_dump(mode="json"), "config": cfg.model_dump(mode="json"),
                 "config_hash": cfg.config_hash(), "data_hashes": hashes[str(exp.target)],
                 "data_dir": str(data_dir.resolve()), "output_dir": str(out.resolve()), "force": params.force,
                 "torch_threads": site.threads}
         with dask.annotate(resources={"GPU": 1}) if site.uses_gpus else contextlib.nullcontext():
-            futures.append((exp, trainer_task.submit(spec)))
+            return trainer_task.submit(spec)
 
+    futures = [(exp, submit(exp)) for exp in experiments]
     rows, failures = [], []
     for exp, fut in futures:
-        try:
-            rows.append(_settle(fut))
-        except Exception as err:  # noqa: BLE001 - every failure is recorded, reported and fails the run
-            if type(err).__name__ == "KilledWorker":
-                _mark_crashed(fut.task_run_id, f"Dask gave up after repeated worker deaths: {err}")
-            logger.error("%s failed: %s: %s", exp.name, type(err).__name__, err)
-            failures.append(_record_failure(results_dir, exp, err))
-        finally:
-            release = getattr(fut.wrapped_future, "release", None)  # Dask futures only
-            if release is not None:
-                release()  # else a finished task is recomputed if its worker dies later
+        for attempt in range(RETRIES + 1):
+            try:
+                rows.append(_settle(fut))
+                break
+            except Exception as err:  # noqa: BLE001 - every failure is recorded, reported and fails the run
+                if attempt < RETRIES and api_unreachable(err):
+                    # The task never started: its worker could not reach the Prefect API. Try again later.
+                    logger.warning("%s: the worker could not reach the Prefect API (%s); resubmitting in %d s",
+                                   exp.name, err, RETRY_DELAY_SECONDS)
+                    time.sleep(RETRY_DELAY_SECONDS)
+                    fut = submit(exp)
+                    continue
+                if type(err).__name__ == "KilledWorker":
+                    _mark_crashed(fut.task_run_id, f"Dask gave up after repeated worker deaths: {err}")
+                logger.error("%s failed: %s: %s", exp.name, type(err).__name__, err)
+                failures.append(_record_failure(results_dir, exp, err))
+                break
+            finally:
+                release = getattr(fut.wrapped_future, "release", None)  # Dask futures only
+                if release is not None:
+                    release()  # else a finished task is recomputed if its worker dies later
 
     summary = analyse(str(results_dir), str(out), params.targets, params.seeds)
     publish_report(summary.get("report", ""), rows, failures)
@@ -423,17 +442,18 @@ def _check_writable(out: Path) -> None:
         raise ConfigError(f"output directory {out} is not writable: {err}") from None
 
 
-def make_flow(profile: str | Profile) -> Any:
+def make_flow(profile: str | Profile, name: str | None = None) -> Any:
     """The flow ``everest-production`` bound to one cluster profile's Dask task runner.
 
     ``profile`` is a profile name, a YAML path or a :class:`~flows.profiles.Profile` (tests shrink the
-    site profiles with ``for_test_machine``). Parameters are flat, not one nested object, because
+    site profiles with ``for_test_machine``); ``name`` is what the ``profile`` parameter must say (default:
+    the name given, or the profile's kind). Parameters are flat, not one nested object, because
     deployment parameters merge shallowly.
     """
     from prefect_dask import DaskTaskRunner
 
     site = load_profile(profile)
-    profile_name = profile if isinstance(profile, str) else site.kind
+    profile_name = name or (profile if isinstance(profile, str) else site.kind)
     defaults = ProductionParameters(profile=profile_name)
 
     def everest_production(
@@ -563,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     run_name = f"everest-{uuid.uuid4().hex[:12]}"
     with prefect_api(host=host or "127.0.0.1"):
         # Built inside: batch job scripts must carry this run's PREFECT_API_URL.
-        run = make_flow(site).with_options(flow_run_name=run_name)
+        run = make_flow(site, name=args.profile).with_options(flow_run_name=run_name)
         try:
             state = run(**params.model_dump(), return_state=True)
         except KeyboardInterrupt:
