@@ -66,21 +66,71 @@ everest_run_forwarding() {
     return "$status"
 }
 
-# Record a failed sub-job where the analysis looks for it: results/<experiment>/failure.json.
+# Pin this job to one GPU of its node when the site does not. Without a cgroup/GPU hook that sets
+# CUDA_VISIBLE_DEVICES per job (or exclusive nodes), every job on a multi-GPU node would train on
+# GPU 0. A free index is claimed by an exclusive flock on a per-node lock file, one per index of
+# `nvidia-smi -L`; the lock lives on an open descriptor of this shell, which the training inherits,
+# so it is held for the life of the job and released by the kernel however the job ends. When every
+# GPU is held the job waits for one rather than share it. Does nothing when CUDA_VISIBLE_DEVICES is
+# already set (even empty: the site decided), when EVEREST_PIN_GPU=0, or without nvidia-smi.
+everest_claim_gpu() {
+    [[ -n ${CUDA_VISIBLE_DEVICES+set} || ${EVEREST_PIN_GPU:-1} == 0 ]] && return 0
+    command -v nvidia-smi >/dev/null 2>&1 || return 0
+    local -a gpus=()
+    mapfile -t gpus < <(nvidia-smi -L 2>/dev/null | sed -n 's/^GPU \([0-9][0-9]*\):.*/\1/p')
+    ((${#gpus[@]})) || return 0
+    if ! command -v flock >/dev/null 2>&1; then
+        everest_log "no 'flock' command: cannot pin this job to one of the ${#gpus[@]} GPUs of $(hostname)"
+        return 0
+    fi
+    local dir=${EVEREST_GPU_LOCK_DIR:-/tmp} poll=${EVEREST_GPU_POLL_SECONDS:-15} gpu lock fd waiting=0 opened
+    while :; do
+        opened=0
+        for gpu in "${gpus[@]}"; do
+            lock=$dir/everest-gpu-$gpu.lock
+            # World-readable, so that jobs of other users can lock it too (flock needs only read access).
+            [[ -e $lock ]] || (umask 0 && : >>"$lock") 2>/dev/null
+            [[ -r $lock ]] || continue
+            exec {fd}<"$lock"
+            opened=$((opened + 1))
+            if flock -n -x "$fd"; then
+                export CUDA_VISIBLE_DEVICES=$gpu
+                # nvidia-smi numbers GPUs in PCI bus order; CUDA's default order may differ.
+                export CUDA_DEVICE_ORDER=${CUDA_DEVICE_ORDER:-PCI_BUS_ID}
+                everest_log "pinned to GPU $gpu of $(hostname) (lock $lock): CUDA_VISIBLE_DEVICES=$gpu"
+                return 0
+            fi
+            exec {fd}<&-
+        done
+        if ((!opened)); then
+            everest_err "cannot create or read the GPU lock files $dir/everest-gpu-<index>.lock: this job is not pinned to a GPU (set EVEREST_GPU_LOCK_DIR in cluster/site.sh)"
+            return 0
+        fi
+        if ((!waiting)); then
+            everest_log "all ${#gpus[@]} GPUs of $(hostname) are held by other EVEREST jobs: waiting for one (see GPU isolation in cluster/README.md)"
+            waiting=1
+        fi
+        sleep "$poll"
+    done
+}
+
+# False when the training arguments ask for the CPU (--device cpu, --set train.device=cpu).
+everest_wants_gpu() {
+    local prev="" arg
+    for arg in "$@"; do
+        [[ $arg == --device=cpu || $arg == train.device=cpu || $arg == --set=train.device=cpu ||
+           ($prev == --device && $arg == cpu) ]] && return 1
+        prev=$arg
+    done
+    return 0
+}
+
+# Record a failed sub-job where the analysis looks for it: results/<experiment>/failure.json (earlier
+# results of that experiment are moved aside, so the folder never shows them beside the failure).
 everest_write_failure() {
     local index=$1 status=$2 message=$3
-    "$EVEREST_PY" -c '
-import datetime as dt, sys
-from pathlib import Path
-from everest import io
-from everest.config import Experiment
-index, status, out, message = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
-exp = Experiment.from_array_index(index)
-io.write_json(out / "results" / exp.name / "failure.json", {
-    "experiment": exp.name, "target": str(exp.target), "seed": exp.seed,
-    "error_type": f"ExitStatus{status}", "error": message[-2000:],
-    "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
-' "$index" "$status" "$EVEREST_OUTPUT_DIR" "$message" || everest_err "could not write failure.json for array index $index"
+    "$EVEREST_PY" -m everest.results failure --output-dir "$EVEREST_OUTPUT_DIR" --array-index "$index" \
+        --status "$status" --message="$message" || everest_err "could not write failure.json for array index $index"
 }
 
 # One training sub-job: map the array slot to an experiment index (through EVEREST_INDEX_FILE when
@@ -137,6 +187,7 @@ everest_train_task() {
     fi
     local -a cmd=("$EVEREST_PY" -m everest.train --array-index "$index" --data-dir "$EVEREST_DATA_DIR"
                   --output-dir "$EVEREST_OUTPUT_DIR" "${extra[@]}" "$@")
+    everest_wants_gpu "${cmd[@]}" && everest_claim_gpu
     everest_log "experiment $index = $name (array slot $slot, job $job) on $(hostname), GPUs: ${CUDA_VISIBLE_DEVICES:-none}, $(date -Is)"
     everest_log "running: $(printf '%q ' "${cmd[@]}")"
 
@@ -145,7 +196,7 @@ everest_train_task() {
     status=$?
     meaning=$(everest_train_status_meaning "$status")
     if ((status == 0)); then
-        rm -f "$EVEREST_OUTPUT_DIR/results/$name/failure.json"
+        # The training itself removed any failure.json of an earlier attempt before writing results.json.
         everest_log "experiment $index = $name: $meaning, $(date -Is)"
     else
         everest_err "experiment $index = $name FAILED with exit status $status: $meaning"
@@ -334,8 +385,11 @@ everest_submit_main() {
     _everest_check_path --data-dir "$data_dir"
     _everest_check_path --output-dir "$output_dir"
     _everest_check_path "the cluster directory" "$EVEREST_CLUSTER_DIR"
+    everest_default_env
     _everest_check_path EVEREST_VENV "${EVEREST_VENV:-}"
     _everest_check_path EVEREST_PYTHON "${EVEREST_PYTHON:-}"
+    _everest_check_path EVEREST_GPU_LOCK_DIR "${EVEREST_GPU_LOCK_DIR:-}"
+    [[ ${EVEREST_PIN_GPU:-1} == [01] ]] || SUBMIT_ERRORS+=("invalid EVEREST_PIN_GPU '${EVEREST_PIN_GPU}': expected 1 or 0")
 
     # The Python side checks targets, seeds, indices, the configuration and the data files, and lists
     # the experiments. Values reach it as separate arguments, never through a shell line.
@@ -389,7 +443,10 @@ everest_submit_main() {
     SUBMIT_DATA_DIR=$data_dir
     SUBMIT_OUTPUT_DIR=$output_dir
     SUBMIT_LOG_DIR=$output_dir/logs
-    SUBMIT_RUN_DIR=$output_dir/submissions/$(date +%Y%m%d-%H%M%S)-$$
+    # The scheduler's own stdout/stderr files of every job (PBS: <job id>.OU), instead of the
+    # directory the user happened to submit from.
+    SUBMIT_SCHED_DIR=$output_dir/submissions
+    SUBMIT_RUN_DIR=$SUBMIT_SCHED_DIR/$(date +%Y%m%d-%H%M%S)-$$
     _everest_check_path "the submission directory" "$SUBMIT_RUN_DIR"
     # The array slot -> experiment index list, for schedulers whose arrays are one plain range.
     SUBMIT_INDEX_LINES=()
@@ -415,6 +472,7 @@ everest_submit_main() {
     echo "# experiment indices: ${exp_indices[*]}"
     echo "# data: $data_dir"
     echo "# output: $output_dir (logs in $SUBMIT_LOG_DIR)"
+    echo "# environment of the jobs: $EVEREST_ENV_NOTE"
     echo "# job files in $SUBMIT_RUN_DIR:"
     ((${#SUBMIT_INDEX_LINES[@]})) && echo "#   indices.txt:   ${SUBMIT_INDEX_LINES[*]}"
     echo "#   train.args:    ${train_args[*]}"
@@ -445,15 +503,28 @@ everest_submit_main() {
     ((${#analysis_args[@]})) || : >"$SUBMIT_RUN_DIR/analysis.args"
 
     everest_show_cmd "${ARRAY_CMD[@]}"
-    out=$("${ARRAY_CMD[@]}") || { everest_err "submitting the training array failed: ${out}"; return 1; }
-    array_id=$(backend_job_id "$out") || { everest_err "cannot read a job id from the submit output: '$out'"; return 1; }
+    if ! everest_run_submit "${ARRAY_CMD[@]}"; then
+        everest_err "submitting the training array failed: $SUBMIT_FAILURE"
+        return 1
+    fi
+    out=$SUBMIT_OUT
+    array_id=$(backend_job_id "$out") || {
+        everest_err "cannot read a job id from the output of ${ARRAY_CMD[0]}: '$out'${SUBMIT_ERR:+ (stderr: $SUBMIT_ERR)}"
+        return 1
+    }
     echo "training array: $array_id"
     printf 'array\t%s\n' "$array_id" >"$SUBMIT_RUN_DIR/jobs.txt"
     if ((!no_analysis)); then
         backend_analysis_cmd "$array_id"
         everest_show_cmd "${ANALYSIS_CMD[@]}"
-        if ! out=$("${ANALYSIS_CMD[@]}") || ! analysis_id=$(backend_job_id "$out"); then
-            everest_err "the training array $array_id is submitted, but submitting the analysis job failed: '$out'"
+        if ! everest_run_submit "${ANALYSIS_CMD[@]}"; then
+            everest_err "the training array $array_id is submitted, but submitting the analysis job failed: $SUBMIT_FAILURE"
+            everest_err "submit it by hand: $(everest_show_cmd "${ANALYSIS_CMD[@]}")"
+            return 1
+        fi
+        out=$SUBMIT_OUT
+        if ! analysis_id=$(backend_job_id "$out"); then
+            everest_err "the training array $array_id is submitted, but no analysis job id in the output of ${ANALYSIS_CMD[0]}: '$out'${SUBMIT_ERR:+ (stderr: $SUBMIT_ERR)}"
             everest_err "submit it by hand: $(everest_show_cmd "${ANALYSIS_CMD[@]}")"
             return 1
         fi
@@ -461,6 +532,66 @@ everest_submit_main() {
         printf 'analysis\t%s\n' "$analysis_id" >>"$SUBMIT_RUN_DIR/jobs.txt"
     fi
     backend_monitor "$array_id" "$analysis_id"
+}
+
+# Run a submit command (qsub, sbatch): its stdout in SUBMIT_OUT, its stderr in SUBMIT_ERR. On failure
+# SUBMIT_FAILURE says what the scheduler said (stderr is where it explains a refusal, e.g.
+# "qsub: Unknown queue"); on success its stderr, if any (warnings), is passed on. Returns its status.
+everest_run_submit() {
+    local errfile status
+    SUBMIT_OUT="" SUBMIT_ERR="" SUBMIT_FAILURE=""
+    errfile=$(mktemp "${TMPDIR:-/tmp}/everest-submit.XXXXXX") || errfile=""
+    SUBMIT_OUT=$("$@" 2>"${errfile:-/dev/stderr}")
+    status=$?
+    if [[ -n $errfile ]]; then
+        SUBMIT_ERR=$(<"$errfile")
+        rm -f "$errfile"
+    fi
+    if ((status)); then
+        local said=${SUBMIT_ERR:-$SUBMIT_OUT}
+        SUBMIT_FAILURE="$1 exited with status $status: ${said:-no message}"
+    elif [[ -n $SUBMIT_ERR ]]; then
+        printf '%s\n' "$SUBMIT_ERR" >&2
+    fi
+    return "$status"
+}
+
+# PBS Pro starts a job with a bare login environment, not the submitting shell's: a job whose
+# environment is only activated in the submitting shell dies on "No module named pandas". So when
+# EVEREST_VENV is not set, take the environment the submitter is using: the active virtual
+# environment, else the one of the python3/python on PATH that can import everest (as EVEREST_VENV
+# when it has bin/activate, else that interpreter as EVEREST_PYTHON). The jobs get it through
+# everest_job_env; EVEREST_ENV_NOTE says which one it is.
+everest_default_env() {
+    local default_venv=$EVEREST_CLUSTER_DIR/../.venv cand py prefix
+    if [[ -n ${EVEREST_VENV:-} ]]; then
+        EVEREST_ENV_NOTE="EVEREST_VENV=$EVEREST_VENV"
+        return 0
+    fi
+    if [[ -n ${VIRTUAL_ENV:-} ]]; then
+        EVEREST_VENV=$VIRTUAL_ENV
+        EVEREST_ENV_NOTE="EVEREST_VENV=$EVEREST_VENV (the active virtual environment; set EVEREST_VENV to choose another)"
+        return 0
+    fi
+    for cand in python3 python; do
+        py=$(command -v "$cand") || continue
+        # Without the current directory on sys.path: a checkout there is not what the job will see.
+        prefix=$("$py" -c 'import sys; sys.path = [p for p in sys.path if p not in ("", ".")]
+import everest, pandas; print(sys.prefix)' 2>/dev/null) || continue
+        if [[ -f $prefix/bin/activate ]]; then
+            EVEREST_VENV=$prefix
+            EVEREST_ENV_NOTE="EVEREST_VENV=$EVEREST_VENV (the environment of $py, which imports everest; set EVEREST_VENV to choose another)"
+        else
+            [[ ${EVEREST_PYTHON:-python} == python ]] && EVEREST_PYTHON=$py
+            EVEREST_ENV_NOTE="EVEREST_PYTHON=$EVEREST_PYTHON ($py imports everest; set EVEREST_VENV to choose an environment)"
+        fi
+        return 0
+    done
+    if [[ -f $default_venv/bin/activate ]]; then
+        EVEREST_ENV_NOTE="the project's $(cd -- "$default_venv" && pwd) (cluster/site.sh default)"
+    else
+        EVEREST_ENV_NOTE="none found that imports everest: the jobs run '${EVEREST_PYTHON:-python}' from the compute node's PATH; set EVEREST_VENV or edit everest_activate in cluster/site.sh"
+    fi
 }
 
 # The variables every job needs, as NAME=value words (the backend joins them with commas).
@@ -472,6 +603,8 @@ everest_job_env() {
     [[ ${EVEREST_PYTHON:-python} != python ]] && env+=("EVEREST_PYTHON=$EVEREST_PYTHON")
     if [[ $kind == train ]]; then
         env+=("EVEREST_TRAIN_ARGS_FILE=$SUBMIT_RUN_DIR/train.args")
+        [[ ${EVEREST_PIN_GPU:-1} == 1 ]] || env+=("EVEREST_PIN_GPU=$EVEREST_PIN_GPU")
+        [[ ${EVEREST_GPU_LOCK_DIR:-/tmp} == /tmp ]] || env+=("EVEREST_GPU_LOCK_DIR=$EVEREST_GPU_LOCK_DIR")
     else
         env+=("EVEREST_ANALYSIS_ARGS_FILE=$SUBMIT_RUN_DIR/analysis.args")
     fi

@@ -15,8 +15,10 @@ everest_activate() {
     #   module purge && module load cuda/12.4 || return 1
     #   source "$HOME/miniforge3/etc/profile.d/conda.sh" && conda activate everest || return 1
 
-    # Default: the project's own virtual environment (made by `make install`), when it exists;
-    # EVEREST_VENV names another one. Without either, `python` on PATH is used.
+    # Default: EVEREST_VENV, which the submit scripts set, when it is not set already, to the
+    # environment you submit from (the active virtual environment, else the python3/python on PATH
+    # that imports everest) and pass to the jobs; else the project's own virtual environment (made
+    # by `make install`), when it exists. Without either, `python` on PATH is used.
     local venv=${EVEREST_VENV:-$EVEREST_CLUSTER_DIR/../.venv}
     if [[ -f $venv/bin/activate ]]; then
         # shellcheck disable=SC1091  # the path is only known at run time
@@ -53,3 +55,12 @@ everest_activate() {
 : "${EVEREST_ANALYSIS_CPUS:=}"
 : "${EVEREST_ANALYSIS_MEM:=}"
 : "${EVEREST_ANALYSIS_WALLTIME:=}"
+
+# ---------------------------------------------------------------- GPU isolation
+# Where the site sets CUDA_VISIBLE_DEVICES per job (a cgroup/GPU hook; SLURM with gres), or gives
+# each job a whole node, nothing is needed. Otherwise every training sub-job pins itself to a free
+# GPU of its node through an flock on EVEREST_GPU_LOCK_DIR/everest-gpu-<index>.lock (a directory
+# local to the node) and exports CUDA_VISIBLE_DEVICES; see "GPU isolation" in cluster/README.md.
+# EVEREST_PIN_GPU=0 turns that off.
+: "${EVEREST_PIN_GPU:=1}"
+: "${EVEREST_GPU_LOCK_DIR:=/tmp}"

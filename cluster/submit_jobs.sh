@@ -14,6 +14,9 @@
 # The analysis waits with `-W depend=afterany:<id>[]`: it starts when every sub-job has ended,
 # failed ones included, so its report lists the failures. `--depend afterok` instead starts it only
 # when all sub-jobs succeeded (PBS then deletes the analysis job after any failure).
+# PBS Pro does not pass the submitting shell's environment on: the jobs get their settings through
+# -v, including EVEREST_VENV (default: the active virtual environment, see everest_default_env), and
+# PBS's own output files go to <output>/submissions/ (-o), not to the directory you submit from.
 set -uo pipefail
 
 EVEREST_CLUSTER_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd) || exit 1
@@ -49,19 +52,26 @@ _pbs_options() {
     SCHED_OPTS+=("$1")
 }
 
+# Without -o PBS copies a job's output file to the directory qsub ran in. A path ending in "/" names
+# a directory: PBS writes <job id>.OU there, e.g. 1234[7].server.OU per sub-job (-e as well, should
+# a site drop -j oe).
+_pbs_output_opts() { PBS_OUTPUT_OPTS=(-o "$SUBMIT_SCHED_DIR/" -e "$SUBMIT_SCHED_DIR/"); }
+
 backend_array_cmd() {
+    _pbs_output_opts
     _pbs_options "$EVEREST_CLUSTER_DIR/submit_production_array.pbs" "${EVEREST_TRAIN_CPUS:-}" \
         "${EVEREST_TRAIN_MEM:-}" "${EVEREST_TRAIN_WALLTIME:-}" "${EVEREST_GPU_TYPE:-}"
-    ARRAY_CMD=(qsub -N everest-train -J "1-${#SUBMIT_INDEX_LINES[@]}" -j oe
+    ARRAY_CMD=(qsub -N everest-train -J "1-${#SUBMIT_INDEX_LINES[@]}" -j oe "${PBS_OUTPUT_OPTS[@]}"
                -v "$(everest_job_env train),EVEREST_INDEX_FILE=$SUBMIT_RUN_DIR/indices.txt" "${SCHED_OPTS[@]}")
 }
 
 backend_analysis_cmd() {
+    _pbs_output_opts
     _pbs_options "$EVEREST_CLUSTER_DIR/submit_analysis.pbs" "${EVEREST_ANALYSIS_CPUS:-}" \
         "${EVEREST_ANALYSIS_MEM:-}" "${EVEREST_ANALYSIS_WALLTIME:-}" "" "${EVEREST_ANALYSIS_QUEUE:-}"
     # PBS Pro names an array job 1234[].server: the dependency on it waits for all its sub-jobs.
-    ANALYSIS_CMD=(qsub -N everest-analysis -j oe -W "depend=$SUBMIT_DEPEND:$1" -v "$(everest_job_env analysis)"
-                  "${SCHED_OPTS[@]}")
+    ANALYSIS_CMD=(qsub -N everest-analysis -j oe "${PBS_OUTPUT_OPTS[@]}" -W "depend=$SUBMIT_DEPEND:$1"
+                  -v "$(everest_job_env analysis)" "${SCHED_OPTS[@]}")
 }
 
 backend_job_id() {  # qsub prints the id: 1234[].server for an array, 1235.server for a job
@@ -77,6 +87,7 @@ Monitor:   qstat -t $1          (one line per sub-job; finished ones with: qstat
            qstat ${2:-<analysis job>}
            qstat -x -f '<number>[K].<server>'   (sub-job K in detail, e.g. its Exit_status)
 Cancel:    qdel $1${2:+; qdel $2}
+PBS files: $SUBMIT_SCHED_DIR/<job id>.OU (what a job printed before its log started, e.g. a failed activation)
 EOF_MONITOR
     everest_monitor_common
 }

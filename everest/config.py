@@ -277,6 +277,17 @@ class DataConfig(_Frozen):
         return v
 
 
+# Settings that decide how a run executes, not what it computes (left out of the config hash): where it
+# runs and with how many threads, the evaluation batch size (at most last-bit float differences), the
+# time limit (a stopped run resumes from its checkpoint) and the sample cache (identical arrays).
+# train.cuda_graphs and train.compile stay in the hash: on CPU they are ignored, but on CUDA the graph-
+# replayed step is not proven bit-identical to the eager one.
+RUN_CONTROL: dict[str, frozenset[str]] = {
+    "train": frozenset({"device", "num_threads", "eval_batch_size", "time_limit_minutes"}),
+    "data": frozenset({"cache"}),
+}
+
+
 class EverestConfig(_Frozen):
     """The effective configuration of an experiment: everything that can change its result."""
 
@@ -295,8 +306,13 @@ class EverestConfig(_Frozen):
         return v
 
     def config_hash(self) -> str:
-        """Stable 16-hex-digit hash of the effective configuration (canonical sorted JSON)."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """Stable 16-hex-digit hash of the settings that can change a result (canonical sorted JSON).
+
+        The :data:`RUN_CONTROL` settings are left out, so changing them keeps finished results and
+        checkpoints.
+        """
+        science = self.model_dump(mode="json", exclude={k: set(v) for k, v in RUN_CONTROL.items()})
+        blob = json.dumps(science, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def with_overrides(self, overrides: dict[str, Any] | list[str]) -> EverestConfig:

@@ -75,18 +75,22 @@ class LockedError(RuntimeError):
 
 @contextlib.contextmanager
 def exclusive_lock(path: str | Path, what: str) -> Iterator[Path]:
-    """Hold an exclusive advisory lock (``flock``) on ``path`` for the block, or raise :class:`LockedError`.
+    """Hold an exclusive lock on ``path`` for the block, or raise :class:`LockedError` naming the holder.
 
-    The lock dies with its process (no stale lock after a crash); the file records the holder for the
-    message. Works on local file systems and NFSv4; on file systems without ``flock`` it raises OSError.
+    Normally an advisory ``flock``: it dies with its process (no stale lock after a crash) and works on
+    local file systems and NFSv4; the file records the holder for the message. Lustre and GPFS mounted
+    without flock support refuse it (ENOLCK, EOPNOTSUPP, ENOSYS, ...); then the lock is the existence
+    of ``<path>.excl``, created with ``O_EXCL`` and holding user, host, pid and start time, removed at
+    the end of the block. A crash leaves that file behind. It is never taken over automatically: a
+    dead pid on this host proves little where containers share a host name and a file system, and two
+    processes removing the same stale file would both believe they hold the lock. Instead the error
+    says it is stale (same host, pid gone) and which file to delete.
     """
     import fcntl
-    import platform
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(path, "a+")  # noqa: SIM115 - closed in finally
-    try:
+    with open(path, "a+") as fh:  # closing releases the lock
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -94,14 +98,101 @@ def exclusive_lock(path: str | Path, what: str) -> Iterator[Path]:
             holder = fh.read().strip() or "another process"
             raise LockedError(f"{what} is in use by {holder}; wait for it to finish or use another output "
                               f"directory (lock file {path})") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()} on {platform.node()} since "
-                 f"{datetime.datetime.now().isoformat(timespec='seconds')}\n")
-        fh.flush()
+        except OSError as err:  # this file system has no flock
+            flock_error = err
+        else:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()} on {_host()} since {_now()}\n")
+            fh.flush()
+            yield path
+            return
+    with _exclusive_file(path.with_name(path.name + ".excl"), what, flock_error):
         yield path
+
+
+@contextlib.contextmanager
+def _exclusive_file(lock: Path, what: str, flock_error: OSError) -> Iterator[None]:
+    """The lock as a file that only one process can create (``O_EXCL``), removed on exit."""
+    import logging
+    import uuid
+
+    holder = {"user": _user(), "host": _host(), "pid": os.getpid(), "since": _now(), "token": uuid.uuid4().hex}
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        raise LockedError(_held_message(lock, what)) from None
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(holder) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        lock.unlink(missing_ok=True)
+        raise
+    logging.getLogger(__name__).info("%s: no flock on this file system (%s); locked by creating %s",
+                                     what, flock_error.strerror or flock_error, lock)
+    try:
+        yield
     finally:
-        fh.close()  # closing releases the lock
+        # Only our own file: someone may have deleted a lock they took for stale and made their own.
+        if _read_holder(lock).get("token") == holder["token"]:
+            lock.unlink(missing_ok=True)
+
+
+def _held_message(lock: Path, what: str) -> str:
+    info = _read_holder(lock)
+    try:
+        pid = int(info["pid"])
+        host, user, since = str(info["host"]), str(info.get("user", "?")), str(info.get("since", "?"))
+        if pid <= 0:
+            raise ValueError(pid)
+    except (KeyError, TypeError, ValueError):
+        return (f"{what} is locked by {lock}, which names no holder (being written, or left by a crash); "
+                f"if no EVEREST run uses it, delete {lock} and start again")
+    if host == _host() and not _pid_alive(pid):
+        return (f"{what} is locked by a stale lock file: pid {pid} of user {user} on this host ({host}), "
+                f"started {since}, is no longer running. Delete {lock} and start again")
+    return (f"{what} is in use by pid {pid} on {host} (user {user}) since {since}; wait for it to finish or "
+            f"use another output directory. This file system has no flock, so a run that crashed leaves "
+            f"its lock behind: only if that run is gone, delete {lock}")
+
+
+def _read_holder(lock: Path) -> dict[str, Any]:
+    try:
+        info = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _host() -> str:
+    import platform
+
+    return platform.node()
+
+
+def _user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry, as in some containers
+        return str(os.getuid())
+
+
+def _now() -> str:
+    return datetime.datetime.now().isoformat(timespec="seconds")
 
 
 def write_torch(path: str | Path, obj: Any) -> Path:

@@ -2,8 +2,8 @@
 
 The trainer stops on SIGTERM/SIGINT when it runs on the main thread. Inside a Dask worker it runs
 on a worker thread where it cannot install signal handlers; the worker's launcher (a signal handler
-or its shutdown hook) calls :func:`request_stop` instead, and the trainer checkpoints mid-epoch
-and raises :class:`everest.train.Preempted` just as it does for a signal.
+or its shutdown hook) calls :func:`request_stop` instead, the trainer checkpoints mid-epoch, calls
+:func:`mark_checkpointed` and raises :class:`everest.train.Preempted` just as it does for a signal.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 
 _requested = threading.Event()
+_checkpointed = threading.Event()
 _reason: list[str] = []
 
 
@@ -26,7 +27,18 @@ def stop_reason() -> str | None:
     return _reason[0] if _requested.is_set() else None
 
 
+def mark_checkpointed() -> None:
+    """Called by a training loop that stopped on request once its state is safely on disk."""
+    _checkpointed.set()
+
+
+def wait_checkpointed(timeout: float) -> bool:
+    """Wait until a stopped training loop has checkpointed; False after ``timeout`` seconds."""
+    return _checkpointed.wait(timeout)
+
+
 def clear() -> None:
     """Forget a stop request (a process that goes on training after handling one)."""
     _reason.clear()
     _requested.clear()
+    _checkpointed.clear()

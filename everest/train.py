@@ -20,7 +20,6 @@ import math
 import os
 import platform
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -35,13 +34,22 @@ import numpy as np
 import pandas as pd
 import torch
 
-from everest import __version__, io
+from everest import __version__, io, stopping
 from everest import metrics as M
 from everest.config import ConfigError, EverestConfig, Experiment, Target, load_config
 from everest.data import ExperimentData, SampleSet, prepare_experiment
 from everest.fast import TrainStep, device_stream, eval_chunk, make_optimizer
 from everest.losses import EverestLoss, nig_uncertainty
 from everest.model import EverestModel, count_parameters
+from everest.results import (
+    Identity,
+    begin_attempt,
+    clear_failure,
+    experiment_dirs,
+    finished,
+    identity_for,
+    link_trained_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +71,18 @@ class Preempted(TimeLimitReached):
 class _StopOnSignal:
     """Record SIGTERM/SIGINT instead of dying, so training can checkpoint mid-epoch and exit cleanly.
 
-    Signal handlers can only be installed from the main thread (a Dask worker thread skips this).
+    Signal handlers can only be installed from the main thread; on another thread (a Dask worker)
+    the launcher forwards its signals through :func:`everest.stopping.request_stop`.
     """
 
     def __init__(self) -> None:
-        self.requested: str | None = None
+        self._signal: str | None = None
         self._old: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> str | None:
+        """The signal or reason that asked training to stop, if any."""
+        return self._signal or stopping.stop_reason()
 
     def __enter__(self) -> _StopOnSignal:
         if threading.current_thread() is threading.main_thread():
@@ -77,7 +91,7 @@ class _StopOnSignal:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = signal.Signals(signum).name
+        self._signal = signal.Signals(signum).name
 
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._old.items():
@@ -141,35 +155,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def experiment_dirs(output_dir: Path, experiment: Experiment) -> tuple[Path, Path, Path]:
-    """(results dir, model dir, checkpoint file) of one experiment.
-
-    The model files live with the results (``results/<name>/model/``), so one folder holds everything
-    about an experiment; ``trained_models/<name>`` (the design document's path) links to them.
-    """
-    out = Path(output_dir)
-    results = out / "results" / experiment.name
-    return results, results / "model", out / "checkpoints" / f"{experiment.name}.pt"
-
-
-def link_trained_model(output_dir: Path, experiment: Experiment, model_dir: Path) -> Path:
-    """Point ``trained_models/<name>`` at the model folder (a relative symlink, replaced atomically);
-    where the file system has no symlinks, copy the folder instead."""
-    link = Path(output_dir) / "trained_models" / experiment.name
-    link.parent.mkdir(parents=True, exist_ok=True)
-    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
-    try:
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(os.path.relpath(model_dir, link.parent), target_is_directory=True)
-        if link.is_dir() and not link.is_symlink():
-            shutil.rmtree(link)
-        os.replace(tmp, link)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        shutil.copytree(model_dir, link, dirs_exist_ok=True)
-    return link
-
-
 def _git_commit() -> str | None:
     try:
         res = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -220,10 +205,15 @@ class ProductionTrainer:
         self.progress = progress
         self.force = force
         self.results_dir, self.model_dir, self.checkpoint_path = experiment_dirs(self.output_dir, self.experiment)
+        self.identity: Identity | None = None  # known once train() has hashed the data files
 
     # ------------------------------------------------------------------ public API
     def train(self) -> dict[str, Any]:
-        """Run the experiment (or return its finished results) and return the ``results.json`` content."""
+        """Run the experiment (or return its finished results) and return the ``results.json`` content.
+
+        Results count as finished only if they record this run's identity (:func:`everest.results.finished`);
+        before training, results of another identity are moved aside (:func:`everest.results.begin_attempt`).
+        """
         cfg = self.config
         seed_everything(self.experiment.seed)
         if cfg.train.num_threads:
@@ -231,13 +221,17 @@ class ProductionTrainer:
         device = resolve_device(cfg.train.device)
         data = prepare_experiment(self.data_dir, self.experiment.target, self.experiment.seed, cfg.data,
                                   cfg.model.seq_len, self.cache_dir)
-        done = self.finished_results(data.file_hashes)
-        if done is not None and not self.force:
-            log.info("%s: already finished with this config and data; skipping", self.experiment.name)
+        self.identity = identity_for(self.experiment, cfg, data.file_hashes)
+        done = None if self.force else finished(self.output_dir, self.identity)
+        if done is not None:
+            log.info("%s: already finished with this config, data and code; skipping", self.experiment.name)
             return done
+        begin_attempt(self.output_dir, self.identity, force=self.force)
         if self.force:
             self.checkpoint_path.unlink(missing_ok=True)
-        self._data_hashes = data.file_hashes
+        # Optimizer flags (fused, capturable) and RNG streams are device-specific: resume on the same kind.
+        self._checkpoint_identity = {"format": CHECKPOINT_FORMAT, **self.identity.model_dump(),
+                                     "device_type": device.type}
         log.info("%s: %d train (%d pos), %d val (%d pos), %d test (%d pos) samples on %s",
                  self.experiment.name, len(data.train), data.train.n_positive, len(data.val), data.val.n_positive,
                  len(data.test), data.test.n_positive, device)
@@ -246,21 +240,6 @@ class ProductionTrainer:
             with _StopOnSignal() as self._stop:
                 fit = self._fit(model, data, device)
             return self._evaluate_and_save(model, data, device, fit)
-
-    def finished_results(self, file_hashes: dict[str, str]) -> dict[str, Any] | None:
-        """The saved results if this experiment already finished with the same config and data."""
-        path = self.results_dir / "results.json"
-        if not path.is_file():
-            return None
-        try:
-            res = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            log.warning("%s: unreadable %s (%s); retraining", self.experiment.name, path, err)
-            return None
-        prov = res.get("provenance", {})
-        if prov.get("config_hash") == self.config.config_hash() and prov.get("data_hashes") == file_hashes:
-            return res
-        return None
 
     # ------------------------------------------------------------------ training
     def _fit(self, model: EverestModel, data: ExperimentData, device: torch.device) -> FitOutcome:
@@ -302,6 +281,7 @@ class ProductionTrainer:
                 if self._stop.requested:
                     self._save_checkpoint(model, opt, epoch, history, best_state, best_score, best_epoch,
                                           partial={"offset": i, "sums": step.sums.cpu(), "rng": _rng_state(device)})
+                    stopping.mark_checkpointed()
                     raise Preempted(f"{self.experiment.name}: stopped by {self._stop.requested} in epoch {epoch + 1}"
                                     f" at sample {i} of {n}; checkpointed, rerun to resume")
                 step(perm[i:i + tc.batch_size], tc.batch_size)
@@ -372,13 +352,9 @@ class ProductionTrainer:
         return res
 
     # ------------------------------------------------------------------ checkpoints
-    def _ckpt_identity(self) -> dict[str, Any]:
-        return {"format": CHECKPOINT_FORMAT, "experiment": self.experiment.name,
-                "config_hash": self.config.config_hash(), "data_hashes": self._data_hashes}
-
     def _save_checkpoint(self, model, opt, epoch, history, best_state, best_score, best_epoch, partial=None) -> None:
         """``epoch`` finished epochs; ``partial`` marks a mid-epoch stop (sample offset, loss sums, RNG)."""
-        payload = {**self._ckpt_identity(), "epoch": epoch, "model": model.state_dict(),
+        payload = {**self._checkpoint_identity, "epoch": epoch, "model": model.state_dict(),
                    "optimizer": opt.state_dict(), "history": history, "best_state": best_state,
                    "best_score": best_score, "best_epoch": best_epoch, "partial": partial}
         io.write_torch(self.checkpoint_path, payload)
@@ -390,8 +366,8 @@ class ProductionTrainer:
             return fresh
         try:
             ck = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
-            if {k: ck.get(k) for k in self._ckpt_identity()} != self._ckpt_identity():
-                log.warning("%s: checkpoint %s is from another config or data; starting fresh",
+            if {k: ck.get(k) for k in self._checkpoint_identity} != self._checkpoint_identity:
+                log.warning("%s: checkpoint %s is from another config, data, code version or device; starting fresh",
                             self.experiment.name, self.checkpoint_path)
                 return fresh
             model.load_state_dict(ck["model"])
@@ -447,7 +423,7 @@ class ProductionTrainer:
                      "n_val_regions": int(len(np.unique(data.val.region)))},
             "history": history,
             "config": cfg.model_dump(mode="json"),
-            "provenance": {"config_hash": cfg.config_hash(), "data_hashes": data.file_hashes, **env},
+            "provenance": {**self.identity.provenance(), **env},
         }
         self._write_outputs(results, history, val_table, test_table, data, test_pred, y_pred, model)
         return results
@@ -478,6 +454,7 @@ class ProductionTrainer:
         io.write_json(md / "config.json", results["config"])
         io.write_text(md / "MODEL_CARD.md", _model_card(results))
         link_trained_model(self.output_dir, self.experiment, md)
+        clear_failure(self.output_dir, self.experiment.name)  # this attempt succeeded: no failure beside results
         io.write_json(rd / "results.json", results)  # last: its presence marks the experiment finished
         self.checkpoint_path.unlink(missing_ok=True)
 

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
-import hashlib
 import ipaddress
 import json
 import os
@@ -41,7 +39,7 @@ from prefect.context import TaskRunContext
 from prefect.states import Completed, Failed
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from everest import io, stopping
+from everest import io, results, stopping
 from everest.config import (
     DEFAULT_SEEDS,
     PRESETS,
@@ -56,8 +54,6 @@ from everest.config import (
 from everest.data import DataError, data_file, file_hash
 from flows.profiles import Profile, clear_submission_failures, load_profile, submission_failures
 
-# Bump to invalidate every cached experiment result (e.g. after a fix to the trainer's science).
-CACHE_VERSION = "everest-1"
 # The embedded default: synthetic tables made here when missing. No other folder is ever filled.
 DEMO_DATA_DIR = "data/demo"
 RETRIES = 2
@@ -116,17 +112,16 @@ class ProductionParameters(BaseModel):
 
 
 def experiment_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    """Cache key of a finished experiment.
+    """Cache key of a finished experiment: its :class:`everest.results.Identity`.
 
     * experiment name: target and seed;
     * config hash: any change to model, loss, training, threshold or data settings invalidates;
     * data hash: the content of its two CSV files (a regenerated or edited file invalidates);
-    * CACHE_VERSION: bumped when the code's results change.
-    The run id is deliberately absent, so reruns and UI retries reuse finished experiments.
+    * code version (``everest.results.CODE_VERSION``): bumped when the code's results change.
+    The run id is deliberately absent, so reruns and UI retries reuse finished experiments. A cached
+    result counts only while the results on disk match (the flow refreshes the cache otherwise).
     """
-    spec = parameters["spec"]
-    data = hashlib.sha256(json.dumps(spec["data_hashes"], sort_keys=True).encode()).hexdigest()[:16]
-    return f"{spec['name']}-{spec['config_hash']}-{data}-{CACHE_VERSION}"
+    return results.Identity.model_validate(parameters["spec"]["identity"]).key()
 
 
 def api_unreachable(err: BaseException) -> bool:
@@ -182,7 +177,6 @@ def train_experiment(spec: dict[str, Any]) -> dict[str, Any]:
             _hand_back_to_dask()
         raise
     update_progress_artifact(progress_id, progress=100.0)
-    (trainer.results_dir / "failure.json").unlink(missing_ok=True)
     return summarise_result(res)
 
 
@@ -241,13 +235,6 @@ def _data_hashes(data_dir: Path, targets: list[Target]) -> dict[str, dict[str, s
         raise DataError(f"data files not found: {missing} (generate demo data with `everest data synth "
                         f"--size demo --out {data_dir}` or point --data-dir at the SHARP tables)")
     return out
-
-
-def _record_failure(results_dir: Path, exp: Experiment, err: BaseException) -> dict[str, Any]:
-    rec = {"experiment": exp.name, "target": str(exp.target), "seed": exp.seed, "error_type": type(err).__name__,
-           "error": str(err)[:2000], "time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
-    io.write_json(results_dir / exp.name / "failure.json", rec)
-    return rec
 
 
 def _mark_crashed(task_run_id: Any, message: str) -> None:
@@ -363,19 +350,23 @@ def _run_locked(params: ProductionParameters, site: Profile) -> Any:
     results_dir = out / "results"
     storage = out / ".prefect-results"
     storage.mkdir(parents=True, exist_ok=True)
-    trainer_task = train_experiment.with_options(result_storage=storage, refresh_cache=params.force or None)
+    trainer_task = train_experiment.with_options(result_storage=storage)
     logger.info("%d experiments (%s; seeds %s), config %s, on profile %s", len(experiments),
                 ", ".join(params.targets), params.seeds, cfg.config_hash(), params.profile)
 
     _bind_cluster_to_run(site, out)
     clear_submission_failures()
+    identities = {exp: results.identity_for(exp, cfg, hashes[str(exp.target)]) for exp in experiments}
+
     def submit(exp: Experiment) -> Any:
         spec = {"name": exp.name, "experiment": exp.model_dump(mode="json"), "config": cfg.model_dump(mode="json"),
-                "config_hash": cfg.config_hash(), "data_hashes": hashes[str(exp.target)],
-                "data_dir": str(data_dir.resolve()), "output_dir": str(out.resolve()), "force": params.force,
-                "torch_threads": site.threads}
+                "identity": identities[exp].model_dump(), "data_dir": str(data_dir.resolve()),
+                "output_dir": str(out.resolve()), "force": params.force, "torch_threads": site.threads}
+        # A cached summary stands only for results still on disk with this identity (deleted, superseded
+        # or rewritten by another configuration: train again).
+        fresh = params.force or results.finished(out, identities[exp]) is None
         with dask.annotate(resources={"GPU": 1}) if site.uses_gpus else contextlib.nullcontext():
-            return trainer_task.submit(spec)
+            return trainer_task.with_options(refresh_cache=fresh or None).submit(spec)
 
     futures = [(exp, submit(exp)) for exp in experiments]
     rows, failures = [], []
@@ -395,7 +386,7 @@ def _run_locked(params: ProductionParameters, site: Profile) -> Any:
                 if type(err).__name__ == "KilledWorker":
                     _mark_crashed(fut.task_run_id, f"Dask gave up after repeated worker deaths: {err}")
                 logger.error("%s failed: %s: %s", exp.name, type(err).__name__, err)
-                failures.append(_record_failure(results_dir, exp, err))
+                failures.append(results.record_failure(out, exp, type(err).__name__, str(err), identities[exp]))
                 break
             finally:
                 release = getattr(fut.wrapped_future, "release", None)  # Dask futures only

@@ -8,6 +8,7 @@ computable by hand or by scipy; real results come from a session fixture that tr
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -21,7 +22,6 @@ from scipy import stats as sps
 from everest import metrics as M
 from everest.analysis import (
     AnalysisError,
-    MixedResultsError,
     ProductionAnalyzer,
     compare_result_sets,
     load_results,
@@ -30,6 +30,7 @@ from everest.analysis import (
 from everest.analysis import stats as st
 from everest.analysis.__main__ import main as cli_main
 from everest.config import ConfigError, EverestConfig, Experiment, Target
+from everest.results import CODE_VERSION
 
 N_BOOT = 400  # enough for the assertions below; production default is 10,000
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +54,7 @@ def region_data(rng: np.random.Generator, n_regions: int = 30, rows: int = 40, p
 def write_experiment(root: Path, target: str, seed: int, pred: pd.DataFrame | None = None, *,
                      threshold: float = 0.5, metrics: dict[str, float] | None = None, config_hash: str = "cfg0",
                      oracle: dict[str, float] | None = None, oracle_threshold: float | None = None,
-                     latency: float = 0.1, data_hash: str = "d0") -> Path:
+                     latency: float = 0.1, data_hash: str = "d0", code_version: str = CODE_VERSION) -> Path:
     """Write one finished experiment; metrics come from ``pred`` (via everest.metrics) or are given."""
     exp = Experiment(target=Target.parse(target), seed=seed)
     folder = root / exp.name
@@ -79,7 +80,7 @@ def write_experiment(root: Path, target: str, seed: int, pred: pd.DataFrame | No
         "data": {"n_test": int(len(pred)) if pred is not None else 0},
         "history": [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.1 / e, "val_tss": 0.2 * e} for e in (1, 2, 3)],
         "provenance": {"config_hash": config_hash, "data_hashes": {f"testing_data_{target}.csv": data_hash},
-                       "everest": "0.1.0", "python": "3.11", "device": "cpu"},
+                       "code_version": code_version, "everest": "0.1.0", "python": "3.11", "device": "cpu"},
     }
     (folder / "results.json").write_text(json.dumps(res))
     return folder
@@ -314,26 +315,27 @@ def test_partial_results_are_sorted_and_listed(tmp_path):
     for s in range(3):
         write_experiment(tmp_path, "M-48", s, region_data(rng))
     write_failure(tmp_path, "M-48", 3)
-    stale = write_experiment(tmp_path, "M-48", 4, region_data(rng))
-    write_failure(tmp_path, "M-48", 4)  # failed once, then succeeded: results.json wins
+    write_experiment(tmp_path, "M-48", 4, region_data(rng))
+    write_failure(tmp_path, "M-48", 4)  # a rerun failed beside earlier results: the latest attempt failed
     write_experiment(tmp_path, "M-48", 7, region_data(rng))  # outside the expected seeds
     (tmp_path / "everest_M_72h_seed0").mkdir()  # started, never finished: missing
     bad = tmp_path / "everest_M_72h_seed1"
     bad.mkdir()
     (bad / "results.json").write_text("{not json")
     rs = load_results(tmp_path, targets=["M-48", "M-72"])
-    assert [r.seed for r in rs.analysed] == [0, 1, 2, 4] and [r.name for r in rs.unexpected] == ["everest_M_48h_seed7"]
-    assert any("failure.json" in n for n in rs.analysed[3].notes) and rs.analysed[3].path == stale
-    assert sorted(f.error_type for f in rs.failed) == ["RuntimeError", "UnreadableResults"]
+    assert [r.seed for r in rs.analysed] == [0, 1, 2] and [r.name for r in rs.unexpected] == ["everest_M_48h_seed7"]
+    assert sorted(f.error_type for f in rs.failed) == ["RuntimeError", "RuntimeError", "UnreadableResults"]
     assert [e.name for e in rs.missing] == [f"everest_M_72h_seed{s}" for s in (0, 2, 3, 4)]
     a = ProductionAnalyzer(tmp_path, tmp_path / "o", targets=["M-48", "M-72"], n_bootstrap=N_BOOT, make_plots=False)
     summary = a.run_complete_analysis()
-    assert summary.n_completed == 4 and summary.n_failed == 2 and summary.n_missing == 4
+    assert summary.n_completed == 3 and summary.n_failed == 3 and summary.n_missing == 4
     raw = pd.read_csv(summary.raw_results)
-    assert raw["status"].value_counts().to_dict() == {"completed": 4, "missing": 4, "failed": 2, "unexpected": 1}
+    assert raw["status"].value_counts().to_dict() == {"completed": 3, "missing": 4, "failed": 3, "unexpected": 1}
     text = Path(summary.report).read_text()
     status = text.split("## Overall statistics")[0]  # failures and gaps are listed before any statistic
-    for name in ["everest_M_48h_seed3", "everest_M_72h_seed0", "everest_M_48h_seed7", "CUDA out of memory"]:
+    assert "3 of 10 expected experiments finished; 3 failed; 4 missing." in status
+    for name in ["everest_M_48h_seed3", "everest_M_48h_seed4", "everest_M_72h_seed0", "everest_M_48h_seed7",
+                 "CUDA out of memory"]:
         assert name in status
 
 
@@ -347,20 +349,46 @@ def test_without_regions_the_bootstrap_resamples_row_blocks(tmp_path):
     assert row["pooled_boot_tss_low"] <= row["tss_mean"] <= row["pooled_boot_tss_high"]
 
 
-def test_mixed_config_hashes_raise_or_warn(tmp_path):
+def test_partial_retrain_reports_the_stale_experiments(tmp_path):
+    """C-72 seeds 0-2 retrained with config bbbb, seeds 3-4 left from config aaaa: the report is produced,
+    names seeds 3 and 4 as stale and keeps them out of the statistics."""
     rng = np.random.default_rng(9)
-    write_experiment(tmp_path, "C-72", 0, region_data(rng), config_hash="aaaa")
-    write_experiment(tmp_path, "C-72", 1, region_data(rng), config_hash="bbbb")
-    with pytest.raises(MixedResultsError, match="aaaa.*bbbb|bbbb.*aaaa"):
-        load_results(tmp_path, targets=["C-72"], seeds=[0, 1])
-    with pytest.raises(MixedResultsError):
-        ProductionAnalyzer(tmp_path, tmp_path / "o", targets=["C-72"], seeds=[0, 1]).run_complete_analysis()
-    a = ProductionAnalyzer(tmp_path, tmp_path / "o", targets=["C-72"], seeds=[0, 1], on_mixed="warn",
-                           n_bootstrap=N_BOOT, make_plots=False)
+    for s in range(5):
+        write_experiment(tmp_path, "C-72", s, region_data(rng), config_hash="bbbb" if s < 3 else "aaaa")
+    a = ProductionAnalyzer(tmp_path, tmp_path / "o", targets=["C-72"], n_bootstrap=N_BOOT, make_plots=False)
     summary = a.run_complete_analysis()
-    assert "C-72" in summary.mixed and "WARNING: mixed configurations" in Path(summary.report).read_text()
-    assert a.results.select("aaaa").completed[0].seed == 0
-    assert cli_main(["--results-dir", str(tmp_path), "--targets", "C-72", "--seeds", "0", "1"]) == 2
+    stale = ["everest_C_72h_seed3", "everest_C_72h_seed4"]
+    assert list(summary.stale) == stale and summary.stale[stale[0]] == "config aaaa (the run's: bbbb)"
+    assert (summary.n_completed, summary.n_stale) == (3, 2) and [r.seed for r in a.results.analysed] == [0, 1, 2]
+    status = Path(summary.report).read_text().split("## Overall statistics")[0]
+    assert "3 of 5 expected experiments finished; 0 failed; 0 missing; 2 stale." in status
+    assert "### Stale results (2; listed, not in the statistics)" in status
+    assert all(f"| {name} | config aaaa (the run's: bbbb) |" in status for name in stale)
+    raw = pd.read_csv(summary.raw_results).set_index("experiment")
+    assert list(raw["status"]) == ["completed"] * 3 + ["stale"] * 2
+    assert a.summary_statistics.iloc[0]["config_hashes"] == "bbbb"
+    assert a.results.select("aaaa").analysed[0].seed == 3  # the old configuration alone, for a comparison
+    assert cli_main(["--results-dir", str(tmp_path), "--targets", "C-72", "--bootstrap", "100", "--no-plots"]) == 0
+
+
+def test_stale_code_version_data_files_and_ties(tmp_path):
+    rng = np.random.default_rng(10)
+    write_experiment(tmp_path, "C-72", 0, region_data(rng), code_version="everest-0")
+    write_experiment(tmp_path, "C-72", 1, region_data(rng))
+    write_experiment(tmp_path, "C-72", 2, region_data(rng))
+    write_experiment(tmp_path, "M-24", 0, region_data(rng))
+    write_experiment(tmp_path, "M-24", 1, region_data(rng))
+    write_experiment(tmp_path, "M-24", 2, region_data(rng), data_hash="d1")
+    rs = load_results(tmp_path, targets=["C-72", "M-24"], seeds=[0, 1, 2])
+    assert rs.stale == {"everest_C_72h_seed0": f"code version everest-0 (the run's: {CODE_VERSION})",
+                        "everest_M_24h_seed2": "data files testing_data_M-24.csv differ from the other seeds of M-24"}
+    # One result per configuration: the newest (what a partial retrain wrote last) is the run's.
+    tie = tmp_path / "tie"
+    old = write_experiment(tie, "C-72", 0, region_data(rng), config_hash="aaaa") / "results.json"
+    write_experiment(tie, "C-72", 1, region_data(rng), config_hash="bbbb")
+    os.utime(old, (old.stat().st_mtime - 60, old.stat().st_mtime - 60))
+    assert load_results(tie, targets=["C-72"], seeds=[0, 1]).stale == {
+        "everest_C_72h_seed0": "config aaaa (the run's: bbbb)"}
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -368,7 +396,6 @@ def test_mixed_config_hashes_raise_or_warn(tmp_path):
     ({"n_bootstrap": True}, "n_bootstrap must be an integer"),
     ({"seed": -1}, "seed must be an integer >= 0, got -1"),
     ({"confidence": 1.5}, "confidence must be a number strictly between 0 and 1, got 1.5"),
-    ({"on_mixed": "ignore"}, "on_mixed must be 'raise' or 'warn', got 'ignore'"),
     ({"targets": ["X-1"]}, "invalid target 'X-1'"),
     ({"seeds": [-2]}, "seeds\\[i\\] must be an integer >= 0, got -2"),
 ])

@@ -36,14 +36,31 @@ TINY_MODEL = ["--set", "model.embed_dim=16", "--set", "model.ff_dim=32", "--set"
               "--set", "model.num_heads=2", "--epochs", "1"]
 
 FAKE_SCHEDULER = """#!/bin/bash
-# Records its arguments (one per line, a '---' line first) and answers like the real command.
+# Records its arguments (one per line, a '---' line first) and answers like the real command. With
+# FAKE_SCHEDULER_FAIL=array|analysis it refuses that submission as a scheduler does: its reason on
+# stderr (FAKE_SCHEDULER_ERROR), nothing on stdout, a non-zero status (FAKE_SCHEDULER_STATUS).
 { echo ---; printf '%s\\n' "$@"; } >>"$FAKE_SCHEDULER_LOG"
 case "$(basename "$0") $*" in
-    qsub*" -J "*) echo "4242[].fakeserver" ;;
+    qsub*" -J "* | sbatch*--array=*) kind=array ;;
+    *) kind=analysis ;;
+esac
+if [[ ${FAKE_SCHEDULER_FAIL:-} == "$kind" ]]; then
+    echo "$FAKE_SCHEDULER_ERROR" >&2
+    exit "${FAKE_SCHEDULER_STATUS:-170}"
+fi
+case "$(basename "$0") $kind" in
+    "qsub array") echo "4242[].fakeserver" ;;
     qsub*) echo "4243.fakeserver" ;;
-    sbatch*--array=*) echo "4242" ;;
+    "sbatch array") echo "4242" ;;
     *) echo "4243" ;;
 esac
+"""
+
+FAKE_NVIDIA_SMI = """#!/bin/sh
+# Two GPUs, listed as `nvidia-smi -L` does.
+[ "$1" = -L ] || exit 9
+echo "GPU 0: NVIDIA Fake GPU (UUID: GPU-00000000-0000-0000-0000-000000000000)"
+echo "GPU 1: NVIDIA Fake GPU (UUID: GPU-11111111-1111-1111-1111-111111111111)"
 """
 
 
@@ -228,6 +245,12 @@ def test_pbs_submission_sequence(fake_scheduler, tiny_data: Path, tmp_path: Path
     assert (run_dir / "jobs.txt").read_text() == "array\t4242[].fakeserver\nanalysis\t4243.fakeserver\n"
     assert (tmp_path / "out" / "logs").is_dir()
     assert "qstat -t 4242[].fakeserver" in res.stdout
+    # PBS's own output files go to the output's submissions/ directory, not to where qsub ran: a path
+    # ending in "/" is a directory to PBS Pro, which writes <job id>.OU there.
+    submissions = f"{tmp_path / 'out' / 'submissions'}/"
+    for call in (array, analysis):
+        assert call[call.index("-o") + 1] == submissions and call[call.index("-e") + 1] == submissions
+    assert Path(submissions).is_dir()
 
 
 def test_unfinished_leaves_out_finished_experiments(fake_scheduler, tiny_data: Path, tmp_path: Path):
@@ -241,6 +264,79 @@ def test_unfinished_leaves_out_finished_experiments(fake_scheduler, tiny_data: P
     array, analysis = _calls(log)
     assert "--array=1,3-5" in array
     assert "--dependency=afterok:4242" in analysis and "--kill-on-invalid-dep=yes" in analysis
+
+
+def test_slurm_job_output_goes_to_the_output_directory(fake_scheduler, tiny_data: Path, tmp_path: Path):
+    """SLURM's --output is the per-task log itself (failure.json quotes its last lines): under <output>/logs."""
+    env, log = fake_scheduler
+    res = _submit(SLURM_SUBMIT, ["--targets", "C-24", "--seeds", "0", "1", "--data-dir", str(tiny_data),
+                                 "--output-dir", "out"], env, tmp_path)
+    assert res.returncode == 0, res.stderr
+    array, analysis = _calls(log)
+    logs = tmp_path / "out" / "logs"
+    assert f"--output={logs}/train_%A_%a.log" in array
+    assert f"--output={logs}/analysis_%j.log" in analysis
+
+
+@pytest.mark.parametrize(("script", "failing", "message"), [
+    (PBS_SUBMIT, "array", "qsub: Unknown queue"),
+    (PBS_SUBMIT, "analysis", "qsub: illegal -W value"),
+    (SLURM_SUBMIT, "array", "sbatch: error: Batch job submission failed: Invalid partition name specified"),
+    (SLURM_SUBMIT, "analysis", "sbatch: error: Batch job submission failed: Job dependency problem"),
+], ids=["pbs-array", "pbs-analysis", "slurm-array", "slurm-analysis"])
+def test_refused_submission_reports_the_schedulers_reason(script: Path, failing: str, message: str,
+                                                          fake_scheduler, tiny_data: Path, tmp_path: Path):
+    """The scheduler explains a refusal on stderr; the error must carry it (it once ended in ': ')."""
+    env, log = fake_scheduler
+    env.update(FAKE_SCHEDULER_FAIL=failing, FAKE_SCHEDULER_ERROR=message, FAKE_SCHEDULER_STATUS="170")
+    res = _submit(script, ["--targets", "C-24", "--seeds", "0", "1", "--data-dir", str(tiny_data),
+                           "--output-dir", "out"], env, tmp_path)
+    assert res.returncode != 0
+    command = "qsub" if script == PBS_SUBMIT else "sbatch"
+    if failing == "array":
+        assert f"submitting the training array failed: {command} exited with status 170: {message}" in res.stderr
+        assert len(_calls(log)) == 1 and "training array:" not in res.stdout
+    else:
+        assert ("is submitted, but submitting the analysis job failed: "
+                f"{command} exited with status 170: {message}") in res.stderr
+        assert "submit it by hand: " + command in res.stderr
+        assert len(_calls(log)) == 2
+
+
+def _without_environment(env: dict[str, str]) -> dict[str, str]:
+    """No EVEREST_VENV/EVEREST_PYTHON/VIRTUAL_ENV: a user who only activated a venv, or not even that."""
+    if not (Path(sys.prefix) / "bin" / "activate").is_file():
+        pytest.skip("the test interpreter is not in a virtual environment with bin/activate")
+    return {k: v for k, v in env.items() if k not in ("EVEREST_VENV", "EVEREST_PYTHON", "VIRTUAL_ENV")}
+
+
+def test_jobs_get_the_active_virtual_environment(fake_scheduler, tiny_data: Path, tmp_path: Path):
+    """PBS Pro does not pass the submitting shell's environment on: only VIRTUAL_ENV set -> EVEREST_VENV in -v."""
+    env, log = fake_scheduler
+    env = {**_without_environment(env), "VIRTUAL_ENV": sys.prefix}
+    res = _submit(PBS_SUBMIT, ["--targets", "C-24", "--seeds", "0", "1", "--data-dir", str(tiny_data),
+                               "--output-dir", "out"], env, tmp_path)
+    assert res.returncode == 0, res.stderr
+    for call in _calls(log):
+        variables = dict(v.split("=", 1) for v in call[call.index("-v") + 1].split(","))
+        assert variables["EVEREST_VENV"] == sys.prefix
+    assert (f"# environment of the jobs: EVEREST_VENV={sys.prefix} (the active virtual environment"
+            in res.stdout)
+
+
+def test_jobs_get_the_environment_of_the_python_on_path(fake_scheduler, tiny_data: Path, tmp_path: Path):
+    """No venv activated, but the python3 first on PATH imports everest: its environment goes to the jobs."""
+    env, log = fake_scheduler
+    env = _without_environment(env)
+    bindir = env["PATH"].split(os.pathsep)[0]  # the fake qsub/sbatch
+    env["PATH"] = os.pathsep.join([bindir, str(Path(sys.prefix) / "bin"), "/usr/bin", "/bin"])
+    res = _submit(PBS_SUBMIT, ["--targets", "C-24", "--seeds", "0", "--data-dir", str(tiny_data), "--output-dir",
+                               "out", "--no-analysis"], env, tmp_path)
+    assert res.returncode == 0, res.stderr
+    (array,) = _calls(log)
+    assert f"EVEREST_VENV={sys.prefix}," in array[array.index("-v") + 1]
+    assert f"environment of the jobs: EVEREST_VENV={sys.prefix} (the environment of {sys.prefix}/bin/python3" \
+        in res.stdout
 
 
 BAD_ARGUMENTS = {
@@ -324,6 +420,9 @@ def test_pbs_sub_job_trains_its_experiment(tiny_data: Path, tmp_path: Path):
 
 def test_pbs_sub_job_failure_exits_non_zero_and_writes_failure_json(tiny_data: Path, tmp_path: Path):
     out = tmp_path / "out"
+    earlier = out / "results" / "everest_C_48h_seed1"  # results of an earlier configuration
+    earlier.mkdir(parents=True)
+    (earlier / "results.json").write_text('{"experiment": {"name": "everest_C_48h_seed1"}}')
     res = _run_pbs_job(PBS_ARRAY, out, tiny_data, {"PBS_ARRAY_INDEX": "7", "PBS_JOBID": "78[7].server"},
                        ["--set", "model.num_heads=0"], tmp_path)
     assert res.returncode == 2
@@ -332,6 +431,9 @@ def test_pbs_sub_job_failure_exits_non_zero_and_writes_failure_json(tiny_data: P
         "experiment": "everest_C_48h_seed1", "target": "C-48", "seed": 1, "error_type": "ExitStatus2"}
     assert "num_heads" in failure["error"] and "train_78_7_everest_C_48h_seed1.log" in failure["error"]
     assert failure["time"]
+    # The earlier results were moved aside: the folder shows the failure alone.
+    assert sorted(p.name for p in earlier.iterdir()) == ["failure.json"]
+    assert len(list((out / "results" / ".superseded" / "everest_C_48h_seed1").glob("*/results.json"))) == 1
 
     # The analysis job lists the failure; with nothing finished it fails loudly (exit 1).
     res = _run_pbs_job(PBS_ANALYSIS, out, tiny_data, {"PBS_JOBID": "79.server"}, ["--no-plots"], tmp_path)
@@ -409,6 +511,95 @@ def test_job_fails_loudly_when_everest_cannot_be_imported(script: Path, module: 
     text = res.stderr + "".join(p.read_text() for p in (tmp_path / "out" / "logs").glob("*.log"))
     assert f"cannot import {module}" in text
     assert not (tmp_path / "out" / "results").exists()
+
+
+# ---------------------------------------------------------------------- GPU pinning without site isolation
+CLAIM_GPU = """
+source "$EVEREST_CLUSTER_DIR/lib.sh"
+everest_claim_gpu
+echo "${CUDA_VISIBLE_DEVICES-unset} ${CUDA_DEVICE_ORDER-unset}" >"$1.tmp" && mv "$1.tmp" "$1"
+while [ ! -e "$2" ]; do sleep 0.05; done   # holds the GPU until told to end
+"""
+
+
+@pytest.fixture
+def fake_gpu_node(tmp_path: Path) -> dict[str, str]:
+    """The environment of a job on a node with two GPUs and no GPU isolation (no CUDA_VISIBLE_DEVICES)."""
+    bindir = tmp_path / "gpubin"
+    bindir.mkdir()
+    (bindir / "nvidia-smi").write_text(FAKE_NVIDIA_SMI)
+    (bindir / "nvidia-smi").chmod(0o755)
+    (tmp_path / "locks").mkdir()
+    env = {k: v for k, v in _job_env().items() if not k.startswith("CUDA_")}
+    # Lock files of this test only: other checkouts on the machine may run it at the same time.
+    env.update(PATH=f"{bindir}{os.pathsep}{env['PATH']}", EVEREST_CLUSTER_DIR=str(CLUSTER),
+               EVEREST_GPU_LOCK_DIR=str(tmp_path / "locks"), EVEREST_GPU_POLL_SECONDS="0.1")
+    return env
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, what: str = "") -> str:
+    deadline = time.monotonic() + 20
+    while not (path.is_file() and what in path.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate(timeout=5)
+        time.sleep(0.05)
+    return path.read_text()
+
+
+def test_concurrent_jobs_pin_themselves_to_different_gpus(fake_gpu_node: dict[str, str], tmp_path: Path):
+    def start(name: str) -> subprocess.Popen:
+        with open(tmp_path / f"{name}.err", "w") as err:  # the job keeps its own copy of the descriptor
+            return subprocess.Popen(["bash", "-c", CLAIM_GPU, name, str(tmp_path / f"{name}.gpu"),
+                                     str(tmp_path / f"{name}.end")], env=fake_gpu_node, stderr=err, text=True)
+
+    jobs = {name: start(name) for name in ("a", "b")}
+    try:
+        gpus = {name: _wait_for(tmp_path / f"{name}.gpu", proc).split() for name, proc in jobs.items()}
+        assert sorted(g[0] for g in gpus.values()) == ["0", "1"]
+        assert {g[1] for g in gpus.values()} == {"PCI_BUS_ID"}  # the numbering of nvidia-smi
+        assert "pinned to GPU" in (tmp_path / "a.err").read_text()
+
+        # A third job on the full node waits for a GPU instead of sharing one, and gets the freed one.
+        jobs["c"] = start("c")
+        _wait_for(tmp_path / "c.err", jobs["c"], "waiting for one")
+        assert not (tmp_path / "c.gpu").exists()
+        (tmp_path / "a.end").touch()
+        assert jobs["a"].wait(timeout=20) == 0
+        assert _wait_for(tmp_path / "c.gpu", jobs["c"]).split()[0] == gpus["a"][0]
+    finally:
+        for name, proc in jobs.items():
+            (tmp_path / f"{name}.end").touch()
+            proc.wait(timeout=20)
+
+
+@pytest.mark.parametrize("visible", ["3", ""], ids=["set", "set-empty"])
+def test_gpu_set_by_the_site_is_left_alone(visible: str, fake_gpu_node: dict[str, str], tmp_path: Path):
+    (tmp_path / "end").touch()
+    res = subprocess.run(["bash", "-c", CLAIM_GPU, "x", str(tmp_path / "gpu"), str(tmp_path / "end")],
+                         env={**fake_gpu_node, "CUDA_VISIBLE_DEVICES": visible}, capture_output=True, text=True,
+                         timeout=20)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "gpu").read_text() == f"{visible} unset\n"
+    assert not list((tmp_path / "locks").iterdir()) and res.stderr == ""
+
+
+def test_pbs_sub_job_pins_its_gpu_before_the_training_starts(fake_gpu_node: dict[str, str], tiny_data: Path,
+                                                             tmp_path: Path):
+    out = tmp_path / "out"
+    env = {**fake_gpu_node, "EVEREST_DATA_DIR": str(tiny_data), "EVEREST_OUTPUT_DIR": str(out),
+           "PBS_O_WORKDIR": str(tmp_path), "PBS_ARRAY_INDEX": "7", "PBS_JOBID": "81[7].server"}
+    # An invalid model stops the training at once (status 2): only what happens before it matters here.
+    probe = ["--set", "model.num_heads=0"]
+    res = subprocess.run(["bash", str(PBS_ARRAY), *probe], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    log = (out / "logs" / "train_81_7_everest_C_48h_seed1.log").read_text()
+    assert res.returncode == 2, log
+    assert "pinned to GPU 0 of" in log and ", GPUs: 0, " in log
+    assert (tmp_path / "locks" / "everest-gpu-0.lock").is_file()
+    # Asked for the CPU: no GPU claimed.
+    res = subprocess.run(["bash", str(PBS_ARRAY), *probe, "--device", "cpu"], env={**env, "PBS_JOBID": "82[7].s"},
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    log = (out / "logs" / "train_82_7_everest_C_48h_seed1.log").read_text()
+    assert res.returncode == 2 and "pinned" not in log and ", GPUs: none, " in log
 
 
 # ---------------------------------------------------------------------- the SLURM twin on a real SLURM

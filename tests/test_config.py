@@ -92,6 +92,17 @@ def test_hash_is_stable_and_sensitive():
     assert a.with_overrides(["train.epochs=120"]).config_hash() == a.config_hash()
 
 
+def test_run_control_settings_leave_the_hash_unchanged():
+    """Where and how a run executes does not change its result: finished results and checkpoints stay valid."""
+    a = EverestConfig()
+    run_control = ["train.device=cpu", "train.num_threads=3", "train.eval_batch_size=64",
+                   "train.time_limit_minutes=30", "data.cache=false"]
+    assert a.with_overrides(run_control).config_hash() == a.config_hash()
+    for science in ("train.learning_rate=0.001", "train.use_amp=false", "train.cuda_graphs=false",
+                    "model.dropout=0.1", "threshold.source=test", "data.augment_copies=2"):
+        assert a.with_overrides([*run_control, science]).config_hash() != a.config_hash(), science
+
+
 @pytest.mark.parametrize(
     ("overrides", "fragment"),
     [

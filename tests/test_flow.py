@@ -6,6 +6,7 @@ Flow logic runs on Prefect's thread-pool runner; one run uses the real Dask Loca
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -121,3 +122,63 @@ def test_dask_local_cluster_end_to_end_with_artifacts(prefect_server, tiny_data,
         keys = {a.key for a in client.read_artifacts()}
     assert {"everest-report", "everest-final-metrics", "progress-everest-m5-24h-seed0"} <= keys
 
+
+
+def test_missing_or_incomplete_data_folder_is_refused_and_never_filled(tiny_data, tmp_path):
+    missing = tmp_path / "no-such-data"
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    shutil.copy(tiny_data / "training_data_C_24.csv", partial)  # its testing table is missing
+    for folder, fragment in ((missing, "does not exist"), (partial, "lacks 1 of the 2 tables")):
+        r = subprocess.run([sys.executable, "-m", "flows.production", "--targets", "C-24", "--data-dir", str(folder),
+                            "--output-dir", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and fragment in r.stderr and "testing_data_C_24.csv" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not missing.exists() and sorted(p.name for p in partial.iterdir()) == ["training_data_C_24.csv"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_loopback_prefect_api_is_refused_for_a_batch_profile_before_qsub(tiny_data, tmp_path):
+    """A compute node resolves 127.0.0.1 to itself: the run is refused in seconds, naming PREFECT_API_URL."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "qsub").write_text(f"#!/bin/sh\ntouch {tmp_path}/qsub-called\nexit 1\n")
+    (fake / "qsub").chmod(0o755)
+    env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api",
+           "PATH": f"{fake}:{os.environ['PATH']}"}
+    r = subprocess.run([sys.executable, "-m", "flows.production", "--profile", "pbs", "--targets", "C-24",
+                        "--data-dir", str(tiny_data), "--output-dir", str(tmp_path / "o")],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "PREFECT_API_URL" in r.stderr and "loopback" in r.stderr, r.stderr
+    assert not (tmp_path / "qsub-called").exists() and not (tmp_path / "o").exists()
+
+
+def test_results_on_disk_decide_cache_hits_and_failures_never_leave_stale_results(prefect_server, tiny_data,
+                                                                                  tmp_path, monkeypatch):
+    from everest import results
+
+    out = tmp_path / "out"
+    base = {"targets": ["C-24"], "seeds": [0], "data_dir": str(tiny_data), "output_dir": str(out), "overrides": TINY}
+    folder = out / "results" / "everest_C_24h_seed0"
+    assert run_threads(**base).is_completed()
+    first = json.loads((folder / "results.json").read_text())
+
+    again = run_threads(**base)  # finished, results on disk: a cache hit
+    assert task_states(again)["train-everest_C_24h_seed0"] == "Cached"
+
+    shutil.rmtree(folder)  # deleted results are not a cache hit: the experiment trains again
+    rerun = run_threads(**base)
+    assert task_states(rerun)["train-everest_C_24h_seed0"] == "Completed"
+    assert (folder / "results.json").is_file()
+
+    monkeypatch.setattr(results, "CODE_VERSION", "everest-test-bump")  # new code: retrain, not the old file
+    bumped = run_threads(**base)
+    assert task_states(bumped)["train-everest_C_24h_seed0"] == "Completed"
+    now = json.loads((folder / "results.json").read_text())
+    assert now["provenance"]["code_version"] == "everest-test-bump" != first["provenance"]["code_version"]
+
+    diverged = run_threads(**{**base, "overrides": [*TINY, "train.learning_rate=1e30"]})
+    assert diverged.is_failed()
+    assert (folder / "failure.json").is_file() and not (folder / "results.json").exists()
+    report = (out / "analysis" / "production_training_report.md").read_text()
+    assert "0 of 1" in report and "1 failed" in report

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
-from everest import synthetic
+from everest import results, synthetic
 from everest.config import EverestConfig, Target
 from everest.data import prepare_experiment
 from everest.metrics import evaluate, threshold_table
@@ -185,6 +185,29 @@ def test_finished_experiment_is_skipped_unless_forced(data_dir, tmp_path):
     assert calls == [] and again == json.loads(json.dumps(first))
     changed = _train(data_dir, tmp_path, tiny_config("train.epochs=2"), progress=lambda r: calls.append(r.epoch))
     assert calls == [1, 2] and changed["training"]["epochs_run"] == 2
+
+
+def test_code_version_bump_retrains_and_moves_the_old_results_aside(data_dir, tmp_path, monkeypatch):
+    cfg = tiny_config("train.epochs=1")
+    first = _train(data_dir, tmp_path, cfg)
+    assert first["provenance"]["code_version"] == results.CODE_VERSION
+    monkeypatch.setattr(results, "CODE_VERSION", "everest-test-bump")
+    calls: list[int] = []
+    again = _train(data_dir, tmp_path, cfg, progress=lambda r: calls.append(r.epoch))
+    assert calls == [1] and again["provenance"]["code_version"] == "everest-test-bump"
+    (old,) = (tmp_path / "results" / ".superseded" / "everest_M_24h_seed0").iterdir()
+    assert json.loads((old / "results.json").read_text())["provenance"]["code_version"] == first["provenance"][
+        "code_version"]
+    assert (tmp_path / "trained_models" / "everest_M_24h_seed0" / "model_weights.pt").is_file()
+
+
+def test_run_control_change_reuses_the_finished_results(data_dir, tmp_path):
+    first = _train(data_dir, tmp_path, tiny_config("train.epochs=1"))
+    calls: list[int] = []
+    again = _train(data_dir, tmp_path, tiny_config("train.epochs=1", "train.eval_batch_size=64",
+                                                   "train.time_limit_minutes=60", "train.device=cpu"),
+                   progress=lambda r: calls.append(r.epoch))
+    assert calls == [] and again == json.loads(json.dumps(first))
 
 
 def test_non_finite_loss_stops_with_a_clear_error(data_dir, tmp_path):

@@ -4,10 +4,10 @@ Entry points: :class:`ProductionAnalyzer` (notebook), :func:`run_analysis` (retu
 a Prefect task wraps) and ``python -m everest.analysis`` (command line). Sub-modules: ``loading`` (what a
 results root holds), ``stats`` (seed statistics, region-block bootstrap, tests), ``plots``, ``report``.
 
-Mixed configurations: if one target holds results of different config hashes or data files, the analysis stops
-with :class:`MixedResultsError` naming them (averaging them would describe no configuration); pass
-``on_mixed="warn"`` (CLI ``--allow-mixed``) to analyse them anyway with a warning at the top of the report.
-Failed, missing and unexpected experiments never stop the analysis: they are listed first in the report.
+Stale results: finished results of another config hash, code version or data files than the run's (the one
+most results share) are named in the report and left out of the statistics (averaging them would describe no
+configuration). Failed, missing, stale and unexpected experiments never stop the analysis: they are listed
+first in the report.
 """
 
 from everest.analysis.analyzer import (
@@ -22,7 +22,6 @@ from everest.analysis.loading import (
     AnalysisError,
     ExperimentResult,
     FailedExperiment,
-    MixedResultsError,
     ResultSet,
     load_results,
 )
@@ -34,7 +33,6 @@ __all__ = [
     "AnalysisSummary",
     "ExperimentResult",
     "FailedExperiment",
-    "MixedResultsError",
     "ProductionAnalyzer",
     "ResultSet",
     "compare_result_sets",

@@ -29,8 +29,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", default=None, type=int, help="expected seeds (default: 0 1 2 3 4)")
     p.add_argument("--baseline", default=None, type=Path,
                    help="a baseline results root to compare with (paired on seeds and test samples)")
-    p.add_argument("--allow-mixed", action="store_true",
-                   help="analyse targets whose results mix config hashes (listed as a warning) instead of stopping")
     p.add_argument("--no-plots", action="store_true", help="skip the figures")
     return p
 
@@ -44,13 +42,14 @@ def main(argv: list[str] | None = None) -> int:
         summary = ProductionAnalyzer(
             args.results_dir, args.out, targets=args.targets, seeds=args.seeds, n_bootstrap=args.bootstrap,
             seed=args.seed, confidence=args.confidence, baseline_dir=args.baseline,
-            on_mixed="warn" if args.allow_mixed else "raise", make_plots=not args.no_plots,
+            make_plots=not args.no_plots,
         ).run_complete_analysis()
     except (ConfigError, AnalysisError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    stale = f", {summary.n_stale} stale" if summary.n_stale else ""
     print(f"{summary.n_completed}/{summary.n_expected} experiments analysed ({summary.n_failed} failed, "
-          f"{summary.n_missing} missing) in {summary.seconds:.1f} s; report: {summary.report}")
+          f"{summary.n_missing} missing{stale}) in {summary.seconds:.1f} s; report: {summary.report}")
     return 0 if summary.n_completed else EXIT_NOTHING
 
 

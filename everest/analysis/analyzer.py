@@ -24,7 +24,6 @@ from everest.analysis import plots, report
 from everest.analysis import stats as st
 from everest.analysis.loading import (
     ExperimentResult,
-    MixedPolicy,
     ResultSet,
     load_results,
     resampling_units,
@@ -77,10 +76,11 @@ class AnalysisSummary:
     n_completed: int
     n_failed: int
     n_missing: int
+    n_stale: int
     failed: list[str]
     missing: list[str]
     unexpected: list[str]
-    mixed: dict[str, dict[str, list[str]]]
+    stale: dict[str, str]  # experiment name -> why it is not the run's result (left out of the statistics)
     targets: list[dict[str, Any]]
     comparisons: list[dict[str, Any]]
     n_bootstrap: int
@@ -115,14 +115,14 @@ class ProductionAnalyzer:
     Outputs go to ``out_dir/analysis`` (report, CSVs, summary JSON) and ``out_dir/plots``; ``out_dir``
     defaults to the parent of ``results_dir`` (``output/results`` -> ``output``). ``baseline_dir``, if
     given, is a second results root compared target by target (paired on seeds and test samples).
-    ``on_mixed`` is the policy for one target holding several config hashes (see :func:`load_results`).
+    Stale results (another config, code version or data than the run's, see :func:`load_results`) are
+    listed in the report and left out of the statistics.
     """
 
     def __init__(self, results_dir: str | Path = "output/results", out_dir: str | Path | None = None, *,
                  targets: Sequence[str | Target] | None = None, seeds: Sequence[int] | None = None,
                  n_bootstrap: int = 10_000, seed: int = 0, confidence: float = 0.95,
-                 baseline_dir: str | Path | None = None, on_mixed: MixedPolicy = "raise",
-                 make_plots: bool = True) -> None:
+                 baseline_dir: str | Path | None = None, make_plots: bool = True) -> None:
         self.results_dir = Path(results_dir)
         self.out_dir = Path(out_dir) if out_dir is not None else self.results_dir.resolve().parent
         self.n_bootstrap = _check_int(n_bootstrap, "n_bootstrap", 100)
@@ -130,9 +130,6 @@ class ProductionAnalyzer:
         if isinstance(confidence, bool) or not isinstance(confidence, numbers.Real) or not 0 < confidence < 1:
             raise ConfigError(f"confidence must be a number strictly between 0 and 1, got {confidence!r}")
         self.confidence = float(confidence)
-        if on_mixed not in ("raise", "warn"):
-            raise ConfigError(f"on_mixed must be 'raise' or 'warn', got {on_mixed!r}")
-        self.on_mixed = on_mixed
         self.targets = [Target.parse(t) for t in targets] if targets is not None else None
         self.seeds = [_check_int(s, "seeds[i]", 0) for s in seeds] if seeds is not None else None
         self.baseline_dir = Path(baseline_dir) if baseline_dir is not None else None
@@ -144,14 +141,14 @@ class ProductionAnalyzer:
     @cached_property
     def results(self) -> ResultSet:
         """The results found under ``results_dir`` (read once)."""
-        return load_results(self.results_dir, self.targets, self.seeds, self.on_mixed)
+        return load_results(self.results_dir, self.targets, self.seeds)
 
     @cached_property
     def baseline(self) -> ResultSet | None:
         """The baseline results to compare with, if a ``baseline_dir`` was given."""
         if self.baseline_dir is None:
             return None
-        return load_results(self.baseline_dir, self.targets, self.seeds, self.on_mixed)
+        return load_results(self.baseline_dir, self.targets, self.seeds)
 
     # ------------------------------------------------------------------ statistics
     @cached_property
@@ -172,7 +169,7 @@ class ProductionAnalyzer:
 
     @cached_property
     def raw_results(self) -> pd.DataFrame:
-        """One row per experiment (completed, failed, missing, unexpected) with every metric and provenance."""
+        """One row per experiment (completed, stale, failed, missing, unexpected) with every metric and provenance."""
         rows = [self._completed_row(r) for r in self.results.completed]
         rows += [{"experiment": f.name, "target": f.target, "flare_class": f.target.split("-")[0],
                   "horizon": int(f.target.split("-")[1]) if "-" in f.target else None, "seed": f.seed,
@@ -187,9 +184,11 @@ class ProductionAnalyzer:
         res = r.results
         tm, om, vm = res.get("test_metrics", {}), res.get("oracle_test_metrics", {}), res.get("validation_metrics", {})
         th, tr, data, prov = (res.get(k, {}) for k in ("threshold", "training", "data", "provenance"))
+        stale = self.results.stale.get(r.name)
+        status = "unexpected" if not r.expected else "stale" if stale else "completed"
         row: dict[str, Any] = {"experiment": r.name, "target": str(r.target), "flare_class": r.target.flare_class,
-                               "horizon": r.target.horizon, "seed": r.seed,
-                               "status": "completed" if r.expected else "unexpected", "expected": r.expected}
+                               "horizon": r.target.horizon, "seed": r.seed, "status": status,
+                               "expected": r.expected, "stale_reason": stale}
         row.update({m: tm.get(m, np.nan) for m in TEST_METRICS})
         row.update(threshold=th.get("selected", np.nan), threshold_source=th.get("source"),
                    validation_threshold=th.get("validation", np.nan), oracle_threshold=th.get("oracle_test", np.nan))
@@ -205,8 +204,9 @@ class ProductionAnalyzer:
             row["n_units"] = boot.n_units
             for m in REPORTED_BOOTSTRAP:
                 row.update({f"boot_{m}_low": cis[m].low, f"boot_{m}_high": cis[m].high, f"boot_{m}_se": cis[m].se})
-        row.update(config_hash=r.config_hash, git_commit=prov.get("git_commit"), everest=prov.get("everest"),
-                   device=prov.get("device_name") or prov.get("device"), path=str(r.path), notes="; ".join(r.notes))
+        row.update(config_hash=r.config_hash, code_version=r.code_version, git_commit=prov.get("git_commit"),
+                   everest=prov.get("everest"), device=prov.get("device_name") or prov.get("device"),
+                   path=str(r.path), notes="; ".join(r.notes))
         return row
 
     @cached_property
@@ -322,13 +322,13 @@ class ProductionAnalyzer:
         report_path = self.analysis_dir / "production_training_report.md"
         rel_plots = {k: str(Path("..") / "plots" / Path(p).name) for k, p in plot_paths.items()}
         io.write_text(report_path, report.render(self, rel_plots))
-        warn = [f"{t}: mixed {', '.join(g)}" for t, g in rs.mixed.items()]
+        warn = [f"{name}: stale, not in the statistics ({why})" for name, why in rs.stale.items()]
         summary = AnalysisSummary(
             report=str(report_path), raw_results=str(raw_path), summary_statistics=str(summary_path),
             plots=plot_paths, plot_panels=panels, n_expected=len(rs.expected), n_completed=len(rs.analysed),
-            n_failed=sum(f.expected for f in rs.failed), n_missing=len(rs.missing),
+            n_failed=sum(f.expected for f in rs.failed), n_missing=len(rs.missing), n_stale=len(rs.stale),
             failed=[f.name for f in rs.failed], missing=[e.name for e in rs.missing],
-            unexpected=[r.name for r in rs.unexpected], mixed=rs.mixed, targets=self.target_table(),
+            unexpected=[r.name for r in rs.unexpected], stale=rs.stale, targets=self.target_table(),
             comparisons=comparisons.to_dict("records") if len(comparisons) else [],
             n_bootstrap=self.n_bootstrap, seed=self.seed, seconds=time.perf_counter() - started, warnings=warn)
         io.write_json(self.analysis_dir / "analysis_summary.json", summary.to_dict())

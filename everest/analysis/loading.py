@@ -1,39 +1,33 @@
-"""Find and read what a results root holds: finished, failed, missing and unexpected experiments.
+"""Find and read what a results root holds: finished, stale, failed, missing and unexpected experiments.
 
-A results root holds one folder per experiment (``everest_M5_72h_seed0``, the layout of :mod:`everest.train`).
-A folder with ``results.json`` is finished (``results.json`` is written last); one with only ``failure.json``
-failed (the orchestrator writes it); an expected experiment with neither is missing. Partial results are
-normal: everything found is read, nothing is dropped, and the gaps are listed.
+A results root holds one folder per experiment (``everest_M5_72h_seed0``, the layout of :mod:`everest.results`,
+which also decides a folder's status): a folder with ``failure.json`` failed (its latest attempt), one with
+``results.json`` finished; an expected experiment with neither is missing. A finished result whose identity
+(config hash, code version, data files) is not the run's is stale: listed, kept out of the statistics.
+Partial results are normal: everything found is read, nothing is dropped, and the gaps are listed.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from everest import results as R
 from everest.config import ConfigError, Experiment, Target, all_targets, experiment_matrix
 
 log = logging.getLogger(__name__)
 
-EXPERIMENT_DIR = re.compile(r"everest_(C|M5|M)_(24|48|72)h_seed(\d+)")
 PREDICTION_COLUMNS = ("y_true", "y_prob", "y_pred", "noaa_ar")
-MixedPolicy = Literal["raise", "warn"]
 
 
 class AnalysisError(ValueError):
     """The results cannot be analysed as asked; the message says what was found and what to do."""
-
-
-class MixedResultsError(AnalysisError):
-    """One target holds results of different configurations or data files (see ``on_mixed``)."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +50,11 @@ class ExperimentResult:
         return str(self.results.get("provenance", {}).get("config_hash", "unknown"))
 
     @property
+    def code_version(self) -> str:
+        """Version of the code that produced this result ('unknown' if not recorded: older code)."""
+        return str(self.results.get("provenance", {}).get("code_version", "unknown"))
+
+    @property
     def data_hashes(self) -> dict[str, str]:
         """sha256 of each data file the experiment read."""
         return dict(self.results.get("provenance", {}).get("data_hashes", {}) or {})
@@ -73,7 +72,10 @@ class ExperimentResult:
 
 @dataclass(frozen=True)
 class FailedExperiment:
-    """An experiment whose folder holds ``failure.json`` (or an unreadable ``results.json``)."""
+    """An experiment whose folder holds ``failure.json`` (or an unreadable ``results.json``).
+
+    A ``failure.json`` means the latest attempt failed, even beside an older ``results.json``.
+    """
 
     name: str
     target: str
@@ -87,19 +89,19 @@ class FailedExperiment:
 
 @dataclass
 class ResultSet:
-    """Everything found under one results root, sorted into finished, failed, missing and unexpected."""
+    """Everything found under one results root, sorted into finished, stale, failed, missing and unexpected."""
 
     root: Path
     expected: list[Experiment]
     completed: list[ExperimentResult]
     failed: list[FailedExperiment]
     missing: list[Experiment]
-    mixed: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # target -> provenance key -> names
+    stale: dict[str, str] = field(default_factory=dict)  # experiment name -> why it is not the run's result
 
     @property
     def analysed(self) -> list[ExperimentResult]:
-        """Finished experiments inside the expected set: the ones the statistics cover."""
-        return [r for r in self.completed if r.expected]
+        """Current finished experiments inside the expected set: the ones the statistics cover."""
+        return [r for r in self.completed if r.expected and r.name not in self.stale]
 
     @property
     def unexpected(self) -> list[ExperimentResult]:
@@ -118,7 +120,8 @@ class ResultSet:
     def select(self, config_hash: str) -> ResultSet:
         """The subset produced by one configuration (e.g. to compare two configs found in one tree)."""
         keep = [r for r in self.completed if r.config_hash == config_hash]
-        return ResultSet(self.root, self.expected, keep, self.failed, self.missing, {})
+        return ResultSet(self.root, self.expected, keep, self.failed, self.missing,
+                         _stale_reasons([r for r in keep if r.expected]))
 
 
 def expected_experiments(targets: Sequence[str | Target] | None = None,
@@ -128,13 +131,6 @@ def expected_experiments(targets: Sequence[str | Target] | None = None,
                              list(seeds) if seeds is not None else None)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    data = json.loads(path.read_text())
-    if not isinstance(data, dict):
-        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
-    return data
-
-
 def _identify(folder: Path, info: dict[str, Any]) -> tuple[Target, int] | None:
     """(target, seed) from the JSON content, falling back to the folder name."""
     try:
@@ -142,10 +138,11 @@ def _identify(folder: Path, info: dict[str, Any]) -> tuple[Target, int] | None:
             return Target.parse(str(info["target"])), int(info["seed"])
     except (ConfigError, TypeError, ValueError):
         pass
-    m = EXPERIMENT_DIR.fullmatch(folder.name)
-    if m:
-        return Target(flare_class=m.group(1), horizon=int(m.group(2))), int(m.group(3))
-    return None
+    try:
+        exp = R.experiment_from_name(folder.name)
+    except ConfigError:
+        return None
+    return exp.target, exp.seed
 
 
 def _read_predictions(folder: Path) -> tuple[pd.DataFrame | None, list[str]]:
@@ -166,15 +163,13 @@ def _read_predictions(folder: Path) -> tuple[pd.DataFrame | None, list[str]]:
 def load_experiment(folder: str | Path, expected: bool = True) -> ExperimentResult:
     """Read one finished experiment folder (``results.json`` required; other files optional)."""
     folder = Path(folder)
-    res = _read_json(folder / "results.json")
+    res = R.read_results(folder)
     ident = _identify(folder, res.get("experiment", {}))
     if ident is None:
         raise AnalysisError(f"{folder}: cannot tell target and seed from results.json or the folder name")
     pred, notes = _read_predictions(folder)
     thr_path = folder / "threshold_optimization.csv"
     thr = pd.read_csv(thr_path) if thr_path.is_file() else None
-    if (folder / "failure.json").is_file():
-        notes.append("also holds a failure.json from an earlier attempt; results.json (written last) wins")
     name = res.get("experiment", {}).get("name") or Experiment(target=ident[0], seed=ident[1]).name
     return ExperimentResult(name=name, target=ident[0], seed=ident[1], path=folder, results=res, predictions=pred,
                             threshold_table=thr, expected=expected, notes=tuple(notes))
@@ -182,7 +177,7 @@ def load_experiment(folder: str | Path, expected: bool = True) -> ExperimentResu
 
 def _failure(folder: Path, expected_names: set[str]) -> FailedExperiment:
     try:
-        info = _read_json(folder / "failure.json")
+        info = R.read_failure(folder)
     except (OSError, ValueError) as err:
         info = {"error_type": "UnreadableFailure", "error": f"failure.json unreadable: {err}"}
     ident = _identify(folder, info)
@@ -193,43 +188,71 @@ def _failure(folder: Path, expected_names: set[str]) -> FailedExperiment:
                             expected=name in expected_names)
 
 
-def _mixed_provenance(runs: list[ExperimentResult]) -> dict[str, list[str]]:
-    """Groups of experiment names per distinct config hash / data hashes, when a target has more than one."""
-    out: dict[str, list[str]] = {}
-    by_config: dict[str, list[str]] = {}
-    by_data: dict[str, list[str]] = {}
+def _written(r: ExperimentResult) -> float:
+    try:
+        return (r.path / R.RESULTS_FILE).stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _majority(runs: list[ExperimentResult], key: Callable[[ExperimentResult], Any]) -> Any:
+    """The ``key`` most runs share; a tie goes to the group with the newest ``results.json`` (a partial
+    retrain writes the newest results)."""
+    groups: dict[Any, list[ExperimentResult]] = {}
     for r in runs:
-        by_config.setdefault(f"config {r.config_hash}", []).append(r.name)
-        key = ", ".join(f"{k}={v[:12]}" for k, v in sorted(r.data_hashes.items())) or "unknown"
-        by_data.setdefault(f"data {key}", []).append(r.name)
-    for groups in (by_config, by_data):
-        if len(groups) > 1:
-            out.update(groups)
+        groups.setdefault(key(r), []).append(r)
+    return max(groups, key=lambda k: (len(groups[k]), max(_written(r) for r in groups[k])))
+
+
+def _data_key(r: ExperimentResult) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(r.data_hashes.items()))
+
+
+def _stale_reasons(runs: list[ExperimentResult]) -> dict[str, str]:
+    """Why each stale run is stale: its config hash or code version is not the run's (the one most results
+    share), or it read other data files than most current results of its target."""
+    if not runs:
+        return {}
+    config, code = _majority(runs, lambda r: (r.config_hash, r.code_version))
+    out: dict[str, str] = {}
+    for r in runs:
+        why = [f"config {r.config_hash} (the run's: {config})"] if r.config_hash != config else []
+        why += [f"code version {r.code_version} (the run's: {code})"] if r.code_version != code else []
+        if why:
+            out[r.name] = "; ".join(why)
+    current = [r for r in runs if r.name not in out]
+    for target in dict.fromkeys(r.target for r in current):
+        same = [r for r in current if r.target == target]
+        data = dict(_majority(same, _data_key))
+        for r in same:
+            differ = sorted(f for f in data.keys() | r.data_hashes.keys() if data.get(f) != r.data_hashes.get(f))
+            if differ:
+                out[r.name] = f"data files {', '.join(differ)} differ from the other seeds of {target}"
     return out
 
 
 def load_results(results_dir: str | Path, targets: Sequence[str | Target] | None = None,
-                 seeds: Sequence[int] | None = None, on_mixed: MixedPolicy = "raise") -> ResultSet:
-    """Scan a results root and sort its experiments into finished, failed, missing and unexpected.
+                 seeds: Sequence[int] | None = None) -> ResultSet:
+    """Scan a results root and sort its experiments into finished, stale, failed, missing and unexpected.
 
-    ``on_mixed`` decides what happens when one target holds results of different config hashes or data
-    files (e.g. a seed rerun after a config change): ``"raise"`` (default) stops with
-    :class:`MixedResultsError` listing them, because averaging them would describe no configuration;
-    ``"warn"`` analyses them anyway and the report lists the groups at the top.
+    Results of another config hash, code version or data files than the run's (e.g. seeds left over from
+    before a partial retrain) are stale: :attr:`ResultSet.stale` says why, and the statistics leave them out,
+    because averaging them would describe no single configuration.
     Raises :class:`AnalysisError` if ``results_dir`` is not a directory.
     """
     root = Path(results_dir)
     if not root.is_dir():
         raise AnalysisError(f"results_dir {str(root)!r} is not a directory; give the folder holding the "
                             "everest_<class>_<horizon>h_seed<k> experiment folders (e.g. output/results)")
-    if on_mixed not in ("raise", "warn"):
-        raise ConfigError(f"on_mixed must be 'raise' or 'warn', got {on_mixed!r}")
     expected = expected_experiments(targets, seeds)
     expected_names = {e.name for e in expected}
     completed: list[ExperimentResult] = []
     failed: list[FailedExperiment] = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        if (folder / "results.json").is_file():
+        state = R.status(folder)
+        if state == "failed":
+            failed.append(_failure(folder, expected_names))
+        elif state == "finished":
             try:
                 probe = load_experiment(folder, expected=True)
             except (OSError, ValueError, KeyError) as err:
@@ -240,26 +263,13 @@ def load_results(results_dir: str | Path, targets: Sequence[str | Target] | None
             exp = Experiment(target=probe.target, seed=probe.seed)
             is_expected = exp.name in expected_names
             completed.append(probe if is_expected else _replace_expected(probe, False))
-        elif (folder / "failure.json").is_file():
-            failed.append(_failure(folder, expected_names))
     done = {Experiment(target=r.target, seed=r.seed).name for r in completed} | {f.name for f in failed}
     missing = [e for e in expected if e.name not in done]
     order = {e.name: i for i, e in enumerate(expected)}
     completed.sort(key=lambda r: (not r.expected, order.get(r.name, len(order)), r.name))
     failed.sort(key=lambda f: (not f.expected, order.get(f.name, len(order)), f.name))
-    rs = ResultSet(root=root, expected=expected, completed=completed, failed=failed, missing=missing)
-    for target, runs in rs.by_target().items():
-        groups = _mixed_provenance(runs)
-        if groups:
-            rs.mixed[str(target)] = groups
-    if rs.mixed and on_mixed == "raise":
-        lines = "; ".join(f"{t}: " + " | ".join(f"{k}: {', '.join(v)}" for k, v in g.items())
-                          for t, g in rs.mixed.items())
-        raise MixedResultsError(
-            f"results under {root} mix configurations or data files within a target ({lines}). Averaging them "
-            "would describe no single configuration: move the stale folders away, rerun them, or pass "
-            "on_mixed='warn' (CLI --allow-mixed) to analyse anyway with a warning in the report")
-    return rs
+    return ResultSet(root=root, expected=expected, completed=completed, failed=failed, missing=missing,
+                     stale=_stale_reasons([r for r in completed if r.expected]))
 
 
 def _replace_expected(r: ExperimentResult, expected: bool) -> ExperimentResult:

@@ -81,15 +81,15 @@ def _status(a: ProductionAnalyzer) -> list[str]:
     rs = a.results
     out = ["## Status of the run\n"]
     n_failed = sum(f.expected for f in rs.failed)
+    stale = f"; {len(rs.stale)} stale" if rs.stale else ""
     out.append(f"**{len(rs.analysed)} of {len(rs.expected)} expected experiments finished; {n_failed} failed; "
-               f"{len(rs.missing)} missing.** Statistics cover the finished ones; every finished seed is included "
-               "(no seed is ever dropped for its score).\n")
-    if rs.mixed:
-        out.append("> **WARNING: mixed configurations.** These targets hold results of different config hashes or "
-                   "data files; their statistics average over them (analysed with `on_mixed='warn'`):\n")
-        for t, groups in rs.mixed.items():
-            out += [f"> * {t}: {k}: {', '.join(v)}" for k, v in groups.items()]
-        out.append("")
+               f"{len(rs.missing)} missing{stale}.** Statistics cover the finished ones; every finished seed is "
+               "included (no seed is ever dropped for its score).\n")
+    if rs.stale:
+        out.append(f"### Stale results ({len(rs.stale)}; listed, not in the statistics)\n")
+        out.append("Finished with another configuration, code version or data than the run's (the one most "
+                   "results share): averaging them in would describe no single configuration. Rerun them.\n")
+        out.append(table(["experiment", "why"], [[name, why] for name, why in rs.stale.items()]))
     if rs.failed:
         out.append(f"### Failed experiments ({len(rs.failed)})\n")
         out.append(table(["experiment", "target", "seed", "error type", "error", "time"],
@@ -272,8 +272,9 @@ def _provenance(a: ProductionAnalyzer) -> list[str]:
     out.append("Data files (sha256):\n")
     out.append(table(["file", "sha256"], [[f, ", ".join(sorted(h))] for f, h in sorted(files.items())]))
     prov = pd.DataFrame([r.results.get("provenance", {}) for r in runs])
-    rows = [[k, _counted(prov[k].tolist())] for k in ("everest", "git_commit", "python", "torch", "numpy", "pandas",
-                                                       "scipy", "device", "device_name", "host") if k in prov]
+    rows = [[k, _counted(prov[k].tolist())] for k in ("code_version", "everest", "git_commit", "python", "torch",
+                                                       "numpy", "pandas", "scipy", "device", "device_name", "host")
+            if k in prov]
     out.append("\nVersions and devices (experiments per value):\n")
     out.append(table(["item", "values"], rows))
     import numpy

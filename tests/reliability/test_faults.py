@@ -85,6 +85,41 @@ def test_dask_worker_killed_mid_training_resumes_from_its_checkpoint(prefect_ser
     assert [h["epoch"] for h in res["history"]] == list(range(1, 9))
 
 
+def test_dask_worker_sigterm_checkpoints_mid_epoch_and_another_worker_resumes(prefect_server, tiny_data, tmp_path):
+    """A walltime kill: the batch system sends SIGTERM to the worker process, where training runs on a
+    worker thread. The experiment checkpoints inside the epoch, the task goes back to Dask, and the
+    restarted worker resumes it from that sample on."""
+    profile = tmp_path / "one-worker.yaml"
+    profile.write_text("kind: local\ngpus: 0\nn_workers: 1\ntorch_threads: 1\ndashboard_address: null\n")
+    out = tmp_path / "out"
+    params = ProductionParameters(targets=["M-24"], seeds=[0], data_dir=str(tiny_data), output_dir=str(out),
+                                  profile=str(profile),
+                                  overrides=[*SLOWER, "train.epochs=8", "train.early_stopping_patience=20"])
+    result: dict = {}
+    runner = threading.Thread(target=contextvars.copy_context().run, args=(lambda: result.update(
+        state=make_flow(str(profile))(**params.model_dump(), return_state=True)),))
+    runner.start()
+    checkpoint = out / "checkpoints" / "everest_M_24h_seed0.pt"
+    _wait_for_checkpoint(checkpoint, 2)
+    victims = _worker_pids()
+    assert victims, "found no Dask worker process to stop"
+    for pid in victims:
+        os.kill(pid, signal.SIGTERM)
+    partial, deadline = None, time.monotonic() + 30
+    while partial is None and time.monotonic() < deadline:  # before the restarted worker rewrites it
+        try:
+            partial = torch.load(checkpoint, weights_only=True).get("partial")
+        except (EOFError, RuntimeError, FileNotFoundError):
+            pass
+        time.sleep(0.02)
+    assert partial is not None and partial["offset"] > 0, "SIGTERM did not checkpoint inside the epoch"
+    runner.join(timeout=300)
+    assert result["state"].is_completed(), result["state"].message
+    res = json.loads((out / "results" / "everest_M_24h_seed0" / "results.json").read_text())
+    assert res["training"]["resumed_after_epoch"] >= 2
+    assert [h["epoch"] for h in res["history"]] == list(range(1, 9))
+
+
 def test_flow_process_killed_mid_study_then_rerun_finishes_only_what_was_missing(prefect_server, tiny_data,
                                                                                  tmp_path):
     out = tmp_path / "out"

@@ -48,22 +48,21 @@ def test_every_result_records_its_provenance(tiny_data, tmp_path):
     assert res["config"]["train"]["epochs"] == 2  # the full effective configuration travels with the result
 
 
-def test_analysis_refuses_to_mix_configs_within_a_target_without_saying_so(tiny_data, tmp_path):
-    from everest.analysis import MixedResultsError, ProductionAnalyzer
+def test_analysis_never_mixes_configs_within_a_target_without_saying_so(tiny_data, tmp_path):
+    from everest.analysis import ProductionAnalyzer
 
     _train_cli(tiny_data, tmp_path, seed=0)
     r = subprocess.run([sys.executable, "-m", "everest.train", "--flare_class", "C", "--time_window", "48", "--seed",
                         "1", "--data-dir", str(tiny_data), "--output-dir", str(tmp_path), *TINY,
                         "--set=train.learning_rate=0.001"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    analyzer = ProductionAnalyzer(tmp_path / "results", tmp_path, targets=["C-48"], seeds=[0, 1],
-                                  n_bootstrap=200, make_plots=False)
-    with pytest.raises(MixedResultsError, match="C-48"):
-        analyzer.run_complete_analysis()
-    warned = ProductionAnalyzer(tmp_path / "results", tmp_path, targets=["C-48"], seeds=[0, 1], n_bootstrap=200,
-                                make_plots=False, on_mixed="warn").run_complete_analysis()
-    report = Path(warned.to_dict()["report"]).read_text()
-    assert "config" in report.lower() and "mix" in report.lower()
+    summary = ProductionAnalyzer(tmp_path / "results", tmp_path, targets=["C-48"], seeds=[0, 1], n_bootstrap=200,
+                                 make_plots=False).run_complete_analysis()
+    # One result per configuration: the newer one is the run's, the older one is stale and out of the statistics.
+    assert list(summary.stale) == ["everest_C_48h_seed0"] and "config" in summary.stale["everest_C_48h_seed0"]
+    assert summary.n_completed == 1
+    report = Path(summary.report).read_text()
+    assert "Stale results" in report and "everest_C_48h_seed0" in report
 
 
 def test_model_files_are_never_unpickled():
