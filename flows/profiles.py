@@ -38,6 +38,7 @@ from dask_jobqueue import PBSCluster, SLURMCluster
 from dask_jobqueue.pbs import PBSJob
 from dask_jobqueue.slurm import SLURMJob
 from distributed import LocalCluster, Nanny
+from distributed.core import Status
 from distributed.security import Security
 from distributed.utils import get_ip_interface
 from pydantic import (
@@ -76,6 +77,8 @@ WORKER_PRELOAD = "flows.worker_setup"
 # The dashboard listens on the loopback interface unless a profile says otherwise (ssh -L to view it).
 DEFAULT_DASHBOARD = "127.0.0.1:8787"
 LOOPBACK_INTERFACES = ("lo", "lo0")
+# Shell functions shared with the plain array scripts; everest_claim_gpu pins a job to a free GPU.
+GPU_CLAIM_SCRIPT = Path(__file__).resolve().parent.parent / "cluster" / "lib.sh"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -519,15 +522,20 @@ class BatchProfile(Profile):
         """The scheduler-specific part of the job request (directives for CPUs, memory, GPU)."""
 
     def job_script_prologue(self) -> list[str]:
-        """Site lines (``module load``), the worker's environment first on PATH, then the worker exports.
+        """Site lines (``module load``), the worker's environment first on PATH, the GPU claim, then the
+        worker exports.
 
         PBS Pro does not pass the submitting shell's environment to a job: the interpreter's folder
-        goes first on PATH so that the job's commands and the worker use the flow's environment.
+        goes first on PATH so that the job's commands and the worker use the flow's environment. A GPU
+        job on a node whose batch system sets no ``CUDA_VISIBLE_DEVICES`` (PBS Pro without its cgroup
+        hook) claims a free GPU of the node (``everest_claim_gpu`` of ``cluster/lib.sh``, shared with
+        the array scripts), so that jobs sharing a node do not all train on GPU 0.
         """
         exports = [f"export {k}={shlex.quote(v)}" for k, v in self.worker_env().items()]
         python = Path(self.python or sys.executable)
         env = [] if "$" in str(python) else [f"export PATH={shlex.quote(str(python.parent))}:\"$PATH\""]
-        return [*self.prologue, *env, *exports]
+        claim = [f"source {shlex.quote(str(GPU_CLAIM_SCRIPT))} && everest_claim_gpu"] if self.gpus_per_job else []
+        return [*self.prologue, *env, *claim, *exports]
 
     def _job_kwargs(self, run_dir: Path | None = None) -> dict[str, Any]:
         n, unit = _memory_units(self.worker_memory or self.job_memory)
@@ -668,6 +676,7 @@ class _RecordsSubmissionFailures:
             command = self.submit_command.split()[0]  # type: ignore[attr-defined]
             _submission_failures.append(
                 f"{command} failed{f' with exit status {status.group(1)}' if status else ''}: {_first_lines(stderr)}")
+            self.status = Status.failed  # type: ignore[attr-defined] # else closing the cluster asserts on it
             raise
 
 

@@ -182,3 +182,24 @@ def test_results_on_disk_decide_cache_hits_and_failures_never_leave_stale_result
     assert (folder / "failure.json").is_file() and not (folder / "results.json").exists()
     report = (out / "analysis" / "production_training_report.md").read_text()
     assert "0 of 1" in report and "1 failed" in report
+
+
+def test_refused_worker_job_ends_the_run_failed_with_qsubs_words_mock_pbs_qsub(prefect_server, tiny_data, tmp_path,
+                                                                                monkeypatch):
+    """PBS Pro's reply to an unknown queue (mocked: PBS Pro cannot be installed here) ends the flow run
+    Failed with qsub's own message, instead of waiting forever for workers that never come."""
+    from flows.profiles import load_profile
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "qsub").write_text("#!/bin/sh\necho 'qsub: Unknown queue' >&2\nexit 170\n")
+    (fake / "qsub").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    site = load_profile("pbs").for_test_machine(gpus_per_job=0)
+    params = ProductionParameters(targets=["C-24"], seeds=[0], data_dir=str(tiny_data),
+                                  output_dir=str(tmp_path / "out"), profile="pbs", overrides=TINY)
+    state = make_flow(site)(**params.model_dump(), return_state=True)
+    assert state.is_failed()
+    assert "qsub failed with exit status 170: qsub: Unknown queue" in state.message, state.message
+    failure = json.loads((tmp_path / "out" / "results" / "everest_C_24h_seed0" / "failure.json").read_text())
+    assert failure["error_type"] == "SubmissionFailed" and "Unknown queue" in failure["error"]

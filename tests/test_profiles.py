@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 
 import dask
@@ -333,3 +334,58 @@ def test_experiments_per_gpu_packs_worker_processes_onto_each_gpu(monkeypatch):
         load_profile("pbs").with_overrides(experiments_per_gpu=5)  # more than the job's 4 CPUs
     with pytest.raises(ConfigError, match="experiments_per_gpu"):
         load_profile("slurm").with_overrides(experiments_per_gpu=0)
+
+
+def test_batch_scheduler_speaks_tls_only_to_holders_of_the_run_certificate(tmp_path):
+    from distributed.security import Security
+
+    profile = load_profile("pbs").for_test_machine(gpus_per_job=0)
+    with profile.make_cluster(run_dir=tmp_path) as cluster:
+        assert cluster.scheduler_address.startswith("tls://127.0.0.1:")
+        with Client(cluster, timeout="20s") as client:  # the flow's client: the cluster's own certificate
+            assert client.scheduler_info()["address"] == cluster.scheduler_address
+        with pytest.raises((OSError, TypeError)):  # a plain client on the same port is refused
+            Client(cluster.scheduler_address.replace("tls://", "tcp://"), timeout="3s")
+        with pytest.raises((OSError, TypeError)):  # and so is a TLS client with another certificate
+            Client(cluster.scheduler_address, security=Security.temporary(), timeout="3s")
+    # The worker's copies of the certificate and key are readable by the user only.
+    files = list((tmp_path / ".dask-tls").glob(".dask-jobqueue.worker.*"))
+    assert files and all(f.stat().st_mode & 0o077 == 0 for f in files)
+
+
+def test_local_cluster_listens_on_loopback_only():
+    with load_profile("local").for_test_machine(n_workers=1).make_cluster() as cluster:
+        assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
+        assert all(w["host"] == "127.0.0.1" for w in cluster.scheduler_info["workers"].values())
+
+
+def _fake_commands(tmp_path, monkeypatch, **scripts: str) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in scripts.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+
+def test_pbs_site_check_names_an_unknown_queue_and_undefined_gpu_resources_mock_pbs(tmp_path, monkeypatch):
+    """Canned replies of PBS Pro's qstat and pbsnodes (PBS Pro itself cannot be installed here)."""
+    _fake_commands(tmp_path, monkeypatch, qsub="exit 0",
+                   qstat='[ "$2" = gpu ] && exit 0; echo "qstat: Unknown queue destination $2" >&2; exit 170',
+                   pbsnodes='echo "node1"; echo "     resources_available.ncpus = 64"')
+    profile = load_profile("pbs")
+    with pytest.raises(ConfigError, match=r"queue 'gpux' is refused .*qstat: Unknown queue destination gpux"):
+        profile.with_overrides(queue="gpux").check_site()
+    with pytest.raises(ConfigError, match=r"no PBS node offers the resource\(s\) \['ngpus'\].*create resource ngpus"):
+        profile.check_site()
+    profile.with_overrides(gpus_per_job=0).check_site()  # queue known, no GPU resource asked: fine
+
+
+@pytest.mark.skipif(shutil.which("sinfo") is None, reason="SLURM is not installed (tests/cluster/slurm.sh up)")
+def test_slurm_site_check_against_the_real_scheduler():
+    profile = load_profile("slurm")
+    with pytest.raises(ConfigError, match="SLURM has no partition 'nosuch'"):
+        profile.with_overrides(queue="nosuch").check_site()
+    profile.with_overrides(queue="debug").check_site()  # the CI node's partition offers gres gpu:2
+    with pytest.raises(ConfigError, match="offers no GRES gpu:h100"):
+        profile.with_overrides(queue="debug", gpu_type="h100").check_site()
