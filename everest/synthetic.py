@@ -383,6 +383,11 @@ def truth_path(csv_path: str | Path) -> Path:
     return p.parent / "truth" / p.name
 
 
+def is_synthetic(csv_path: str | Path) -> bool:
+    """Whether a data file was written by this generator (its truth sidecar lies beside it)."""
+    return truth_path(csv_path).is_file()
+
+
 def _count_rows(path: Path) -> int:
     """Data rows of a CSV file (lines after the header), counted without parsing."""
     n = 0

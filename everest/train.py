@@ -37,7 +37,7 @@ import torch
 from everest import __version__, io, stopping
 from everest import metrics as M
 from everest.config import ConfigError, EverestConfig, Experiment, Target, load_config
-from everest.data import ExperimentData, SampleSet, prepare_experiment
+from everest.data import ExperimentData, SampleSet, data_file, prepare_experiment
 from everest.fast import TrainStep, device_stream, eval_chunk, make_optimizer
 from everest.losses import EverestLoss, nig_uncertainty
 from everest.model import EverestModel, count_parameters
@@ -417,7 +417,8 @@ class ProductionTrainer:
                          "early_stopping_metric": cfg.train.early_stopping_metric,
                          "seconds": float(sum(h["seconds"] for h in history)),
                          "n_parameters": count_parameters(model)},
-            "data": {"data_dir": str(self.data_dir), "scaler": data.scaler.to_dict(),
+            "data": {"data_dir": str(self.data_dir), "synthetic": self._synthetic_data(),
+                     "scaler": data.scaler.to_dict(),
                      **{f"n_{k}": len(getattr(data, k)) for k in ("train", "val", "test")},
                      **{f"n_{k}_positive": getattr(data, k).n_positive for k in ("train", "val", "test")},
                      "n_val_regions": int(len(np.unique(data.val.region)))},
@@ -427,6 +428,12 @@ class ProductionTrainer:
         }
         self._write_outputs(results, history, val_table, test_table, data, test_pred, y_pred, model)
         return results
+
+    def _synthetic_data(self) -> bool:
+        """Whether both tables come from the synthetic generator (the report must say so)."""
+        from everest.synthetic import is_synthetic
+
+        return all(is_synthetic(data_file(self.data_dir, self.experiment.target, s)) for s in ("train", "test"))
 
     def _write_outputs(self, results, history, val_table, test_table, data, test_pred, y_pred, model) -> None:
         rd, md = self.results_dir, self.model_dir

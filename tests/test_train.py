@@ -230,3 +230,20 @@ def test_cli_array_index_and_errors(data_dir, tmp_path):
         r = subprocess.run([*base, *bad], capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and frag in r.stderr, (bad, r.stderr)
         assert "Traceback" not in r.stderr
+
+
+def test_results_say_whether_the_tables_are_synthetic(data_dir, tmp_path):
+    """Generated tables carry their truth sidecars; a copy of the same tables without them reads as real data,
+    and the report of synthetic results says so at the top."""
+    from everest.analysis import ProductionAnalyzer
+
+    cfg = tiny_config("train.epochs=1")
+    assert _train(data_dir, tmp_path / "a", cfg)["data"]["synthetic"] is True
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for name in ("training_data_M_24.csv", "testing_data_M_24.csv"):
+        (plain / name).write_bytes((data_dir / name).read_bytes())
+    assert _train(plain, tmp_path / "b", cfg)["data"]["synthetic"] is False
+    report = ProductionAnalyzer(tmp_path / "a" / "results", tmp_path / "a", targets=["M-24"], seeds=[0],
+                                make_plots=False).run_complete_analysis().report
+    assert "Synthetic data: 1 of 1 finished experiments" in Path(report).read_text()

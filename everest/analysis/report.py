@@ -80,6 +80,11 @@ def _pm(mean: Any, std: Any) -> str:
 def _status(a: ProductionAnalyzer) -> list[str]:
     rs = a.results
     out = ["## Status of the run\n"]
+    synthetic = [r.name for r in rs.analysed if r.results.get("data", {}).get("synthetic")]
+    if synthetic:
+        out.append(f"**Synthetic data: {len(synthetic)} of {len(rs.analysed)} finished experiments trained and were "
+                   "tested on tables made by the project's generator (`everest data synth`, the embedded demo), "
+                   "not on SHARP observations.**\n")
     n_failed = sum(f.expected for f in rs.failed)
     stale = f"; {len(rs.stale)} stale" if rs.stale else ""
     out.append(f"**{len(rs.analysed)} of {len(rs.expected)} expected experiments finished; {n_failed} failed; "
