@@ -73,7 +73,7 @@ BASE = make_table([("N", 1, 1.0), ("N", 1, 2.0), ("P", 1, 3.0), ("N", 2, 4.0)])
         (_bad(BASE, 0, "R_VALUE", np.inf), ["'R_VALUE'", "inf", "line 2"]),
         (_bad(BASE, 1, "Flare", "Q"), ["unknown label 'Q'", "line 3"]),
         (_bad(BASE, 2, "DATE__OBS", "2011-01-01T00:00:00"), ["out of time order", "line 4"]),
-        (_bad(BASE, 1, "DATE__OBS", "yesterday"), ["not an ISO time", "'yesterday'"]),
+        (_bad(BASE, 1, "DATE__OBS", "yesterday"), ["expected an ISO 8601 time", "'yesterday'", "line 3"]),
         (pd.concat([BASE, BASE.iloc[[1]]]), ["not contiguous"]),
         (pd.concat([BASE.iloc[:2], BASE.iloc[[1]], BASE.iloc[2:]]), ["out of time order"]),
         (_bad(BASE, 3, "NOAA_AR", "AR?"), ["'NOAA_AR'", "line 5"]),
@@ -183,3 +183,147 @@ def test_cache_reuses_and_invalidates(write_csv, tmp_path, monkeypatch):
     assert h3 != h1 and len(changed) > len(first)
     D.load_samples(path, M24, DataConfig(features=("USFLUX", "TOTPOT")), 10, cache)  # changed config -> new key
     assert len(list(cache.glob("*.npz"))) == 3
+
+
+# Accepted spellings of the same table: each must read to exactly the arrays of the clean file.
+CLEAN = _many_regions(3, 4).to_csv(index=False)
+
+
+def _quote_all(text: str) -> str:
+    return "".join(",".join(f'"{f}"' for f in line.split(",")) + "\n" for line in text.splitlines())
+
+
+@pytest.mark.parametrize(
+    "spell",
+    [
+        lambda t: "\ufeff" + t,  # UTF-8 byte-order mark (Excel's "CSV UTF-8")
+        lambda t: t.replace("\n", "\r\n"),
+        lambda t: t.replace("\n", "\r"),
+        lambda t: t.replace("\n", "\r\r\n"),  # csv written in text mode on Windows: a blank line after each row
+        lambda t: "\n\n" + t.replace("\n", "\n \t\n", 3) + "\n\n",  # blank and whitespace-only lines
+        lambda t: t.rstrip("\n"),  # no line break after the last row
+        lambda t: "\ufeff" + _quote_all(t).replace("\n", "\r\n"),
+        lambda t: t.replace("USFLUX", " USFLUX ", 1).replace("Flare", "Flare\t", 1),
+        lambda t: "".join(f"{i - 1 if i else ''},{line}\n" for i, line in enumerate(t.splitlines())),  # index column
+        lambda t: t.replace(",1100,", ',"a note, with a comma\nand a line break",', 1),  # quoted text, unused column
+    ],
+    ids=["bom", "crlf", "cr", "cr-cr-lf", "blank-lines", "no-final-newline", "bom-quoted-crlf", "header-spaces",
+         "index-column", "multiline-text-cell"],
+)
+def test_accepted_spellings_read_as_the_clean_file(write_csv, spell):
+    clean = D.read_table(write_csv(CLEAN, "clean.csv"), CFG)
+    path = write_csv("")
+    path.write_bytes(spell(CLEAN).encode())
+    table = D.read_table(path, CFG)
+    pd.testing.assert_frame_equal(table, clean)
+    a, b = (D.build_samples(t, CFG.features, 3, False) for t in (table, clean))
+    for name in ("x", "valid", "y", "region", "row", "time"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+
+
+def test_bom_and_crlf_give_the_clean_files_arrays(tiny_data, tmp_path):
+    src = tiny_data / "training_data_M_24.csv"
+    bom_crlf = tmp_path / "training_data_M_24.csv"
+    bom_crlf.write_bytes(b"\xef\xbb\xbf" + src.read_bytes().replace(b"\n", b"\r\n"))
+    a, _ = D.load_samples(src, M24, CFG, 10)
+    b, _ = D.load_samples(bom_crlf, M24, CFG, 10)
+    for name in ("x", "valid", "y", "region", "row", "time"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+
+
+def test_time_offsets_are_converted_to_utc(write_csv):
+    text = CLEAN.replace("2012-01-04T00:12:00", "2012-01-04T02:12:00+02:00", 1)
+    assert text != CLEAN
+    pd.testing.assert_frame_equal(D.read_table(write_csv(text), CFG), D.read_table(write_csv(CLEAN, "c.csv"), CFG))
+
+
+TRICKY = ('Flare,DATE__OBS,NOTE\r\n\r\nN,"2012-01-01",x\rP,2012,"a\r\nb ""c"", d"\n  \n'
+          'N,2013,"multi\nline\nnote"\r\n\tN,2014,\n"padding",,"tail"')
+
+
+def test_scan_is_the_same_for_any_chunk_size(tmp_path, monkeypatch):
+    path = tmp_path / "t.csv"
+    path.write_text(TRICKY, newline="")
+    expect = D._scan(path)
+    np.testing.assert_array_equal(expect.line, [1, 3, 4, 7, 10, 11])  # as a text editor numbers the lines
+    np.testing.assert_array_equal(expect.fields, [3] * 6)
+    assert D._split(TRICKY.encode()[expect.start[2]:expect.end[2]]) == ["P", "2012", 'a\r\nb "c", d']
+    for chunk in (1, 2, 3, 5, 7, 64):
+        monkeypatch.setattr(D, "_CHUNK", chunk)
+        got = D._scan(path)
+        for name in ("start", "end", "line", "fields"):
+            np.testing.assert_array_equal(getattr(got, name), getattr(expect, name), err_msg=f"{name}, chunk {chunk}")
+
+
+@pytest.mark.parametrize("chunk", [1 << 20, 3])
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (b"a,b\n1,2\n\n3,\xe94\n", "byte 0xe9 at line 4"),
+        (b"a,b\n1,2\n3,4\xc3", "ends inside a multi-byte character"),
+        (b'a,b\n"1\n2",3\n4,"5\n', "quoted field opened at line 4 is never closed"),
+        (b'a,b\n1,2\n3,4 "inch"\n', "stray '\"' at line 3"),
+        (b'a,b\n1,2\n3,"4"5\n', "stray '\"' at line 3"),
+        (b"a,b\r\n1,2\r\n\x00\r\n", "NUL bytes (binary data) at line 3"),
+    ],
+    ids=["latin-1", "truncated-utf8", "unterminated-quote", "stray-open-quote", "stray-close-quote", "nul"],
+)
+def test_scan_refuses_bad_bytes_naming_the_line(tmp_path, monkeypatch, chunk, content, fragment):
+    monkeypatch.setattr(D, "_CHUNK", chunk)
+    path = tmp_path / "t.csv"
+    path.write_bytes(content)
+    with pytest.raises(D.DataError, match="t.csv") as err:
+        D._scan(path, strict=True)  # what read_table runs when the fast scan finds a structure error
+    assert fragment in str(err.value)
+
+
+def _text_cell(line: int, column: str, text: str) -> str:
+    lines = CLEAN.splitlines()
+    fields = lines[line - 1].split(",")
+    fields[lines[0].split(",").index(column)] = text
+    return "\n".join([*lines[:line - 1], ",".join(fields), *lines[line:]]) + "\n"
+
+
+def _ragged_after_blank_lines() -> str:
+    lines = CLEAN.splitlines()
+    return "\n".join([lines[0], "", lines[1], "  ", lines[2], lines[3].rsplit(",", 1)[0], *lines[4:]]) + "\n"
+
+
+@pytest.mark.parametrize(
+    ("content", "fragments"),
+    [
+        (_text_cell(3, "TOTPOT", "inf"), ["'TOTPOT' must hold finite numbers; found 'inf' at line 3"]),
+        (_text_cell(3, "TOTPOT", "1e400"), ["'TOTPOT' holds '1e400' at line 3", "beyond 1e+37"]),
+        (_text_cell(3, "TOTPOT", " NaN "), ["found ' NaN ' at line 3"]),
+        (_text_cell(3, "TOTPOT", ""), ["found '' (an empty cell) at line 3"]),
+        (_text_cell(3, "TOTPOT", '"1,5"'), ["found '1,5'", "'.' decimal point"]),
+        (_text_cell(3, "TOTPOT", "x" * 1000), ["found 'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx'... (1000 characters)"]),
+        (_text_cell(3, "NOAA_AR", "100.5"), ["'NOAA_AR' holds '100.5' at line 3", "a whole number"]),
+        (_text_cell(3, "NOAA_AR", "1e30"), ["'NOAA_AR' holds '1e30' at line 3"]),
+        (_text_cell(3, "Flare", ""), ["unknown label '' (an empty cell) at line 3"]),
+        (_text_cell(3, "DATE__OBS", "2012-01-04 00:12:00 TAI"), ["holds '2012-01-04 00:12:00 TAI' at line 3"]),
+        (_text_cell(3, "DATE__OBS", "2012-01-03T02:30:00+02:00"),
+         ["out of time order at line 4: '2012-01-03T00:24:00' does not follow '2012-01-03T02:30:00+02:00' (line 3"]),
+        ("\n" + _text_cell(3, "USFLUX", "inf"), ["found 'inf' at line 4"]),  # a blank line counts in line numbers
+        (_ragged_after_blank_lines(), ["line 6 has 17 field(s) but the header (line 1) has 18"]),
+        (CLEAN.replace("Cdec", "Flare"), ["column 'Flare' appears 2 times in the header (columns [1, 6])"]),
+        (CLEAN.replace(",", ";"), ["fields are separated by ';'", "expected commas"]),
+    ],
+    ids=["inf", "1e400", "nan-with-spaces", "empty", "decimal-comma", "huge-cell", "region-fraction",
+         "region-huge", "empty-label", "tai-time", "time-offset-order", "blank-line-numbering",
+         "ragged", "duplicate-header", "semicolons"],
+)
+def test_messages_quote_cells_as_written(write_csv, content, fragments):
+    path = write_csv(content)
+    with pytest.raises(D.DataError) as err:
+        D.read_table(path, CFG)
+    msg = str(err.value)
+    assert str(path) in msg and "\n" not in msg
+    for frag in fragments:
+        assert frag in msg, (frag, msg)
+
+
+def test_directory_in_place_of_a_table(tmp_path):
+    (tmp_path / "training_data_M_24.csv").mkdir()
+    with pytest.raises(D.DataError, match="is a directory; expected a SHARP table"):
+        D.load_samples(tmp_path / "training_data_M_24.csv", M24, CFG, 10)

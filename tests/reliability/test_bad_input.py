@@ -3,13 +3,19 @@
 Data cases call the ``python -m everest.train`` entry point (``everest.train.main``, in-process for speed)
 on a copy of the tiny synthetic tables with one file spoiled; parameter cases call ``python -m
 flows.production``'s ``main`` (refused before any server, cluster or job starts). Tolerated cases (extra
-columns, a one-row region, a split without positives) must train.
+columns, a one-row region, a split without positives) must train. File-format cases (bytes, encoding,
+structure, values) run the real ``everest data check`` command in a subprocess, and a few the trainer's:
+refused ones end in exactly one ``error:`` line and exit status 2, tolerated ones read as the clean file.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -188,3 +194,178 @@ def test_unwritable_output_directory_is_refused(spoiled, tmp_path, run_train):
     r = run_train(spoiled, blocker / "out")
     assert r.returncode == 5, r.stderr
     assert "cannot read or write" in r.stderr and "not-a-dir" in r.stderr and "Traceback" not in r.stderr
+
+
+# File-format matrix: one table spoiled at the byte, encoding, structure or value level, read by the real
+# commands in a subprocess. FILE is the first table `everest data check` reads; line numbers are as an editor
+# shows them (line 1 is the header; line 6 is a P row of region 11067 in the tiny tables).
+FILE = "training_data_C_24.csv"
+EVEREST = ([str(Path(sys.executable).with_name("everest"))] if Path(sys.executable).with_name("everest").is_file()
+           else [sys.executable, "-m", "everest.cli"])
+TEXT_TABLE = "expected a comma-separated text table"
+
+
+def _bytes(change: Callable[[bytes], bytes]) -> Callable[[Path], None]:
+    def apply(d: Path) -> None:
+        (d / FILE).write_bytes(change((d / FILE).read_bytes()))
+    return apply
+
+
+def _text(change: Callable[[str], str], encoding: str = "utf-8") -> Callable[[Path], None]:
+    """Edit FILE as text and save it in ``encoding``."""
+    return _bytes(lambda b: change(b.decode()).encode(encoding))
+
+
+def _lines(change: Callable[[list[str]], list[str]]) -> Callable[[Path], None]:
+    """Edit the text lines (line ends kept) of FILE."""
+    return _text(lambda t: "".join(change(t.splitlines(keepends=True))))
+
+
+def _set_cell(line: int, column: str, text: str) -> Callable[[str], str]:
+    """Write ``text`` verbatim as the cell of ``column`` on editor line ``line``."""
+    def change(table: str) -> str:
+        lines = table.splitlines(keepends=True)
+        fields = lines[line - 1].rstrip("\n").split(",")
+        fields[lines[0].rstrip("\n").split(",").index(column)] = text
+        return "".join([*lines[:line - 1], ",".join(fields) + "\n", *lines[line:]])
+    return change
+
+
+def _cell(line: int, column: str, text: str) -> Callable[[Path], None]:
+    return _text(_set_cell(line, column, text))
+
+
+def _header(old: str, new: str) -> Callable[[Path], None]:
+    return _lines(lambda ls: [ls[0].replace(old, new, 1), *ls[1:]])
+
+
+def _as_directory(d: Path) -> None:
+    (d / FILE).unlink()
+    (d / FILE).mkdir()
+
+
+FORMAT_CASES = [
+    # bytes and encoding
+    ("binary garbage", _bytes(lambda b: bytes(range(256)) * 64), ["NUL bytes", "line 1", TEXT_TABLE]),
+    ("NUL bytes in a row", _lines(lambda ls: [*ls[:5], "\0\0" + ls[5], *ls[6:]]), ["NUL bytes", "line 6"]),
+    ("Latin-1 encoded header", _text(lambda t: t.replace("HARPNUM", "HARPNUM_\u00e9"), "latin-1"),
+     ["not UTF-8", "byte 0xe9", "line 1", TEXT_TABLE]),
+    ("Windows-1252 quotes in a row", _text(_set_cell(6, "HARPNUM", "\u201c4\u201d"), "cp1252"),
+     ["not UTF-8", "byte 0x93", "line 6", TEXT_TABLE]),
+    ("UTF-16 with a byte-order mark", _bytes(lambda b: b.decode().encode("utf-16")), ["UTF-16", "save it as UTF-8"]),
+    ("gzip-compressed file named .csv", _bytes(gzip.compress), ["gzip-compressed", "gunzip", TEXT_TABLE]),
+    ("Excel workbook named .csv", _bytes(lambda b: b"PK\x03\x04\x14\x00\x06\x00" + b"\0" * 64), ["Excel .xlsx"]),
+    ("Git LFS pointer", _bytes(lambda b: b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64
+                               + b"\nsize 4567891\n"), ["Git LFS pointer", "git lfs pull"]),
+    ("HTML page saved as CSV", _bytes(lambda b: b"<!DOCTYPE html>\n<html><body>Sign in</body></html>\n"),
+     ["HTML page", TEXT_TABLE]),
+    # structure
+    ("directory named like the CSV", _as_directory, ["is a directory", "expected a SHARP table"]),
+    ("header of whitespace only", _bytes(lambda b: b"   \r\n\r\n"), ["file is empty"]),
+    ("row with too many fields", _cell(6, "ABSNJZH", "8.6,0"),
+     ["line 6 has 19 field(s)", "the header (line 1) has 18", "expected 18 comma-separated fields"]),
+    ("row with too few fields", _lines(lambda ls: [*ls[:5], ls[5].rsplit(",", 1)[0] + "\n", *ls[6:]]),
+     ["line 6 has 17 field(s)", "expected 18 comma-separated fields"]),
+    ("ragged row after blank lines", _lines(lambda ls: [*ls[:3], "\n", "  \n", *ls[3:6], "N,1\n", *ls[6:]]),
+     ["line 9 has 2 field(s)"]),
+    ("unterminated quote", _cell(6, "TOTPOT", '"5.4e22'), ["quoted field opened at line 6 is never closed"]),
+    ("stray quote inside a field", _cell(6, "HARPNUM", '4"'), ["stray '\"' at line 6", "enclose a whole field"]),
+    ("duplicate column names", _header("Cdec", "USFLUX"),
+     ["column 'USFLUX' appears 2 times in the header", "expected each column once"]),
+    ("missing required column", _header("NOAA_AR", "NOAA"), ["missing required column(s) ['NOAA_AR']"]),
+    ("empty name for a required column", _header("USFLUX", ""), ["missing required column(s) ['USFLUX']"]),
+    ("semicolon-delimited", _bytes(lambda b: b.replace(b",", b";")), ["separated by ';'", "expected commas"]),
+    ("tab-delimited", _bytes(lambda b: b.replace(b",", b"\t")), ["separated by '\\t'", "expected commas"]),
+    ("tables joined with cat (repeated header)", _lines(lambda ls: [*ls[:8], ls[0], *ls[8:]]),
+     ["unknown label 'Flare' at line 9", "repeated header line"]),
+    # values, quoted as written
+    ("extremely long number", _cell(6, "TOTPOT", "9" * 5_000_000),
+     ["'TOTPOT' holds '999999999999999999999999999999'... (5000000 characters) at line 6", "beyond 1e+37"]),
+    ("thousands separator", _cell(6, "TOTPOT", '"54,038"'), ["found '54,038' at line 6", "no thousands separators"]),
+    ("decimal comma", _cell(6, "R_VALUE", '"0,5"'), ["found '0,5' at line 6", "'.' decimal point"]),
+    ("nan", _cell(6, "TOTPOT", "nan"), ["'TOTPOT' must hold finite numbers; found 'nan' at line 6"]),
+    ("NaN", _cell(6, "TOTPOT", "NaN"), ["found 'NaN' at line 6"]),
+    ("inf", _cell(6, "USFLUX", "inf"), ["'USFLUX' must hold finite numbers; found 'inf' at line 6"]),
+    ("-inf", _cell(6, "USFLUX", "-inf"), ["found '-inf' at line 6"]),
+    ("1e400 (overflows to inf)", _cell(6, "USFLUX", "1e400"), ["'USFLUX' holds '1e400' at line 6", "beyond 1e+37"]),
+    ("empty feature cell", _cell(6, "SAVNCPP", ""), ["'SAVNCPP' must hold finite numbers; found '' (an empty cell)"]),
+    ("empty label", _cell(6, "Flare", ""), ["unknown label '' (an empty cell) at line 6", "expected one of"]),
+    ("empty region", _cell(6, "NOAA_AR", ""),
+     ["'NOAA_AR' holds '' (an empty cell) at line 6", "expected a NOAA active-region number"]),
+    ("fractional region number", _cell(6, "NOAA_AR", "11067.5"), ["'NOAA_AR' holds '11067.5' at line 6"]),
+    ("negative region number", _cell(6, "NOAA_AR", "-11067"), ["'NOAA_AR' holds '-11067' at line 6"]),
+    ("empty time", _cell(6, "DATE__OBS", ""), ["'DATE__OBS' holds '' (an empty cell) at line 6", "ISO 8601"]),
+    ("time in another format", _cell(6, "DATE__OBS", "05/05/2010 00:12"),
+     ["'DATE__OBS' holds '05/05/2010 00:12' at line 6", "expected an ISO 8601 time"]),
+    ("JSOC TAI time", _cell(6, "DATE__OBS", "2010.05.05_00:12:00_TAI"), ["'2010.05.05_00:12:00_TAI' at line 6"]),
+]
+
+
+def _run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "default"}
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _assert_one_line_error(r: subprocess.CompletedProcess, fragments: list[str], exact: bool = True) -> None:
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, r.stderr
+    if exact:  # `data check` logs nothing else
+        assert r.stderr.strip() == errors[0], r.stderr
+    for frag in [FILE, *fragments]:
+        assert frag in errors[0], (frag, errors[0])
+
+
+@pytest.mark.parametrize(("case", "spoil", "fragments"), FORMAT_CASES, ids=[c[0] for c in FORMAT_CASES])
+def test_malformed_table_is_one_line_error_from_data_check(case, spoil, fragments, spoiled, tmp_path):
+    spoil(spoiled)
+    _assert_one_line_error(_run([*EVEREST, "data", "check", str(spoiled)], tmp_path), fragments)
+
+
+TRAINER_CASES = [c for c in FORMAT_CASES if c[0] in ("Windows-1252 quotes in a row", "unterminated quote",
+                                                     "row with too many fields", "1e400 (overflows to inf)")]
+
+
+@pytest.mark.parametrize(("case", "spoil", "fragments"), TRAINER_CASES, ids=[c[0] for c in TRAINER_CASES])
+def test_malformed_table_is_one_line_error_from_the_trainer(case, spoil, fragments, spoiled, tmp_path):
+    spoil(spoiled)
+    out = tmp_path / "out"
+    r = _run([sys.executable, "-m", "everest.train", "--flare_class", "C", "--time_window", "24", "--seed", "0",
+              "--data-dir", str(spoiled), "--output-dir", str(out), *TINY], tmp_path)
+    _assert_one_line_error(r, fragments, exact=False)
+    assert not out.exists() or not any(p.is_file() for p in out.rglob("*")), "something was written"
+
+
+# Variants a user would expect to work: `data check` must print exactly what it prints for the clean file.
+TOLERATED_CASES = [
+    ("UTF-8 byte-order mark", _bytes(lambda b: b"\xef\xbb\xbf" + b)),
+    ("CRLF line ends", _bytes(lambda b: b.replace(b"\n", b"\r\n"))),
+    ("CR-only line ends", _bytes(lambda b: b.replace(b"\n", b"\r"))),
+    ("CR CR LF line ends (text-mode write on Windows)", _bytes(lambda b: b.replace(b"\n", b"\r\r\n"))),
+    ("trailing blank lines", _bytes(lambda b: b + b"\n\n  \n")),
+    ("no line break after the last row", _bytes(lambda b: b.rstrip(b"\n"))),
+    ("spaces around column names", _header("USFLUX", " USFLUX ")),
+    ("every cell quoted", _lines(lambda ls: [",".join(f'"{f}"' for f in x.rstrip("\n").split(",")) + "\n"
+                                             for x in ls])),
+    ("unnamed index column (pandas to_csv default)", _lines(lambda ls: [f"{i - 1 if i else ''},{x}"
+                                                                        for i, x in enumerate(ls)])),
+    ("extremely long cell in an unused column", _cell(6, "Cdec", "1" * 5_000_000)),
+    ("region written as 11067.0", _cell(6, "NOAA_AR", "11067.0")),
+    ("time with a UTC offset", _cell(6, "DATE__OBS", "2010-05-05T02:00:00+02:00")),
+]
+
+
+@pytest.fixture(scope="module")
+def clean_check(tiny_data, tmp_path_factory) -> str:
+    r = _run([*EVEREST, "data", "check", str(tiny_data)], tmp_path_factory.mktemp("clean"))
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+@pytest.mark.parametrize(("case", "spoil"), TOLERATED_CASES, ids=[c[0] for c in TOLERATED_CASES])
+def test_tolerated_table_variant_reads_as_the_clean_file(case, spoil, spoiled, tmp_path, clean_check):
+    spoil(spoiled)
+    r = _run([*EVEREST, "data", "check", str(spoiled)], tmp_path)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert r.stdout == clean_check
