@@ -20,6 +20,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -533,7 +534,7 @@ def _cancel_run(name: str, message: str) -> None:
 
     with get_client(sync_client=True) as client:
         for run in client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name]))):
-            if not run.state or not run.state.is_final():
+            if not run.state or not (run.state.is_completed() or run.state.is_failed()):  # Running or Crashed
                 client.set_flow_run_state(run.id, Cancelled(message=message), force=True)
 
 
@@ -545,6 +546,9 @@ def main(argv: list[str] | None = None) -> int:
     from flows.server import prefect_api
 
     args = _parse_args(argv)
+    # Importing dask_jobqueue (flows.profiles) replaces Ctrl-C's handler with sys.exit(): exit status 0 and
+    # a flow run left Crashed. Ctrl-C must interrupt, so the run is marked Cancelled and the status is 130.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     setup_logging()
     # Keep the console to run progress: Dask's per-connection INFO lines (here and in worker processes).
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")

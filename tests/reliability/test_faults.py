@@ -120,6 +120,26 @@ def test_dask_worker_sigterm_checkpoints_mid_epoch_and_another_worker_resumes(pr
     assert [h["epoch"] for h in res["history"]] == list(range(1, 9))
 
 
+def test_ctrl_c_marks_the_flow_run_cancelled_and_a_rerun_resumes(prefect_server, tiny_data, tmp_path):
+    """Ctrl-C in the terminal: the run ends Cancelled on the server (not Running forever), exit 130."""
+    out = tmp_path / "out"
+    (tmp_path / "one.yaml").write_text("kind: local\ngpus: 0\nn_workers: 1\ntorch_threads: 1\n"
+                                       "dashboard_address: null\n")
+    args = [sys.executable, "-m", "flows.production", "--targets", "M-24", "--seeds", "0", "--data-dir",
+            str(tiny_data), "--output-dir", str(out), "--profile", str(tmp_path / "one.yaml"), "--epochs", "8",
+            *[f"--set={o}" for o in [*SLOWER, "train.early_stopping_patience=20"]]]
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_checkpoint(out / "checkpoints" / "everest_M_24h_seed0.pt", 1)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "marked Cancelled" in stderr
+    with get_client(sync_client=True) as client:
+        runs = [r for r in client.read_flow_runs() if (r.parameters or {}).get("output_dir") == str(out)]
+    assert [r.state.name for r in runs] == ["Cancelled"]
+
+
 def test_flow_process_killed_mid_study_then_rerun_finishes_only_what_was_missing(prefect_server, tiny_data,
                                                                                  tmp_path):
     out = tmp_path / "out"
