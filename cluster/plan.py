@@ -6,7 +6,7 @@ Every problem is reported at once on stderr, and the exit status is then 2 (noth
 
 The selection is the grid ``--targets`` x ``--seeds`` (default: all 9 targets x seeds 0-4), narrowed
 by ``--indices`` (which must lie inside the grid) and, with ``--unfinished``, by dropping experiments
-whose ``results.json`` already exists under ``--output-dir``.
+whose results under ``--output-dir`` are finished with this configuration, data and code version.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from everest import results
 from everest.config import DEFAULT_SEEDS, ConfigError, Experiment, Target, all_targets, load_config
-from everest.data import data_file
+from everest.data import data_file, file_hash
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,9 +98,10 @@ def plan(args: argparse.Namespace) -> tuple[list[Experiment], list[str], list[st
     for item in overrides:
         if "\n" in item or "\r" in item:
             errors.append(f"invalid --set {item!r}: line breaks are not allowed")
+    cfg = None
     if not errors:
         try:
-            load_config(args.config, overrides)
+            cfg = load_config(args.config, overrides)
         except ConfigError as err:
             errors.append(f"configuration: {err}")
 
@@ -113,9 +115,12 @@ def plan(args: argparse.Namespace) -> tuple[list[Experiment], list[str], list[st
             msg += " (a real submission stops here)"
         (warnings if args.missing_data_ok else errors).append(msg)
 
-    if args.unfinished:
+    if args.unfinished and cfg is not None and not missing:
+        # Finished means results on disk with this configuration, data and code version: anything else reruns.
+        hashes = {t: {data_file(args.data_dir, t, s).name: file_hash(data_file(args.data_dir, t, s))
+                      for s in ("train", "test")} for t in {e.target for e in experiments}}
         experiments = [e for e in experiments
-                       if not (args.output_dir / "results" / e.name / "results.json").is_file()]
+                       if results.finished(args.output_dir, results.identity_for(e, cfg, hashes[e.target])) is None]
     return experiments, errors, warnings
 
 

@@ -254,15 +254,25 @@ def test_pbs_submission_sequence(fake_scheduler, tiny_data: Path, tmp_path: Path
 
 
 def test_unfinished_leaves_out_finished_experiments(fake_scheduler, tiny_data: Path, tmp_path: Path):
+    from everest import results
+    from everest.config import Experiment, Target, load_config
+    from everest.data import file_hash
+
     env, log = fake_scheduler
-    finished = tmp_path / "out" / "results" / "everest_C_24h_seed1"
-    finished.mkdir(parents=True)
-    (finished / "results.json").write_text("{}")
+    target = Target.parse("C-24")
+    hashes = {n: file_hash(tiny_data / n) for n in ("training_data_C_24.csv", "testing_data_C_24.csv")}
+    for seed, config_hash in ((1, load_config().config_hash()), (2, "0123456789abcdef")):  # seed 2: stale
+        exp = Experiment(target=target, seed=seed)
+        identity = results.identity_for(exp, load_config(), hashes).model_copy(update={"config_hash": config_hash})
+        folder = tmp_path / "out" / "results" / exp.name
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps({"experiment": {"name": exp.name},
+                                                         "provenance": identity.provenance()}))
     res = _submit(SLURM_SUBMIT, ["--targets", "C-24", "--unfinished", "--data-dir", str(tiny_data),
                                  "--output-dir", "out", "--depend", "afterok"], env, tmp_path)
     assert res.returncode == 0, res.stderr
     array, analysis = _calls(log)
-    assert "--array=1,3-5" in array
+    assert "--array=1,3-5" in array  # seed 1 is finished with this configuration; seed 2's results are stale
     assert "--dependency=afterok:4242" in analysis and "--kill-on-invalid-dep=yes" in analysis
 
 
