@@ -44,3 +44,25 @@ def test_tiny_flow_runs_on_batch_jobs(kind, prefect_server, tiny_data, tmp_path,
             time.monotonic() < deadline:
         time.sleep(1)
     assert left == "", f"batch jobs left behind: {left}"
+
+
+def test_worker_job_retires_before_its_walltime_and_the_next_job_resumes(prefect_server, tiny_data, tmp_path,
+                                                                        monkeypatch):
+    """A 1-minute SLURM job whose worker retires after ~19 s (walltime - margin - stagger): the running
+    experiment is checkpointed and handed back, adaptive scaling submits a new job, which resumes it;
+    the experiment outlives several jobs and finishes with its whole history."""
+    monkeypatch.chdir(tmp_path)
+    site = load_profile("slurm").for_test_machine(maximum_jobs=1, walltime="00:01:00",
+                                                  worker_lifetime_margin="00:00:40",
+                                                  worker_lifetime_stagger="00:00:01")
+    out = tmp_path / "out"
+    epochs = 250  # 0.1-0.3 s each here: 25-75 s of training, longer than one worker's 19 s
+    params = ProductionParameters(
+        targets=["M-24"], seeds=[0], data_dir=str(tiny_data), output_dir=str(out), profile="slurm",
+        overrides=["model.embed_dim=32", "model.ff_dim=64", "model.num_blocks=2", "model.num_heads=2",
+                   "train.batch_size=64", f"train.epochs={epochs}", f"train.early_stopping_patience={epochs}"])
+    state = make_flow(site)(**params.model_dump(), return_state=True)
+    assert state.is_completed(), state.message
+    res = json.loads((out / "results" / "everest_M_24h_seed0" / "results.json").read_text())
+    assert res["training"]["resumed_after_epoch"] >= 1  # the last job picked up a predecessor's checkpoint
+    assert [h["epoch"] for h in res["history"]] == list(range(1, epochs + 1))
