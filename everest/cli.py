@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -28,7 +29,7 @@ def setup_logging(level: int = logging.INFO) -> None:
 def run_guarded(fn: Callable[[], Any]) -> int:
     """Run a command; known failures become one clear line on stderr and a non-zero exit status."""
     from everest.data import DataError
-    from everest.train import TimeLimitReached, TrainingDiverged
+    from everest.errors import TimeLimitReached, TrainingDiverged
 
     setup_logging()
     try:
@@ -68,15 +69,60 @@ def _check(args: argparse.Namespace) -> None:
     print(format_summary(summarise(args.dir, cfg.data, cfg.model.seq_len)))
 
 
-def _train(args: argparse.Namespace) -> None:
-    from everest.train import run_from_args
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``python -m everest.train`` and ``everest train``."""
+    p.add_argument("--flare_class", "--flare-class", choices=["C", "M", "M5"], help="flare class")
+    p.add_argument("--time_window", "--time-window", choices=["24", "48", "72"], help="horizon in hours")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--array-index", type=int, help="1..45: target and seed from the design document's mapping")
+    p.add_argument("--data-dir", default=os.environ.get("EVEREST_DATA_DIR", "data"), help="folder of the 18 CSVs")
+    p.add_argument("--output-dir", default=os.environ.get("EVEREST_OUTPUT_DIR", "output"), help="output root")
+    p.add_argument("--config", help="TOML or YAML configuration file")
+    p.add_argument("--preset", default="production", choices=["production", "demo"],
+                   help="training budget: production (design document) or demo (capped epochs)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="configuration override, e.g. --set train.batch_size=256 (repeatable)")
+    p.add_argument("--epochs", type=int, help="epoch cap (train.epochs)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (train.device)")
+    p.add_argument("--force", action="store_true", help="retrain even if finished results exist")
 
-    run_from_args(args)
+
+def _train(args: argparse.Namespace) -> dict[str, Any]:
+    """Validate the arguments, build the configuration and train one experiment."""
+    from everest.config import Experiment, Target, load_config
+    from everest.train import ProductionTrainer
+
+    overrides = list(args.set)
+    if args.epochs is not None:
+        overrides.append(f"train.epochs={args.epochs}")
+    if args.device is not None:
+        overrides.append(f"train.device={args.device}")
+    cfg = load_config(args.config, overrides, preset=args.preset)
+    if args.array_index is not None:
+        exp = Experiment.from_array_index(args.array_index)
+    elif args.flare_class and args.time_window:
+        exp = Experiment(target=Target.parse(f"{args.flare_class}-{args.time_window}"), seed=args.seed)
+    else:
+        raise ConfigError("give --flare_class and --time_window (and --seed), or --array-index K in 1..45")
+    trainer = ProductionTrainer(exp.target.flare_class, exp.target.horizon, exp.seed, config=cfg,
+                                data_dir=args.data_dir, output_dir=args.output_dir, force=args.force)
+    res = trainer.train()
+    m = res["test_metrics"]
+    print(f"{exp.name}: test TSS {m['tss']:.3f} (threshold {res['threshold']['selected']:.2f} from "
+          f"{res['threshold']['source']}), ROC AUC {m['roc_auc']:.3f}, Brier {m['brier']:.4f}; "
+          f"results in {trainer.results_dir}")
+    return res
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """``python -m everest.train``: train one experiment."""
+    p = argparse.ArgumentParser(prog="python -m everest.train", description="Train one EVEREST experiment.")
+    add_train_arguments(p)
+    return run_guarded(lambda: _train(p.parse_args(argv)))
 
 
 def build_parser() -> argparse.ArgumentParser:
     from everest import __version__
-    from everest.train import add_train_arguments
 
     p = argparse.ArgumentParser(prog="everest", description="EVEREST production training.")
     p.add_argument("--version", action="version", version=f"everest {__version__}")

@@ -84,7 +84,8 @@ def exclusive_lock(path: str | Path, what: str) -> Iterator[Path]:
     the end of the block. A crash leaves that file behind. It is never taken over automatically: a
     dead pid on this host proves little where containers share a host name and a file system, and two
     processes removing the same stale file would both believe they hold the lock. Instead the error
-    says it is stale (same host, pid gone) and which file to delete.
+    says it is stale (same host, pid gone) and which file to delete. Lustre mounted with ``localflock``
+    grants flock per node only: there, start each output folder's runs from one login node.
     """
     import fcntl
 

@@ -260,7 +260,7 @@ def _clip(text: str) -> str:
 # ---------------------------------------------------------------------- command line
 def main(argv: list[str] | None = None) -> int:
     """``python -m everest.results failure ...``: record a failed batch sub-job (used by ``cluster/lib.sh``)."""
-    from everest.cli import EXIT_IO, EXIT_USAGE
+    from everest.cli import run_guarded
 
     p = argparse.ArgumentParser(prog="python -m everest.results", description="Experiment results on disk.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -272,17 +272,13 @@ def main(argv: list[str] | None = None) -> int:
     fail.add_argument("--status", required=True, type=int, help="the training's exit status")
     fail.add_argument("--message", required=True, help="what happened (clipped to 2000 characters)")
     args = p.parse_args(argv)
-    try:
+
+    def record() -> None:
         exp = (Experiment.from_array_index(args.array_index) if args.array_index is not None
                else experiment_from_name(args.experiment))
         record_failure(args.output_dir, exp, f"ExitStatus{args.status}", args.message)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except OSError as err:
-        print(f"error: cannot write {FAILURE_FILE} under {args.output_dir}: {err}", file=sys.stderr)
-        return EXIT_IO
-    return 0
+
+    return run_guarded(record)  # bad experiment: exit 2; a refused write: exit 5, one line each
 
 
 if __name__ == "__main__":

@@ -36,9 +36,3 @@ def wait_checkpointed(timeout: float) -> bool:
     """Wait until a stopped training loop has checkpointed; False after ``timeout`` seconds."""
     return _checkpointed.wait(timeout)
 
-
-def clear() -> None:
-    """Forget a stop request (a process that goes on training after handling one)."""
-    _reason.clear()
-    _requested.clear()
-    _checkpointed.clear()

@@ -12,7 +12,6 @@ term is computed in float32 and errors propagate; a non-finite loss stops the ru
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -36,8 +35,9 @@ import torch
 
 from everest import __version__, io, stopping
 from everest import metrics as M
-from everest.config import ConfigError, EverestConfig, Experiment, Target, load_config
+from everest.config import ConfigError, EverestConfig, Experiment, Target
 from everest.data import ExperimentData, SampleSet, data_file, prepare_experiment
+from everest.errors import Preempted, TimeLimitReached, TrainingDiverged
 from everest.fast import TrainStep, device_stream, eval_chunk, make_optimizer
 from everest.losses import EverestLoss, nig_uncertainty
 from everest.model import EverestModel, count_parameters
@@ -54,18 +54,6 @@ from everest.results import (
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
-
-
-class TrainingDiverged(RuntimeError):
-    """The training loss became NaN or infinite; the run stopped (an orchestrator may retry it)."""
-
-
-class TimeLimitReached(RuntimeError):
-    """``train.time_limit_minutes`` elapsed; the last finished epoch is checkpointed for a resume."""
-
-
-class Preempted(TimeLimitReached):
-    """SIGTERM (a batch job's walltime or a pre-emption) stopped training; progress is checkpointed."""
 
 
 class _StopOnSignal:
@@ -534,54 +522,11 @@ def _progress_bar(name: str, total: int, start: int) -> Callable[[dict], None]:
 
 
 # ---------------------------------------------------------------------- command line
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``python -m everest.train`` and ``everest train``."""
-    p.add_argument("--flare_class", "--flare-class", choices=["C", "M", "M5"], help="flare class")
-    p.add_argument("--time_window", "--time-window", choices=["24", "48", "72"], help="horizon in hours")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--array-index", type=int, help="1..45: target and seed from the design document's mapping")
-    p.add_argument("--data-dir", default=os.environ.get("EVEREST_DATA_DIR", "data"), help="folder of the 18 CSVs")
-    p.add_argument("--output-dir", default=os.environ.get("EVEREST_OUTPUT_DIR", "output"), help="output root")
-    p.add_argument("--config", help="TOML or YAML configuration file")
-    p.add_argument("--preset", default="production", choices=["production", "demo"],
-                   help="training budget: production (design document) or demo (capped epochs)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="configuration override, e.g. --set train.batch_size=256 (repeatable)")
-    p.add_argument("--epochs", type=int, help="epoch cap (train.epochs)")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (train.device)")
-    p.add_argument("--force", action="store_true", help="retrain even if finished results exist")
-
-
-def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """Validate the arguments, build the configuration and train one experiment."""
-    overrides = list(args.set)
-    if args.epochs is not None:
-        overrides.append(f"train.epochs={args.epochs}")
-    if args.device is not None:
-        overrides.append(f"train.device={args.device}")
-    cfg = load_config(args.config, overrides, preset=args.preset)
-    if args.array_index is not None:
-        exp = Experiment.from_array_index(args.array_index)
-    elif args.flare_class and args.time_window:
-        exp = Experiment(target=Target.parse(f"{args.flare_class}-{args.time_window}"), seed=args.seed)
-    else:
-        raise ConfigError("give --flare_class and --time_window (and --seed), or --array-index K in 1..45")
-    trainer = ProductionTrainer(exp.target.flare_class, exp.target.horizon, exp.seed, config=cfg,
-                                data_dir=args.data_dir, output_dir=args.output_dir, force=args.force)
-    res = trainer.train()
-    m = res["test_metrics"]
-    print(f"{exp.name}: test TSS {m['tss']:.3f} (threshold {res['threshold']['selected']:.2f} from "
-          f"{res['threshold']['source']}), ROC AUC {m['roc_auc']:.3f}, Brier {m['brier']:.4f}; "
-          f"results in {trainer.results_dir}")
-    return res
-
-
 def main(argv: list[str] | None = None) -> int:
-    from everest.cli import run_guarded
+    """``python -m everest.train``: the ``everest train`` command (everest.cli)."""
+    from everest.cli import train_main
 
-    p = argparse.ArgumentParser(prog="python -m everest.train", description="Train one EVEREST experiment.")
-    add_train_arguments(p)
-    return run_guarded(lambda: run_from_args(p.parse_args(argv)))
+    return train_main(argv)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ipaddress
 import json
 import os
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -54,6 +52,7 @@ from everest.config import (
 )
 from everest.data import DataError, data_file, file_hash
 from flows.profiles import Profile, clear_submission_failures, load_profile, submission_failures
+from flows.server import is_loopback
 
 # The embedded default: synthetic tables made here when missing. No other folder is ever filled.
 DEMO_DATA_DIR = "data/demo"
@@ -134,7 +133,7 @@ def api_unreachable(err: BaseException) -> bool:
 
 def is_infrastructure_error(task: Any, task_run: Any, state: Any) -> bool:
     """Retry condition: retry infrastructure failures, never a diverged run or bad input."""
-    from everest.train import TimeLimitReached, TrainingDiverged
+    from everest.errors import TimeLimitReached, TrainingDiverged
 
     try:
         state.result()
@@ -156,7 +155,8 @@ def train_experiment(spec: dict[str, Any]) -> dict[str, Any]:
     """Train (or resume) one experiment and return its small JSON summary."""
     import torch
 
-    from everest.train import Preempted, ProductionTrainer
+    from everest.errors import Preempted
+    from everest.train import ProductionTrainer
 
     if spec.get("torch_threads"):
         torch.set_num_threads(spec["torch_threads"])
@@ -169,10 +169,9 @@ def train_experiment(spec: dict[str, Any]) -> dict[str, Any]:
 
     exp = Experiment.model_validate(spec["experiment"])
     trainer = ProductionTrainer(exp.target.flare_class, exp.target.horizon, exp.seed, config=cfg,
-                                data_dir=spec["data_dir"], output_dir=spec["output_dir"], progress=report,
-                                force=spec["force"])
+                                data_dir=spec["data_dir"], output_dir=spec["output_dir"], progress=report)
     try:
-        res = trainer.train()
+        res = trainer.train()  # --force was applied by the flow, once: a rerun of this task resumes
     except Preempted:
         if stopping.stop_reason():
             _hand_back_to_dask()
@@ -185,8 +184,6 @@ def _hand_back_to_dask(grace_seconds: float = 600.0) -> None:
     """This worker is going away (SIGTERM, walltime, lifetime) and the experiment is checkpointed: wait
     for the process to end instead of reporting a failure, so that Dask gives the task to another worker,
     which resumes it. Returns only if the worker outlives ``grace_seconds``."""
-    import time
-
     time.sleep(grace_seconds)
 
 
@@ -271,21 +268,13 @@ def _shown(folder: Path) -> str:
     return str(folder) if folder.is_absolute() else f"{folder} ({folder.absolute()})"
 
 
-def _is_loopback(host: str | None) -> bool:
-    if not host:
-        return False
-    try:
-        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
-    except (OSError, ValueError):
-        return host == "localhost"
-
-
 def check_api_reachable(site: Profile, api_url: str | None) -> None:
     """Refuse a Prefect API on a loopback address when the workers run on other machines.
 
     A batch job on a compute node resolves 127.0.0.1 to itself: every task would fail to reach the API.
     """
-    if api_url and not site.workers_on_this_host and _is_loopback(urlsplit(api_url).hostname):
+    host = urlsplit(api_url).hostname if api_url else None
+    if host and not site.workers_on_this_host and is_loopback(host):
         raise ConfigError(
             f"PREFECT_API_URL={api_url} is a loopback address, which the compute nodes of cluster profile "
             f"{site.source} cannot reach: set PREFECT_API_URL to the server's address on the cluster network "
@@ -303,6 +292,7 @@ def preflight(params: ProductionParameters, site: Profile, api_url: str | None, 
         raise ConfigError(f"cluster profile {site.source} runs workers on other machines: give a data folder on "
                           "the shared file system (--data-dir / data_dir); the embedded demo runs on one machine")
     check_api_reachable(site, api_url)
+    site.check_run_dir(Path(params.output_dir))
     if query_site:
         site.check_site()
 
@@ -358,20 +348,23 @@ def _run_locked(params: ProductionParameters, site: Profile) -> Any:
     _bind_cluster_to_run(site, out)
     clear_submission_failures()
     identities = {exp: results.identity_for(exp, cfg, hashes[str(exp.target)]) for exp in experiments}
+    if params.force:  # once, here: a task that reruns (resume, retry, another worker) must not start over
+        for exp in experiments:
+            results.supersede(out, exp.name)
+            results.experiment_dirs(out, exp)[2].unlink(missing_ok=True)  # its checkpoint
 
     def submit(exp: Experiment) -> Any:
         spec = {"name": exp.name, "experiment": exp.model_dump(mode="json"), "config": cfg.model_dump(mode="json"),
                 "identity": identities[exp].model_dump(), "data_dir": str(data_dir.resolve()),
-                "output_dir": str(out.resolve()), "force": params.force, "torch_threads": site.threads}
+                "output_dir": str(out.resolve()), "torch_threads": site.threads}
         # A cached summary stands only for results still on disk with this identity (deleted, superseded
         # or rewritten by another configuration: train again).
-        fresh = params.force or results.finished(out, identities[exp]) is None
+        fresh = results.finished(out, identities[exp]) is None
         with dask.annotate(resources={"GPU": 1}) if site.uses_gpus else contextlib.nullcontext():
             return trainer_task.with_options(refresh_cache=fresh or None).submit(spec)
 
-    futures = [(exp, submit(exp)) for exp in experiments]
     rows, failures = [], []
-    for exp, fut in futures:
+    for exp, fut in [(exp, submit(exp)) for exp in experiments]:
         for attempt in range(RETRIES + 1):
             try:
                 rows.append(_settle(fut))
@@ -381,18 +374,19 @@ def _run_locked(params: ProductionParameters, site: Profile) -> Any:
                     # The task never started: its worker could not reach the Prefect API. Try again later.
                     logger.warning("%s: the worker could not reach the Prefect API (%s); resubmitting in %d s",
                                    exp.name, err, RETRY_DELAY_SECONDS)
+                    _release(fut)
                     time.sleep(RETRY_DELAY_SECONDS)
                     fut = submit(exp)
                     continue
+                if (done := results.finished(out, identities[exp])) is not None:
+                    rows.append(summarise_result(done))  # finished earlier (e.g. by cluster/ jobs): keep it
+                    break
                 if type(err).__name__ == "KilledWorker":
                     _mark_crashed(fut.task_run_id, f"Dask gave up after repeated worker deaths: {err}")
                 logger.error("%s failed: %s: %s", exp.name, type(err).__name__, err)
                 failures.append(results.record_failure(out, exp, type(err).__name__, str(err), identities[exp]))
                 break
-            finally:
-                release = getattr(fut.wrapped_future, "release", None)  # Dask futures only
-                if release is not None:
-                    release()  # else a finished task is recomputed if its worker dies later
+        _release(fut)
 
     summary = analyse(str(results_dir), str(out), params.targets, params.seeds)
     publish_report(summary.get("report", ""), rows, failures)
@@ -408,6 +402,13 @@ def _run_locked(params: ProductionParameters, site: Profile) -> Any:
     return Completed(message=f"{len(rows)} experiments; report: {summary.get('report')}", data=result)
 
 
+def _release(fut: Any) -> None:
+    """Drop the flow's hold on a settled Dask future: else a finished task is recomputed if its worker dies."""
+    release = getattr(fut.wrapped_future, "release", None)  # Dask futures only
+    if release is not None:
+        release()
+
+
 class SubmissionFailed(RuntimeError):
     """The batch system refused a worker job: no experiment can start; the message quotes it."""
 
@@ -419,9 +420,19 @@ def _settle(fut: Any, poll_seconds: float = 2.0) -> Any:
     """
     while not fut.wrapped_future.done():
         fut.wait(timeout=poll_seconds)
-        if failed := submission_failures():
+        # One refusal among running jobs may be a per-user limit or a blip that adaptive scaling retries;
+        # refusals with no worker at all will not go away.
+        if (failed := submission_failures()) and not _workers_connected():
             raise SubmissionFailed(f"the batch system refused the worker job: {failed[-1]}")
     return fut.result()
+
+
+def _workers_connected() -> int:
+    """Dask workers connected to the flow's cluster (0 when the flow runs without Dask)."""
+    from prefect.context import FlowRunContext
+
+    client = getattr(FlowRunContext.get().task_runner, "client", None)
+    return len(client.scheduler_info(n_workers=-1)["workers"]) if client is not None else 0
 
 
 def _check_writable(out: Path) -> None:

@@ -304,6 +304,9 @@ class Profile(BaseModel):
         """Check the batch system accepts this profile's jobs (queue, resources) before anything is
         submitted; raises :class:`ConfigError` quoting the batch system. Nothing to check locally."""
 
+    def check_run_dir(self, run_dir: Path) -> None:
+        """Refuse an output folder the worker jobs cannot use (:class:`ConfigError`); any works locally."""
+
     def with_overrides(self, **changes: Any) -> Profile:
         """A validated copy with some keys changed; errors are :class:`ConfigError` like a bad file."""
         data = self.model_dump(exclude_unset=False) | changes
@@ -494,6 +497,13 @@ class BatchProfile(Profile):
     def cluster_class(self) -> type:
         return self.cluster_cls
 
+    def check_run_dir(self, run_dir: Path) -> None:
+        """The output folder is written into the job scripts unquoted (job logs, TLS files): plain paths only."""
+        try:
+            _local_path(str(Path(run_dir).absolute()))
+        except ValueError as err:
+            raise ConfigError(f"output folder {run_dir} cannot go into batch job scripts: it {err}") from None
+
     def lifetime_seconds(self) -> int:
         """Mean worker lifetime: the walltime less the margin and one stagger (Dask adds +/- the stagger)."""
         return _seconds(self.walltime) - _seconds(self.worker_lifetime_margin) - _seconds(self.worker_lifetime_stagger)
@@ -534,8 +544,12 @@ class BatchProfile(Profile):
         exports = [f"export {k}={shlex.quote(v)}" for k, v in self.worker_env().items()]
         python = Path(self.python or sys.executable)
         env = [] if "$" in str(python) else [f"export PATH={shlex.quote(str(python.parent))}:\"$PATH\""]
-        claim = [f"source {shlex.quote(str(GPU_CLAIM_SCRIPT))} && everest_claim_gpu"] if self.gpus_per_job else []
-        return [*self.prologue, *env, *claim, *exports]
+        claim = []
+        if self.gpus_per_job and GPU_CLAIM_SCRIPT.is_file():  # absent outside a checkout of the project
+            claim = [f"source {shlex.quote(str(GPU_CLAIM_SCRIPT))} && everest_claim_gpu"]
+        # At walltime the batch system signals every process of the job: the shell must outlive the
+        # worker, which checkpoints its experiment (within the dask worker's 10 s close) before exiting.
+        return [*self.prologue, *env, *claim, *exports, "trap : TERM INT"]
 
     def _job_kwargs(self, run_dir: Path | None = None) -> dict[str, Any]:
         n, unit = _memory_units(self.worker_memory or self.job_memory)

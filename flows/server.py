@@ -44,6 +44,17 @@ def _healthy(url: str, auth: str | None) -> bool:
         return False
 
 
+def is_loopback(host: str) -> bool:
+    """An address of this machine only: a literal 127.x / ::1 address or the name localhost.
+
+    Host names are not resolved: many login nodes map their own name to 127.0.1.1 in /etc/hosts, while
+    the compute nodes resolve it to the cluster address."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 @contextlib.contextmanager
 def prefect_api(host: str = "127.0.0.1", timeout: float = 90.0) -> Iterator[str]:
     """Yield a Prefect API URL: the configured one, else a private server started for the block on ``host``."""
@@ -59,7 +70,7 @@ def prefect_api(host: str = "127.0.0.1", timeout: float = 90.0) -> Iterator[str]
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port),
            "--analytics-off", "--no-ui"]
     # Reachable from other machines: only clients holding this run's password may use it.
-    auth = None if ipaddress.ip_address(host).is_loopback else f"everest:{secrets.token_urlsafe(24)}"
+    auth = None if is_loopback(host) else f"everest:{secrets.token_urlsafe(24)}"
     env = {**os.environ, **({"PREFECT_SERVER_API_AUTH_STRING": auth} if auth else {})}
     print(f"starting a private Prefect server on {host}:{port} for this run (history kept in {home}) ...",
           file=sys.stderr, flush=True)
@@ -90,7 +101,8 @@ def prefect_api(host: str = "127.0.0.1", timeout: float = 90.0) -> Iterator[str]
                 APILogWorker.drain_all(timeout=10)  # ship buffered run logs before the server goes away
     finally:
         os.environ.pop("PREFECT_API_URL", None)
-        os.environ.pop("PREFECT_API_AUTH_STRING", None)
+        if auth:
+            os.environ.pop("PREFECT_API_AUTH_STRING", None)
         proc.terminate()
         try:
             proc.wait(timeout=20)

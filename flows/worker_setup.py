@@ -49,5 +49,5 @@ def dask_setup(worker: Any) -> None:
 
 def dask_teardown(worker: Any) -> None:
     """Called by Dask when the worker closes (lifetime reached, retired, or shut down)."""
-    if worker.state.executing_count:
+    if threading.current_thread() is threading.main_thread() and worker.state.executing_count:
         _stop_then_exit(worker, "worker shutdown")

@@ -61,7 +61,11 @@ def _worker_pids() -> list[int]:
     return pids
 
 
-def test_dask_worker_killed_mid_training_resumes_from_its_checkpoint(prefect_server, tiny_data, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_dask_worker_killed_mid_training_resumes_from_its_checkpoint(sig, prefect_server, tiny_data, tmp_path):
+    """SIGKILL: a lost node; the experiment resumes after its last finished epoch. SIGTERM: a walltime kill,
+    delivered to the worker process while training runs on a worker thread; the experiment checkpoints
+    inside the epoch first, and the restarted worker resumes it from that sample on."""
     profile = tmp_path / "one-worker.yaml"
     profile.write_text("kind: local\ngpus: 0\nn_workers: 1\ntorch_threads: 1\ndashboard_address: null\n")
     out = tmp_path / "out"
@@ -73,50 +77,25 @@ def test_dask_worker_killed_mid_training_resumes_from_its_checkpoint(prefect_ser
     runner = threading.Thread(target=contextvars.copy_context().run, args=(lambda: result.update(
         state=make_flow(str(profile))(**params.model_dump(), return_state=True)),))
     runner.start()
-    _wait_for_checkpoint(out / "checkpoints" / "everest_M_24h_seed0.pt", 2)
+    checkpoint = out / "checkpoints" / "everest_M_24h_seed0.pt"
+    _wait_for_checkpoint(checkpoint, 2)
     victims = _worker_pids()
     assert victims, "found no Dask worker process to kill"
     for pid in victims:
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, sig)
+    if sig == signal.SIGTERM:
+        partial, deadline = None, time.monotonic() + 30
+        while partial is None and time.monotonic() < deadline:  # before the restarted worker rewrites it
+            try:
+                partial = torch.load(checkpoint, weights_only=True).get("partial")
+            except (EOFError, RuntimeError, FileNotFoundError):
+                pass
+            time.sleep(0.02)
+        assert partial is not None and partial["offset"] > 0, "SIGTERM did not checkpoint inside the epoch"
     runner.join(timeout=300)
     assert result["state"].is_completed(), result["state"].message
     res = json.loads((out / "results" / "everest_M_24h_seed0" / "results.json").read_text())
     assert res["training"]["resumed_after_epoch"] >= 2  # picked up from the checkpoint, not from epoch 0
-    assert [h["epoch"] for h in res["history"]] == list(range(1, 9))
-
-
-def test_dask_worker_sigterm_checkpoints_mid_epoch_and_another_worker_resumes(prefect_server, tiny_data, tmp_path):
-    """A walltime kill: the batch system sends SIGTERM to the worker process, where training runs on a
-    worker thread. The experiment checkpoints inside the epoch, the task goes back to Dask, and the
-    restarted worker resumes it from that sample on."""
-    profile = tmp_path / "one-worker.yaml"
-    profile.write_text("kind: local\ngpus: 0\nn_workers: 1\ntorch_threads: 1\ndashboard_address: null\n")
-    out = tmp_path / "out"
-    params = ProductionParameters(targets=["M-24"], seeds=[0], data_dir=str(tiny_data), output_dir=str(out),
-                                  profile=str(profile),
-                                  overrides=[*SLOWER, "train.epochs=8", "train.early_stopping_patience=20"])
-    result: dict = {}
-    runner = threading.Thread(target=contextvars.copy_context().run, args=(lambda: result.update(
-        state=make_flow(str(profile))(**params.model_dump(), return_state=True)),))
-    runner.start()
-    checkpoint = out / "checkpoints" / "everest_M_24h_seed0.pt"
-    _wait_for_checkpoint(checkpoint, 2)
-    victims = _worker_pids()
-    assert victims, "found no Dask worker process to stop"
-    for pid in victims:
-        os.kill(pid, signal.SIGTERM)
-    partial, deadline = None, time.monotonic() + 30
-    while partial is None and time.monotonic() < deadline:  # before the restarted worker rewrites it
-        try:
-            partial = torch.load(checkpoint, weights_only=True).get("partial")
-        except (EOFError, RuntimeError, FileNotFoundError):
-            pass
-        time.sleep(0.02)
-    assert partial is not None and partial["offset"] > 0, "SIGTERM did not checkpoint inside the epoch"
-    runner.join(timeout=300)
-    assert result["state"].is_completed(), result["state"].message
-    res = json.loads((out / "results" / "everest_M_24h_seed0" / "results.json").read_text())
-    assert res["training"]["resumed_after_epoch"] >= 2
     assert [h["epoch"] for h in res["history"]] == list(range(1, 9))
 
 
