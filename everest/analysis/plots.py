@@ -289,7 +289,8 @@ def training_figure(runs: Sequence[ExperimentResult]) -> Figure:
                     loss_ax.plot(h["epoch"], h[col], ls=ls, color=colour)
         tss_ax.set(xlabel="epoch", ylabel="validation TSS", title=f"{t} validation TSS (*: best epoch)")
         loss_ax.set(xlabel="epoch", ylabel="loss", title=f"{t} loss (solid: val, dotted: train)")
-        tss_ax.legend(fontsize=6)
+        if tss_ax.get_legend_handles_labels()[0]:  # models without epochs (baselines) draw no curves
+            tss_ax.legend(fontsize=6)
         tss_ax.grid(alpha=0.3)
         loss_ax.grid(alpha=0.3)
     fig.suptitle("Training curves (all seeds)")
