@@ -38,7 +38,7 @@ from prefect.context import TaskRunContext
 from prefect.states import Completed, Failed
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from everest import io, results, stopping
+from everest import baselines, io, results, stopping
 from everest.config import (
     DEFAULT_SEEDS,
     PRESETS,
@@ -79,6 +79,8 @@ class ProductionParameters(BaseModel):
     overrides: list[str] = Field(default_factory=list, description="KEY=VALUE overrides, e.g. train.epochs=3")
     epochs: int | None = Field(None, ge=1, description="epoch cap (overrides train.epochs)")
     force: bool = Field(False, description="retrain experiments that already finished")
+    baselines: bool = Field(True, description="also fit the simple baselines (logistic regression, gradient "
+                            "boosting) on each experiment's windows, so the report can say whether EVEREST beats them")
 
     @field_validator("targets")
     @classmethod
@@ -187,10 +189,21 @@ def _hand_back_to_dask(grace_seconds: float = 600.0) -> None:
     time.sleep(grace_seconds)
 
 
+@task(name="fit-baseline", task_run_name="{spec[model]}-{spec[name]}", retries=RETRIES,
+      retry_delay_seconds=RETRY_DELAY_SECONDS, retry_condition_fn=is_infrastructure_error,
+      cache_key_fn=experiment_cache_key, persist_result=True, result_serializer="json")
+def fit_baseline(spec: dict[str, Any]) -> dict[str, Any]:
+    """Fit one simple baseline on one experiment's windows (seconds on a CPU) and summarise it."""
+    res = baselines.fit_baseline(spec["model"], Experiment.model_validate(spec["experiment"]),
+                                 EverestConfig.model_validate(spec["config"]), spec["data_dir"], spec["output_dir"])
+    return summarise_result(res)
+
+
 def summarise_result(res: dict[str, Any]) -> dict[str, Any]:
     """The few numbers the flow needs from ``results.json``."""
     m = res["test_metrics"]
-    return {"experiment": res["experiment"]["name"], "target": res["experiment"]["target"],
+    return {"model": res["experiment"].get("model", "everest"), "experiment": res["experiment"]["name"],
+            "target": res["experiment"]["target"],
             "seed": res["experiment"]["seed"], "threshold": res["threshold"]["selected"],
             **{k: m[k] for k in ("tss", "f1", "precision", "recall", "roc_auc", "brier", "ece")},
             "best_epoch": res["training"]["best_epoch"], "epochs_run": res["training"]["epochs_run"]}
@@ -342,16 +355,20 @@ def _run_locked(params: ProductionParameters, site: Profile) -> Any:
     storage = out / ".prefect-results"
     storage.mkdir(parents=True, exist_ok=True)
     trainer_task = train_experiment.with_options(result_storage=storage)
+    baseline_task = fit_baseline.with_options(result_storage=storage)
     logger.info("%d experiments (%s; seeds %s), config %s, on profile %s", len(experiments),
                 ", ".join(params.targets), params.seeds, cfg.config_hash(), params.profile)
 
     _bind_cluster_to_run(site, out)
     clear_submission_failures()
     identities = {exp: results.identity_for(exp, cfg, hashes[str(exp.target)]) for exp in experiments}
+    models = baseline_models(params)
     if params.force:  # once, here: a task that reruns (resume, retry, another worker) must not start over
         for exp in experiments:
             results.supersede(out, exp.name)
             results.experiment_dirs(out, exp)[2].unlink(missing_ok=True)  # its checkpoint
+            for model in models:
+                results.supersede(baselines.baseline_root(out, model), exp.name)
 
     def submit(exp: Experiment) -> Any:
         spec = {"name": exp.name, "experiment": exp.model_dump(mode="json"), "config": cfg.model_dump(mode="json"),
@@ -363,7 +380,17 @@ def _run_locked(params: ProductionParameters, site: Profile) -> Any:
         with dask.annotate(resources={"GPU": 1}) if site.uses_gpus else contextlib.nullcontext():
             return trainer_task.with_options(refresh_cache=fresh or None).submit(spec)
 
-    rows, failures = [], []
+    def submit_baseline(exp: Experiment, model: str) -> Any:
+        identity = baselines.baseline_identity(exp, baselines.DEFAULTS[model], cfg, hashes[str(exp.target)])
+        spec = {"model": model, "name": exp.name, "experiment": exp.model_dump(mode="json"),
+                "config": cfg.model_dump(mode="json"), "identity": identity.model_dump(),
+                "data_dir": str(data_dir.resolve()), "output_dir": str(out.resolve())}
+        fresh = results.finished(baselines.baseline_root(out, model), identity) is None
+        return baseline_task.with_options(refresh_cache=fresh or None).submit(spec)
+
+    baseline_futures = [(f"{model} {exp.name}", submit_baseline(exp, model)) for exp in experiments
+                        for model in models]
+    rows, failures, base_failures = [], [], []
     for exp, fut in [(exp, submit(exp)) for exp in experiments]:
         for attempt in range(RETRIES + 1):
             try:
@@ -387,19 +414,36 @@ def _run_locked(params: ProductionParameters, site: Profile) -> Any:
                 failures.append(results.record_failure(out, exp, type(err).__name__, str(err), identities[exp]))
                 break
         _release(fut)
+    for name, fut in baseline_futures:  # each wrote its own failure.json; the report lists it
+        try:
+            rows.append(_settle(fut))
+        except Exception as err:  # noqa: BLE001 - recorded, reported, and fails the run like an experiment
+            logger.error("baseline %s failed: %s: %s", name, type(err).__name__, err)
+            base_failures.append({"experiment": name, "error_type": type(err).__name__, "error": str(err)})
+        _release(fut)
 
     summary = analyse(str(results_dir), str(out), params.targets, params.seeds)
-    publish_report(summary.get("report", ""), rows, failures)
-    result = {"completed": len(rows), "failed": [f["experiment"] for f in failures], "report": summary.get("report"),
+    publish_report(summary.get("report", ""), rows, failures + base_failures)
+    n_everest = sum(r["model"] == "everest" for r in rows)
+    result = {"completed": n_everest, "baselines_fitted": len(rows) - n_everest,
+              "failed": [f["experiment"] for f in failures + base_failures], "report": summary.get("report"),
               "results": rows}
     io.write_json(out / "analysis" / "flow_summary.json", result)
-    if failures:
+    if failures or base_failures:
         refused = submission_failures()
         cause = f"the batch system refused the worker jobs ({refused[-1]}); " if refused else ""
-        return Failed(message=f"{cause}{len(failures)} of {len(experiments)} experiments failed: "
-                      f"{', '.join(f['experiment'] for f in failures)}; report: {summary.get('report')}",
-                      data=result)
-    return Completed(message=f"{len(rows)} experiments; report: {summary.get('report')}", data=result)
+        baseline_part = (f"; {len(base_failures)} of {len(baseline_futures)} baseline fits failed: "
+                         f"{', '.join(f['experiment'] for f in base_failures)}" if base_failures else "")
+        return Failed(message=f"{cause}{len(failures)} of {len(experiments)} experiments failed"
+                      f"{': ' + ', '.join(f['experiment'] for f in failures) if failures else ''}{baseline_part}; "
+                      f"report: {summary.get('report')}", data=result)
+    return Completed(message=f"{n_everest} experiments (+{len(rows) - n_everest} baseline fits); "
+                     f"report: {summary.get('report')}", data=result)
+
+
+def baseline_models(params: ProductionParameters) -> tuple[str, ...]:
+    """The baselines a run fits beside EVEREST (none when switched off)."""
+    return baselines.BASELINES if params.baselines else ()
 
 
 def _release(fut: Any) -> None:
@@ -470,6 +514,7 @@ def make_flow(profile: str | Profile, name: str | None = None) -> Any:
         overrides: list[str] = defaults.overrides,
         epochs: int | None = None,
         force: bool = False,
+        baselines: bool = True,
     ) -> Any:
         """Train the EVEREST experiment matrix on Dask, then analyse and report."""
         if profile != profile_name:
@@ -477,7 +522,7 @@ def make_flow(profile: str | Profile, name: str | None = None) -> Any:
                               f"run the deployment everest-production/{profile} instead")
         params = ProductionParameters(targets=targets, seeds=seeds, data_dir=data_dir, output_dir=output_dir,
                                       profile=profile, preset=preset, config_file=config_file, overrides=overrides,
-                                      epochs=epochs, force=force)
+                                      epochs=epochs, force=force, baselines=baselines)
         return run_production(params, site)
 
     return flow(everest_production, name="everest-production", log_prints=True,
@@ -514,6 +559,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="configuration override")
     p.add_argument("--epochs", type=int, help="epoch cap (train.epochs)")
     p.add_argument("--force", action="store_true", help="retrain experiments that already finished")
+    p.add_argument("--no-baselines", dest="baselines", action="store_false",
+                   help="do not fit the simple baselines (logistic regression, gradient boosting) beside EVEREST")
     return p.parse_args(argv)
 
 
@@ -529,11 +576,13 @@ def _print_summary(state: Any, out: Path) -> None:
     if rows:
         import pandas as pd
 
-        table = pd.DataFrame(rows)[["experiment", "tss", "roc_auc", "brier", "threshold", "epochs_run"]]
+        table = pd.DataFrame(rows)
+        table = table[table.model == "everest"][["experiment", "tss", "roc_auc", "brier", "threshold", "epochs_run"]]
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     for name in data.get("failed", []):
         print(f"FAILED: {name}")
-    print(f"flow run ended {state.name}: {len(rows)} experiments finished, {len(data.get('failed', []))} failed")
+    print(f"flow run ended {state.name}: {data.get('completed', len(rows))} experiments finished "
+          f"(+{data.get('baselines_fitted', 0)} baseline fits), {len(data.get('failed', []))} failed")
     print(f"report: {data.get('report')}")
 
 
@@ -569,7 +618,8 @@ def main(argv: list[str] | None = None) -> int:
         params = ProductionParameters(targets=args.targets, seeds=args.seeds, data_dir=args.data_dir,
                                       output_dir=args.output_dir, profile=args.profile, preset=args.preset,
                                       config_file=args.config,
-                                      overrides=args.set, epochs=args.epochs, force=args.force)
+                                      overrides=args.set, epochs=args.epochs, force=args.force,
+                                      baselines=args.baselines)
         site = load_profile(args.profile)
         preflight(params, site, api_url, query_site=False)  # the flow queries the batch system itself
         host = None if api_url else site.reachable_host()

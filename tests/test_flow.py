@@ -83,7 +83,7 @@ def test_failure_is_reported_and_rerun_retrains_only_it(prefect_server, tiny_dat
 
     first = run_threads(**common)
     assert first.is_failed()
-    assert "2 of 4 experiments failed" in first.message
+    assert "2 of 4 experiments failed" in first.message and "4 of 8 baseline fits failed" in first.message
     for seed in (0, 1):
         failure = json.loads((out / "results" / f"everest_C_48h_seed{seed}" / "failure.json").read_text())
         assert failure["error_type"] == "DataError" and "oops" in failure["error"]
@@ -101,7 +101,9 @@ def test_failure_is_reported_and_rerun_retrains_only_it(prefect_server, tiny_dat
     assert states["train-everest_C_48h_seed0"] == "Completed"
     assert not (out / "results" / "everest_C_48h_seed0" / "failure.json").exists()
     summary = json.loads((out / "analysis" / "flow_summary.json").read_text())
-    assert summary["failed"] == [] and len(summary["results"]) == 4
+    assert summary["failed"] == [] and (summary["completed"], summary["baselines_fitted"]) == (4, 8)
+    assert states["logistic-everest_M_24h_seed0"] == "Cached" and states["boosted-everest_C_48h_seed1"] == "Completed"
+    assert (out / "baselines" / "boosted" / "results" / "everest_C_48h_seed1" / "results.json").is_file()
 
     forced = run_threads(**{**common, "targets": ["M-24"], "seeds": [0], "force": True})
     assert task_states(forced)["train-everest_M_24h_seed0"] == "Completed"  # --force retrains
