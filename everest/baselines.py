@@ -11,8 +11,9 @@ metrics. Results go to a results root of their own with EVEREST's layout and exp
                                                              threshold_optimization.csv, final_metrics.csv}
 
 so ``ProductionAnalyzer(baseline_root(out, "logistic") / "results")`` analyses a baseline like EVEREST,
-and ``ProductionAnalyzer(out / "results", baseline_dir=baseline_root(out, "logistic") / "results")``
-tests EVEREST against it, paired on seeds and test samples.
+and ``ProductionAnalyzer(out / "results")`` finds every ``out/baselines/<model>/results`` and opens its
+report with the verdict of EVEREST against the best of them (chosen on validation TSS), paired on seeds
+and test samples.
 
 Models (:data:`BASELINES`):
 
@@ -52,6 +53,8 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
+from sklearn.ensemble import HistGradientBoostingClassifier  # at import: threads importing it at once break
+from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
 from everest import io
@@ -137,8 +140,6 @@ class LogisticConfig(BaselineConfig):
         return last_step(x, valid)
 
     def estimator(self, seed: int) -> Any:
-        from sklearn.linear_model import LogisticRegression
-
         return LogisticRegression(C=self.C, solver="lbfgs", max_iter=self.max_iter, tol=self.tol,
                                   class_weight=self.class_weight, random_state=seed)
 
@@ -159,8 +160,6 @@ class BoostedConfig(BaselineConfig):
         return window_features(x, valid)
 
     def estimator(self, seed: int) -> Any:
-        from sklearn.ensemble import HistGradientBoostingClassifier
-
         params = self.model_dump()
         return HistGradientBoostingClassifier(**params, early_stopping=False, random_state=seed)
 

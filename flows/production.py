@@ -215,12 +215,16 @@ def analyse(results_dir: str, out_dir: str, targets: list[str], seeds: list[int]
     from everest.analysis import ProductionAnalyzer
 
     summary = ProductionAnalyzer(results_dir, out_dir, targets=targets, seeds=seeds).run_complete_analysis()
-    return summary if isinstance(summary, dict) else summary.to_dict()
+    return {**summary.to_dict(), "verdict_rows": summary.verdict_table()}
 
 
 @task(name="publish-report")
-def publish_report(report_path: str, rows: list[dict[str, Any]], failures: list[dict[str, Any]]) -> None:
-    """Prefect artifacts: the final-metrics table and the markdown report."""
+def publish_report(report_path: str, verdict: list[dict[str, Any]], rows: list[dict[str, Any]],
+                   failures: list[dict[str, Any]]) -> None:
+    """Prefect artifacts: the verdict against the baselines first, the final-metrics table, the report."""
+    if verdict:
+        create_table_artifact(table=[{k: v for k, v in r.items() if k != "sentence"} for r in verdict],
+                              key="everest-verdict", description=" ".join(r["sentence"] for r in verdict))
     if rows:
         create_table_artifact(table=rows, key="everest-final-metrics", description="test metrics per experiment")
     text = Path(report_path).read_text() if report_path and Path(report_path).is_file() else "(no report)"
@@ -423,7 +427,7 @@ def _run_locked(params: ProductionParameters, site: Profile) -> Any:
         _release(fut)
 
     summary = analyse(str(results_dir), str(out), params.targets, params.seeds)
-    publish_report(summary.get("report", ""), rows, failures + base_failures)
+    publish_report(summary.get("report", ""), summary.get("verdict_rows", []), rows, failures + base_failures)
     n_everest = sum(r["model"] == "everest" for r in rows)
     result = {"completed": n_everest, "baselines_fitted": len(rows) - n_everest,
               "failed": [f["experiment"] for f in failures + base_failures], "report": summary.get("report"),

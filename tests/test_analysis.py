@@ -54,8 +54,10 @@ def region_data(rng: np.random.Generator, n_regions: int = 30, rows: int = 40, p
 def write_experiment(root: Path, target: str, seed: int, pred: pd.DataFrame | None = None, *,
                      threshold: float = 0.5, metrics: dict[str, float] | None = None, config_hash: str = "cfg0",
                      oracle: dict[str, float] | None = None, oracle_threshold: float | None = None,
-                     latency: float = 0.1, data_hash: str = "d0", code_version: str = CODE_VERSION) -> Path:
-    """Write one finished experiment; metrics come from ``pred`` (via everest.metrics) or are given."""
+                     latency: float = 0.1, data_hash: str = "d0", code_version: str = CODE_VERSION,
+                     val_tss: float | None = None) -> Path:
+    """Write one finished experiment; metrics come from ``pred`` (via everest.metrics) or are given.
+    Validation metrics equal the test metrics unless ``val_tss`` replaces their TSS."""
     exp = Experiment(target=Target.parse(target), seed=seed)
     folder = root / exp.name
     folder.mkdir(parents=True, exist_ok=True)
@@ -75,7 +77,8 @@ def write_experiment(root: Path, target: str, seed: int, pred: pd.DataFrame | No
                        "target": str(exp.target), "seed": seed},
         "threshold": {"source": "validation", "selected": threshold, "validation": threshold,
                       "oracle_test": oracle_threshold if oracle_threshold is not None else threshold},
-        "test_metrics": metrics, "validation_metrics": metrics, "oracle_test_metrics": oracle or metrics,
+        "test_metrics": metrics, "oracle_test_metrics": oracle or metrics,
+        "validation_metrics": metrics if val_tss is None else {**metrics, "tss": val_tss},
         "training": {"best_epoch": 2, "epochs_run": 3, "stop_reason": "max_epochs", "seconds": 1.0},
         "data": {"n_test": int(len(pred)) if pred is not None else 0},
         "history": [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.1 / e, "val_tss": 0.2 * e} for e in (1, 2, 3)],

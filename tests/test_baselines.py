@@ -173,6 +173,18 @@ def test_everest_compares_with_a_baseline_on_the_same_windows(tiny_data, tmp_pat
                              baseline_dir=B.baseline_root(tmp_path, "logistic") / "results",
                              make_plots=False).baseline_comparisons
     assert len(cmp) == 1 and np.isfinite(cmp["p_value"].iloc[0]) and "note" not in cmp
+    # The default analysis of the output root finds the baseline and opens its report with the verdict.
+    summary = ProductionAnalyzer(tmp_path / "results", targets=["M-24"], seeds=[0], n_bootstrap=200,
+                                 make_plots=False).run_complete_analysis()
+    [row] = summary.verdict
+    assert summary.baselines == {"logistic": str(B.baseline_root(tmp_path, "logistic") / "results")}
+    assert row["best_baseline"] == "logistic" and row["n_pairs"] == 1 and row["note"] == ""
+    assert row["verdict"] in ("beats", "ties", "trails")
+    assert row["sentence"].startswith(f"M-24: EVEREST {row['verdict']} the best baseline (logistic)")
+    assert row["everest_tss"] == pytest.approx(everest["test_metrics"]["tss"])
+    assert row["tss_logistic"] == pytest.approx(base["test_metrics"]["tss"])
+    assert row["val_tss_logistic"] == pytest.approx(base["validation_metrics"]["tss"])
+    assert Path(summary.report).read_text().split("\n## ")[1].startswith("Verdict: EVEREST against simple baselines")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

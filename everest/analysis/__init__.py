@@ -4,6 +4,11 @@ Entry points: :class:`ProductionAnalyzer` (notebook), :func:`run_analysis` (retu
 a Prefect task wraps) and ``python -m everest.analysis`` (command line). Sub-modules: ``loading`` (what a
 results root holds), ``stats`` (seed statistics, region-block bootstrap, tests), ``plots``, ``report``.
 
+The report opens with the verdict against the simple baselines of :mod:`everest.baselines` (every
+``<out>/baselines/<model>/results`` found): per target, EVEREST against the baseline with the best validation
+TSS, paired on seeds and test samples, with Holm-corrected p-values (also ``analysis/verdict.csv`` and
+``AnalysisSummary.verdict``).
+
 Stale results: finished results of another config hash, code version or data files than the run's (the one
 most results share) are named in the report and left out of the statistics (averaging them would describe no
 configuration). Failed, missing, stale and unexpected experiments never stop the analysis: they are listed

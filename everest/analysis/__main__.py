@@ -29,8 +29,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", default=None, type=int, help="expected seeds (default: 0 1 2 3 4)")
     p.add_argument("--baseline", default=None, type=Path,
                    help="a baseline results root to compare with (paired on seeds and test samples)")
+    p.add_argument("--baseline-model", action="append", default=[], metavar="NAME=DIR",
+                   help="a simple baseline's results root for the verdict (repeatable); every "
+                        "OUT/baselines/<model>/results is found without it")
     p.add_argument("--no-plots", action="store_true", help="skip the figures")
     return p
+
+
+def _name_dir(item: str) -> tuple[str, Path]:
+    name, sep, folder = item.partition("=")
+    if not sep or not name or not folder:
+        raise ConfigError(f"--baseline-model takes NAME=DIR (e.g. logistic=output/baselines/logistic/results), "
+                          f"got {item!r}")
+    return name, Path(folder)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,9 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        models = dict(_name_dir(item) for item in args.baseline_model)
         summary = ProductionAnalyzer(
             args.results_dir, args.out, targets=args.targets, seeds=args.seeds, n_bootstrap=args.bootstrap,
-            seed=args.seed, confidence=args.confidence, baseline_dir=args.baseline,
+            seed=args.seed, confidence=args.confidence, baseline_dir=args.baseline, baseline_dirs=models,
             make_plots=not args.no_plots,
         ).run_complete_analysis()
     except (ConfigError, AnalysisError) as err:

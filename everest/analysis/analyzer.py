@@ -10,7 +10,7 @@ import logging
 import numbers
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -40,6 +40,14 @@ TEST_METRICS: tuple[str, ...] = ("tss", "accuracy", "precision", "recall", "spec
 SEED_STATS: tuple[str, ...] = ("n", "mean", "std", "min", "median", "max", "ci_low", "ci_high")
 # Bootstrapped metrics reported per experiment and pooled per target.
 REPORTED_BOOTSTRAP: tuple[str, ...] = ("tss", "f1", "recall", "specificity", "precision", "brier")
+# ``<out_dir>/baselines/<model>/results``: where everest.baselines writes (its ``baseline_root``).
+BASELINES_FOLDER = "baselines"
+# Columns of every verdict row, in order; ``tss_<model>`` and ``val_tss_<model>`` per baseline follow "everest_brier".
+VERDICT_COLUMNS: tuple[str, ...] = (
+    "target", "everest_seeds", "everest_tss", "everest_tss_t_ci_low", "everest_tss_t_ci_high",
+    "everest_tss_boot_ci_low", "everest_tss_boot_ci_high", "everest_brier", "best_baseline", "best_baseline_seeds",
+    "best_baseline_val_tss", "best_baseline_tss", "best_baseline_brier", "delta", "ci_low", "ci_high", "p_value",
+    "p_holm", "n_pairs", "verdict", "note", "sentence")
 PLOT_FILES: dict[str, str] = {
     "performance": "production_performance_analysis.png",
     "detailed": "detailed_metrics_analysis.png",
@@ -87,6 +95,12 @@ class AnalysisSummary:
     seed: int
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    # The verdict against the simple baselines (the report's first section): one row per expected target
+    # (columns: :data:`VERDICT_COLUMNS` plus ``tss_<model>``/``val_tss_<model>`` per baseline); empty when
+    # no baseline results exist. ``baselines``: model name -> results root; ``verdict_file``: verdict.csv.
+    verdict: list[dict[str, Any]] = field(default_factory=list)
+    baselines: dict[str, str] = field(default_factory=dict)
+    verdict_file: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (NaN as None) for Prefect artifacts and ``analysis_summary.json``."""
@@ -95,6 +109,19 @@ class AnalysisSummary:
     def table(self) -> list[dict[str, Any]]:
         """Per-target means as rows of a table (e.g. a Prefect table artifact)."""
         return _jsonable(self.targets)
+
+    def verdict_table(self) -> list[dict[str, Any]]:
+        """The verdict as display rows (3 decimals, p-values to 2 significant digits below 0.001): the table
+        to publish first, e.g. as a Prefect table artifact. Empty when no baseline results exist."""
+        return [{k: _rounded(k, v) for k, v in row.items()} for row in _jsonable(self.verdict)]
+
+
+def _rounded(key: str, value: Any) -> Any:
+    if not isinstance(value, float):
+        return value
+    if key.startswith("p_") and 0 < value < 0.001:
+        return float(f"{value:.2g}")
+    return round(value, 3)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -114,7 +141,10 @@ class ProductionAnalyzer:
 
     Outputs go to ``out_dir/analysis`` (report, CSVs, summary JSON) and ``out_dir/plots``; ``out_dir``
     defaults to the parent of ``results_dir`` (``output/results`` -> ``output``). ``baseline_dir``, if
-    given, is a second results root compared target by target (paired on seeds and test samples).
+    given, is a second results root compared target by target (paired on seeds and test samples), e.g.
+    another EVEREST configuration. The verdict, the report's first section, compares EVEREST with the
+    simple baselines of :mod:`everest.baselines`: every ``out_dir/baselines/<model>/results`` found, plus
+    ``baseline_dirs`` (model name -> results root; it wins over a found folder of the same name).
     Stale results (another config, code version or data than the run's, see :func:`load_results`) are
     listed in the report and left out of the statistics.
     """
@@ -122,7 +152,8 @@ class ProductionAnalyzer:
     def __init__(self, results_dir: str | Path = "output/results", out_dir: str | Path | None = None, *,
                  targets: Sequence[str | Target] | None = None, seeds: Sequence[int] | None = None,
                  n_bootstrap: int = 10_000, seed: int = 0, confidence: float = 0.95,
-                 baseline_dir: str | Path | None = None, make_plots: bool = True) -> None:
+                 baseline_dir: str | Path | None = None, baseline_dirs: Mapping[str, str | Path] | None = None,
+                 make_plots: bool = True) -> None:
         self.results_dir = Path(results_dir)
         self.out_dir = Path(out_dir) if out_dir is not None else self.results_dir.resolve().parent
         self.n_bootstrap = _check_int(n_bootstrap, "n_bootstrap", 100)
@@ -133,6 +164,10 @@ class ProductionAnalyzer:
         self.targets = [Target.parse(t) for t in targets] if targets is not None else None
         self.seeds = [_check_int(s, "seeds[i]", 0) for s in seeds] if seeds is not None else None
         self.baseline_dir = Path(baseline_dir) if baseline_dir is not None else None
+        for name in baseline_dirs or {}:
+            if not isinstance(name, str) or not name or "/" in name:
+                raise ConfigError(f"baseline_dirs keys must be model names (non-empty, no '/'), got {name!r}")
+        self._explicit_baselines = {name: Path(d) for name, d in (baseline_dirs or {}).items()}
         self.make_plots = bool(make_plots)
         self.analysis_dir = self.out_dir / "analysis"
         self.plots_dir = self.out_dir / "plots"
@@ -149,6 +184,20 @@ class ProductionAnalyzer:
         if self.baseline_dir is None:
             return None
         return load_results(self.baseline_dir, self.targets, self.seeds)
+
+    @cached_property
+    def baseline_models(self) -> dict[str, Path]:
+        """Results roots of the simple baselines the verdict compares with, by model name (sorted): every
+        ``out_dir/baselines/<model>/results`` folder, plus the ``baseline_dirs`` given."""
+        parent = self.out_dir / BASELINES_FOLDER
+        found = {p.name: p / "results" for p in parent.iterdir() if (p / "results").is_dir()} if parent.is_dir() else {}
+        found.update(self._explicit_baselines)
+        return dict(sorted(found.items()))
+
+    @cached_property
+    def baseline_results(self) -> dict[str, ResultSet]:
+        """Each simple baseline's results (same expected targets and seeds as EVEREST), by model name."""
+        return {m: load_results(path, self.targets, self.seeds) for m, path in self.baseline_models.items()}
 
     # ------------------------------------------------------------------ statistics
     @cached_property
@@ -273,6 +322,75 @@ class ProductionAnalyzer:
         return compare_result_sets(self.baseline, self.results, self.n_bootstrap, self.seed, self.confidence)
 
     @cached_property
+    def verdict(self) -> pd.DataFrame:
+        """Per expected target: EVEREST against the best simple baseline (empty frame when there is none).
+
+        The best baseline of a target is the model with the highest mean validation TSS over its seeds
+        (ties: model name), so its choice never sees test data. The difference EVEREST minus best baseline
+        comes from :func:`compare_result_sets` (paired on seeds and test samples; region bootstrap CI,
+        permutation p, Holm over the targets compared). Verdict: ``beats`` when the CI lies above 0 and the
+        Holm p is below ``1 - confidence``, ``trails`` when it lies below 0 with such p, else ``ties``;
+        ``n/a`` (with a note) when no paired comparison is possible.
+        """
+        if not self.baseline_results:
+            return pd.DataFrame()
+        models = list(self.baseline_results)
+        means = {m: _seed_means(rs) for m, rs in self.baseline_results.items()}
+        targets = list(dict.fromkeys(e.target for e in self.results.expected))
+        best: dict[Target, str] = {}
+        for t in targets:
+            ranked = sorted((-means[m][t]["val_tss"], m) for m in models
+                            if t in means[m] and np.isfinite(means[m][t]["val_tss"]))
+            if ranked:
+                best[t] = ranked[0][1]
+        chosen = ResultSet(root=self.out_dir, expected=self.results.expected, failed=[], missing=[],
+                           completed=[r for t, m in best.items() for r in self.baseline_results[m].by_target()[t]])
+        cmp = compare_result_sets(chosen, self.results, self.n_bootstrap, self.seed, self.confidence)
+        cmp_by = {r["a"]: r for r in cmp.to_dict("records")} if len(cmp) else {}
+        stats = self.summary_statistics.set_index("target")
+        alpha = 1 - self.confidence
+        rows = []
+        for t in targets:
+            name, e = str(t), stats.loc[str(t)]
+            row: dict[str, Any] = {
+                "target": name, "everest_seeds": int(e["n_seeds"]), "everest_tss": e["tss_mean"],
+                "everest_tss_t_ci_low": e["tss_ci_low"], "everest_tss_t_ci_high": e["tss_ci_high"],
+                "everest_tss_boot_ci_low": e["pooled_boot_tss_low"],
+                "everest_tss_boot_ci_high": e["pooled_boot_tss_high"], "everest_brier": e["brier_mean"]}
+            for m in models:
+                got = means[m].get(t, {})
+                row.update({f"tss_{m}": got.get("tss", np.nan), f"val_tss_{m}": got.get("val_tss", np.nan)})
+            b = best.get(t)
+            got = means[b][t] if b else {}
+            row.update(best_baseline=b, best_baseline_seeds=got.get("n", 0),
+                       best_baseline_val_tss=got.get("val_tss", np.nan), best_baseline_tss=got.get("tss", np.nan),
+                       best_baseline_brier=got.get("brier", np.nan))
+            c = cmp_by.get(name, {})
+            row.update({k: c.get(k, np.nan) for k in ("delta", "ci_low", "ci_high", "p_value", "p_holm")})
+            row["n_pairs"] = int(c["n_pairs"]) if np.isfinite(c.get("n_pairs", np.nan)) else 0
+            note = ""
+            if not row["everest_seeds"]:
+                note = "EVEREST has no finished seed"
+            elif b is None:
+                note = "no baseline has a finished seed with a validation TSS"
+            elif not c:
+                note = "no test predictions to pair"
+            elif not np.isfinite(row["p_holm"]):
+                note = str(c.get("note") or "no paired comparison")
+            if note:
+                row["verdict"] = "n/a"
+            elif row["ci_low"] > 0 and row["p_holm"] < alpha:
+                row["verdict"] = "beats"
+            elif row["ci_high"] < 0 and row["p_holm"] < alpha:
+                row["verdict"] = "trails"
+            else:
+                row["verdict"] = "ties"
+            row["note"] = note
+            row["sentence"] = report.verdict_sentence(row, self.confidence)
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    @cached_property
     def threshold_stability(self) -> pd.DataFrame:
         """Per target: mean, std and CV of the chosen threshold and its correlation with TSS across seeds."""
         a = self.analysed_frame
@@ -319,6 +437,7 @@ class ProductionAnalyzer:
         if len(self.threshold_stability):
             io.write_csv(self.analysis_dir / "threshold_stability.csv", self.threshold_stability)
             io.write_csv(self.analysis_dir / "threshold_protocol_comparison.csv", self.protocol_inflation)
+        verdict_path = io.write_csv(self.analysis_dir / "verdict.csv", self.verdict) if len(self.verdict) else None
         report_path = self.analysis_dir / "production_training_report.md"
         rel_plots = {k: str(Path("..") / "plots" / Path(p).name) for k, p in plot_paths.items()}
         io.write_text(report_path, report.render(self, rel_plots))
@@ -330,7 +449,9 @@ class ProductionAnalyzer:
             failed=[f.name for f in rs.failed], missing=[e.name for e in rs.missing],
             unexpected=[r.name for r in rs.unexpected], stale=rs.stale, targets=self.target_table(),
             comparisons=comparisons.to_dict("records") if len(comparisons) else [],
-            n_bootstrap=self.n_bootstrap, seed=self.seed, seconds=time.perf_counter() - started, warnings=warn)
+            n_bootstrap=self.n_bootstrap, seed=self.seed, seconds=time.perf_counter() - started, warnings=warn,
+            verdict=self.verdict.to_dict("records"), baselines={m: str(p) for m, p in self.baseline_models.items()},
+            verdict_file=str(verdict_path) if verdict_path else None)
         io.write_json(self.analysis_dir / "analysis_summary.json", summary.to_dict())
         log.info("analysis of %d/%d experiments written to %s in %.1f s", summary.n_completed, summary.n_expected,
                  report_path, summary.seconds)
@@ -357,6 +478,16 @@ def _unit_stats(r: ExperimentResult) -> st.UnitStats:
         pred = prob >= float(r.results.get("threshold", {}).get("selected", 0.5))
     units, _ = resampling_units(p)
     return st.unit_statistics(p["y_true"].to_numpy(), pred, prob, units)
+
+
+def _seed_means(rs: ResultSet) -> dict[Target, dict[str, float]]:
+    """Per target of a results set: seeds, and the mean over seeds of test TSS, validation TSS and test Brier."""
+    def mean(runs: list[ExperimentResult], part: str, metric: str) -> float:
+        return st.seed_summary([r.results.get(part, {}).get(metric, np.nan) for r in runs])["mean"]
+
+    return {t: {"n": len(runs), "tss": mean(runs, "test_metrics", "tss"),
+                "val_tss": mean(runs, "validation_metrics", "tss"), "brier": mean(runs, "test_metrics", "brier")}
+            for t, runs in rs.by_target().items()}
 
 
 def _with_holm(df: pd.DataFrame, alpha: float) -> pd.DataFrame:

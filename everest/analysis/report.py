@@ -77,6 +77,59 @@ def _pm(mean: Any, std: Any) -> str:
     return f"{fmt(mean)} ± {fmt(std)}"
 
 
+def verdict_sentence(row: dict[str, Any], confidence: float = 0.95) -> str:
+    """One plain sentence on a verdict row, e.g. 'M-24: EVEREST trails the best baseline (logistic) by 0.041
+    TSS (95 % CI 0.012-0.070, Holm p = 0.003).' For *trails* the interval is that of the shortfall."""
+    t, word, best = row["target"], row["verdict"], row.get("best_baseline")
+    if word not in ("beats", "ties", "trails"):
+        return f"{t}: no verdict ({row.get('note') or 'no paired comparison'})."
+    conf = f"{int(round(confidence * 100))} % CI"
+    holm = f"Holm p = {_p(row['p_holm'])}"
+    delta, lo, hi = float(row["delta"]), row["ci_low"], row["ci_high"]
+    if word == "ties":
+        sign = "+" if delta >= 0 else "-"
+        return (f"{t}: EVEREST ties the best baseline ({best}): difference {sign}{fmt(abs(delta))} TSS "
+                f"({conf} {fmt(lo)} to {fmt(hi)}, {holm}).")
+    if word == "trails":
+        lo, hi = -hi, -lo
+    return (f"{t}: EVEREST {word} the best baseline ({best}) by {fmt(abs(delta))} TSS "
+            f"({conf} {fmt(lo)}-{fmt(hi)}, {holm}).")
+
+
+def _verdict(a: ProductionAnalyzer) -> list[str]:
+    out = ["## Verdict: EVEREST against simple baselines\n"]
+    if not a.baseline_models:
+        return out + [f"No baseline results under `{a.out_dir / 'baselines'}`: fit them with `python -m "
+                      f"everest.baselines --array-index K --output-dir {a.out_dir}` (K = 1..45) and rerun the "
+                      "analysis.\n"]
+    v = a.verdict
+    models = list(a.baseline_models)
+    conf = int(round(a.confidence * 100))
+    alpha = fmt(1 - a.confidence, 2)
+    out.append("Baselines: " + ", ".join(f"`{m}` (`{p}`)" for m, p in a.baseline_models.items()) + ".\n")
+    out.append("**Best baseline** of a target: the baseline with the highest mean **validation** TSS over its seeds "
+               "(ties: model name), so the choice never sees test data. Test TSS and Brier: means over seeds. "
+               f"EVEREST's t-CI: {conf} % Student-t interval over seeds; bootstrap CI: region-block bootstrap of the "
+               "seed mean. **ΔTSS**: EVEREST minus the best baseline, mean over the seeds both have, paired on test "
+               f"samples; its CI: paired region bootstrap; p: paired region permutation test, Holm-corrected over "
+               f"the targets. **Verdict**: *beats* when the CI lies above 0 and the Holm p is below {alpha}, "
+               f"*trails* when it lies below 0 and the Holm p is below {alpha}, else *ties*.\n")
+    rows = [[r["target"], f"{fmt(r['everest_tss'])} ({r['everest_seeds']})",
+             _ci(r["everest_tss_t_ci_low"], r["everest_tss_t_ci_high"]),
+             _ci(r["everest_tss_boot_ci_low"], r["everest_tss_boot_ci_high"]),
+             *[r[f"tss_{m}"] for m in models],
+             f"{r['best_baseline']} ({fmt(r['best_baseline_val_tss'])})" if isinstance(r["best_baseline"], str)
+             else "none",
+             r["delta"], _ci(r["ci_low"], r["ci_high"]), _p(r["p_value"]), _p(r["p_holm"]), r["everest_brier"],
+             r["best_baseline_brier"], f"**{r['verdict']}**"] for r in v.to_dict("records")]
+    out.append(table(["target", "EVEREST TSS (seeds)", "t-CI", "bootstrap CI", *[f"{m} TSS" for m in models],
+                      "best baseline (val. TSS)", "ΔTSS", "ΔTSS CI", "p", "p (Holm)", "Brier EVEREST",
+                      "Brier best baseline", "verdict"], rows))
+    out += [f"* {r['sentence']}" for r in v.to_dict("records")]
+    out.append("")
+    return out
+
+
 def _status(a: ProductionAnalyzer) -> list[str]:
     rs = a.results
     out = ["## Status of the run\n"]
@@ -291,10 +344,11 @@ def _provenance(a: ProductionAnalyzer) -> list[str]:
 
 
 def render(a: ProductionAnalyzer, rel_plots: dict[str, str]) -> str:
-    """The whole report as Markdown (status and failures first, then statistics, tests, plots, provenance)."""
+    """The whole report as Markdown (the verdict against the baselines first, then status and failures,
+    statistics, tests, plots, provenance)."""
     head = ["# EVEREST production training report\n",
             f"Generated {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} from `{a.results_dir}`. Decision thresholds "
             "are chosen on the validation split; test-oracle values are shown only as a labelled reference.\n"]
-    parts = head + _status(a) + _overall(a) + _detailed(a) + _significance(a) + _thresholds(a) + _latency(a)
-    parts += _plots(rel_plots) + _provenance(a)
+    parts = head + _verdict(a) + _status(a) + _overall(a) + _detailed(a) + _significance(a) + _thresholds(a)
+    parts += _latency(a) + _plots(rel_plots) + _provenance(a)
     return "\n".join(parts).rstrip() + "\n"
