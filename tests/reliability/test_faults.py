@@ -61,7 +61,7 @@ def _worker_pids() -> list[int]:
     return pids
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
 def test_dask_worker_killed_mid_training_resumes_from_its_checkpoint(sig, prefect_server, tiny_data, tmp_path):
     """SIGKILL: a lost node; the experiment resumes after its last finished epoch. SIGTERM: a walltime kill,
     delivered to the worker process while training runs on a worker thread; the experiment checkpoints
@@ -82,8 +82,8 @@ def test_dask_worker_killed_mid_training_resumes_from_its_checkpoint(sig, prefec
     victims = _worker_pids()
     assert victims, "found no Dask worker process to kill"
     for pid in victims:
-        os.kill(pid, sig)
-    if sig == signal.SIGTERM:
+        os.kill(pid, getattr(signal, sig))
+    if sig == "SIGTERM":
         partial, deadline = None, time.monotonic() + 30
         while partial is None and time.monotonic() < deadline:  # before the restarted worker rewrites it
             try:
