@@ -56,7 +56,7 @@ def test_worker_job_retires_before_its_walltime_and_the_next_job_resumes(prefect
                                                   worker_lifetime_margin="00:00:40",
                                                   worker_lifetime_stagger="00:00:01")
     out = tmp_path / "out"
-    epochs = 250  # 0.1-0.3 s each here: 25-75 s of training, longer than one worker's 19 s
+    epochs = 120  # ~0.3 s each in a job here (~35 per 19 s job): about 4 jobs; 2 on a machine twice as fast
     params = ProductionParameters(
         targets=["M-24"], seeds=[0], data_dir=str(tiny_data), output_dir=str(out), profile="slurm",
         overrides=["model.embed_dim=32", "model.ff_dim=64", "model.num_blocks=2", "model.num_heads=2",
