@@ -349,14 +349,13 @@ def _write(root: Path, results: dict[str, Any], tables: dict[str, pd.DataFrame],
 
 # ---------------------------------------------------------------------- command line
 def _parser() -> argparse.ArgumentParser:
+    from everest.cli import add_experiment_arguments
+
     p = argparse.ArgumentParser(prog="python -m everest.baselines",
                                 description="Fit simple baselines on the windows EVEREST sees, in its results "
                                             "layout under <output-dir>/baselines/<model>/results.")
     p.add_argument("--model", default="all", choices=[*BASELINES, "all"], help="baseline to fit (default all)")
-    p.add_argument("--flare_class", "--flare-class", choices=["C", "M", "M5"])
-    p.add_argument("--time_window", "--time-window", choices=["24", "48", "72"], help="horizon (hours)")
-    p.add_argument("--seed", type=int, default=0, help="experiment seed (default 0)")
-    p.add_argument("--array-index", type=int, help="1..45: target and seed as for the EVEREST array job")
+    add_experiment_arguments(p)
     p.add_argument("--data-dir", default="data", help="folder of the SHARP CSVs (default data)")
     p.add_argument("--output-dir", default="output", help="EVEREST output root (default output)")
     p.add_argument("--config", help="the experiment's TOML/YAML configuration (its data and threshold sections)")
@@ -366,12 +365,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> None:
-    if args.array_index is not None:
-        experiment = Experiment.from_array_index(args.array_index)
-    elif args.flare_class and args.time_window:
-        experiment = Experiment(target=Target.parse(f"{args.flare_class}-{args.time_window}"), seed=args.seed)
-    else:
-        raise ConfigError("give --flare_class and --time_window (and --seed), or --array-index K in 1..45")
+    from everest.cli import experiment_from_args
+
+    experiment = experiment_from_args(args)
     cfg = load_config(args.config, list(args.set))
     for model in BASELINES if args.model == "all" else (args.model,):
         res = fit_baseline(model, experiment, cfg, args.data_dir, args.output_dir, force=args.force)

@@ -69,12 +69,28 @@ def _check(args: argparse.Namespace) -> None:
     print(format_summary(summarise(args.dir, cfg.data, cfg.model.seq_len)))
 
 
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``python -m everest.train`` and ``everest train``."""
+def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
+    """``--flare_class``/``--time_window``/``--seed`` or ``--array-index``: which experiment."""
     p.add_argument("--flare_class", "--flare-class", choices=["C", "M", "M5"], help="flare class")
     p.add_argument("--time_window", "--time-window", choices=["24", "48", "72"], help="horizon in hours")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--array-index", type=int, help="1..45: target and seed from the design document's mapping")
+
+
+def experiment_from_args(args: argparse.Namespace) -> Any:
+    """The :class:`~everest.config.Experiment` that :func:`add_experiment_arguments` options name."""
+    from everest.config import Experiment, Target
+
+    if args.array_index is not None:
+        return Experiment.from_array_index(args.array_index)
+    if args.flare_class and args.time_window:
+        return Experiment(target=Target.parse(f"{args.flare_class}-{args.time_window}"), seed=args.seed)
+    raise ConfigError("give --flare_class and --time_window (and --seed), or --array-index K in 1..45")
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``python -m everest.train`` and ``everest train``."""
+    add_experiment_arguments(p)
     p.add_argument("--data-dir", default=os.environ.get("EVEREST_DATA_DIR", "data"), help="folder of the 18 CSVs")
     p.add_argument("--output-dir", default=os.environ.get("EVEREST_OUTPUT_DIR", "output"), help="output root")
     p.add_argument("--config", help="TOML or YAML configuration file")
@@ -89,7 +105,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 def _train(args: argparse.Namespace) -> dict[str, Any]:
     """Validate the arguments, build the configuration and train one experiment."""
-    from everest.config import Experiment, Target, load_config
+    from everest.config import load_config
     from everest.train import ProductionTrainer
 
     overrides = list(args.set)
@@ -98,12 +114,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     if args.device is not None:
         overrides.append(f"train.device={args.device}")
     cfg = load_config(args.config, overrides, preset=args.preset)
-    if args.array_index is not None:
-        exp = Experiment.from_array_index(args.array_index)
-    elif args.flare_class and args.time_window:
-        exp = Experiment(target=Target.parse(f"{args.flare_class}-{args.time_window}"), seed=args.seed)
-    else:
-        raise ConfigError("give --flare_class and --time_window (and --seed), or --array-index K in 1..45")
+    exp = experiment_from_args(args)
     trainer = ProductionTrainer(exp.target.flare_class, exp.target.horizon, exp.seed, config=cfg,
                                 data_dir=args.data_dir, output_dir=args.output_dir, force=args.force)
     res = trainer.train()
