@@ -1,1 +1,1 @@
-"""EVEREST benchmark suite (issue 7): ``python -m benchmarks [--quick] [--out DIR]``."""
+"""EVEREST benchmark suite: ``python -m benchmarks [--quick] [--out DIR]``."""

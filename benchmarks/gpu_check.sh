@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of issue 7: rows 2 (training throughput, TFLOP/s vs measured bf16 peak, CUDA graphs and
+# GPU check of the benchmark suite: rows 2 (training throughput, TFLOP/s vs measured bf16 peak, CUDA graphs and
 # torch.compile vs eager), 3 (packing 1/2/4/8 processes), 4 (inference) and 7 (study projection) on
 # full-size synthetic data generated in memory, then the real trainer (M-24, 3 epochs) eager vs graphs.
 # For a machine with PyTorch and nothing of ours: the checkout goes on PYTHONPATH; pydantic

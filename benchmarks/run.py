@@ -2,7 +2,7 @@
 
     python -m benchmarks [--quick] [--out DIR] [--rows 1,2,...] [--device auto|cpu|cuda]
 
-Rows (issue 7): 1 data build, 2 training throughput, 3 packing, 4 inference, 5 orchestration,
+Rows: 1 data build, 2 training throughput, 3 packing, 4 inference, 5 orchestration,
 6 analysis, 7 study projection. Writes ``DIR/benchmarks.json`` and prints the table last. A row whose
 dependencies are missing (e.g. prefect on a bare GPU machine) is recorded as skipped, not failed.
 """
@@ -36,7 +36,7 @@ from benchmarks import workloads as W
 from everest import io
 
 log = logging.getLogger("benchmarks")
-GOAL_STUDY_SECONDS = 30 * 60  # issue 7: the 45-experiment study on one H100-class GPU in under 30 minutes
+GOAL_STUDY_SECONDS = 30 * 60  # the goal: the 45-experiment study on one H100-class GPU in under 30 minutes
 STUDY_EPOCHS = 120  # train.epochs: the projection's upper bound (early stopping ends most runs sooner)
 
 

@@ -21,7 +21,7 @@ import torch
 from everest.config import EverestConfig, Target
 from everest.data import LABELS, SampleSet, build_samples
 
-TRAIN_FLOP_PER_SAMPLE = 48e6  # forward ~16 MFLOP, training step ~3x (shared/docs/performance.md)
+TRAIN_FLOP_PER_SAMPLE = 48e6  # forward ~16 MFLOP, training step ~3x forward
 FORWARD_FLOP_PER_SAMPLE = 16e6
 
 

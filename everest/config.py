@@ -3,8 +3,8 @@
 Everything that changes a result lives in one frozen :class:`EverestConfig`, built in one place
 (:func:`load_config`: defaults <- file <- command-line overrides) and passed down. Its
 :meth:`EverestConfig.config_hash` names the effective configuration for caching and provenance.
-Defaults name their source: "design" is the design document
-(``shared/seed/everest-production-training.md``), "reference" the published implementation.
+Defaults name their source: "design" is the EVEREST production-training design document, "reference"
+the published implementation.
 """
 
 from __future__ import annotations

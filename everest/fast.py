@@ -1,7 +1,7 @@
 """The training step and its fast paths: eager (every device), CUDA-graph replay and ``torch.compile`` (CUDA).
 
 EVEREST's model is tiny (~48 MFLOP per training sample), so on a GPU a step costs kernel launches and
-host synchronisation, not arithmetic (shared/docs/performance.md). :class:`TrainStep` keeps the data
+host synchronisation, not arithmetic. :class:`TrainStep` keeps the data
 resident on the device, gathers each batch by index and accumulates the loss terms on the device, so
 nothing waits for the host inside an epoch. On CUDA it can additionally
 

@@ -1,4 +1,4 @@
-"""Seeded synthetic SHARP flare tables in the real 18-file layout (shared/docs/data.md, sections 1-3).
+"""Seeded synthetic SHARP flare tables in the real 18-file layout.
 
 Why: no real training table can be downloaded here, so the project trains and tests on data that has the
 real format and the real statistics, read through the same loader as real files, and that knows its own

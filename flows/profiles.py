@@ -14,7 +14,7 @@ A loaded :class:`Profile` is a frozen value that builds what the flow needs:
 
 The batch backends share :class:`BatchProfile`; :class:`PBSProfile` and :class:`SLURMProfile` only say
 how the per-job request is written (``select=...`` versus ``--gres``/``--cpus-per-task``/``--mem``).
-Job shape follows ``shared/docs/orchestration.md``: one GPU and one single-threaded Dask worker per
+Job shape (what works with dask-jobqueue's adaptive scaling): one GPU and one single-threaded Dask worker per
 job (``cores=1, processes=1``), the real request in the scheduler directives, and a ``GPU=1`` worker
 resource that ``dask.annotate(resources={"GPU": 1})`` submissions consume.
 """

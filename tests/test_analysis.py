@@ -1,4 +1,4 @@
-"""Analysis (issue 5): statistics against scipy / hand-computed values on constructed results, the
+"""Analysis: statistics against scipy / hand-computed values on constructed results, the
 region-block bootstrap, significance tests, partial results, and an end-to-end run on real tiny training runs.
 
 Constructed results are written in the trainer's layout with known values, so every expected number is

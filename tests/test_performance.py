@@ -1,4 +1,4 @@
-"""Performance work (issue 7): the benchmark suite's pieces on tiny sizes, packing correctness, and the
+"""Performance work: the benchmark suite's pieces on tiny sizes, packing correctness, and the
 CUDA-only fast paths falling back on CPU. No wall-clock assertions: rows, ratios and JSON only."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Statistical analysis, plots and report over the experiments of a results root (issue 5).
+"""Statistical analysis, plots and report over the experiments of a results root.
 
 Entry points: :class:`ProductionAnalyzer` (notebook), :func:`run_analysis` (returns a JSON-able summary: what
 a Prefect task wraps) and ``python -m everest.analysis`` (command line). Sub-modules: ``loading`` (what a

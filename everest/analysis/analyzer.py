@@ -32,7 +32,7 @@ from everest.config import HORIZONS, ConfigError, Target, all_targets
 
 log = logging.getLogger(__name__)
 
-# Metrics summarised across seeds (issue 5), as they are named in raw_results.csv.
+# Metrics summarised across seeds, as they are named in raw_results.csv.
 SUMMARY_METRICS: tuple[str, ...] = ("tss", "accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "brier",
                                     "ece", "latency_ms", "threshold")
 TEST_METRICS: tuple[str, ...] = ("tss", "accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "brier",

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Single-node SLURM on localhost for the `cluster` tests (see shared/docs/batch-systems.md).
+# Single-node SLURM on localhost for the `cluster` tests.
 #
 #   tests/cluster/slurm.sh up      install if missing, configure, start; wait until the node is idle
 #   tests/cluster/slurm.sh status  print daemons, node and queue; exit 0 only when the node is usable
