@@ -392,10 +392,11 @@ def _run_locked(params: ProductionParameters, site: Profile) -> Any:
         fresh = results.finished(baselines.baseline_root(out, model), identity) is None
         return baseline_task.with_options(refresh_cache=fresh or None).submit(spec)
 
+    futures = [(exp, submit(exp)) for exp in experiments]  # the long tasks first; baselines take seconds
     baseline_futures = [(f"{model} {exp.name}", submit_baseline(exp, model)) for exp in experiments
                         for model in models]
     rows, failures, base_failures = [], [], []
-    for exp, fut in [(exp, submit(exp)) for exp in experiments]:
+    for exp, fut in futures:
         for attempt in range(RETRIES + 1):
             try:
                 rows.append(_settle(fut))
