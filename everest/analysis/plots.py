@@ -1,4 +1,5 @@
-"""The analysis figures: each function returns a matplotlib Figure built without pyplot.
+"""The analysis figures: each function returns a matplotlib Figure built without pyplot
+(:func:`plot_reliability` writes its figure to a PNG and returns the path).
 
 Figures are created with :class:`matplotlib.figure.Figure` (Agg canvas), never through ``pyplot``: no global
 backend switch in a user's notebook, no shared state between Prefect worker threads, nothing to close.
@@ -10,7 +11,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,6 +20,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from sklearn.metrics import precision_recall_curve, roc_curve
 
+from everest import io
 from everest.analysis.loading import ExperimentResult
 from everest.analysis.stats import seed_summary
 from everest.config import FLARE_CLASSES, HORIZONS, Target
@@ -295,3 +298,36 @@ def training_figure(runs: Sequence[ExperimentResult]) -> Figure:
         loss_ax.grid(alpha=0.3)
     fig.suptitle("Training curves (all seeds)")
     return fig
+
+
+def plot_reliability(curves: Mapping[str, pd.DataFrame], path: str | Path, title: str) -> Path:
+    """Reliability curves from :func:`everest.calibration.reliability_table` on one panel, written as PNG.
+
+    One line per curve (label = key) through the non-empty bins' (mean probability, observed frequency); marker
+    area grows with the bin's sample count. Written atomically; returns the path.
+    """
+    fig = Figure(figsize=(5.5, 5.0), layout="constrained")
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="perfect calibration")
+    for k, (label, table) in enumerate(curves.items()):
+        missing = {"n", "mean_prob", "observed_frequency"} - set(table.columns)
+        if missing:
+            raise ValueError(f"curve {label!r} lacks column(s) {sorted(missing)}; pass reliability_table() output")
+        t = table[table["n"] > 0]
+        n = t["n"].to_numpy(float)
+        colour = f"C{k % 10}"
+        ax.plot(t["mean_prob"], t["observed_frequency"], color=colour, lw=1.5, label=label)
+        if n.size:
+            ax.scatter(t["mean_prob"], t["observed_frequency"], s=12 + 120 * np.sqrt(n / n.max()), color=colour,
+                       alpha=0.8, zorder=3)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_aspect("equal")
+    ax.set_xlabel("forecast probability")
+    ax.set_ylabel("observed frequency")
+    ax.set_title(title)
+    ax.text(0.98, 0.02, "marker area ~ samples in bin", transform=ax.transAxes, ha="right", va="bottom",
+            fontsize=7, color="grey")
+    ax.legend(fontsize=7, loc="upper left")
+    ax.grid(alpha=0.3)
+    return io.atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
