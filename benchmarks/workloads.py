@@ -91,6 +91,12 @@ def training_tensors(n: int, n_features: int = 9, seq_len: int = 10, positive_ra
     return x, y
 
 
+def padding_mask(n: int, seq_len: int = 10, seed: int = 0) -> np.ndarray:
+    """(n, seq_len) validity masks of front-padded windows with 1..seq_len real steps, as the trainer passes."""
+    real = np.random.default_rng([seed, 1]).integers(1, seq_len + 1, n)
+    return np.arange(seq_len)[None, :] >= (seq_len - real)[:, None]
+
+
 def full_samples(table: pd.DataFrame, target: str = "M-24") -> SampleSet:
     """Vectorised, scaled samples of one full-size table (what training sees)."""
     from everest.data import Scaler
@@ -156,8 +162,9 @@ class Trainer:
         else:
             graphs, compiled = self.kind == "ours+graphs", self.kind == "ours+compile"
             self.opt = make_optimizer(self.model, 5.34e-4, 1e-4, self.device, capturable=graphs)
-            self.step = TrainStep(self.model, self.opt, self.loss_fn, self.x, self.y, self.device, amp=cuda,
-                                  cuda_graphs=graphs, compile=compiled, name=self.kind)
+            valid = torch.from_numpy(padding_mask(len(self.y), self.x.shape[1], self.seed)).to(self.device)
+            self.step = TrainStep(self.model, self.opt, self.loss_fn, self.x, self.y, self.device, valid=valid,
+                                  amp=cuda, cuda_graphs=graphs, compile=compiled, name=self.kind)
             self.step.start_epoch(self.epoch)
 
     def _next(self) -> torch.Tensor:

@@ -61,7 +61,10 @@ def eval_chunk(device: torch.device, eval_batch_size: int) -> int:
 
 
 class TrainStep:
-    """One optimisation step over a batch of indices into device-resident ``x``/``y``.
+    """One optimisation step over a batch of indices into device-resident ``x``/``y`` (and ``valid``).
+
+    ``valid`` (N, T) bool, optional, marks the real (non-padding) steps of ``x``; each batch's rows are
+    gathered with ``x``'s and passed to the model as ``model(xb, valid_b)`` (None: ``model(xb, None)``).
 
     Call :meth:`start_epoch` before each epoch (it sets the loss schedule's epoch and the running
     sums), then the step with each batch's indices; :attr:`sums` holds the epoch's running sums
@@ -69,9 +72,13 @@ class TrainStep:
     """
 
     def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, loss_fn: Callable[..., Any], x: Tensor,
-                 y: Tensor, device: torch.device, *, amp: bool = False, cuda_graphs: bool = False,
-                 compile: bool = False, name: str = "") -> None:
+                 y: Tensor, device: torch.device, *, valid: Tensor | None = None, amp: bool = False,
+                 cuda_graphs: bool = False, compile: bool = False, name: str = "") -> None:
+        if valid is not None and (valid.dtype != torch.bool or tuple(valid.shape) != tuple(x.shape[:2])):
+            raise ValueError(f"valid must be a torch.bool tensor of shape {tuple(x.shape[:2])} (x's first two "
+                             f"dimensions), got {valid.dtype} of shape {tuple(valid.shape)}")
         self.model, self.opt, self.loss_fn, self.x, self.y = model, opt, loss_fn, x, y
+        self.valid = valid
         self.device, self.amp, self.name = device, amp, name
         cuda = device.type == "cuda"
         if compile and not cuda:
@@ -81,7 +88,7 @@ class TrainStep:
             log.warning("%s: CUDA graphs need a capturable optimizer (fast.make_optimizer(..., capturable=True));"
                         " eager step", name)
             self.cuda_graphs = False
-        self.forward: Callable[[Tensor], Any] = model
+        self.forward: Callable[[Tensor, Tensor | None], Any] = model
         if compile and cuda:
             self.forward = torch.compile(model, dynamic=False)
         self.compiled = self.forward is not model
@@ -116,15 +123,17 @@ class TrainStep:
             self._eager_full_steps += 1
 
     # ------------------------------------------------------------------ implementations
-    def _loss(self, xb: Tensor, yb: Tensor, cache: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+    def _loss(self, xb: Tensor, yb: Tensor, vb: Tensor | None,
+              cache: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=cache):
-            out = self.forward(xb)
+            out = self.forward(xb, vb)
             return self.loss_fn(out, yb, self.epoch)
 
     def _eager(self, idx: Tensor) -> None:
         xb, yb = self.x[idx], self.y[idx]
+        vb = self.valid[idx] if self.valid is not None else None
         try:
-            loss, terms = self._loss(xb, yb)
+            loss, terms = self._loss(xb, yb, vb)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
         except Exception as err:  # noqa: BLE001 - only a compiler failure is absorbed; eager errors re-raise
@@ -133,7 +142,7 @@ class TrainStep:
             log.warning("%s: torch.compile failed (%s: %s); continuing with the eager model",
                         self.name, type(err).__name__, str(err)[:300])
             self.forward, self.compiled = self.model, False
-            loss, terms = self._loss(xb, yb)
+            loss, terms = self._loss(xb, yb, vb)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
         self.opt.step()
@@ -149,7 +158,8 @@ class TrainStep:
             with torch.cuda.graph(graph):
                 xb = self.x.index_select(0, self._idx)
                 yb = self.y.index_select(0, self._idx)
-                loss, terms = self._loss(xb, yb, cache=False)  # autocast's weight cache is not capturable
+                vb = self.valid.index_select(0, self._idx) if self.valid is not None else None
+                loss, terms = self._loss(xb, yb, vb, cache=False)  # autocast's weight cache is not capturable
                 loss.backward()
                 self.opt.step()
                 accumulate_terms(self.sums, loss, terms, len(idx))

@@ -1,5 +1,8 @@
 r"""EVEREST loss terms and their scheduled sum; every term is computed in float32 and finite for all inputs.
 
+The evidential and EVT terms are negative log-likelihoods of *densities*, so they (and the total) can be
+negative; only the focal and precursor terms are bounded below by 0. See "evt" below for the bounds.
+
 Terms (``y`` is the 0/1 flare label, ``z`` the forecast logit, ``p = sigmoid(z)``):
 
 * **focal** (Lin et al. 2017, no class weight): ``[y (1-p)^g + (1-y) p^g] * BCE(z, y)``, mean over the
@@ -28,13 +31,27 @@ Terms (``y`` is the 0/1 flare label, ``z`` the forecast logit, ``p = sigmoid(z)`
   averaged over the exceeding samples. The exceedances are detached by default: a density rewards
   concentration, so with gradients into the logits the term shrinks the spread of the top logits (a tiny
   model trained from scratch at the epoch-40+ weights drove every logit to one value and raised the
-  focal loss 30-fold). Detached, it is a likelihood for the EVT head's parameters given the current logits, as a
-  fitted tail model should be; ``evt_loss(..., grad_to_logits=True)`` keeps the literal reference form.
+  focal loss 30-fold). Detached, it is a likelihood for the EVT head's parameters given the current logits,
+  as a fitted tail model should be; ``evt_loss(..., grad_to_logits=True)`` keeps the literal reference form.
+  The EVT head itself reads the shared representation detached (``ModelConfig.evt_detach_trunk``, the
+  default), so by default this term trains the EVT head only and has no gradient on any parameter of the
+  forecast path: the tail fit describes the forecast's logits and cannot reshape them. (With gradients
+  into the trunk, minimising the tail NLL reshaped the forecast representation: benchmarks/evt_phase.py.)
+
+  The NLL is a negative log-*density*, so it is negative wherever the fitted density exceeds 1 (small
+  ``sigma``): a negative EVT term, and a total loss that drops when the term switches on, are normal and
+  say nothing about the forecast (read the ``focal`` term and the validation metrics for that). Its
+  lower bound is set by the EVT head's range (``ModelConfig.evt_xi_range``, ``evt_sigma_floor``): for
+  ``xi >= -1`` the density is largest at ``e = 0``, so every per-sample NLL is at least
+  ``log sigma >= log(evt_sigma_floor)``; the default head (xi in (-0.5, 0.5), where the GPD likelihood
+  is regular, and sigma > 0.05) keeps it above ``log 0.05 ~ -3.0``, and the weighted term (weight at
+  most 0.2) above -0.6.
   Outside the support (``xi < 0`` and ``e > -sigma / xi``) the true NLL is infinite; we clamp
-  ``1 + xi e / sigma`` to at least ``EPS`` so the term stays finite. For ``xi < -1`` (the reference head
-  allows xi down to -2) the GPD density is unbounded at its endpoint, so each per-sample fit can sink
-  towards the floor ``log(SIGMA_FLOOR) + 0.5 log(EPS)`` ~ -13.8: the term is finite but not a proper
-  likelihood there. With no exceedance (e.g. all logits equal) the term is an exact 0 that is still
+  ``1 + xi e / sigma`` to at least ``EPS`` so the term stays finite. For ``xi < -1`` (the reference head,
+  ``evt_xi_range=(-2, 1)``, ``evt_sigma_floor=1e-3``) the GPD density is unbounded at its endpoint, so
+  each per-sample fit can sink towards the floor ``log(1e-3) + 0.5 log(EPS)`` ~ -13.8 (reached on
+  synthetic data within 7 epochs of the switch): the term is finite but not a proper likelihood there.
+  With no exceedance (e.g. all logits equal) the term is an exact 0 that is still
   connected to the graph. It always runs in float32 with autocast disabled, and nothing is caught: the
   first implementation swallowed an fp16 exception here and its EVT head never trained.
 * **precursor**: BCE of the precursor logit on the same label. The data hold no separate precursor
@@ -111,8 +128,10 @@ def gpd_nll(exceedance: Tensor, xi: Tensor, sigma: Tensor) -> Tensor:
 def evt_loss(logits: Tensor, gpd: GPD, quantile: float, grad_to_logits: bool = False) -> Tensor:
     """Mean GPD NLL of the logits' exceedances over their batch ``quantile``; float32, 0 with no exceedance.
 
-    By default the exceedances are detached, so the term fits the tail model (EVT head and, through it, the
-    trunk) to the current logits; ``grad_to_logits=True`` also lets it move the logits, which collapses them.
+    By default the exceedances are detached, so the term fits the tail model (the EVT head; the trunk too
+    only if the model was built with ``evt_detach_trunk=False``) to the current logits;
+    ``grad_to_logits=True`` also lets it move the logits, which collapses them. The value is a negative
+    log-density: it can be negative, and is at least ``log(evt_sigma_floor)`` when xi >= -1.
     """
     with torch.autocast(device_type=logits.device.type, enabled=False):
         logits, xi, sigma = logits.float(), gpd.xi.float(), gpd.sigma.float()

@@ -5,6 +5,16 @@ blocks -> attention-bottleneck (or mean) pooling -> shared head -> heads. The ``
 forecast; the evidential (Normal-Inverse-Gamma), EVT (generalised Pareto) and precursor heads feed
 auxiliary loss terms (:mod:`everest.losses`) and can each be switched off for ablations. With the
 default :class:`~everest.config.ModelConfig` and 9 features the model has 814,090 parameters.
+
+Padding: windows are front-padded with zero steps and ``forward(x, valid)`` takes the (B, T) bool mask of
+real steps. With ``ModelConfig.padding_mask`` (default) padding steps are no keys of any self-attention
+and get no weight in pooling, so every output depends on the real steps only; padding *queries* still
+produce (finite) hidden states, which pooling then ignores. Without ``valid`` (or with the flag off) the
+model treats every step as data, exactly as before the mask existed.
+
+EVT head: it reads the pooled representation ``z`` detached by default (``ModelConfig.evt_detach_trunk``),
+so its tail likelihood trains the head alone and cannot change the forecast logits; the range of the
+shape xi and the floor of the scale sigma come from the config (reference: (-2, 1) and 1e-3).
 """
 
 from __future__ import annotations
@@ -19,8 +29,6 @@ from torch import Tensor, nn
 from everest.config import ModelConfig
 
 POSITIONAL_BASE = 10_000.0  # wavelength base of the sinusoidal table (Vaswani et al. 2017)
-XI_SCALE, XI_SHIFT = 1.5, -0.5  # GPD shape xi = 1.5 tanh(.) - 0.5 lies in (-2, 1) (reference)
-SIGMA_FLOOR = 1e-3  # GPD scale sigma = softplus(.) + 1e-3 stays away from 0 (reference)
 
 
 class NIG(NamedTuple):
@@ -33,7 +41,7 @@ class NIG(NamedTuple):
 
 
 class GPD(NamedTuple):
-    """Generalised-Pareto parameters, each (B,): shape xi in (-2, 1), scale sigma > 1e-3."""
+    """Generalised-Pareto parameters, each (B,): shape xi in ``evt_xi_range``, scale sigma > ``evt_sigma_floor``."""
 
     xi: Tensor
     sigma: Tensor
@@ -96,8 +104,9 @@ class Block(nn.Module):
         )
         self.norm2 = nn.LayerNorm(cfg.embed_dim)
 
-    def forward(self, h: Tensor) -> Tensor:
-        attended, _ = self.attn(h, h, h, need_weights=False)  # (B, T, D)
+    def forward(self, h: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """``key_padding_mask`` (B, T) bool, True at steps no query may attend to (None: all are keys)."""
+        attended, _ = self.attn(h, h, h, key_padding_mask=key_padding_mask, need_weights=False)  # (B, T, D)
         h = self.norm1(h + attended)
         return self.norm2(h + self.ff(h))  # (B, T, D)
 
@@ -109,16 +118,25 @@ class AttentionPool(nn.Module):
         super().__init__()
         self.score = nn.Linear(cfg.embed_dim, 1)
 
-    def forward(self, h: Tensor) -> Tensor:
-        weights = torch.softmax(self.score(h).squeeze(-1), dim=1)  # (B, T, 1) -> (B, T)
+    def forward(self, h: Tensor, pad: Tensor | None = None) -> Tensor:
+        """``pad`` (B, T) bool, True at steps to leave out (each row keeps at least one step)."""
+        scores = self.score(h).squeeze(-1)  # (B, T, 1) -> (B, T)
+        if pad is not None:
+            scores = scores.masked_fill(pad, float("-inf"))  # exact 0 weight; -inf exists in every float dtype
+        weights = torch.softmax(scores, dim=1)  # (B, T)
         return torch.einsum("bt,btd->bd", weights, h)  # (B, D)
 
 
 class MeanPool(nn.Module):
     """Ablation of :class:`AttentionPool`: the plain mean over time steps."""
 
-    def forward(self, h: Tensor) -> Tensor:
-        return h.mean(dim=1)  # (B, T, D) -> (B, D)
+    def forward(self, h: Tensor, pad: Tensor | None = None) -> Tensor:
+        """``pad`` (B, T) bool, True at steps to leave out (each row keeps at least one step)."""
+        if pad is None:
+            return h.mean(dim=1)  # (B, T, D) -> (B, D)
+        keep = ~pad  # (B, T)
+        total = torch.where(keep.unsqueeze(-1), h, torch.zeros((), dtype=h.dtype, device=h.device)).sum(dim=1)
+        return total / keep.sum(dim=1, keepdim=True).to(total.dtype)  # mean over real steps, (B, D)
 
 
 class EvidentialHead(nn.Module):
@@ -134,15 +152,22 @@ class EvidentialHead(nn.Module):
 
 
 class EVTHead(nn.Module):
-    """Generalised-Pareto head for the tail of the logits: bounded shape, positive scale."""
+    """Generalised-Pareto head for the tail of the logits: xi in ``cfg.evt_xi_range``, sigma > ``cfg.evt_sigma_floor``.
+
+    ``xi = half * tanh(.) + mid`` with the range's half-width and midpoint (the reference range (-2, 1)
+    gives its ``1.5 tanh(.) - 0.5``); ``sigma = softplus(.) + floor``.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.proj = nn.Linear(cfg.embed_dim, len(GPD._fields))
+        lo, hi = cfg.evt_xi_range
+        self.xi_half, self.xi_mid = (hi - lo) / 2.0, (hi + lo) / 2.0
+        self.sigma_floor = cfg.evt_sigma_floor
 
     def forward(self, z: Tensor) -> GPD:
         xi, sigma = self.proj(z).unbind(dim=-1)  # (B, 2) -> 2 x (B,)
-        return GPD(XI_SCALE * torch.tanh(xi) + XI_SHIFT, F.softplus(sigma) + SIGMA_FLOOR)
+        return GPD(self.xi_half * torch.tanh(xi) + self.xi_mid, F.softplus(sigma) + self.sigma_floor)
 
 
 class EverestModel(nn.Module):
@@ -169,21 +194,48 @@ class EverestModel(nn.Module):
         self.evt_head = EVTHead(cfg) if cfg.use_evt else None
         self.precursor_head = nn.Linear(cfg.embed_dim, 1) if cfg.use_precursor else None
 
-    def forward(self, x: Tensor) -> EverestOutput:
+    def forward(self, x: Tensor, valid: Tensor | None = None) -> EverestOutput:
+        """Outputs for windows ``x`` (B, T, F); ``valid`` (B, T) bool marks real steps (True) vs padding.
+
+        ``valid`` is used when ``cfg.padding_mask`` is on (see the module docstring); None treats every
+        step as real. A window without any real step (data.py never builds one) is treated as unmasked,
+        so it cannot turn into NaN.
+        """
         if x.dim() != 3 or x.shape[2] != self.n_features or x.shape[1] > self.cfg.seq_len:
             raise ValueError(
                 f"x must have shape (batch, steps <= {self.cfg.seq_len}, {self.n_features}), got {tuple(x.shape)}"
             )
+        pad = self._padding(x, valid)  # (B, T) True at padding, or None
         h = self.pos(self.embed(x))  # (B, T, D)
         for block in self.blocks:
-            h = block(h)  # (B, T, D)
-        z = self.shared(self.pool(h))  # (B, D)
+            h = block(h, pad)  # (B, T, D)
+        z = self.shared(self.pool(h, pad))  # (B, D)
         return EverestOutput(
             logits=self.logit_head(z).squeeze(-1),  # (B, 1) -> (B,)
             nig=self.evidential_head(z) if self.evidential_head is not None else None,
-            gpd=self.evt_head(z) if self.evt_head is not None else None,
+            gpd=self._evt(z),
             precursor=self.precursor_head(z).squeeze(-1) if self.precursor_head is not None else None,  # (B,)
         )
+
+    def _padding(self, x: Tensor, valid: Tensor | None) -> Tensor | None:
+        """The key-padding mask (True = padding) from ``valid``, or None when unmasked. No host sync."""
+        if valid is None:
+            return None
+        if not isinstance(valid, Tensor) or valid.dtype != torch.bool or tuple(valid.shape) != tuple(x.shape[:2]):
+            what = f"{valid.dtype} tensor of shape {tuple(valid.shape)}" if isinstance(valid, Tensor) else repr(
+                type(valid).__name__)
+            raise ValueError(f"valid must be a torch.bool tensor of shape (batch, steps) = {tuple(x.shape[:2])} "
+                             f"(True = real step), got {what}")
+        if valid.device != x.device:
+            raise ValueError(f"valid must be on x's device {x.device}, got {valid.device}")
+        if not self.cfg.padding_mask:
+            return None
+        return ~valid & valid.any(dim=1, keepdim=True)  # a window with no real step stays unmasked
+
+    def _evt(self, z: Tensor) -> GPD | None:
+        if self.evt_head is None:
+            return None
+        return self.evt_head(z.detach() if self.cfg.evt_detach_trunk else z)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -182,6 +182,70 @@ def test_evt_head_trains_under_bf16_autocast() -> None:
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
+def _evt_grads(cfg: ModelConfig) -> tuple[dict[str, torch.Tensor | None], EverestModel]:
+    """Gradients of the EVT term alone (default evt_loss) on every parameter of a small model."""
+    torch.manual_seed(0)
+    model = EverestModel(cfg, N_FEATURES)
+    x, valid = torch.randn(64, 10, N_FEATURES), torch.arange(10).expand(64, 10) >= torch.arange(64).unsqueeze(1) % 10
+    out = model(x * valid.unsqueeze(-1), valid)
+    loss = evt_loss(out.logits, out.gpd, LossConfig().evt_quantile)
+    names, params = zip(*model.named_parameters(), strict=True)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return dict(zip(names, grads, strict=True)), model
+
+
+def test_evt_term_trains_only_the_evt_head_by_default() -> None:
+    grads, _ = _evt_grads(ModelConfig(embed_dim=32, num_heads=2, ff_dim=64, num_blocks=2))
+    evt = {n: g for n, g in grads.items() if n.startswith("evt_head.")}
+    assert set(evt) == {"evt_head.proj.weight", "evt_head.proj.bias"}
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in evt.values())
+    # Embedding, positions, blocks, pooling, shared layer and every other head: no gradient at all.
+    assert all(g is None or not g.any() for n, g in grads.items() if n not in evt)
+
+
+def test_evt_term_reaches_the_trunk_only_when_not_detached() -> None:
+    grads, _ = _evt_grads(ModelConfig(embed_dim=32, num_heads=2, ff_dim=64, num_blocks=2, evt_detach_trunk=False))
+    for name in ("embed.proj.weight", "blocks.0.attn.in_proj_weight", "pool.score.weight", "shared.1.weight"):
+        assert grads[name] is not None and grads[name].abs().sum() > 0, name
+    assert grads["logit_head.weight"] is None  # the exceedances themselves stay detached
+
+
+def test_evt_weight_does_not_change_forecast_path_gradients_by_default() -> None:
+    torch.manual_seed(0)
+    model = EverestModel(ModelConfig(embed_dim=32, num_heads=2, ff_dim=64, num_blocks=2, dropout=0.0), N_FEATURES)
+    x, y = torch.randn(48, 10, N_FEATURES), (torch.arange(48) % 3 == 0).float()
+    base = LossConfig().weights_at(60)
+    grads = []
+    for evt_weight in (0.0, base.evt):
+        phase = base.model_copy(update={"start_epoch": 0, "evt": evt_weight})
+        total, _ = EverestLoss(LossConfig(schedule=(phase,)))(model(x), y, 0)
+        model.zero_grad()
+        total.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if not n.startswith("evt_head.")})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=0, atol=0, msg=name)
+
+
+def test_default_evt_term_is_bounded_below_by_the_sigma_floor() -> None:
+    cfg = ModelConfig()
+    head = EVTHead(cfg)
+    head.proj = nn.Identity()  # raw pre-activations straight in
+    raw = torch.cat([torch.randn(4096, 2) * 20, torch.tensor([[-1e4, -1e4], [1e4, -1e4], [-1e4, 1e4]])])
+    gpd = head(raw)
+    e = torch.cat([torch.rand(2048) * 1e-3, torch.rand(2051) * 50])  # tiny and large exceedances
+    nll = gpd_nll(e, gpd.xi, gpd.sigma)
+    assert torch.isfinite(nll).all() and (nll >= math.log(cfg.evt_sigma_floor) - 1e-6).all()
+    logits = torch.randn(4099) * 5
+    assert evt_loss(logits, gpd, 0.9).item() >= math.log(cfg.evt_sigma_floor)
+
+
+def test_reference_evt_head_can_sink_below_the_default_floor() -> None:
+    """Why the default bounds: with xi down to -2 the per-sample NLL reaches about -13.8."""
+    xi, sigma = torch.tensor([-1.999]), torch.tensor([1e-3])
+    e = -sigma / xi  # the support's endpoint, where the density is unbounded for xi < -1
+    assert gpd_nll(e, xi, sigma).item() < -13.0 < math.log(ModelConfig().evt_sigma_floor)
+
+
 # --- precursor -----------------------------------------------------------------------------------------
 
 

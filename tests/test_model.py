@@ -1,4 +1,4 @@
-"""Tests for everest.model: size, shapes under every head switch, determinism, positional encoding."""
+"""Tests for everest.model: size, shapes under every head switch, determinism, positional encoding, EVT head."""
 
 from __future__ import annotations
 
@@ -127,3 +127,51 @@ def test_bad_input_shape_is_rejected(shape: tuple[int, ...]) -> None:
 def test_bad_feature_count_is_rejected() -> None:
     with pytest.raises(ValueError, match="n_features must be a positive integer, got 0"):
         EverestModel(ModelConfig(), 0)
+
+
+# --- EVT head: range and trunk detachment ---------------------------------------------------------------
+
+
+def test_evt_head_default_range_and_floor() -> None:
+    cfg = ModelConfig()
+    assert cfg.evt_detach_trunk and cfg.evt_xi_range == (-0.5, 0.5) and cfg.evt_sigma_floor == 0.05
+    head = EverestModel(cfg, N_FEATURES).evt_head
+    head.proj = torch.nn.Identity()
+    raw = torch.tensor([[-1e4, -1e4], [1e4, 1e4], [0.0, 0.0], [-3.0, 2.0]])
+    xi, sigma = head(raw)
+    assert ((xi >= -0.5) & (xi <= 0.5)).all() and (sigma >= 0.05).all()
+    assert xi[0].item() == -0.5 and xi[1].item() == 0.5 and xi[2].item() == 0.0
+
+
+def test_evt_head_reference_range_reproduces_the_reference_formula() -> None:
+    cfg = ModelConfig(evt_xi_range=(-2.0, 1.0), evt_sigma_floor=1e-3)
+    head = EverestModel(cfg, N_FEATURES).evt_head
+    z = torch.randn(16, cfg.embed_dim)
+    raw_xi, raw_sigma = head.proj(z).unbind(-1)
+    xi, sigma = head(z)
+    torch.testing.assert_close(xi, 1.5 * torch.tanh(raw_xi) - 0.5, rtol=0, atol=0)
+    torch.testing.assert_close(sigma, torch.nn.functional.softplus(raw_sigma) + 1e-3, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_evt_detach_changes_gradients_not_values(detach: bool) -> None:
+    torch.manual_seed(0)
+    model = EverestModel(ModelConfig(evt_detach_trunk=detach, dropout=0.0), N_FEATURES)
+    torch.manual_seed(0)
+    other = EverestModel(ModelConfig(evt_detach_trunk=not detach, dropout=0.0), N_FEATURES)
+    x = torch.randn(4, 10, N_FEATURES)
+    a, b = model(x), other(x)
+    torch.testing.assert_close(a.gpd.xi, b.gpd.xi, rtol=0, atol=0)
+    a.gpd.sigma.sum().backward()
+    assert (model.embed.proj.weight.grad is None) == detach
+
+
+@pytest.mark.parametrize("bad", [(1.0, -1.0), (0.5, 0.5), (float("nan"), 1.0), (-float("inf"), 1.0)])
+def test_bad_evt_xi_range_is_rejected(bad: tuple[float, float]) -> None:
+    with pytest.raises(ValueError, match="model.evt_xi_range must be two finite numbers"):
+        ModelConfig(evt_xi_range=bad)
+
+
+def test_evt_sigma_floor_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="evt_sigma_floor"):
+        ModelConfig(evt_sigma_floor=0.0)
