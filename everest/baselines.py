@@ -4,7 +4,7 @@ A claim that EVEREST forecasts well means little without strong simple models on
 baseline here uses, for one experiment (target, seed), the same :func:`everest.data.prepare_experiment`
 output as the transformer: the same training split (with the same M/M5 noisy positive copies), the same
 scaling fitted on the training split, the same ``seq_len`` windows, the same region-disjoint validation
-split for the threshold search (:mod:`everest.metrics`, same grid and balanced score) and the same test
+split for calibration and the threshold search (:func:`everest.forecast.score_forecast`) and the same test
 metrics. Results go to a results root of their own with EVEREST's layout and experiment names::
 
     <output>/baselines/<model>/results/everest_M_24h_seed0/{results.json, predictions.csv,
@@ -51,16 +51,15 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 from sklearn.ensemble import HistGradientBoostingClassifier  # at import: threads importing it at once break
 from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
 from everest import io
-from everest import metrics as M
 from everest.config import RUN_CONTROL, ConfigError, EverestConfig, Experiment, Target, load_config
 from everest.data import DataError, ExperimentData, SampleSet, data_file, prepare_experiment
+from everest.forecast import Predictions, ScoredForecast, final_metrics_row, score_forecast, write_forecast
 from everest.results import (
     CODE_VERSION,
     RESULTS_FILE,
@@ -76,7 +75,7 @@ log = logging.getLogger(__name__)
 
 BASELINES: tuple[str, ...] = ("logistic", "boosted")
 # Bump when a baseline's results change (features, estimator, outputs); a CODE_VERSION bump also refits.
-BASELINE_VERSION = "baselines-1"
+BASELINE_VERSION = "baselines-2"
 LATENCY_BATCH = 32  # the trainer's latency protocol: ms per sample at batch 32, after warm-up
 
 
@@ -177,11 +176,12 @@ def _params_for(model: str, params: BaselineConfig | None) -> BaselineConfig:
 
 def recorded_config(params: BaselineConfig, config: EverestConfig) -> dict[str, Any]:
     """What ``results.json`` records under ``config``: the hyper-parameters and the EverestConfig parts
-    that change a baseline's result (windows, data sections, threshold search)."""
+    that change a baseline's result (windows, data sections, threshold search, calibration)."""
     return {"baseline": {"model": params.model, **params.model_dump(mode="json")},
             "seq_len": config.model.seq_len,
             "data": config.data.model_dump(mode="json", exclude=set(RUN_CONTROL["data"])),
-            "threshold": config.threshold.model_dump(mode="json")}
+            "threshold": config.threshold.model_dump(mode="json"),
+            "calibration": config.calibration.model_dump(mode="json")}
 
 
 def baseline_identity(experiment: Experiment, params: BaselineConfig, config: EverestConfig,
@@ -225,9 +225,9 @@ def fit_baseline(model: str, experiment: Experiment, config: EverestConfig | Non
     begin_attempt(root, identity, force=force)
     try:
         with threadpool_limits(threads):
-            results, tables, y_prob = _fit_evaluate(params, experiment, cfg, data, identity, Path(data_dir))
+            results, scored, val, test = _fit_evaluate(params, experiment, cfg, data, identity, Path(data_dir))
         results["training"]["threads"] = threads
-        _write(root, results, tables, data.test, y_prob)
+        _write(root, results, scored, val, test)
     except Exception as err:  # recorded so the analysis lists the experiment as failed, then re-raised
         record_failure(root, experiment, type(err).__name__, str(err), identity)
         raise
@@ -235,8 +235,9 @@ def fit_baseline(model: str, experiment: Experiment, config: EverestConfig | Non
 
 
 def _fit_evaluate(params: BaselineConfig, experiment: Experiment, cfg: EverestConfig, data: ExperimentData,
-                  identity: Identity, data_dir: Path) -> tuple[dict[str, Any], dict[str, pd.DataFrame], np.ndarray]:
-    """Fit on the training windows, choose the threshold, score: (results, threshold sweeps, test probabilities)."""
+                  identity: Identity, data_dir: Path) -> tuple[dict[str, Any], ScoredForecast, Predictions,
+                                                               Predictions]:
+    """Fit on the training windows, calibrate and choose the threshold on validation, score the test split."""
     if len(np.unique(data.train.y)) < 2:
         raise DataError(f"{experiment.name}: the training windows hold one class only; a classifier needs both")
     seed = experiment.seed
@@ -249,27 +250,16 @@ def _fit_evaluate(params: BaselineConfig, experiment: Experiment, cfg: EverestCo
         x, v = (s.x, s.valid) if isinstance(s, SampleSet) else (s, valid)
         return est.predict_proba(params.features(x, v))[:, 1].astype(np.float64)
 
-    probs = {"val": predict(data.val), "test": predict(data.test)}
-    labels = {"val": data.val.y, "test": data.test.y}
-    with M.ignore_undefined():
-        tables = {k: M.threshold_table(labels[k], probs[k], cfg.threshold) for k in probs}
-        best = {k: M.select_threshold(t) for k, t in tables.items()}
-        chosen = best["val"] if cfg.threshold.source == "validation" else best["test"]
-        scored = {"test_metrics": M.evaluate(labels["test"], probs["test"], chosen),
-                  "validation_metrics": M.evaluate(labels["val"], probs["val"], chosen),
-                  "oracle_test_metrics": M.evaluate(labels["test"], probs["test"], best["test"])}
-    scored["test_metrics"].update(_latency(lambda w: predict(w, data.test.valid[:len(w)]), data.test.x))
+    val, test = Predictions.of(data.val, predict(data.val)), Predictions.of(data.test, predict(data.test))
+    scored = score_forecast(val, test, cfg)
+    scored.sections["test_metrics"].update(_latency(lambda w: predict(w, data.test.valid[:len(w)]), data.test.x))
     t = experiment.target
     results = {
         "model": params.model,
         "experiment": {"name": experiment.name, "flare_class": t.flare_class, "horizon_hours": t.horizon,
                        "target": str(t), "seed": seed, "model": params.model,
                        "array_index": experiment.array_index if seed < 5 else None},
-        "threshold": {"source": cfg.threshold.source, "selected": chosen, "validation": best["val"],
-                      "oracle_test": best["test"],
-                      "note": "'oracle_test' is tuned on the test set: an optimistic reference, not a result"},
-        **scored,
-        "confusion_matrix": {k: int(scored["test_metrics"][k]) for k in ("tp", "fp", "tn", "fn")},
+        **scored.sections,
         "training": {"best_epoch": None, "epochs_run": 1, "stop_reason": "fitted", "seconds": seconds,
                      "n_parameters": _n_parameters(est), "n_iter": int(np.max(est.n_iter_))},
         "data": _data_record(data, data_dir, t, params),
@@ -277,7 +267,7 @@ def _fit_evaluate(params: BaselineConfig, experiment: Experiment, cfg: EverestCo
         "config": recorded_config(params, cfg),
         "provenance": {**identity.provenance(), **_environment()},
     }
-    return results, tables, probs["test"]
+    return results, scored, val, test
 
 
 def _latency(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray, repeats: int = 30) -> dict[str, float]:
@@ -326,23 +316,11 @@ def _environment() -> dict[str, Any]:
     return environment_info(torch.device("cpu"))
 
 
-def _write(root: Path, results: dict[str, Any], tables: dict[str, pd.DataFrame], test: SampleSet,
-           y_prob: np.ndarray) -> None:
+def _write(root: Path, results: dict[str, Any], scored: ScoredForecast, val: Predictions, test: Predictions) -> None:
     """Write EVEREST's result files into ``<root>/results/<name>/``; ``results.json`` last (it marks done)."""
-    name, th = results["experiment"]["name"], results["threshold"]
+    name = results["experiment"]["name"]
     folder = experiment_dir(root, name)
-    sweep = [tables[k].set_index("threshold").add_prefix(f"{k}_") for k in ("val", "test")]
-    io.write_csv(folder / "threshold_optimization.csv", pd.concat(sweep, axis=1).reset_index())
-    final = dict(experiment=name, target=results["experiment"]["target"], seed=results["experiment"]["seed"],
-                 model=results["model"], threshold=th["selected"], threshold_source=th["source"],
-                 **results["test_metrics"], oracle_threshold=th["oracle_test"],
-                 oracle_tss=results["oracle_test_metrics"]["tss"], best_epoch=None,
-                 config_hash=results["provenance"]["config_hash"])
-    io.write_csv(folder / "final_metrics.csv", pd.DataFrame([final]))
-    io.write_csv(folder / "predictions.csv", pd.DataFrame({
-        "y_true": test.y, "y_prob": y_prob, "y_pred": (y_prob >= th["selected"]).astype(np.int8),
-        "noaa_ar": test.region, "row": test.row,
-        "time": pd.to_datetime(test.time).strftime("%Y-%m-%dT%H:%M:%S")}))
+    write_forecast(folder, scored, val, test, final_metrics_row(results, model=results["model"], best_epoch=None))
     clear_failure(root, name)
     io.write_json(folder / RESULTS_FILE, results)
 
@@ -372,7 +350,7 @@ def _run(args: argparse.Namespace) -> None:
     for model in BASELINES if args.model == "all" else (args.model,):
         res = fit_baseline(model, experiment, cfg, args.data_dir, args.output_dir, force=args.force)
         m = res["test_metrics"]
-        print(f"{model} {experiment.name}: test TSS {m['tss']:.3f} (threshold {res['threshold']['selected']:.2f}), "
+        print(f"{model} {experiment.name}: test TSS {m['tss']:.3f} (threshold {res['threshold']['selected']:.4g}), "
               f"ROC AUC {m['roc_auc']:.3f}, Brier {m['brier']:.4f}, fitted in {res['training']['seconds']:.2f} s; "
               f"results in {experiment_dir(baseline_root(args.output_dir, model), experiment.name)}")
 

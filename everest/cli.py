@@ -1,4 +1,4 @@
-"""The ``everest`` command: ``data synth``, ``data check`` and ``train``."""
+"""The ``everest`` command: ``data synth``, ``data check``, ``train`` and ``ensemble``."""
 
 from __future__ import annotations
 
@@ -62,11 +62,12 @@ def _synth(args: argparse.Namespace) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
+    """Summarise the targets whose files the folder holds; a DataError (exit EXIT_USAGE) if one is not ok."""
     from everest.config import load_config
-    from everest.datacheck import format_summary, summarise
+    from everest.datacheck import check_folder
 
-    cfg = load_config(args.config)
-    print(format_summary(summarise(args.dir, cfg.data, cfg.model.seq_len)))
+    cfg = load_config(args.config, list(args.set))
+    check_folder(args.dir, cfg.data, cfg.model.seq_len, args.targets)
 
 
 def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
@@ -119,7 +120,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
                                 data_dir=args.data_dir, output_dir=args.output_dir, force=args.force)
     res = trainer.train()
     m = res["test_metrics"]
-    print(f"{exp.name}: test TSS {m['tss']:.3f} (threshold {res['threshold']['selected']:.2f} from "
+    print(f"{exp.name}: test TSS {m['tss']:.3f} (threshold {res['threshold']['selected']:.4g} from "
           f"{res['threshold']['source']}), ROC AUC {m['roc_auc']:.3f}, Brier {m['brier']:.4f}; "
           f"results in {trainer.results_dir}")
     return res
@@ -142,18 +143,28 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="synthesise or inspect SHARP tables").add_subparsers(dest="data_cmd",
                                                                                          required=True)
     synth = data.add_parser("synth", help="write the 18 synthetic SHARP tables")
-    synth.add_argument("--size", default="demo", help="demo, tiny or full (default demo)")
+    synth.add_argument("--size", default="demo", help="tiny, demo, study or full (default demo)")
     synth.add_argument("--out", default="data", help="output folder (default data)")
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(fn=_synth)
     check = data.add_parser("check", help="per-target samples, positives, regions and the Bayes ceiling")
-    check.add_argument("dir", help="folder holding the 18 CSVs")
+    check.add_argument("dir", help="folder holding the CSVs (all 18, or those of some targets)")
     check.add_argument("--config", help="TOML or YAML configuration (data section)")
+    check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="configuration override, e.g. --set data.features='[\"USFLUX\",\"R_VALUE\"]' (repeatable)")
+    check.add_argument("--targets", nargs="+", metavar="TARGET",
+                       help="check only these targets, e.g. C-24 M-48 (then a missing file is an error)")
     check.set_defaults(fn=_check)
 
     train = sub.add_parser("train", help="train one experiment")
     add_train_arguments(train)
     train.set_defaults(fn=_train)
+
+    from everest.ensemble import add_ensemble_arguments, run_ensemble
+
+    ensemble = sub.add_parser("ensemble", help="build the seed ensembles of a run's finished experiments")
+    add_ensemble_arguments(ensemble)
+    ensemble.set_defaults(fn=run_ensemble)
     return p
 
 

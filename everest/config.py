@@ -137,6 +137,21 @@ class ModelConfig(_Frozen):
     use_evidential: bool = True
     use_evt: bool = True
     use_precursor: bool = True
+    # Windows are front-padded with zero steps (SampleSet.valid marks the real ones; most real windows
+    # have only a few). With the mask, padding steps are no attention keys and are left out of pooling,
+    # so a forecast depends on real records only; it applies when forward() is given `valid`.
+    padding_mask: bool = True
+    # EVT head (generalised-Pareto fit of the logits' tail; everest.losses.evt_loss). It reads the shared
+    # representation z detached, so the tail fit trains the EVT head alone and cannot change the forecast
+    # logits. With gradients into z (the reference), switching the term on cut validation AUC averaged
+    # over the EVT epochs from 0.938 to 0.906 over 3 seeds (one seed fell to 0.72; benchmarks/evt_phase.py).
+    evt_detach_trunk: bool = True
+    # Range of the GPD shape xi and floor of the scale sigma. The reference's (-2, 1) and 1e-3 let the NLL
+    # sink to about -13.8 (for xi < -1 the density is unbounded at its endpoint); within (-0.5, 0.5) the
+    # fit is a regular likelihood and the NLL is at least log(evt_sigma_floor) = -3.0, so the printed
+    # loss stays readable. Reference values: evt_xi_range=[-2, 1], evt_sigma_floor=0.001.
+    evt_xi_range: tuple[float, float] = (-0.5, 0.5)
+    evt_sigma_floor: float = Field(0.05, gt=0.0)
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ModelConfig:
@@ -144,6 +159,10 @@ class ModelConfig(_Frozen):
             raise ValueError(
                 f"model.embed_dim ({self.embed_dim}) must be divisible by model.num_heads ({self.num_heads})"
             )
+        lo, hi = self.evt_xi_range
+        if not float("-inf") < lo < hi < float("inf"):  # also refuses NaN
+            raise ValueError(f"model.evt_xi_range must be two finite numbers (low, high) with low < high, "
+                             f"got {self.evt_xi_range}")
         return self
 
 
@@ -220,8 +239,18 @@ class TrainConfig(_Frozen):
 
 
 class ThresholdConfig(_Frozen):
-    """Decision-threshold search (design document: 81 points 0.1..0.9, balanced score)."""
+    """Decision-threshold search on the validation split.
 
+    ``grid="validation"`` (default) searches the validation positives' probabilities (all of them, or
+    ``points`` of them evenly spaced in rank when there are more): TSS peaks at one of them, so with
+    ``score="tss"`` the search returns the validation optimum wherever the model's probabilities lie.
+    ``grid="design"`` is the design document's ``points`` values from ``start`` to ``stop`` (0.10, 0.11,
+    ..., 0.90), which misses the optimum when a model's useful probabilities lie below 0.10.
+    ``score="balanced"`` is the design's weighted sum of metrics (``weights``).
+    """
+
+    grid: Literal["validation", "design"] = "validation"
+    score: Literal["tss", "balanced"] = "tss"
     start: float = Field(0.10, gt=0.0, lt=1.0)
     stop: float = Field(0.90, gt=0.0, lt=1.0)
     points: int = Field(81, ge=1)
@@ -246,6 +275,16 @@ class ThresholdConfig(_Frozen):
         return self
 
 
+class CalibrationConfig(_Frozen):
+    """The map from the model's probabilities to calibrated ones, fitted on the validation split.
+
+    Focal loss and noisy positive copies distort probabilities; the shipped forecast (``y_prob``, the
+    threshold search, Brier, ECE) is on the calibrated scale and the raw scores are kept beside it.
+    """
+
+    method: Literal["none", "temperature", "platt", "isotonic"] = "platt"
+
+
 class DataConfig(_Frozen):
     """How SHARP tables become samples (data.md section 1)."""
 
@@ -255,6 +294,11 @@ class DataConfig(_Frozen):
     scaling: Literal["auto", "log_standard", "standard", "none"] = "auto"
     validation_split: Literal["region", "time"] = "region"
     validation_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    # Seed of the region shuffle that carves the validation split. One split shared by an experiment's
+    # seeds (the seed then controls initialisation, batch order, dropout and augmentation only) lets the
+    # seed ensemble choose its threshold and calibration on regions none of its members trained on.
+    # None: the experiment's seed (each seed its own split, as the reference did).
+    split_seed: int | None = Field(0, ge=0)
     c_zero_filter: bool = True
     augment_classes: tuple[str, ...] = ("M", "M5")
     augment_noise: float = Field(0.05, ge=0.0)
@@ -295,6 +339,7 @@ class EverestConfig(_Frozen):
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
     threshold: ThresholdConfig = ThresholdConfig()
+    calibration: CalibrationConfig = CalibrationConfig()
     data: DataConfig = DataConfig()
     seeds: tuple[int, ...] = DEFAULT_SEEDS
 

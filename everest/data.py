@@ -535,8 +535,9 @@ def _load_samples(path: Path, target: Target, cfg: DataConfig, seq_len: int,
 def split_validation(samples: SampleSet, cfg: DataConfig, seed: int) -> tuple[SampleSet, SampleSet]:
     """Carve a validation split out of training samples by active region (or by time), never by row.
 
-    ``region``: regions are shuffled with ``seed``, separately for regions with and without positives
-    (so both splits see flare episodes), and ``validation_fraction`` of each group goes to validation.
+    ``region``: regions are shuffled with ``cfg.split_seed`` (or ``seed`` when that is None), separately
+    for regions with and without positives (so both splits see flare episodes), and ``validation_fraction``
+    of each group goes to validation.
     ``time``: the latest ``validation_fraction`` of regions by first record time go to validation.
     """
     regions, first = np.unique(samples.region, return_index=True)
@@ -547,7 +548,7 @@ def split_validation(samples: SampleSet, cfg: DataConfig, seed: int) -> tuple[Sa
         n_val = max(1, round(cfg.validation_fraction * len(regions)))
         val_regions = order[-n_val:]
     else:
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(seed if cfg.split_seed is None else cfg.split_seed)
         flaring = np.isin(regions, np.unique(samples.region[samples.y == 1]))
         val_regions = []
         for group in (regions[flaring], regions[~flaring]):

@@ -53,6 +53,8 @@ __all__ = [
     "precision",
     "recall",
     "roc_auc",
+    "at_grid_edge",
+    "best_threshold",
     "select_threshold",
     "specificity",
     "threshold_grid",
@@ -364,10 +366,34 @@ def evaluate(y_true: ArrayLike, y_prob: ArrayLike, threshold: float = DEFAULT_TH
 TABLE_COLUMNS: tuple[str, ...] = ("threshold", "tp", "fp", "tn", "fn", *THRESHOLD_METRICS, "balanced_score")
 
 
-def threshold_grid(cfg: ThresholdConfig | None = None) -> np.ndarray:
-    """The thresholds searched: ``cfg.points`` evenly spaced from start to stop (0.10, 0.11, ..., 0.90)."""
+def threshold_grid(cfg: ThresholdConfig | None = None, y_true: ArrayLike | None = None,
+                   y_prob: ArrayLike | None = None) -> np.ndarray:
+    """The thresholds searched, ascending.
+
+    ``design``: ``cfg.points`` evenly spaced from start to stop (0.10, 0.11, ..., 0.90). ``validation``:
+    one threshold per distinct probability ``v`` of the positives in ``y_true``/``y_prob`` (the split the
+    threshold is chosen on; thinned to ``cfg.points`` evenly spaced in rank when there are more), placed
+    midway between ``v`` and the next lower probability of any sample. TSS changes its true-positive
+    count only at the positives' values, so its maximum over all thresholds is at one of these, and the
+    midpoint keeps the counts of ``v`` while leaving a margin on both sides for unseen samples. Without
+    positives the validation grid is the design grid.
+    """
     cfg = _check_config(cfg)
-    return np.round(np.linspace(cfg.start, cfg.stop, cfg.points), _GRID_DECIMALS)
+    design = np.round(np.linspace(cfg.start, cfg.stop, cfg.points), _GRID_DECIMALS)
+    if cfg.grid == "design":
+        return design
+    if y_true is None or y_prob is None:
+        raise ValueError("threshold grid 'validation' needs y_true and y_prob of the split it is chosen on")
+    y, p = _check_inputs(y_true, y_prob)
+    values = np.unique(p[y == 1])
+    if values.size == 0:
+        return design
+    if values.size > cfg.points:
+        values = values[np.unique(np.round(np.linspace(0, values.size - 1, cfg.points)).astype(np.int64))]
+    every = np.unique(p)
+    below = every[np.maximum(np.searchsorted(every, values) - 1, 0)]
+    mid = below + (values - below) / 2
+    return np.where((below < values) & (mid > below), mid, values)
 
 
 def balanced_score(values: Mapping[str, Any], weights: Mapping[str, float]) -> Any:
@@ -378,11 +404,16 @@ def balanced_score(values: Mapping[str, Any], weights: Mapping[str, float]) -> A
     return sum(float(w) * values[m] for m, w in weights.items())
 
 
-def threshold_table(y_true: ArrayLike, y_prob: ArrayLike, cfg: ThresholdConfig | None = None) -> pd.DataFrame:
-    """Counts, metrics and balanced score at every grid threshold, computed at once from one sort."""
+def threshold_table(y_true: ArrayLike, y_prob: ArrayLike, cfg: ThresholdConfig | None = None,
+                    grid: ArrayLike | None = None) -> pd.DataFrame:
+    """Counts, metrics and balanced score at every threshold, computed at once from one sort.
+
+    ``grid`` defaults to :func:`threshold_grid` of ``cfg`` on these samples; pass the validation grid to
+    score the test split at the same thresholds.
+    """
     y, p = _check_inputs(y_true, y_prob)
     cfg = _check_config(cfg)
-    grid = threshold_grid(cfg)
+    grid = threshold_grid(cfg, y, p) if grid is None else np.asarray(grid, dtype=np.float64)
     pos = np.sort(p[y == 1])
     neg = np.sort(p[y == 0])
     # searchsorted(..., side="left") counts values < t, so size minus it counts values >= t.
@@ -397,18 +428,37 @@ def threshold_table(y_true: ArrayLike, y_prob: ArrayLike, cfg: ThresholdConfig |
     return pd.DataFrame(table, columns=list(TABLE_COLUMNS))
 
 
-def select_threshold(table: pd.DataFrame) -> float:
-    """The threshold with the highest balanced score; ties go to the lowest threshold (reference rule)."""
+SCORE_COLUMNS = {"balanced": "balanced_score", "tss": "tss"}
+
+
+def select_threshold(table: pd.DataFrame, score: str = "balanced") -> float:
+    """The threshold with the highest ``score`` (``balanced`` or ``tss``); ties go to the lowest threshold."""
     if not isinstance(table, pd.DataFrame):
         raise ValueError(f"table must be a pandas DataFrame from threshold_table, got {type(table).__name__}")
-    missing = [c for c in ("threshold", "balanced_score") if c not in table.columns]
+    if score not in SCORE_COLUMNS:
+        raise ValueError(f"score must be one of {sorted(SCORE_COLUMNS)}, got {score!r}")
+    column = SCORE_COLUMNS[score]
+    missing = [c for c in ("threshold", column) if c not in table.columns]
     if missing:
-        raise ValueError(f"table must have columns 'threshold' and 'balanced_score', missing {missing}")
+        raise ValueError(f"table must have columns 'threshold' and {column!r}, missing {missing}")
     if table.empty:
         raise ValueError("table must have at least one row, got an empty table")
     t = table["threshold"].to_numpy(dtype=np.float64)
-    s = table["balanced_score"].to_numpy(dtype=np.float64)
+    s = table[column].to_numpy(dtype=np.float64)
     if not (np.isfinite(t).all() and np.isfinite(s).all()):
-        raise ValueError("table columns 'threshold' and 'balanced_score' must be finite, got NaN or inf")
+        raise ValueError(f"table columns 'threshold' and {column!r} must be finite, got NaN or inf")
     best = s == s.max()  # exact ties: equal counts give bit-identical scores
     return float(t[best].min())
+
+
+def at_grid_edge(table: pd.DataFrame, threshold: float) -> bool:
+    """Whether ``threshold`` is the lowest or highest value searched: the optimum may lie beyond the grid."""
+    t = table["threshold"].to_numpy(dtype=np.float64)
+    return bool(len(t) > 1 and (threshold <= t.min() or threshold >= t.max()))
+
+
+def best_threshold(y_true: ArrayLike, y_prob: ArrayLike) -> float:
+    """The threshold of the highest TSS over all thresholds (:func:`max_tss`); the lowest one on ties."""
+    y, p = _check_inputs(y_true, y_prob)
+    table = threshold_table(y, p, ThresholdConfig(grid="validation", points=max(2, y.size)))
+    return select_threshold(table, "tss")

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 # Bump when the code's results change (a fix to training, evaluation or the results layout): finished
 # results and checkpoints of another version are then retrained, and the flow's cache keys change.
-CODE_VERSION = "everest-2"
+CODE_VERSION = "everest-3"
 
 RESULTS_FILE = "results.json"
 FAILURE_FILE = "failure.json"

@@ -35,10 +35,12 @@ import torch
 
 from everest import __version__, io, stopping
 from everest import metrics as M
+from everest.calibration import Calibrator
 from everest.config import ConfigError, EverestConfig, Experiment, Target
 from everest.data import ExperimentData, SampleSet, data_file, prepare_experiment
 from everest.errors import Preempted, TimeLimitReached, TrainingDiverged
 from everest.fast import TrainStep, device_stream, eval_chunk, make_optimizer
+from everest.forecast import Predictions, ScoredForecast, final_metrics_row, score_forecast, write_forecast
 from everest.losses import EverestLoss, nig_uncertainty
 from everest.model import EverestModel, count_parameters
 from everest.results import (
@@ -238,7 +240,8 @@ class ProductionTrainer:
         amp = tc.use_amp and device.type == "cuda"
         x = torch.from_numpy(data.train.x).to(device)  # (N, T, F), resident on the device
         y = torch.from_numpy(data.train.y).to(device=device, dtype=torch.float32)
-        step = TrainStep(model, opt, loss_fn, x, y, device, amp=amp, cuda_graphs=tc.cuda_graphs,
+        valid = torch.from_numpy(data.train.valid).to(device)  # (N, T) real steps; padding is masked in the model
+        step = TrainStep(model, opt, loss_fn, x, y, device, valid=valid, amp=amp, cuda_graphs=tc.cuda_graphs,
                          compile=tc.compile, name=self.experiment.name)
         state = self._resume(model, opt)
         history: list[dict] = state["history"]
@@ -305,6 +308,9 @@ class ProductionTrainer:
                           start_epoch)
 
     def _validate(self, model: EverestModel, val: SampleSet, device: torch.device) -> dict[str, float]:
+        """Epoch scores on validation. ``val_tss`` is the best TSS over the threshold grid: with the default
+        ``validation`` grid, over every threshold, so early stopping never scores a grid artefact (on the
+        design's 0.10-0.90 grid it fell as a better model's probabilities moved below 0.10)."""
         p = self.predict(model, val, device)["y_prob"]
         y = val.y.astype(np.float64)
         eps = 1e-7
@@ -321,13 +327,14 @@ class ProductionTrainer:
         """Forecast probability and evidential uncertainties for every sample, in large batches."""
         model.eval()
         amp = self.config.train.use_amp and device.type == "cuda"
-        x = torch.from_numpy(samples.x)
+        x, valid = torch.from_numpy(samples.x), torch.from_numpy(samples.valid)
         probs, alea, epis = [], [], []
         chunk = eval_chunk(device, self.config.train.eval_batch_size)
         for i in range(0, len(x), chunk):
             xb = x[i:i + chunk].to(device, non_blocking=True)
+            vb = valid[i:i + chunk].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                out = model(xb)
+                out = model(xb, vb)
             probs.append(torch.sigmoid(out.logits.float()))
             if out.nig is not None:
                 a, e = nig_uncertainty(*(t.float() for t in out.nig))
@@ -375,31 +382,19 @@ class ProductionTrainer:
         history = fit.history
         val_pred = self.predict(model, data.val, device)
         test_pred = self.predict(model, data.test, device)
-        with M.ignore_undefined():
-            val_table = M.threshold_table(data.val.y, val_pred["y_prob"], cfg.threshold)
-            test_table = M.threshold_table(data.test.y, test_pred["y_prob"], cfg.threshold)
-            val_threshold = M.select_threshold(val_table)
-            oracle_threshold = M.select_threshold(test_table)
-            threshold = val_threshold if cfg.threshold.source == "validation" else oracle_threshold
-            test_metrics = M.evaluate(data.test.y, test_pred["y_prob"], threshold)
-            val_metrics = M.evaluate(data.val.y, val_pred["y_prob"], threshold)
-            oracle_metrics = M.evaluate(data.test.y, test_pred["y_prob"], oracle_threshold)
+        val = Predictions.of(data.val, val_pred.pop("y_prob"))
+        test = Predictions.of(data.test, test_pred.pop("y_prob"), **test_pred)
+        scored = score_forecast(val, test, cfg)
+        test_metrics = scored.sections["test_metrics"]
         latency = measure_latency(model, data.test, device)
         test_metrics.update(latency)
         env = environment_info(device)
         t = self.experiment.target
-        y_pred = (test_pred["y_prob"] >= threshold).astype(np.int8)
         results = {
             "experiment": {"name": self.experiment.name, "flare_class": t.flare_class, "horizon_hours": t.horizon,
                            "target": str(t), "seed": self.experiment.seed,
                            "array_index": self.experiment.array_index if self.experiment.seed < 5 else None},
-            "threshold": {"source": cfg.threshold.source, "selected": threshold, "validation": val_threshold,
-                          "oracle_test": oracle_threshold,
-                          "note": "'oracle_test' is tuned on the test set: an optimistic reference, not a result"},
-            "test_metrics": test_metrics,
-            "validation_metrics": val_metrics,
-            "oracle_test_metrics": oracle_metrics,
-            "confusion_matrix": {k: int(test_metrics[k]) for k in ("tp", "fp", "tn", "fn")},
+            **scored.sections,
             "training": {"best_epoch": fit.best_epoch, "epochs_run": len(history), "stop_reason": fit.stop_reason,
                          "resumed_after_epoch": fit.resumed_after_epoch,
                          "early_stopping_metric": cfg.train.early_stopping_metric,
@@ -414,7 +409,7 @@ class ProductionTrainer:
             "config": cfg.model_dump(mode="json"),
             "provenance": {**self.identity.provenance(), **env},
         }
-        self._write_outputs(results, history, val_table, test_table, data, test_pred, y_pred, model)
+        self._write_outputs(results, history, scored, val, test, data, model)
         return results
 
     def _synthetic_data(self) -> bool:
@@ -423,29 +418,14 @@ class ProductionTrainer:
 
         return all(is_synthetic(data_file(self.data_dir, self.experiment.target, s)) for s in ("train", "test"))
 
-    def _write_outputs(self, results, history, val_table, test_table, data, test_pred, y_pred, model) -> None:
+    def _write_outputs(self, results: dict[str, Any], history: list[dict], scored: ScoredForecast,
+                       val: Predictions, test: Predictions, data: ExperimentData, model: EverestModel) -> None:
         rd, md = self.results_dir, self.model_dir
         io.write_csv(rd / "training_history.csv", pd.DataFrame(history))
-        thr = pd.concat([val_table.add_prefix("val_").rename(columns={"val_threshold": "threshold"}),
-                         test_table.drop(columns="threshold").add_prefix("test_")], axis=1)
-        io.write_csv(rd / "threshold_optimization.csv", thr)
-        final = {"experiment": results["experiment"]["name"], "target": results["experiment"]["target"],
-                 "seed": results["experiment"]["seed"], "threshold": results["threshold"]["selected"],
-                 "threshold_source": results["threshold"]["source"],
-                 **{k: v for k, v in results["test_metrics"].items()},
-                 "oracle_threshold": results["threshold"]["oracle_test"],
-                 "oracle_tss": results["oracle_test_metrics"]["tss"], "best_epoch": results["training"]["best_epoch"],
-                 "config_hash": results["provenance"]["config_hash"]}
-        io.write_csv(rd / "final_metrics.csv", pd.DataFrame([final]))
-        pred = pd.DataFrame({"y_true": data.test.y, "y_prob": test_pred["y_prob"], "y_pred": y_pred,
-                             "noaa_ar": data.test.region, "row": data.test.row,
-                             "time": pd.to_datetime(data.test.time).strftime("%Y-%m-%dT%H:%M:%S")})
-        for k in ("aleatoric", "epistemic"):
-            if k in test_pred:
-                pred[k] = test_pred[k]
-        io.write_csv(rd / "predictions.csv", pred)
+        write_forecast(rd, scored, val, test, final_metrics_row(results, best_epoch=results["training"]["best_epoch"]))
         io.write_torch(md / "model_weights.pt", model.state_dict())
         io.write_json(md / "scaler.json", data.scaler.to_dict())
+        io.write_json(md / "calibration.json", scored.calibrator.to_dict())
         io.write_json(md / "config.json", results["config"])
         io.write_text(md / "MODEL_CARD.md", _model_card(results))
         link_trained_model(self.output_dir, self.experiment, md)
@@ -455,7 +435,10 @@ class ProductionTrainer:
 
 
 def load_model(model_dir: str | Path, n_features: int | None = None) -> tuple[EverestModel, EverestConfig, dict]:
-    """Reload a saved model, its configuration and scaler (weights only: nothing is unpickled)."""
+    """Reload a saved model, its configuration and scaler (weights only: nothing is unpickled).
+
+    The model gives raw probabilities; :func:`load_calibrator` maps them to the reported, calibrated ones.
+    """
     md = Path(model_dir)
     cfg = EverestConfig.model_validate(json.loads((md / "config.json").read_text()))
     scaler = json.loads((md / "scaler.json").read_text())
@@ -464,27 +447,33 @@ def load_model(model_dir: str | Path, n_features: int | None = None) -> tuple[Ev
     return model.eval(), cfg, scaler
 
 
+def load_calibrator(model_dir: str | Path) -> Calibrator:
+    """The calibration map saved with a model (fitted on its validation split)."""
+    return Calibrator.from_dict(json.loads((Path(model_dir) / "calibration.json").read_text()))
+
+
 @torch.no_grad()
 def measure_latency(model: EverestModel, samples: SampleSet, device: torch.device, repeats: int = 30) -> dict:
     """Inference latency: ms per sample at batch 32 after warm-up (reference method) and for one sample."""
     model.eval()
     x = torch.from_numpy(samples.x[:32]).to(device)
+    valid = torch.from_numpy(samples.valid[:32]).to(device)
     if len(x) == 0:
         return {"latency_ms": float("nan"), "latency_single_ms": float("nan")}
 
-    def timed(batch: torch.Tensor) -> float:
+    def timed(batch: torch.Tensor, mask: torch.Tensor) -> float:
         for _ in range(5):
-            model(batch)
+            model(batch, mask)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         for _ in range(repeats):
-            model(batch)
+            model(batch, mask)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return (time.perf_counter() - t0) / repeats * 1000
 
-    return {"latency_ms": timed(x) / len(x), "latency_single_ms": timed(x[:1])}
+    return {"latency_ms": timed(x, valid) / len(x), "latency_single_ms": timed(x[:1], valid[:1])}
 
 
 def _model_card(res: dict[str, Any]) -> str:
@@ -495,10 +484,13 @@ def _model_card(res: dict[str, Any]) -> str:
         f"record, from the last {res['config']['model']['seq_len']} records of its active region.\n\n"
         f"* Parameters: {res['training']['n_parameters']:,}; best epoch {res['training']['best_epoch']} of "
         f"{res['training']['epochs_run']} ({res['training']['stop_reason']}).\n"
-        f"* Decision threshold {th['selected']:.2f}, chosen on the {th['source']} split.\n"
+        f"* Probabilities calibrated on the validation split ({res['calibration']['method']}); decision threshold "
+        f"{th['selected']:.4g} on that scale, chosen on the {th['source']} split"
+        f"{' (at the edge of the searched grid)' if th['at_grid_edge'] else ''}.\n"
         f"* Test: TSS {m['tss']:.3f}, ROC AUC {m['roc_auc']:.3f}, Brier {m['brier']:.4f}, ECE {m['ece']:.4f}.\n"
         f"* Config hash {res['provenance']['config_hash']}; data {res['provenance']['data_hashes']}.\n"
-        f"* Load: `everest.train.load_model(dir)` (weights_only=True); inputs scaled with `scaler.json`.\n"
+        f"* Load: `everest.train.load_model(dir)` (weights_only=True); inputs scaled with `scaler.json`; "
+        f"calibrate its probabilities with `everest.train.load_calibrator(dir).apply(p)`.\n"
     )
 
 

@@ -469,7 +469,19 @@ def test_end_to_end_on_real_results(real_results, tmp_path):
                    "bootstrap", "confidence interval", "Holm", "Provenance", "sha256", "protocol inflation"):
         assert needle.lower() in text.lower(), needle
     links = [line.split("](")[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]
-    assert len(links) == 7 and all((report.parent / link).resolve().is_file() for link in links)
+    assert len(links) == len(summary.plots) and all((report.parent / link).resolve().is_file() for link in links)
+    # the seed ensemble of every target with two finished seeds, its reliability diagram and calibration
+    ens = pd.read_csv(out / "analysis" / "ensemble.csv").set_index("target")
+    by_target = pd.read_csv(out / "analysis" / "raw_results.csv")
+    raw_counts = by_target[by_target["status"] == "completed"].groupby("target").size()
+    for t, n in raw_counts.items():
+        if n >= 2:
+            assert ens.loc[t, "members"] == n and f"reliability_{t}" in summary.plots
+            assert 0 <= ens.loc[t, "brier"] and ens.loc[t, "tss_boot_ci_low"] <= ens.loc[t, "tss"]
+        else:
+            assert "at least two" in ens.loc[t, "note"]
+    assert len(links) == 7 + int((raw_counts >= 2).sum())
+    assert "## The seed ensemble and calibrated probabilities" in text and "calibrated" in text
     raw = pd.read_csv(out / "analysis" / "raw_results.csv")
     assert len(raw) == 9
     done = raw[raw["status"] == "completed"]

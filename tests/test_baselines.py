@@ -99,7 +99,8 @@ def test_results_json_has_the_trainers_schema(fitted):
     assert res["model"] == "boosted"
     assert res["experiment"] == {"name": "everest_M_24h_seed0", "flare_class": "M", "horizon_hours": 24,
                                  "target": "M-24", "seed": 0, "model": "boosted", "array_index": 16}
-    assert set(res["threshold"]) == {"source", "selected", "validation", "oracle_test", "note"}
+    assert set(res["threshold"]) == {"source", "grid", "score", "selected", "validation", "at_grid_edge", "grid_points",
+                                     "grid_min", "grid_max", "oracle_test", "note"}
     assert {"tss", "roc_auc", "brier", "ece", "latency_ms", "latency_single_ms"} <= set(res["test_metrics"])
     assert res["test_metrics"]["latency_ms"] > 0
     assert res["training"]["epochs_run"] == 1 and res["training"]["stop_reason"] == "fitted"

@@ -19,12 +19,15 @@ from everest.metrics import (
     Confusion,
     UndefinedMetricWarning,
     accuracy,
+    at_grid_edge,
     balanced_score,
+    best_threshold,
     brier,
     confusion_counts,
     ece,
     evaluate,
     f1,
+    max_tss,
     precision,
     recall,
     roc_auc,
@@ -337,18 +340,22 @@ def test_threshold_bounds_accepted():
 # Threshold search
 
 
-def test_grid_has_81_exact_points():
-    grid = threshold_grid(ThresholdConfig())
+DESIGN = ThresholdConfig(grid="design", score="balanced")  # the design document's search
+
+
+def test_design_grid_has_81_exact_points():
+    grid = threshold_grid(DESIGN)
     assert grid.shape == (81,)
     assert grid.tolist() == [k / 100 for k in range(10, 91)]  # bit-exact literals 0.1, 0.11, ..., 0.9
     assert grid[19] == 0.29 and grid[0] == 0.1 and grid[-1] == 0.9
-    assert np.array_equal(threshold_grid(), grid)
 
 
 def test_grid_follows_config():
-    coarse = ThresholdConfig(start=0.2, stop=0.8, points=7)
+    coarse = ThresholdConfig(grid="design", start=0.2, stop=0.8, points=7)
     assert threshold_grid(coarse).tolist() == [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
-    assert threshold_grid(ThresholdConfig(start=0.3, stop=0.3, points=1)).tolist() == [0.3]
+    assert threshold_grid(ThresholdConfig(grid="design", start=0.3, stop=0.3, points=1)).tolist() == [0.3]
+    with pytest.raises(ValueError, match="grid 'validation' needs y_true and y_prob"):
+        threshold_grid(ThresholdConfig())
     with pytest.raises(ValueError, match="cfg must be an everest.config.ThresholdConfig"):
         threshold_grid({"start": 0.1})
 
@@ -365,7 +372,7 @@ def naive_table(y, p, cfg):
 
 @pytest.mark.parametrize(
     "cfg",
-    [ThresholdConfig(), ThresholdConfig(start=0.05, stop=0.95, points=19, weights={"accuracy": 1.0, "tss": 0.5})],
+    [DESIGN, ThresholdConfig(grid="design", start=0.05, stop=0.95, points=19, weights={"accuracy": 1.0, "tss": 0.5})],
 )
 @pytest.mark.parametrize("data", ["random", "one_class", "hand"])
 def test_threshold_table_equals_naive_loop(cfg, data):
@@ -383,14 +390,14 @@ def test_threshold_table_equals_naive_loop(cfg, data):
 def test_threshold_table_warns_once_with_count():
     # Positives at most 0.5: no predicted positives for thresholds 0.51 .. 0.90 (40 of 81).
     with pytest.warns(UndefinedMetricWarning, match="precision is undefined at 40 of 81 thresholds") as record:
-        threshold_table([1, 0, 1], [0.5, 0.1, 0.3])
+        threshold_table([1, 0, 1], [0.5, 0.1, 0.3], DESIGN)
     assert len(record) == 1
 
 
 def test_select_threshold_ties_to_lowest():
     # Perfect separation for every t in (0.3, 0.6]: the same counts give the same top score at 0.31 .. 0.60,
     # and the lowest of them is 0.31 (t = 0.30 still calls the negative at 0.3 positive).
-    table = threshold_table([0, 0, 1, 1], [0.05, 0.3, 0.6, 0.95])
+    table = threshold_table([0, 0, 1, 1], [0.05, 0.3, 0.6, 0.95], DESIGN)
     top = table[table.balanced_score == table.balanced_score.max()]
     assert top.threshold.min() == 0.31 and top.threshold.max() == 0.6
     assert select_threshold(table) == 0.31
@@ -408,7 +415,7 @@ def test_balanced_score_by_hand():
     # = .166667 + .133333 + .09 + .1125 + .066667 = .569167
     expected = 0.4 * 5 / 12 + 0.2 * 2 / 3 + 0.15 * 0.6 + 0.15 * 0.75 + 0.1 * 2 / 3
     assert balanced_score(evaluate(Y, P, 0.5), ThresholdConfig().weights) == pytest.approx(expected)
-    row = threshold_table(Y, P).set_index("threshold").loc[0.5]
+    row = threshold_table(Y, P, DESIGN).set_index("threshold").loc[0.5]
     assert row.balanced_score == pytest.approx(expected)
     with pytest.raises(ValueError, match=r"weights name metrics \['auc'\] that are not in values"):
         balanced_score({"tss": 0.5}, {"auc": 1.0})
@@ -426,6 +433,51 @@ def test_balanced_score_by_hand():
 def test_select_threshold_validates(table, message):
     with pytest.raises(ValueError, match=message):
         select_threshold(table)
+
+
+def test_validation_grid_by_hand():
+    # Positives at .3, .5, .6; each threshold sits midway to the next lower probability: .25, .45, .55.
+    # TSS there: TPR 1 - FPR 1/3 = 2/3, TPR 2/3 - FPR 0 = 2/3, TPR 1/3 - 0 = 1/3; the tie goes to .25.
+    y, p = [0, 0, 1, 0, 1, 1], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    table = threshold_table(y, p)
+    assert table.threshold.to_numpy() == pytest.approx([0.25, 0.45, 0.55])
+    assert table.tss.to_numpy() == pytest.approx([2 / 3, 2 / 3, 1 / 3])
+    assert select_threshold(table, "tss") == pytest.approx(0.25)
+    assert at_grid_edge(table, 0.25) and not at_grid_edge(table, 0.45)
+    # Thinned to `points` positives evenly spaced in rank, always keeping the lowest and the highest.
+    rng = np.random.default_rng(1)
+    yy, pp = rng.integers(0, 2, 2000), rng.random(2000)
+    thin = threshold_table(yy, pp, ThresholdConfig(points=11))
+    assert len(thin) == 11 and thin.tss.max() <= max_tss(yy, pp)
+
+
+def test_validation_grid_reaches_the_optimum_below_the_design_grid():
+    # A model whose useful probabilities all lie below 0.10 (the measured failure on real data): the design
+    # search is stuck at its floor 0.10 and flags it; the validation grid finds the exact best TSS.
+    rng = np.random.default_rng(2)
+    y = rng.random(5000) < 0.03
+    p = np.where(y, rng.uniform(0.02, 0.09, 5000), rng.uniform(0.0, 0.05, 5000))
+    design = quiet(threshold_table, y, p, DESIGN)
+    t_design = select_threshold(design)
+    assert t_design == 0.1 and at_grid_edge(design, t_design)
+    assert tss(y, p, t_design) == 0.0  # nothing forecast: no skill at all
+    # Population optimum: threshold 0.05, TPR (0.09 - 0.05) / 0.07 = 4/7, FPR 0 -> TSS 0.571.
+    every = threshold_table(y, p, ThresholdConfig(points=10_000))  # one threshold per positive: exact
+    t = select_threshold(every, "tss")
+    assert tss(y, p, t) == pytest.approx(max_tss(y, p)) and tss(y, p, t) == pytest.approx(4 / 7, abs=0.06)
+    assert best_threshold(y, p) == pytest.approx(t) and t == pytest.approx(0.05, abs=0.005)
+    thinned = threshold_table(y, p)  # the default 81 of the ~150 positives
+    assert max_tss(y, p) - tss(y, p, select_threshold(thinned, "tss")) < 0.02
+
+
+def test_tss_threshold_of_a_calibrated_forecast_is_the_base_rate():
+    # For calibrated probabilities TPR - FPR grows while p > base rate (the likelihood ratio exceeds 1 there),
+    # so the TSS-optimal threshold is the base rate: here E[p] = 2/(2+18) = 0.1 for p ~ Beta(2, 18).
+    rng = np.random.default_rng(3)
+    p = rng.beta(2, 18, 400_000)
+    y = rng.random(p.size) < p
+    t = select_threshold(threshold_table(y, p, ThresholdConfig(points=400)), "tss")
+    assert t == pytest.approx(0.1, abs=0.01)
 
 
 def test_max_tss_is_the_best_tss_over_all_thresholds():

@@ -19,10 +19,11 @@ import pytest
 import torch
 
 from everest import results, synthetic
+from everest.calibration import fit_calibrator
 from everest.config import EverestConfig, Target
 from everest.data import prepare_experiment
-from everest.metrics import evaluate, threshold_table
-from everest.train import ProductionTrainer, TrainingDiverged, load_model
+from everest.metrics import best_threshold, evaluate, max_tss
+from everest.train import ProductionTrainer, TrainingDiverged, load_calibrator, load_model
 
 TINY = ["model.embed_dim=16", "model.ff_dim=32", "model.num_blocks=1", "model.num_heads=2",
         "train.batch_size=256", "train.num_threads=1"]
@@ -63,10 +64,15 @@ def test_layout_and_contents(data_dir, tmp_path):
     again = evaluate(pred.y_true, pred.y_prob, t)
     assert again["tss"] == pytest.approx(res["test_metrics"]["tss"])
     assert (pred.y_pred == (pred.y_prob >= t)).all()
-    # the oracle threshold is the best balanced score on test, and labelled as such
-    table = threshold_table(pred.y_true, pred.y_prob)
-    assert res["threshold"]["oracle_test"] == table.threshold[table.balanced_score.idxmax()]
+    # the oracle threshold is that of the highest test TSS over all thresholds, and labelled as such
+    assert res["threshold"]["oracle_test"] == best_threshold(pred.y_true, pred.y_prob)
+    assert res["oracle_test_metrics"]["tss"] == pytest.approx(max_tss(pred.y_true, pred.y_prob))
     assert "oracle" in res["threshold"]["note"]
+    # probabilities are calibrated on validation (Platt by default); the raw ones are kept beside them
+    val_pred = pd.read_csv(rd / "val_predictions.csv")
+    assert res["calibration"]["method"] == "platt" and len(val_pred) == res["data"]["n_val"]
+    cal = fit_calibrator(val_pred.y_true, val_pred.y_prob_raw, "platt")
+    np.testing.assert_allclose(cal.apply(pred.y_prob_raw), pred.y_prob, rtol=1e-9)
     prov = res["provenance"]
     assert prov["config_hash"] == tiny_config("train.epochs=3").config_hash()
     assert set(prov["data_hashes"]) == {"training_data_M_24.csv", "testing_data_M_24.csv"}
@@ -75,12 +81,14 @@ def test_layout_and_contents(data_dir, tmp_path):
     # the saved model reloads with weights_only and reproduces the predictions
     md = tmp_path / "trained_models" / "everest_M_24h_seed0"
     assert md.is_symlink() and md.resolve() == (rd / "model").resolve()  # the design path, linked
-    assert {p.name for p in md.iterdir()} == {"model_weights.pt", "scaler.json", "config.json", "MODEL_CARD.md"}
+    assert {p.name for p in md.iterdir()} == {"model_weights.pt", "scaler.json", "config.json", "calibration.json",
+                                              "MODEL_CARD.md"}
     model, cfg, scaler = load_model(md)
     data = prepare_experiment(data_dir, Target.parse("M-24"), 0, cfg.data, cfg.model.seq_len)
     with torch.no_grad():
-        p = torch.sigmoid(model(torch.from_numpy(data.test.x)).logits).numpy()
-    np.testing.assert_allclose(p, pred.y_prob, atol=1e-6)
+        p = torch.sigmoid(model(torch.from_numpy(data.test.x), torch.from_numpy(data.test.valid)).logits).numpy()
+    np.testing.assert_allclose(p, pred.y_prob_raw, atol=1e-6)
+    np.testing.assert_allclose(load_calibrator(md).apply(p), pred.y_prob, atol=1e-5)
     assert scaler["method"] == "log_standard"
     assert not (tmp_path / "checkpoints" / "everest_M_24h_seed0.pt").exists()
 
@@ -113,7 +121,7 @@ def test_restores_the_best_epoch_not_the_last(data_dir, tmp_path):
     model, cfg2, _ = load_model(tmp_path / "trained_models" / "everest_M_24h_seed0")
     data = prepare_experiment(data_dir, Target.parse("M-24"), 0, cfg2.data, cfg2.model.seq_len)
     with torch.no_grad():
-        p = torch.sigmoid(model(torch.from_numpy(data.val.x)).logits).double().numpy()
+        p = torch.sigmoid(model(torch.from_numpy(data.val.x), torch.from_numpy(data.val.valid)).logits).double().numpy()
     y = data.val.y
     pc = np.clip(p, 1e-7, 1 - 1e-7)
     loss = -np.mean(y * np.log(pc) + (1 - y) * np.log(1 - pc))

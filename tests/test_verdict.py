@@ -92,7 +92,8 @@ def test_best_baseline_is_chosen_on_validation_and_equal_skill_ties(tie_root):
     # The verdict is the report's first section, before the status of the run.
     report = Path(summary.report).read_text()
     headings = [line for line in report.splitlines() if line.startswith("## ")]
-    assert headings[:2] == ["## Verdict: EVEREST against simple baselines", "## Status of the run"]
+    assert headings[:3] == ["## Verdict: EVEREST against simple baselines",
+                            "## The seed ensemble and calibrated probabilities", "## Status of the run"]
     section = verdict_section(report)
     assert "highest mean **validation** TSS" in section and f"* {row['sentence']}" in section
     # The same table, first, for a Prefect artifact: verdict.csv and the summary rows.

@@ -28,7 +28,10 @@ from everest.analysis.loading import (
     load_results,
     resampling_units,
 )
+from everest.calibration import reliability_table
 from everest.config import HORIZONS, ConfigError, Target, all_targets
+from everest.ensemble import build_ensembles, ensemble_name, ensemble_root
+from everest.results import experiment_dir
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,13 @@ VERDICT_COLUMNS: tuple[str, ...] = (
     "target", "everest_seeds", "everest_tss", "everest_tss_t_ci_low", "everest_tss_t_ci_high",
     "everest_tss_boot_ci_low", "everest_tss_boot_ci_high", "everest_brier", "best_baseline", "best_baseline_seeds",
     "best_baseline_val_tss", "best_baseline_tss", "best_baseline_brier", "delta", "ci_low", "ci_high", "p_value",
-    "p_holm", "n_pairs", "verdict", "note", "sentence")
+    "p_holm", "n_pairs", "verdict", "note", "sentence", "everest_brier_raw", "ensemble_seeds", "ensemble_tss",
+    "ensemble_tss_boot_ci_low", "ensemble_tss_boot_ci_high", "ensemble_brier", "ensemble_brier_raw")
+# Columns of the ensemble table (analysis/ensemble.csv), one row per expected target.
+ENSEMBLE_COLUMNS: tuple[str, ...] = (
+    "target", "members", "tss", "tss_boot_ci_low", "tss_boot_ci_high", "threshold", "at_grid_edge", "roc_auc",
+    "brier_raw", "brier", "ece_raw", "ece", "calibration", "seed_tss_mean", "seed_brier_raw_mean",
+    "seed_brier_mean", "note")
 PLOT_FILES: dict[str, str] = {
     "performance": "production_performance_analysis.png",
     "detailed": "detailed_metrics_analysis.png",
@@ -217,6 +226,69 @@ class ProductionAnalyzer:
         return out
 
     @cached_property
+    def ensembles(self) -> dict[str, dict[str, Any] | str]:
+        """Each expected target's seed ensemble (:mod:`everest.ensemble`; built, or reused when its members are
+        unchanged, under ``<out_dir>/ensemble``), or the reason there is none."""
+        targets = list(dict.fromkeys(e.target for e in self.results.expected))
+        return build_ensembles(self.results_dir, self.out_dir, targets)
+
+    def _ensemble_predictions(self, target: str) -> pd.DataFrame:
+        folder = experiment_dir(ensemble_root(self.out_dir), ensemble_name(Target.parse(target)))
+        return pd.read_csv(folder / "predictions.csv")
+
+    @cached_property
+    def ensemble_table(self) -> pd.DataFrame:
+        """Per expected target: the ensemble's test scores (TSS with its region-bootstrap CI; Brier and ECE
+        raw and calibrated) beside the mean of its members' own."""
+        rows = []
+        for t, res in self.ensembles.items():
+            row: dict[str, Any] = {"target": t, "note": res if isinstance(res, str) else ""}
+            if isinstance(res, dict):
+                pred = self._ensemble_predictions(t)
+                units, _ = resampling_units(pred)
+                us = st.unit_statistics(pred["y_true"].to_numpy(), pred["y_pred"].to_numpy(),
+                                        pred["y_prob"].to_numpy(float), units)
+                boot = st.bootstrap_target([us], self.n_bootstrap, _rng(self.seed, "ensemble",
+                                           all_targets().index(Target.parse(t))), ("tss",), self.confidence)
+                m, members = res["test_metrics"], res["members"]
+                cal = res["calibration"]["test"]
+                row.update(members=len(members), tss=m["tss"], tss_boot_ci_low=boot.pooled["tss"].low,
+                           tss_boot_ci_high=boot.pooled["tss"].high, threshold=res["threshold"]["selected"],
+                           at_grid_edge=res["threshold"]["at_grid_edge"], roc_auc=m["roc_auc"],
+                           brier_raw=cal["brier_raw"], brier=cal["brier"], ece_raw=cal["ece_raw"], ece=cal["ece"],
+                           calibration=res["calibration"]["method"],
+                           seed_tss_mean=float(np.mean([x["test_tss"] for x in members])),
+                           seed_brier_mean=float(np.mean([x["test_brier"] for x in members])))
+                row["seed_brier_raw_mean"] = self._seed_mean(t, "brier_raw")
+            rows.append(row)
+        return pd.DataFrame(rows, columns=list(ENSEMBLE_COLUMNS))
+
+    def _seed_mean(self, target: str, metric: str) -> float:
+        runs = self.results.by_target().get(Target.parse(target), [])
+        return st.seed_summary([r.results.get("test_metrics", {}).get(metric, np.nan) for r in runs])["mean"]
+
+    def save_reliability_plots(self) -> dict[str, str]:
+        """One reliability diagram per target with an ensemble: the ensemble raw and calibrated, and each
+        baseline's first seed (calibrated), on the test split. Paths by ``reliability_<target>`` key."""
+        paths = {}
+        for t, res in self.ensembles.items():
+            if not isinstance(res, dict):
+                continue
+            pred = self._ensemble_predictions(t)
+            y = pred["y_true"].to_numpy()
+            curves = {"EVEREST ensemble, raw": reliability_table(y, pred["y_prob_raw"].to_numpy(float)),
+                      "EVEREST ensemble, calibrated": reliability_table(y, pred["y_prob"].to_numpy(float))}
+            for model, rs in self.baseline_results.items():
+                runs = [r for r in rs.by_target().get(Target.parse(t), []) if r.predictions is not None]
+                if runs:
+                    p = runs[0].predictions
+                    curves[f"{model} (seed {runs[0].seed})"] = reliability_table(p["y_true"].to_numpy(),
+                                                                                 p["y_prob"].to_numpy(float))
+            path = self.plots_dir / f"reliability_{t}.png"
+            paths[f"reliability_{t}"] = str(plots.plot_reliability(curves, path, f"{t}: reliability on test"))
+        return paths
+
+    @cached_property
     def raw_results(self) -> pd.DataFrame:
         """One row per experiment (completed, stale, failed, missing, unexpected) with every metric and provenance."""
         rows = [self._completed_row(r) for r in self.results.completed]
@@ -240,6 +312,7 @@ class ProductionAnalyzer:
                                "expected": r.expected, "stale_reason": stale}
         row.update({m: tm.get(m, np.nan) for m in TEST_METRICS})
         row.update(threshold=th.get("selected", np.nan), threshold_source=th.get("source"),
+                   threshold_at_grid_edge=th.get("at_grid_edge"), brier_raw=tm.get("brier_raw", np.nan),
                    validation_threshold=th.get("validation", np.nan), oracle_threshold=th.get("oracle_test", np.nan))
         row.update({f"oracle_{m}": om.get(m, np.nan) for m in st.INFLATION_METRICS + ("roc_auc",)})
         row.update({f"val_{m}": vm.get(m, np.nan) for m in ("tss", "f1", "roc_auc", "brier")})
@@ -348,6 +421,7 @@ class ProductionAnalyzer:
         cmp = compare_result_sets(chosen, self.results, self.n_bootstrap, self.seed, self.confidence)
         cmp_by = {r["a"]: r for r in cmp.to_dict("records")} if len(cmp) else {}
         stats = self.summary_statistics.set_index("target")
+        ensembles = {r["target"]: r for r in self.ensemble_table.to_dict("records") if not r["note"]}
         alpha = 1 - self.confidence
         rows = []
         for t in targets:
@@ -387,6 +461,12 @@ class ProductionAnalyzer:
                 row["verdict"] = "ties"
             row["note"] = note
             row["sentence"] = report.verdict_sentence(row, self.confidence)
+            row["everest_brier_raw"] = self._seed_mean(name, "brier_raw")
+            ens = ensembles.get(name, {})
+            row.update(ensemble_seeds=int(ens.get("members") or 0), ensemble_tss=ens.get("tss", np.nan),
+                       ensemble_tss_boot_ci_low=ens.get("tss_boot_ci_low", np.nan),
+                       ensemble_tss_boot_ci_high=ens.get("tss_boot_ci_high", np.nan),
+                       ensemble_brier=ens.get("brier", np.nan), ensemble_brier_raw=ens.get("brier_raw", np.nan))
             rows.append(row)
         return pd.DataFrame(rows)
 
@@ -429,6 +509,9 @@ class ProductionAnalyzer:
         started = time.perf_counter()
         rs = self.results
         plot_paths, panels = self.save_plots() if self.make_plots else ({}, {})
+        if self.make_plots:
+            plot_paths.update(self.save_reliability_plots())
+        io.write_csv(self.analysis_dir / "ensemble.csv", self.ensemble_table)
         raw_path = io.write_csv(self.analysis_dir / "raw_results.csv", self.raw_results)
         summary_path = io.write_csv(self.analysis_dir / "summary_statistics.csv", self.summary_statistics)
         comparisons = pd.concat([self.horizon_comparisons, self.baseline_comparisons], ignore_index=True)

@@ -127,6 +127,45 @@ def _verdict(a: ProductionAnalyzer) -> list[str]:
                       "Brier best baseline", "verdict"], rows))
     out += [f"* {r['sentence']}" for r in v.to_dict("records")]
     out.append("")
+    out.append("The seed ensemble (mean of the seeds' probabilities, its own calibration and threshold on validation) "
+               "against the best baseline; Brier scores on the calibrated scale (raw model scores in brackets):\n")
+    out.append(table(["target", "ensemble TSS (seeds)", "bootstrap CI", "Brier ensemble", "Brier EVEREST (seed mean)",
+                      "Brier best baseline"],
+                     [[r["target"], f"{fmt(r['ensemble_tss'])} ({r['ensemble_seeds']})",
+                       _ci(r["ensemble_tss_boot_ci_low"], r["ensemble_tss_boot_ci_high"]),
+                       f"{fmt(r['ensemble_brier'], 4)} ({fmt(r['ensemble_brier_raw'], 4)})",
+                       f"{fmt(r['everest_brier'], 4)} ({fmt(r['everest_brier_raw'], 4)})",
+                       fmt(r["best_baseline_brier"], 4)] for r in v.to_dict("records")]))
+    return out
+
+
+def _ensemble(a: ProductionAnalyzer) -> list[str]:
+    out = ["## The seed ensemble and calibrated probabilities\n"]
+    e = a.ensemble_table
+    built = e[e["note"] == ""] if len(e) else e
+    if not len(built):
+        reasons = "; ".join(f"{r['target']}: {r['note']}" for r in e.to_dict("records")) or "no expected target"
+        return out + [f"No ensemble: {reasons}.\n"]
+    conf = int(round(a.confidence * 100))
+    methods = ", ".join(sorted(set(built["calibration"])))
+    out.append("Every model's probabilities are **calibrated** on the validation split before the threshold search "
+               f"({methods}); Brier score and ECE are shown raw and calibrated, on test. The **ensemble** averages "
+               "its seeds' raw probabilities; the seeds share one validation split, so its calibration and "
+               "threshold are fitted on regions none of its members trained on. TSS CI: region-block bootstrap "
+               f"({conf} %). A threshold at the edge of the searched grid is marked *edge*.\n")
+    rows = [[r["target"], _int(r["members"]), fmt(r["tss"]), _ci(r["tss_boot_ci_low"], r["tss_boot_ci_high"]),
+             fmt(r["seed_tss_mean"]), f"{fmt(r['threshold'], 4)}{' (edge)' if r['at_grid_edge'] is True else ''}",
+             fmt(r["roc_auc"]), f"{fmt(r['brier_raw'], 4)} → {fmt(r['brier'], 4)}",
+             f"{fmt(r['ece_raw'], 4)} → {fmt(r['ece'], 4)}",
+             f"{fmt(r['seed_brier_raw_mean'], 4)} → {fmt(r['seed_brier_mean'], 4)}"] for r in built.to_dict("records")]
+    out.append(table(["target", "seeds", "ensemble TSS", "bootstrap CI", "mean seed TSS", "threshold", "ROC AUC",
+                      "Brier raw → calibrated", "ECE raw → calibrated", "seeds' Brier raw → calibrated"], rows))
+    missing = [f"{r['target']} ({r['note']})" for r in e.to_dict("records") if r["note"]]
+    if missing:
+        out.append("No ensemble for: " + "; ".join(missing) + ".\n")
+    edges = [r["target"] for r in a.analysed_frame.to_dict("records") if r.get("threshold_at_grid_edge") is True]
+    if edges:
+        out.append(f"Seeds whose validation threshold lies at an edge of the searched grid: {_counted(edges)}.\n")
     return out
 
 
@@ -272,7 +311,7 @@ def _thresholds(a: ProductionAnalyzer) -> list[str]:
         return out + ["No finished experiment.\n"]
     out.append(table(["target", "seeds", "mean", "std", "CV", "range", "oracle mean", "r(threshold, TSS)"],
                      [[r["target"], r["n"], r["threshold_mean"], r["threshold_std"], r["threshold_cv"],
-                       f"{fmt(r['threshold_min'], 2)}-{fmt(r['threshold_max'], 2)}", r["oracle_threshold_mean"],
+                       f"{fmt(r['threshold_min'], 4)}-{fmt(r['threshold_max'], 4)}", r["oracle_threshold_mean"],
                        r["corr_threshold_tss"]] for r in t.to_dict("records")]))
     c = threshold_tss_correlation(a.analysed_frame)
     out.append(f"\nThreshold vs TSS over all {c['n']} experiments: Pearson r = {fmt(c['pearson_r'])} "
@@ -349,6 +388,6 @@ def render(a: ProductionAnalyzer, rel_plots: dict[str, str]) -> str:
     head = ["# EVEREST production training report\n",
             f"Generated {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} from `{a.results_dir}`. Decision thresholds "
             "are chosen on the validation split; test-oracle values are shown only as a labelled reference.\n"]
-    parts = head + _verdict(a) + _status(a) + _overall(a) + _detailed(a) + _significance(a) + _thresholds(a)
-    parts += _latency(a) + _plots(rel_plots) + _provenance(a)
+    parts = head + _verdict(a) + _ensemble(a) + _status(a) + _overall(a) + _detailed(a) + _significance(a)
+    parts += _thresholds(a) + _latency(a) + _plots(rel_plots) + _provenance(a)
     return "\n".join(parts).rstrip() + "\n"

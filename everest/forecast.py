@@ -1,0 +1,136 @@
+"""From a model's validation and test probabilities to the reported forecast, the same way for every model.
+
+EVEREST, the simple baselines and the seed ensemble all pass through :func:`score_forecast`: a calibration
+map (``calibration.method``) is fitted on the validation split, the decision threshold is searched on the
+calibrated validation probabilities (``threshold``), and the test split is scored at that threshold. The
+test split informs nothing; its best threshold is recorded only as a labelled optimistic reference.
+:func:`write_forecast` writes the files every model's results folder holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from everest import io
+from everest import metrics as M
+from everest.calibration import Calibrator, fit_calibrator
+from everest.config import EverestConfig
+from everest.data import SampleSet
+
+ORACLE_NOTE = ("'oracle_test' is the threshold of the highest test TSS over all thresholds, i.e. tuned on the "
+               "test set: an optimistic reference, never a result")
+PROBABILITY_KEYS = ("roc_auc", "brier", "ece")
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """One split's forecasts: labels, the model's raw probabilities and the keys of each sample."""
+
+    y: np.ndarray  # (N,) 0/1
+    prob: np.ndarray  # (N,) raw model probability
+    region: np.ndarray  # (N,) NOAA active region
+    row: np.ndarray  # (N,) data-row index in its file
+    time: np.ndarray  # (N,) datetime64[s]
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. evidential uncertainties
+
+    @classmethod
+    def of(cls, samples: SampleSet, prob: np.ndarray, **extra: np.ndarray) -> Predictions:
+        """Predictions for the samples of a :class:`SampleSet`."""
+        return cls(samples.y, np.asarray(prob, np.float64), samples.region, samples.row, samples.time, extra)
+
+    @classmethod
+    def read(cls, path: str | Path) -> Predictions:
+        """Read a predictions file written by :func:`write_forecast` (raw probabilities in ``y_prob_raw``)."""
+        df = pd.read_csv(path)
+        missing = [c for c in ("y_true", "y_prob_raw", "noaa_ar", "row", "time") if c not in df.columns]
+        if missing:
+            raise ValueError(f"{path}: missing columns {missing}; expected a predictions file of this version")
+        return cls(df["y_true"].to_numpy(np.int8), df["y_prob_raw"].to_numpy(np.float64),
+                   df["noaa_ar"].to_numpy(np.int64), df["row"].to_numpy(np.int64),
+                   pd.to_datetime(df["time"]).to_numpy().astype("datetime64[s]"))
+
+    def frame(self, prob: np.ndarray, threshold: float) -> pd.DataFrame:
+        """The predictions table: label, calibrated and raw probability, decision, sample keys."""
+        df = pd.DataFrame({"y_true": self.y, "y_prob": prob, "y_prob_raw": self.prob,
+                           "y_pred": (prob >= threshold).astype(np.int8), "noaa_ar": self.region, "row": self.row,
+                           "time": pd.to_datetime(self.time).strftime("%Y-%m-%dT%H:%M:%S")})
+        for k, v in self.extra.items():
+            df[k] = v
+        return df
+
+
+@dataclass(frozen=True)
+class ScoredForecast:
+    """A calibrated, thresholded forecast and its scores; ``sections`` go into ``results.json`` as they are."""
+
+    calibrator: Calibrator
+    val_prob: np.ndarray  # calibrated
+    test_prob: np.ndarray  # calibrated
+    val_table: pd.DataFrame  # threshold sweep on validation (the search) ...
+    test_table: pd.DataFrame  # ... and on test at the same thresholds (reported, never used)
+    sections: dict[str, Any]
+
+    @property
+    def threshold(self) -> float:
+        """The decision threshold in use (on the calibrated scale)."""
+        return float(self.sections["threshold"]["selected"])
+
+
+def _probability_scores(y: np.ndarray, raw: np.ndarray, calibrated: np.ndarray) -> dict[str, float]:
+    return {**{f"{k}_raw": M.METRICS[k](y, raw) for k in PROBABILITY_KEYS},
+            **{k: M.METRICS[k](y, calibrated) for k in PROBABILITY_KEYS}}
+
+
+def score_forecast(val: Predictions, test: Predictions, cfg: EverestConfig) -> ScoredForecast:
+    """Calibrate and choose the threshold on ``val``, then score ``test`` (see the module docstring)."""
+    th = cfg.threshold
+    with M.ignore_undefined():
+        cal = fit_calibrator(val.y, val.prob, cfg.calibration.method)
+        pv, pt = cal.apply(val.prob), cal.apply(test.prob)
+        grid = M.threshold_grid(th, val.y, pv)
+        val_table = M.threshold_table(val.y, pv, th, grid)
+        test_table = M.threshold_table(test.y, pt, th, grid)
+        val_threshold = M.select_threshold(val_table, th.score)
+        oracle = M.best_threshold(test.y, pt)
+        chosen = val_threshold if th.source == "validation" else oracle
+        test_metrics = M.evaluate(test.y, pt, chosen)
+        test_metrics.update({f"{k}_raw": M.METRICS[k](test.y, test.prob) for k in ("brier", "ece")})
+        sections = {
+            "threshold": {"source": th.source, "grid": th.grid, "score": th.score, "selected": chosen,
+                          "validation": val_threshold, "at_grid_edge": M.at_grid_edge(val_table, val_threshold),
+                          "grid_points": len(grid), "grid_min": float(grid.min()), "grid_max": float(grid.max()),
+                          "oracle_test": oracle, "note": ORACLE_NOTE},
+            "calibration": {**cal.to_dict(), "validation": _probability_scores(val.y, val.prob, pv),
+                            "test": _probability_scores(test.y, test.prob, pt)},
+            "test_metrics": test_metrics,
+            "validation_metrics": M.evaluate(val.y, pv, chosen),
+            "oracle_test_metrics": M.evaluate(test.y, pt, oracle),
+            "confusion_matrix": {k: int(test_metrics[k]) for k in ("tp", "fp", "tn", "fn")},
+        }
+    return ScoredForecast(cal, pv, pt, val_table, test_table, sections)
+
+
+def final_metrics_row(results: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The one-row ``final_metrics.csv`` of a results folder."""
+    e, th = results["experiment"], results["threshold"]
+    return {"experiment": e["name"], "target": e["target"], "seed": e.get("seed"), **extra,
+            "threshold": th["selected"], "threshold_source": th["source"],
+            "threshold_at_grid_edge": th["at_grid_edge"], **results["test_metrics"],
+            "oracle_threshold": th["oracle_test"], "oracle_max_tss": results["oracle_test_metrics"]["tss"],
+            "config_hash": results["provenance"]["config_hash"]}
+
+
+def write_forecast(folder: Path, scored: ScoredForecast, val: Predictions, test: Predictions,
+                   final: dict[str, Any]) -> None:
+    """Write the threshold sweep, test and validation predictions and the final-metrics row into ``folder``."""
+    sweep = [t.set_index("threshold").add_prefix(f"{k}_") for k, t in (("val", scored.val_table),
+                                                                       ("test", scored.test_table))]
+    io.write_csv(folder / "threshold_optimization.csv", pd.concat(sweep, axis=1).reset_index())
+    io.write_csv(folder / "predictions.csv", test.frame(scored.test_prob, scored.threshold))
+    io.write_csv(folder / "val_predictions.csv", val.frame(scored.val_prob, scored.threshold))
+    io.write_csv(folder / "final_metrics.csv", pd.DataFrame([final]))
