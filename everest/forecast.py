@@ -98,11 +98,14 @@ def score_forecast(val: Predictions, test: Predictions, cfg: EverestConfig) -> S
         val_threshold = M.select_threshold(val_table, th.score)
         oracle = M.best_threshold(test.y, pt)
         chosen = val_threshold if th.source == "validation" else oracle
+        # The validation grid spans every positive's probability, so no better TSS lies beyond its ends;
+        # only the fixed design grid can cut the search short.
+        edge = th.grid == "design" and M.at_grid_edge(val_table, val_threshold)
         test_metrics = M.evaluate(test.y, pt, chosen)
         test_metrics.update({f"{k}_raw": M.METRICS[k](test.y, test.prob) for k in ("brier", "ece")})
         sections = {
             "threshold": {"source": th.source, "grid": th.grid, "score": th.score, "selected": chosen,
-                          "validation": val_threshold, "at_grid_edge": M.at_grid_edge(val_table, val_threshold),
+                          "validation": val_threshold, "at_grid_edge": edge,
                           "grid_points": len(grid), "grid_min": float(grid.min()), "grid_max": float(grid.max()),
                           "oracle_test": oracle, "note": ORACLE_NOTE},
             "calibration": {**cal.to_dict(), "validation": _probability_scores(val.y, val.prob, pv),
