@@ -21,7 +21,7 @@ from scipy.optimize import minimize, minimize_scalar
 from scipy.special import expit
 from sklearn.isotonic import IsotonicRegression
 
-from everest.metrics import ECE_BINS, brier, ece
+from everest.metrics import ECE_BINS, brier, calibration_bins, ece
 
 __all__ = [
     "EPS",
@@ -306,17 +306,13 @@ def reliability_table(y_true: ArrayLike, y_prob: ArrayLike, n_bins: int = ECE_BI
 
     Bin k holds k/n <= p < (k+1)/n, the last bin closed; empty bins have n = 0 and NaN means.
     """
-    y, p = _check_xy(y_true, y_prob)
-    if isinstance(n_bins, bool) or not isinstance(n_bins, numbers.Integral) or n_bins < 1:
-        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
-    edges = np.arange(n_bins + 1) / n_bins
-    idx = np.minimum(np.searchsorted(edges, p, side="right") - 1, n_bins - 1)
-    n = np.bincount(idx, minlength=n_bins)
+    _check_xy(y_true, y_prob)
+    edges, n, sum_p, sum_y = calibration_bins(y_true, y_prob, n_bins)
     denom = np.where(n > 0, n, np.nan)
     return pd.DataFrame({
         "bin_lower": edges[:-1],
         "bin_upper": edges[1:],
         "n": n.astype(np.int64),
-        "mean_prob": np.bincount(idx, weights=p, minlength=n_bins) / denom,
-        "observed_frequency": np.bincount(idx, weights=y, minlength=n_bins) / denom,
+        "mean_prob": sum_p / denom,
+        "observed_frequency": sum_y / denom,
     })

@@ -46,6 +46,7 @@ __all__ = [
     "accuracy",
     "balanced_score",
     "brier",
+    "calibration_bins",
     "confusion_counts",
     "ece",
     "evaluate",
@@ -317,11 +318,13 @@ def brier(y_true: ArrayLike, y_prob: ArrayLike) -> float:
     return float(np.mean((p - y) ** 2))
 
 
-def ece(y_true: ArrayLike, y_prob: ArrayLike, n_bins: int = ECE_BINS) -> float:
-    """Expected calibration error over equal-width bins: sum of (n_bin / N) |mean p - positive fraction|.
+def calibration_bins(y_true: ArrayLike, y_prob: ArrayLike,
+                     n_bins: int = ECE_BINS) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Equal-width probability bins: (edges, count, sum of p, sum of y) per bin, the basis of ECE and of
+    reliability diagrams.
 
     Bin k holds k/n <= p < (k+1)/n; the last bin is closed, so p = 1.0 lands in it, and a p exactly on an
-    inner edge belongs to the bin above that edge. Empty bins contribute nothing.
+    inner edge belongs to the bin above that edge.
     """
     y, p = _check_inputs(y_true, y_prob)
     if isinstance(n_bins, bool) or not isinstance(n_bins, numbers.Integral) or n_bins < 1:
@@ -329,11 +332,17 @@ def ece(y_true: ArrayLike, y_prob: ArrayLike, n_bins: int = ECE_BINS) -> float:
     # Edges as k / n (correctly rounded), so an edge equals the literal a caller would write (6/15 == 0.4).
     edges = np.arange(n_bins + 1) / n_bins
     idx = np.minimum(np.searchsorted(edges, p, side="right") - 1, n_bins - 1)
-    n = np.bincount(idx, minlength=n_bins)
-    sum_p = np.bincount(idx, weights=p, minlength=n_bins)
-    sum_y = np.bincount(idx, weights=y.astype(np.float64), minlength=n_bins)
+    return (edges, np.bincount(idx, minlength=n_bins), np.bincount(idx, weights=p, minlength=n_bins),
+            np.bincount(idx, weights=y.astype(np.float64), minlength=n_bins))
+
+
+def ece(y_true: ArrayLike, y_prob: ArrayLike, n_bins: int = ECE_BINS) -> float:
+    """Expected calibration error over the equal-width bins of :func:`calibration_bins`: sum of
+    (n_bin / N) |mean p - positive fraction|. Empty bins contribute nothing.
+    """
+    _, n, sum_p, sum_y = calibration_bins(y_true, y_prob, n_bins)
     full = n > 0
-    return float(np.sum(np.abs(sum_p[full] - sum_y[full])) / y.size)  # (n_b/N)|mean_p - frac| = |sum_p - sum_y|/N
+    return float(np.sum(np.abs(sum_p[full] - sum_y[full])) / n.sum())  # (n_b/N)|mean_p - frac| = |sum_p - sum_y|/N
 
 
 THRESHOLD_METRICS: dict[str, Callable[..., float]] = {
