@@ -9,7 +9,7 @@ compare recipes) on synthetic data with truth sidecars and prints, on the same t
 * the model's test TSS at its validation-chosen threshold (the reported number) and its best TSS over
   all thresholds (what a perfect threshold would give);
 * the ceiling: the generator's true probabilities, at their best threshold (the Bayes ceiling) and at a
-  threshold chosen by the same balanced score on the validation rows (the ceiling under the protocol);
+  threshold chosen by the same search on the validation rows (the ceiling under the protocol);
 * a logistic regression on the last record's features (a simple, strong baseline).
 
 ``--jobs N`` trains N experiments at once in separate single-threaded processes.
@@ -42,10 +42,10 @@ def compare(target: str, seed: int, data_dir: Path, out: Path, preset: str, over
     p_test = load_truth(data_file(data_dir, t, "test"))[data.test.row]
     p_val = load_truth(data_file(data_dir, t, "train"))[data.val.row]
     with M.ignore_undefined():
-        protocol_t = M.select_threshold(M.threshold_table(data.val.y, p_val, cfg.threshold))
+        protocol_t = M.select_threshold(M.threshold_table(data.val.y, p_val, cfg.threshold), cfg.threshold.score)
         lr = LogisticRegression(max_iter=5000).fit(data.train.x[:, -1, :], data.train.y)
         lr_val, lr_test = (lr.predict_proba(s.x[:, -1, :])[:, 1] for s in (data.val, data.test))
-        lr_t = M.select_threshold(M.threshold_table(data.val.y, lr_val, cfg.threshold))
+        lr_t = M.select_threshold(M.threshold_table(data.val.y, lr_val, cfg.threshold), cfg.threshold.score)
         table = Path(out) / "results" / res["experiment"]["name"]
         model_best = float(pd.read_csv(table / "threshold_optimization.csv")["test_tss"].max())
         return {

@@ -193,7 +193,14 @@ def _fit_temperature(y: np.ndarray, z: np.ndarray) -> float:
 
 
 def _fit_platt(y: np.ndarray, z: np.ndarray) -> tuple[float, float]:
-    """(slope, intercept) maximising the likelihood of sigmoid(a z + b), unregularised; slope kept >= 0."""
+    """(slope, intercept) maximising the likelihood of sigmoid(a z + b); slope kept >= 0.
+
+    The targets are Platt's (1999) smoothed labels, (N+ + 1)/(N+ + 2) and 1/(N- + 2), not 0/1: on a
+    validation split that the model separates (a few M5 positives) plain maximum likelihood drives the slope
+    to its bound and saturates the calibrated probabilities at 0 and 1.
+    """
+    n_pos = float(np.sum(y))
+    y = np.where(y > 0, (n_pos + 1) / (n_pos + 2), 1 / (y.size - n_pos + 2))
 
     def loss_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
         s = theta[0] * z + theta[1]

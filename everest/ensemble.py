@@ -51,11 +51,12 @@ def ensemble_name(target: Target) -> str:
     return f"everest_{target.flare_class}_{target.horizon}h_ensemble"
 
 
-def _members(results_dir: Path, target: Target) -> list[tuple[int, Path, dict[str, Any]]]:
-    """Finished seeds of ``target`` under ``results_dir``: (seed, folder, results.json), by seed."""
+def _members(results_dir: Path, target: Target,
+             folders: list[Path] | None = None) -> list[tuple[int, Path, dict[str, Any]]]:
+    """Finished seeds of ``target`` (under ``results_dir``, or the ``folders`` given): (seed, folder, results)."""
     found = []
     prefix = Experiment(target=target, seed=0).name[: -len("0")]
-    for folder in sorted(results_dir.glob(f"{prefix}*")):
+    for folder in sorted(folders if folders is not None else results_dir.glob(f"{prefix}*")):
         seed_text = folder.name[len(prefix):]
         if seed_text.isdigit() and (folder / RESULTS_FILE).is_file():
             try:
@@ -94,14 +95,15 @@ def _same_samples(parts: list[Predictions], names: list[str], split: str) -> Non
                                 "an ensemble averages forecasts of the same samples")
 
 
-def build_ensemble(results_dir: str | Path, target: Target | str, output_dir: str | Path,
-                   force: bool = False) -> dict[str, Any]:
+def build_ensemble(results_dir: str | Path, target: Target | str, output_dir: str | Path, force: bool = False,
+                   members: list[Path] | None = None) -> dict[str, Any]:
     """Average the finished seeds of ``target`` in ``results_dir``, score and save; return ``results.json``.
 
-    Needs at least two members of one identity, validated and tested on the same samples.
+    ``members`` names the member folders (the analysis passes the seeds it analyses); by default every
+    finished seed found. Needs at least two members of one identity, validated and tested on the same samples.
     """
     target = Target.parse(target)
-    members = _members(Path(results_dir), target)
+    members = _members(Path(results_dir), target, members)
     if not members:
         raise EnsembleError(f"{target}: no finished seed under {results_dir}")
     counts = Counter(_identity_key(r) for _, _, r in members)
@@ -113,7 +115,11 @@ def build_ensemble(results_dir: str | Path, target: Target | str, output_dir: st
                             "ensemble needs at least two")
     names = [folder.name for _, folder, _ in used]
     provenance = used[0][2]["provenance"]
-    identity = hashlib.sha256(json.dumps([ENSEMBLE_VERSION, key, names], sort_keys=True).encode()).hexdigest()[:16]
+    # A member retrained under the same identity (--force, a rerun after a crash) rewrites its files: hash them.
+    content = [hashlib.sha256(b"".join((f / name).read_bytes() for name in (RESULTS_FILE, "val_predictions.csv",
+                                                                           "predictions.csv")
+                                       if (f / name).is_file())).hexdigest() for _, f, _ in used]
+    identity = hashlib.sha256(json.dumps([ENSEMBLE_VERSION, key, names, content]).encode()).hexdigest()[:16]
     folder = experiment_dir(ensemble_root(output_dir), ensemble_name(target))
     done = folder / RESULTS_FILE
     if not force and done.is_file():
@@ -140,7 +146,8 @@ def build_ensemble(results_dir: str | Path, target: Target | str, output_dir: st
                        "members": [s for s, _, _ in used]},
         **scored.sections,
         "members": [{"name": f.name, "seed": s, "test_tss": r["test_metrics"]["tss"],
-                     "validation_tss": r["validation_metrics"]["tss"], "test_brier": r["test_metrics"]["brier"]}
+                     "validation_tss": r["validation_metrics"]["tss"], "test_brier": r["test_metrics"]["brier"],
+                     "test_brier_raw": r["test_metrics"].get("brier_raw", r["test_metrics"]["brier"])}
                     for s, f, r in used],
         "excluded": excluded,
         "data": {k: v for k, v in used[0][2].get("data", {}).items() if k != "scaler"},
@@ -156,15 +163,21 @@ def build_ensemble(results_dir: str | Path, target: Target | str, output_dir: st
     return results
 
 
-def build_ensembles(results_dir: str | Path, output_dir: str | Path,
-                    targets: list[Target] | None = None) -> dict[str, dict[str, Any] | str]:
-    """Build every target's ensemble that can be built: results by target, or the reason it was not."""
+def build_ensembles(results_dir: str | Path, output_dir: str | Path, targets: list[Target] | None = None,
+                    members: dict[Target, list[Path]] | None = None) -> dict[str, dict[str, Any] | str]:
+    """Build every target's ensemble that can be built: results by target, or the reason it was not.
+
+    ``members`` maps a target to its member folders (default: every finished seed found).
+    """
     out: dict[str, dict[str, Any] | str] = {}
     for t in targets or all_targets():
         try:
-            out[str(t)] = build_ensemble(results_dir, t, output_dir)
+            out[str(t)] = build_ensemble(results_dir, t, output_dir,
+                                         members=None if members is None else members.get(t, []))
         except EnsembleError as err:
             out[str(t)] = str(err)
+        except (ValueError, KeyError) as err:  # a member's files of an older layout: say so, build the others
+            out[str(t)] = f"cannot read the members' results ({type(err).__name__}: {err})"
     return out
 
 

@@ -1,9 +1,13 @@
 """From a model's validation and test probabilities to the reported forecast, the same way for every model.
 
 EVEREST, the simple baselines and the seed ensemble all pass through :func:`score_forecast`: a calibration
-map (``calibration.method``) is fitted on the validation split, the decision threshold is searched on the
-calibrated validation probabilities (``threshold``), and the test split is scored at that threshold. The
-test split informs nothing; its best threshold is recorded only as a labelled optimistic reference.
+map (``calibration.method``) is fitted on the validation split and gives the forecast probabilities
+(``y_prob``; Brier score, ECE, reliability), and the decision threshold is searched on the validation split
+(``threshold``). The search runs on the model's raw scores, where the calibration map cannot merge
+distinct values (a steep map saturates at 0 and 1 in floating point); the threshold is reported on both
+scales, and for a strictly increasing map deciding ``y_prob_raw >= selected_raw`` is deciding
+``y_prob >= selected``. Ranking metrics (ROC AUC) are those of the raw scores. The test split informs
+nothing; its best threshold is recorded only as a labelled optimistic reference.
 :func:`write_forecast` writes the files every model's results folder holds.
 """
 
@@ -23,8 +27,7 @@ from everest.config import EverestConfig
 from everest.data import SampleSet
 
 ORACLE_NOTE = ("'oracle_test' is the threshold of the highest test TSS over all thresholds, i.e. tuned on the "
-               "test set: an optimistic reference, never a result")
-PROBABILITY_KEYS = ("roc_auc", "brier", "ece")
+               "test set: an optimistic reference, never a result. Decisions are y_prob_raw >= selected_raw.")
 
 
 @dataclass(frozen=True)
@@ -54,11 +57,11 @@ class Predictions:
                    df["noaa_ar"].to_numpy(np.int64), df["row"].to_numpy(np.int64),
                    pd.to_datetime(df["time"]).to_numpy().astype("datetime64[s]"))
 
-    def frame(self, prob: np.ndarray, threshold: float) -> pd.DataFrame:
+    def frame(self, prob: np.ndarray, raw_threshold: float) -> pd.DataFrame:
         """The predictions table: label, calibrated and raw probability, decision, sample keys."""
         df = pd.DataFrame({"y_true": self.y, "y_prob": prob, "y_prob_raw": self.prob,
-                           "y_pred": (prob >= threshold).astype(np.int8), "noaa_ar": self.region, "row": self.row,
-                           "time": pd.to_datetime(self.time).strftime("%Y-%m-%dT%H:%M:%S")})
+                           "y_pred": (self.prob >= raw_threshold).astype(np.int8), "noaa_ar": self.region,
+                           "row": self.row, "time": pd.to_datetime(self.time).strftime("%Y-%m-%dT%H:%M:%S")})
         for k, v in self.extra.items():
             df[k] = v
         return df
@@ -71,19 +74,27 @@ class ScoredForecast:
     calibrator: Calibrator
     val_prob: np.ndarray  # calibrated
     test_prob: np.ndarray  # calibrated
-    val_table: pd.DataFrame  # threshold sweep on validation (the search) ...
+    val_table: pd.DataFrame  # threshold sweep on validation (the search, raw scale) ...
     test_table: pd.DataFrame  # ... and on test at the same thresholds (reported, never used)
     sections: dict[str, Any]
 
     @property
     def threshold(self) -> float:
-        """The decision threshold in use (on the calibrated scale)."""
+        """The decision threshold on the calibrated scale (``y_prob``)."""
         return float(self.sections["threshold"]["selected"])
 
+    @property
+    def raw_threshold(self) -> float:
+        """The decision threshold on the model's raw scores."""
+        return float(self.sections["threshold"]["selected_raw"])
 
-def _probability_scores(y: np.ndarray, raw: np.ndarray, calibrated: np.ndarray) -> dict[str, float]:
-    return {**{f"{k}_raw": M.METRICS[k](y, raw) for k in PROBABILITY_KEYS},
-            **{k: M.METRICS[k](y, calibrated) for k in PROBABILITY_KEYS}}
+
+def _scores(y: np.ndarray, raw: np.ndarray, calibrated: np.ndarray, raw_threshold: float) -> dict[str, float]:
+    """Threshold metrics of the decisions ``raw >= raw_threshold``, ROC AUC of the raw scores, Brier and ECE of
+    the calibrated probabilities (and of the raw ones, ``*_raw``)."""
+    out = M.evaluate(y, raw, raw_threshold)
+    out.update(brier=M.brier(y, calibrated), ece=M.ece(y, calibrated), brier_raw=out["brier"], ece_raw=out["ece"])
+    return out
 
 
 def score_forecast(val: Predictions, test: Predictions, cfg: EverestConfig) -> ScoredForecast:
@@ -92,27 +103,30 @@ def score_forecast(val: Predictions, test: Predictions, cfg: EverestConfig) -> S
     with M.ignore_undefined():
         cal = fit_calibrator(val.y, val.prob, cfg.calibration.method)
         pv, pt = cal.apply(val.prob), cal.apply(test.prob)
-        grid = M.threshold_grid(th, val.y, pv)
-        val_table = M.threshold_table(val.y, pv, th, grid)
-        test_table = M.threshold_table(test.y, pt, th, grid)
-        val_threshold = M.select_threshold(val_table, th.score)
-        oracle = M.best_threshold(test.y, pt)
-        chosen = val_threshold if th.source == "validation" else oracle
-        # The validation grid spans every positive's probability, so no better TSS lies beyond its ends;
+        grid = M.threshold_grid(th, val.y, val.prob)
+        val_table = M.threshold_table(val.y, val.prob, th, grid)
+        test_table = M.threshold_table(test.y, test.prob, th, grid)
+        val_raw = M.select_threshold(val_table, th.score)
+        oracle_raw = M.best_threshold(test.y, test.prob)
+        chosen_raw = val_raw if th.source == "validation" else oracle_raw
+        on_scale = {k: float(cal.apply(np.array([v]))[0]) for k, v in
+                    (("selected", chosen_raw), ("validation", val_raw), ("oracle_test", oracle_raw))}
+        # The validation grid spans every positive's score, so no better TSS lies beyond its ends;
         # only the fixed design grid can cut the search short.
-        edge = th.grid == "design" and M.at_grid_edge(val_table, val_threshold)
-        test_metrics = M.evaluate(test.y, pt, chosen)
-        test_metrics.update({f"{k}_raw": M.METRICS[k](test.y, test.prob) for k in ("brier", "ece")})
+        edge = th.grid == "design" and M.at_grid_edge(val_table, val_raw)
+        test_metrics = _scores(test.y, test.prob, pt, chosen_raw)
         sections = {
-            "threshold": {"source": th.source, "grid": th.grid, "score": th.score, "selected": chosen,
-                          "validation": val_threshold, "at_grid_edge": edge,
-                          "grid_points": len(grid), "grid_min": float(grid.min()), "grid_max": float(grid.max()),
-                          "oracle_test": oracle, "note": ORACLE_NOTE},
-            "calibration": {**cal.to_dict(), "validation": _probability_scores(val.y, val.prob, pv),
-                            "test": _probability_scores(test.y, test.prob, pt)},
+            "threshold": {"source": th.source, "grid": th.grid, "score": th.score, **on_scale,
+                          "selected_raw": chosen_raw, "validation_raw": val_raw, "oracle_test_raw": oracle_raw,
+                          "at_grid_edge": edge, "grid_points": len(grid), "grid_min": float(grid.min()),
+                          "grid_max": float(grid.max()), "note": ORACLE_NOTE},
+            "calibration": {**cal.to_dict(),
+                            **{k: {m: s[m] for m in ("brier_raw", "brier", "ece_raw", "ece")}
+                               for k, s in (("validation", _scores(val.y, val.prob, pv, chosen_raw)),
+                                            ("test", test_metrics))}},
             "test_metrics": test_metrics,
-            "validation_metrics": M.evaluate(val.y, pv, chosen),
-            "oracle_test_metrics": M.evaluate(test.y, pt, oracle),
+            "validation_metrics": _scores(val.y, val.prob, pv, chosen_raw),
+            "oracle_test_metrics": _scores(test.y, test.prob, pt, oracle_raw),
             "confusion_matrix": {k: int(test_metrics[k]) for k in ("tp", "fp", "tn", "fn")},
         }
     return ScoredForecast(cal, pv, pt, val_table, test_table, sections)
@@ -122,7 +136,7 @@ def final_metrics_row(results: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """The one-row ``final_metrics.csv`` of a results folder."""
     e, th = results["experiment"], results["threshold"]
     return {"experiment": e["name"], "target": e["target"], "seed": e.get("seed"), **extra,
-            "threshold": th["selected"], "threshold_source": th["source"],
+            "threshold": th["selected"], "threshold_raw": th["selected_raw"], "threshold_source": th["source"],
             "threshold_at_grid_edge": th["at_grid_edge"], **results["test_metrics"],
             "oracle_threshold": th["oracle_test"], "oracle_max_tss": results["oracle_test_metrics"]["tss"],
             "config_hash": results["provenance"]["config_hash"]}
@@ -130,10 +144,13 @@ def final_metrics_row(results: dict[str, Any], **extra: Any) -> dict[str, Any]:
 
 def write_forecast(folder: Path, scored: ScoredForecast, val: Predictions, test: Predictions,
                    final: dict[str, Any]) -> None:
-    """Write the threshold sweep, test and validation predictions and the final-metrics row into ``folder``."""
+    """Write the threshold sweep (raw thresholds and their calibrated values), test and validation predictions
+    and the final-metrics row into ``folder``."""
     sweep = [t.set_index("threshold").add_prefix(f"{k}_") for k, t in (("val", scored.val_table),
                                                                        ("test", scored.test_table))]
-    io.write_csv(folder / "threshold_optimization.csv", pd.concat(sweep, axis=1).reset_index())
-    io.write_csv(folder / "predictions.csv", test.frame(scored.test_prob, scored.threshold))
-    io.write_csv(folder / "val_predictions.csv", val.frame(scored.val_prob, scored.threshold))
+    sweep_table = pd.concat(sweep, axis=1).reset_index()
+    sweep_table.insert(1, "threshold_calibrated", scored.calibrator.apply(sweep_table["threshold"].to_numpy()))
+    io.write_csv(folder / "threshold_optimization.csv", sweep_table)
+    io.write_csv(folder / "predictions.csv", test.frame(scored.test_prob, scored.raw_threshold))
+    io.write_csv(folder / "val_predictions.csv", val.frame(scored.val_prob, scored.raw_threshold))
     io.write_csv(folder / "final_metrics.csv", pd.DataFrame([final]))

@@ -381,7 +381,7 @@ def threshold_grid(cfg: ThresholdConfig | None = None, y_true: ArrayLike | None 
 
     ``design``: ``cfg.points`` evenly spaced from start to stop (0.10, 0.11, ..., 0.90). ``validation``:
     one threshold per distinct probability ``v`` of the positives in ``y_true``/``y_prob`` (the split the
-    threshold is chosen on; thinned to ``cfg.points`` evenly spaced in rank when there are more), placed
+    threshold is chosen on; thinned to ``cfg.max_points`` evenly spaced in rank when there are more), placed
     midway between ``v`` and the next lower probability of any sample. TSS changes its true-positive
     count only at the positives' values, so its maximum over all thresholds is at one of these, and the
     midpoint keeps the counts of ``v`` while leaving a margin on both sides for unseen samples. Without
@@ -397,8 +397,8 @@ def threshold_grid(cfg: ThresholdConfig | None = None, y_true: ArrayLike | None 
     values = np.unique(p[y == 1])
     if values.size == 0:
         return design
-    if values.size > cfg.points:
-        values = values[np.unique(np.round(np.linspace(0, values.size - 1, cfg.points)).astype(np.int64))]
+    if values.size > cfg.max_points:
+        values = values[np.unique(np.round(np.linspace(0, values.size - 1, cfg.max_points)).astype(np.int64))]
     every = np.unique(p)
     below = every[np.maximum(np.searchsorted(every, values) - 1, 0)]
     mid = below + (values - below) / 2
@@ -440,7 +440,7 @@ def threshold_table(y_true: ArrayLike, y_prob: ArrayLike, cfg: ThresholdConfig |
 SCORE_COLUMNS = {"balanced": "balanced_score", "tss": "tss"}
 
 
-def select_threshold(table: pd.DataFrame, score: str = "balanced") -> float:
+def select_threshold(table: pd.DataFrame, score: str = "tss") -> float:
     """The threshold with the highest ``score`` (``balanced`` or ``tss``); ties go to the lowest threshold."""
     if not isinstance(table, pd.DataFrame):
         raise ValueError(f"table must be a pandas DataFrame from threshold_table, got {type(table).__name__}")
@@ -469,5 +469,5 @@ def at_grid_edge(table: pd.DataFrame, threshold: float) -> bool:
 def best_threshold(y_true: ArrayLike, y_prob: ArrayLike) -> float:
     """The threshold of the highest TSS over all thresholds (:func:`max_tss`); the lowest one on ties."""
     y, p = _check_inputs(y_true, y_prob)
-    table = threshold_table(y, p, ThresholdConfig(grid="validation", points=max(2, y.size)))
+    table = threshold_table(y, p, ThresholdConfig(grid="validation", max_points=max(2, y.size)))
     return select_threshold(table, "tss")

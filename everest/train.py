@@ -35,7 +35,7 @@ import torch
 
 from everest import __version__, io, stopping
 from everest import metrics as M
-from everest.calibration import Calibrator
+from everest.calibration import Calibrator, log_loss
 from everest.config import ConfigError, EverestConfig, Experiment, Target
 from everest.data import ExperimentData, SampleSet, data_file, prepare_experiment
 from everest.errors import Preempted, TimeLimitReached, TrainingDiverged
@@ -312,10 +312,7 @@ class ProductionTrainer:
         ``validation`` grid, over every threshold, so early stopping never scores a grid artefact (on the
         design's 0.10-0.90 grid it fell as a better model's probabilities moved below 0.10)."""
         p = self.predict(model, val, device)["y_prob"]
-        y = val.y.astype(np.float64)
-        eps = 1e-7
-        pc = np.clip(p, eps, 1 - eps)
-        val_loss = float(-np.mean(y * np.log(pc) + (1 - y) * np.log(1 - pc)))  # BCE of the forecast
+        val_loss = log_loss(val.y, p)  # BCE of the forecast
         with M.ignore_undefined():
             table = M.threshold_table(val.y, p, self.config.threshold)
             auc = M.roc_auc(val.y, p)

@@ -99,8 +99,9 @@ def test_results_json_has_the_trainers_schema(fitted):
     assert res["model"] == "boosted"
     assert res["experiment"] == {"name": "everest_M_24h_seed0", "flare_class": "M", "horizon_hours": 24,
                                  "target": "M-24", "seed": 0, "model": "boosted", "array_index": 16}
-    assert set(res["threshold"]) == {"source", "grid", "score", "selected", "validation", "at_grid_edge", "grid_points",
-                                     "grid_min", "grid_max", "oracle_test", "note"}
+    assert set(res["threshold"]) == {"source", "grid", "score", "selected", "validation", "oracle_test", "selected_raw",
+                                     "validation_raw", "oracle_test_raw", "at_grid_edge", "grid_points", "grid_min",
+                                     "grid_max", "note"}
     assert {"tss", "roc_auc", "brier", "ece", "latency_ms", "latency_single_ms"} <= set(res["test_metrics"])
     assert res["test_metrics"]["latency_ms"] > 0
     assert res["training"]["epochs_run"] == 1 and res["training"]["stop_reason"] == "fitted"
@@ -117,15 +118,17 @@ def test_test_metrics_recompute_from_predictions(fitted):
     folder = results_dir(fitted, "logistic")
     res = load_results(folder.parent, targets=["M-24"], seeds=[0, 1]).completed[0].results
     pred = pd.read_csv(folder / "predictions.csv")
-    thr = res["threshold"]["selected"]
-    np.testing.assert_array_equal(pred["y_pred"], (pred["y_prob"] >= thr).astype(int))
-    again = M.evaluate(pred["y_true"].to_numpy(), pred["y_prob"].to_numpy(), thr)
+    thr = res["threshold"]["selected_raw"]  # decisions are made on the raw scores
+    np.testing.assert_array_equal(pred["y_pred"], (pred["y_prob_raw"] >= thr).astype(int))
+    again = M.evaluate(pred["y_true"].to_numpy(), pred["y_prob_raw"].to_numpy(), thr)
+    calibrated = {"brier": M.brier(pred["y_true"], pred["y_prob"]), "ece": M.ece(pred["y_true"], pred["y_prob"])}
+    again.update(calibrated, brier_raw=again["brier"], ece_raw=again["ece"])
     for k, v in again.items():
         assert res["test_metrics"][k] == pytest.approx(v, rel=1e-12, nan_ok=True), k
     # The recorded threshold is the search's choice on the validation sweep written beside it.
     sweep = pd.read_csv(folder / "threshold_optimization.csv")
     val = sweep[[c for c in sweep if c.startswith("val_")]].rename(columns=lambda c: c[4:])
-    assert M.select_threshold(val.assign(threshold=sweep["threshold"])) == thr == res["threshold"]["validation"]
+    assert M.select_threshold(val.assign(threshold=sweep["threshold"])) == thr == res["threshold"]["validation_raw"]
     final = pd.read_csv(folder / "final_metrics.csv").iloc[0]
     assert final["model"] == "logistic" and final["tss"] == pytest.approx(res["test_metrics"]["tss"])
 

@@ -31,7 +31,7 @@ def test_calibrated_forecast_keeps_its_scale_and_thresholds_at_the_base_rate():
     assert cal["method"] == "platt" and cal["slope"] == pytest.approx(1, abs=0.03)
     assert cal["intercept"] == pytest.approx(0, abs=0.08)
     assert cal["test"]["brier"] == pytest.approx(cal["test"]["brier_raw"], rel=0.002)
-    # TSS-optimal threshold of a calibrated forecast = the base rate E[p] = 0.1 (thinned grid: 81 thresholds)
+    # TSS-optimal threshold of a calibrated forecast = the base rate E[p] = 0.1
     assert s.threshold == pytest.approx(0.1, abs=0.012)
     assert s.sections["threshold"]["at_grid_edge"] is False
 
@@ -64,10 +64,25 @@ def test_design_grid_is_kept_by_name_and_flags_its_edge():
     assert ours.sections["test_metrics"]["tss"] > s.sections["test_metrics"]["tss"] + 0.05
 
 
+def test_saturating_calibration_does_not_merge_decisions():
+    # A validation split the model separates perfectly: calibration may be steep, but decisions and ROC AUC
+    # come from the raw scores, so test samples with different scores are never tied by the map.
+    rng = np.random.default_rng(11)
+    y = (rng.random(4000) < 0.05).astype(np.int8)
+    raw = np.where(y == 1, rng.uniform(0.6, 0.99, y.size), rng.uniform(0.01, 0.5, y.size))
+    t = (np.datetime64("2016-01-01T00:00:00") + np.arange(y.size).astype("timedelta64[m]")).astype("datetime64[s]")
+    val = Predictions(y, raw, np.arange(y.size) // 20, np.arange(y.size), t)
+    test = Predictions(y[::-1].copy(), rng.permutation(raw), val.region, val.row, t)
+    s = score_forecast(val, test, CFG)
+    assert s.sections["calibration"]["slope"] < 100  # smoothed targets: no run to the bound
+    assert s.sections["test_metrics"]["roc_auc"] == pytest.approx(M.roc_auc(test.y, test.prob))
+    assert 0.5 < s.raw_threshold <= 0.6  # midway between the highest negative and the lowest positive
+
+
 def test_oracle_is_the_best_test_tss_and_test_source_uses_it():
     (val, _), (test, _) = _split(6, 5_000), _split(7, 5_000)
     s = score_forecast(val, test, CFG)
-    assert s.sections["oracle_test_metrics"]["tss"] == pytest.approx(M.max_tss(test.y, s.test_prob))
+    assert s.sections["oracle_test_metrics"]["tss"] == pytest.approx(M.max_tss(test.y, test.prob))
     assert s.sections["oracle_test_metrics"]["tss"] >= s.sections["test_metrics"]["tss"]
     assert "oracle" in s.sections["threshold"]["note"]
     published = score_forecast(val, test, EverestConfig().with_overrides(["threshold.source=test"]))
@@ -82,7 +97,8 @@ def test_files_round_trip(tmp_path):
     write_forecast(tmp_path, s, val, test, final_metrics_row(res, best_epoch=3))
     pred = pd.read_csv(tmp_path / "predictions.csv")
     assert list(pred.columns[:7]) == ["y_true", "y_prob", "y_prob_raw", "y_pred", "noaa_ar", "row", "time"]
-    assert (pred.y_pred == (pred.y_prob >= s.threshold)).all()
+    assert (pred.y_pred == (pred.y_prob_raw >= s.raw_threshold)).all()
+    assert (pred.y_pred == (pred.y_prob >= s.threshold)).all()  # the same decisions: Platt is increasing
     again = Predictions.read(tmp_path / "val_predictions.csv")
     np.testing.assert_array_equal(again.y, val.y)
     np.testing.assert_allclose(again.prob, val.prob, rtol=1e-15)
@@ -90,6 +106,7 @@ def test_files_round_trip(tmp_path):
     final = pd.read_csv(tmp_path / "final_metrics.csv").iloc[0]
     assert final.oracle_max_tss == pytest.approx(s.sections["oracle_test_metrics"]["tss"]) and final.best_epoch == 3
     sweep = pd.read_csv(tmp_path / "threshold_optimization.csv")
-    assert {"threshold", "val_tss", "test_tss"} <= set(sweep.columns) and len(sweep) == len(s.val_table)
+    assert {"threshold", "threshold_calibrated", "val_tss", "test_tss"} <= set(sweep.columns)
+    assert len(sweep) == len(s.val_table)
     with pytest.raises(ValueError, match="missing columns"):
         Predictions.read(tmp_path / "final_metrics.csv")

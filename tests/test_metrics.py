@@ -400,14 +400,14 @@ def test_select_threshold_ties_to_lowest():
     table = threshold_table([0, 0, 1, 1], [0.05, 0.3, 0.6, 0.95], DESIGN)
     top = table[table.balanced_score == table.balanced_score.max()]
     assert top.threshold.min() == 0.31 and top.threshold.max() == 0.6
-    assert select_threshold(table) == 0.31
+    assert select_threshold(table, "balanced") == 0.31
     # Row order does not matter.
-    assert select_threshold(table.iloc[::-1]) == 0.31
+    assert select_threshold(table.iloc[::-1], "balanced") == 0.31
 
 
 def test_select_threshold_hand_table():
     table = pd.DataFrame({"threshold": [0.2, 0.4, 0.3, 0.5], "balanced_score": [0.5, 0.7, 0.7, 0.1]})
-    assert select_threshold(table) == 0.3
+    assert select_threshold(table, "balanced") == 0.3
 
 
 def test_balanced_score_by_hand():
@@ -432,7 +432,7 @@ def test_balanced_score_by_hand():
 )
 def test_select_threshold_validates(table, message):
     with pytest.raises(ValueError, match=message):
-        select_threshold(table)
+        select_threshold(table, "balanced")
 
 
 def test_validation_grid_by_hand():
@@ -447,7 +447,7 @@ def test_validation_grid_by_hand():
     # Thinned to `points` positives evenly spaced in rank, always keeping the lowest and the highest.
     rng = np.random.default_rng(1)
     yy, pp = rng.integers(0, 2, 2000), rng.random(2000)
-    thin = threshold_table(yy, pp, ThresholdConfig(points=11))
+    thin = threshold_table(yy, pp, ThresholdConfig(max_points=11))
     assert len(thin) == 11 and thin.tss.max() <= max_tss(yy, pp)
 
 
@@ -458,15 +458,15 @@ def test_validation_grid_reaches_the_optimum_below_the_design_grid():
     y = rng.random(5000) < 0.03
     p = np.where(y, rng.uniform(0.02, 0.09, 5000), rng.uniform(0.0, 0.05, 5000))
     design = quiet(threshold_table, y, p, DESIGN)
-    t_design = select_threshold(design)
+    t_design = select_threshold(design, "balanced")
     assert t_design == 0.1 and at_grid_edge(design, t_design)
     assert tss(y, p, t_design) == 0.0  # nothing forecast: no skill at all
     # Population optimum: threshold 0.05, TPR (0.09 - 0.05) / 0.07 = 4/7, FPR 0 -> TSS 0.571.
-    every = threshold_table(y, p, ThresholdConfig(points=10_000))  # one threshold per positive: exact
+    every = threshold_table(y, p)  # one threshold per positive (fewer than max_points): exact
     t = select_threshold(every, "tss")
     assert tss(y, p, t) == pytest.approx(max_tss(y, p)) and tss(y, p, t) == pytest.approx(4 / 7, abs=0.06)
     assert best_threshold(y, p) == pytest.approx(t) and t == pytest.approx(0.05, abs=0.005)
-    thinned = threshold_table(y, p)  # the default 81 of the ~150 positives
+    thinned = threshold_table(y, p, ThresholdConfig(max_points=81))  # 81 of the ~150 positives
     assert max_tss(y, p) - tss(y, p, select_threshold(thinned, "tss")) < 0.02
 
 
@@ -476,7 +476,7 @@ def test_tss_threshold_of_a_calibrated_forecast_is_the_base_rate():
     rng = np.random.default_rng(3)
     p = rng.beta(2, 18, 400_000)
     y = rng.random(p.size) < p
-    t = select_threshold(threshold_table(y, p, ThresholdConfig(points=400)), "tss")
+    t = select_threshold(threshold_table(y, p, ThresholdConfig(max_points=400)), "tss")
     assert t == pytest.approx(0.1, abs=0.01)
 
 

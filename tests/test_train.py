@@ -51,7 +51,10 @@ def test_layout_and_contents(data_dir, tmp_path):
                  "predictions.csv"):
         assert (rd / name).stat().st_size > 0
     thr = pd.read_csv(rd / "threshold_optimization.csv")
-    assert len(thr) == 81 and {"val_tss", "test_tss", "val_balanced_score"} <= set(thr.columns)
+    # one threshold per distinct validation-positive score, midway to the next lower score
+    val_pred = pd.read_csv(rd / "val_predictions.csv")
+    assert len(thr) == val_pred.y_prob_raw[val_pred.y_true == 1].nunique() == res["threshold"]["grid_points"]
+    assert {"threshold", "threshold_calibrated", "val_tss", "test_tss", "val_balanced_score"} <= set(thr.columns)
     hist = pd.read_csv(rd / "training_history.csv")
     assert list(hist.epoch) == [1, 2, 3]
     assert {"train_loss", "focal", "evidential", "evt", "precursor", "val_loss", "val_tss", "val_auc", "lr",
@@ -59,17 +62,17 @@ def test_layout_and_contents(data_dir, tmp_path):
     pred = pd.read_csv(rd / "predictions.csv")
     assert {"y_true", "y_prob", "y_pred", "aleatoric", "epistemic", "noaa_ar"} <= set(pred.columns)
     # the recorded test metrics are recomputable from predictions.csv at the validation-chosen threshold
-    t = res["threshold"]["selected"]
-    assert res["threshold"]["source"] == "validation" and t == res["threshold"]["validation"]
-    again = evaluate(pred.y_true, pred.y_prob, t)
+    t = res["threshold"]["selected_raw"]
+    assert res["threshold"]["source"] == "validation" and t == res["threshold"]["validation_raw"]
+    assert t == thr.threshold[thr.val_tss.idxmax()]  # the best validation TSS (ties: the first, lowest)
+    again = evaluate(pred.y_true, pred.y_prob_raw, t)
     assert again["tss"] == pytest.approx(res["test_metrics"]["tss"])
-    assert (pred.y_pred == (pred.y_prob >= t)).all()
+    assert (pred.y_pred == (pred.y_prob_raw >= t)).all()
     # the oracle threshold is that of the highest test TSS over all thresholds, and labelled as such
-    assert res["threshold"]["oracle_test"] == best_threshold(pred.y_true, pred.y_prob)
-    assert res["oracle_test_metrics"]["tss"] == pytest.approx(max_tss(pred.y_true, pred.y_prob))
+    assert res["threshold"]["oracle_test_raw"] == best_threshold(pred.y_true, pred.y_prob_raw)
+    assert res["oracle_test_metrics"]["tss"] == pytest.approx(max_tss(pred.y_true, pred.y_prob_raw))
     assert "oracle" in res["threshold"]["note"]
     # probabilities are calibrated on validation (Platt by default); the raw ones are kept beside them
-    val_pred = pd.read_csv(rd / "val_predictions.csv")
     assert res["calibration"]["method"] == "platt" and len(val_pred) == res["data"]["n_val"]
     cal = fit_calibrator(val_pred.y_true, val_pred.y_prob_raw, "platt")
     np.testing.assert_allclose(cal.apply(pred.y_prob_raw), pred.y_prob, rtol=1e-9)

@@ -230,7 +230,8 @@ class ProductionAnalyzer:
         """Each expected target's seed ensemble (:mod:`everest.ensemble`; built, or reused when its members are
         unchanged, under ``<out_dir>/ensemble``), or the reason there is none."""
         targets = list(dict.fromkeys(e.target for e in self.results.expected))
-        return build_ensembles(self.results_dir, self.out_dir, targets)
+        members = {t: [r.path for r in runs] for t, runs in self.results.by_target().items()}
+        return build_ensembles(self.results_dir, self.out_dir, targets, members)
 
     def _ensemble_predictions(self, target: str) -> pd.DataFrame:
         folder = experiment_dir(ensemble_root(self.out_dir), ensemble_name(Target.parse(target)))
@@ -259,7 +260,7 @@ class ProductionAnalyzer:
                            calibration=res["calibration"]["method"],
                            seed_tss_mean=float(np.mean([x["test_tss"] for x in members])),
                            seed_brier_mean=float(np.mean([x["test_brier"] for x in members])))
-                row["seed_brier_raw_mean"] = self._seed_mean(t, "brier_raw")
+                row["seed_brier_raw_mean"] = float(np.mean([x["test_brier_raw"] for x in members]))
             rows.append(row)
         return pd.DataFrame(rows, columns=list(ENSEMBLE_COLUMNS))
 

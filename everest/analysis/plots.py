@@ -155,14 +155,14 @@ def threshold_figure(raw: pd.DataFrame, runs: Sequence[ExperimentResult]) -> Fig
     c.set_xticks(range(len(order)), order, rotation=45, ha="right", fontsize=8)
     c.set_title("Threshold stability: coefficient of variation across seeds")
     c.grid(axis="y", alpha=0.3)
-    for t in order:
+    for t in order:  # each seed searched its own thresholds: one line per seed
         tables = [r.threshold_table for r in runs if str(r.target) == t and r.threshold_table is not None]
-        if tables:
-            curve = np.mean([tb["test_tss"].to_numpy(float) for tb in tables], axis=0)
-            d.plot(tables[0]["threshold"], curve, color=_colour(t), alpha=0.8, label=t)
-    d.set_xlabel("threshold")
-    d.set_ylabel("test TSS (mean over seeds)")
-    d.set_title("Test TSS across the threshold grid")
+        for k, tb in enumerate(tables):
+            x = tb["threshold_calibrated"] if "threshold_calibrated" in tb else tb["threshold"]
+            d.plot(x, tb["test_tss"], color=_colour(t), alpha=0.6, lw=1, label=t if k == 0 else None)
+    d.set_xlabel("threshold (calibrated scale)")
+    d.set_ylabel("test TSS")
+    d.set_title("Test TSS across each seed's searched thresholds")
     d.legend(fontsize=7, ncol=3)
     d.grid(alpha=0.3)
     fig.suptitle("Decision-threshold analysis")
@@ -246,7 +246,8 @@ def roc_pr_figure(runs: Sequence[ExperimentResult]) -> Figure:
         roc_ax, pr_ax = axes[2 * i], axes[2 * i + 1]
         rocs, prs, base = [], [], []
         for p in frames:
-            y, prob = p["y_true"].to_numpy(int), p["y_prob"].to_numpy(float)
+            # the model's own ranking: a calibration map can only merge scores (saturation), never improve it
+            y, prob = p["y_true"].to_numpy(int), p["y_prob_raw" if "y_prob_raw" in p else "y_prob"].to_numpy(float)
             if y.min() == y.max():
                 continue  # one class only: no curve exists
             fpr, tpr, _ = roc_curve(y, prob)

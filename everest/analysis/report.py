@@ -129,10 +129,10 @@ def _verdict(a: ProductionAnalyzer) -> list[str]:
     out.append("")
     out.append("The seed ensemble (mean of the seeds' probabilities, its own calibration and threshold on validation) "
                "against the best baseline; Brier scores on the calibrated scale (raw model scores in brackets):\n")
-    out.append(table(["target", "ensemble TSS (seeds)", "bootstrap CI", "Brier ensemble", "Brier EVEREST (seed mean)",
-                      "Brier best baseline"],
+    out.append(table(["target", "ensemble TSS (seeds)", "bootstrap CI", "best baseline TSS", "Brier ensemble",
+                      "Brier EVEREST (seed mean)", "Brier best baseline"],
                      [[r["target"], f"{fmt(r['ensemble_tss'])} ({r['ensemble_seeds']})",
-                       _ci(r["ensemble_tss_boot_ci_low"], r["ensemble_tss_boot_ci_high"]),
+                       _ci(r["ensemble_tss_boot_ci_low"], r["ensemble_tss_boot_ci_high"]), r["best_baseline_tss"],
                        f"{fmt(r['ensemble_brier'], 4)} ({fmt(r['ensemble_brier_raw'], 4)})",
                        f"{fmt(r['everest_brier'], 4)} ({fmt(r['everest_brier_raw'], 4)})",
                        fmt(r["best_baseline_brier"], 4)] for r in v.to_dict("records")]))
@@ -151,8 +151,10 @@ def _ensemble(a: ProductionAnalyzer) -> list[str]:
     out.append("Every model's probabilities are **calibrated** on the validation split before the threshold search "
                f"({methods}); Brier score and ECE are shown raw and calibrated, on test. The **ensemble** averages "
                "its seeds' raw probabilities; the seeds share one validation split, so its calibration and "
-               "threshold are fitted on regions none of its members trained on. TSS CI: region-block bootstrap "
-               f"({conf} %). A threshold at the edge of the searched grid is marked *edge*.\n")
+               "threshold are fitted on regions none of its members trained on (and the seed intervals above "
+               "describe training randomness only, not the choice of validation regions). Thresholds are searched "
+               "on the raw scores and shown on the calibrated scale. TSS CI: region-block bootstrap "
+               f"({conf} %). A threshold at the edge of the design grid is marked *edge*.\n")
     rows = [[r["target"], _int(r["members"]), fmt(r["tss"]), _ci(r["tss_boot_ci_low"], r["tss_boot_ci_high"]),
              fmt(r["seed_tss_mean"]), f"{fmt(r['threshold'], 4)}{' (edge)' if r['at_grid_edge'] is True else ''}",
              fmt(r["roc_auc"]), f"{fmt(r['brier_raw'], 4)} → {fmt(r['brier'], 4)}",
