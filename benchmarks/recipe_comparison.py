@@ -12,6 +12,9 @@ not read here. Variants (``--variants``):
 * ``no_padding_mask``: ``model.padding_mask=false`` (padding steps enter attention and pooling as data).
 * ``design_grid_stopping``: early stopping and best weights on TSS over the design grid 0.10-0.90 with the
   balanced threshold score (the reference rule).
+* candidate recipes against overfitting: ``small_model`` (width 64, 2 blocks), ``dropout_0.4``,
+  ``weight_decay_0.05``, ``slow_lr`` (learning rate 2e-4 for up to 12 epochs, patience 3),
+  ``no_augmentation`` (no noisy copies of M/M5 positives).
 
 Prints one row per (variant, target, seed) and the per-variant means, and the mean difference to
 ``recipe`` with how many (target, seed) pairs it wins.
@@ -35,6 +38,12 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "recipe": (),
     "no_padding_mask": ("model.padding_mask=false",),
     "design_grid_stopping": ("threshold.grid=design", "threshold.score=balanced"),
+    # candidate recipes against overfitting (the model's best epoch is 1-4 on a few thousand windows)
+    "small_model": ("model.embed_dim=64", "model.ff_dim=128", "model.num_blocks=2"),
+    "dropout_0.4": ("model.dropout=0.4",),
+    "weight_decay_0.05": ("train.weight_decay=0.05",),
+    "slow_lr": ("train.learning_rate=2e-4", "train.epochs=12", "train.early_stopping_patience=3"),
+    "no_augmentation": ("data.augment_copies=0",),
 }
 
 

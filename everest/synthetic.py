@@ -89,9 +89,9 @@ SIZES: dict[str, SizeSpec] = {
     # ~7,000 train / ~2,600 test rows per file: 240 / 90 regions seen for 4-8 h each; enriched (not calibrated).
     "demo": SizeSpec(train_regions=240, test_regions=90, segment_days=(0.15, 0.35), enrich=0.5, pool_factor=20,
                      gaps_per_day=0.3),
-    # ~14,000 train / ~7,800 test rows per file: `demo` with twice the training and three times the test
-    # regions, so that a study's seed-to-seed spread of test TSS reflects the model, not a handful of test regions.
-    "study": SizeSpec(train_regions=480, test_regions=270, segment_days=(0.15, 0.35), enrich=0.5, pool_factor=20,
+    # ~28,000 train / ~10,500 test rows per file: `demo` with four times the regions, so that the seed-to-seed
+    # spread of test TSS reflects the model, not a handful of flaring regions in validation and test.
+    "study": SizeSpec(train_regions=960, test_regions=360, segment_days=(0.15, 0.35), enrich=0.5, pool_factor=20,
                       gaps_per_day=0.3),
     # whole lives, natural sample: calibrated rates, for in-memory calibration tests (more test regions than full).
     "calibrated": SizeSpec(train_regions=400, test_regions=200),
