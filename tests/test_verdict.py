@@ -213,3 +213,21 @@ def test_baseline_experiments_are_not_everest_results(tmp_path):
                      "--baseline-model", f"persistence={tmp_path / 'elsewhere'}"]) == 0
     cli = pd.read_csv(tmp_path / "cli" / "analysis" / "verdict.csv")
     assert list(cli["best_baseline"]) == ["persistence"] and "tss_logistic" not in cli
+
+
+@pytest.mark.parametrize(("lo", "hi", "p", "words"), [
+    (-0.004, -0.001, 0.01, "better than logistic's"),
+    (0.001, 0.004, 0.01, "worse than logistic's"),
+    (-0.001, 0.005, 0.30, "nominally worse than logistic's, within the noise"),
+    (0.001, 0.004, 0.20, "nominally worse than logistic's, within the noise"),  # CI above 0, but Holm p too big
+])
+def test_ensemble_brier_sentence(lo, hi, p, words):
+    from everest.analysis.report import ensemble_sentence
+
+    row = {"target": "M-24", "best_baseline": "logistic", "ensemble_brier": 0.1136, "best_baseline_brier": 0.1132,
+           "ensemble_brier_delta": 0.0004 if lo > -0.002 else -0.002, "ensemble_brier_ci_low": lo,
+           "ensemble_brier_ci_high": hi, "ensemble_brier_p_holm": p}
+    text = ensemble_sentence(row)
+    assert text.startswith(f"M-24: the EVEREST ensemble's calibrated probabilities are {words}: Brier 0.1136 vs 0.1132")
+    assert "lower is better" in text
+    assert "no ensemble" in ensemble_sentence({**row, "ensemble_brier_delta": float("nan")})

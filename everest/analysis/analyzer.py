@@ -51,7 +51,9 @@ VERDICT_COLUMNS: tuple[str, ...] = (
     "everest_tss_boot_ci_low", "everest_tss_boot_ci_high", "everest_brier", "best_baseline", "best_baseline_seeds",
     "best_baseline_val_tss", "best_baseline_tss", "best_baseline_brier", "delta", "ci_low", "ci_high", "p_value",
     "p_holm", "n_pairs", "verdict", "note", "sentence", "everest_brier_raw", "ensemble_seeds", "ensemble_tss",
-    "ensemble_tss_boot_ci_low", "ensemble_tss_boot_ci_high", "ensemble_brier", "ensemble_brier_raw")
+    "ensemble_tss_boot_ci_low", "ensemble_tss_boot_ci_high", "ensemble_brier", "ensemble_brier_raw",
+    "ensemble_brier_delta", "ensemble_brier_ci_low", "ensemble_brier_ci_high", "ensemble_brier_p_holm",
+    "ensemble_sentence")
 # Columns of the ensemble table (analysis/ensemble.csv), one row per expected target.
 ENSEMBLE_COLUMNS: tuple[str, ...] = (
     "target", "members", "tss", "tss_boot_ci_low", "tss_boot_ci_high", "threshold", "at_grid_edge", "roc_auc",
@@ -238,6 +240,18 @@ class ProductionAnalyzer:
         return pd.read_csv(folder / "predictions.csv")
 
     @cached_property
+    def ensemble_units(self) -> dict[str, st.UnitStats]:
+        """Per-unit sufficient statistics of each built ensemble's test predictions, by target."""
+        out = {}
+        for t, res in self.ensembles.items():
+            if isinstance(res, dict):
+                pred = self._ensemble_predictions(t)
+                units, _ = resampling_units(pred)
+                out[t] = st.unit_statistics(pred["y_true"].to_numpy(), pred["y_pred"].to_numpy(),
+                                            pred["y_prob"].to_numpy(float), units)
+        return out
+
+    @cached_property
     def ensemble_table(self) -> pd.DataFrame:
         """Per expected target: the ensemble's test scores (TSS with its region-bootstrap CI; Brier and ECE
         raw and calibrated) beside the mean of its members' own."""
@@ -245,11 +259,7 @@ class ProductionAnalyzer:
         for t, res in self.ensembles.items():
             row: dict[str, Any] = {"target": t, "note": res if isinstance(res, str) else ""}
             if isinstance(res, dict):
-                pred = self._ensemble_predictions(t)
-                units, _ = resampling_units(pred)
-                us = st.unit_statistics(pred["y_true"].to_numpy(), pred["y_pred"].to_numpy(),
-                                        pred["y_prob"].to_numpy(float), units)
-                boot = st.bootstrap_target([us], self.n_bootstrap, _rng(self.seed, "ensemble",
+                boot = st.bootstrap_target([self.ensemble_units[t]], self.n_bootstrap, _rng(self.seed, "ensemble",
                                            all_targets().index(Target.parse(t))), ("tss",), self.confidence)
                 m, members = res["test_metrics"], res["members"]
                 cal = res["calibration"]["test"]
@@ -421,6 +431,7 @@ class ProductionAnalyzer:
                            completed=[r for t, m in best.items() for r in self.baseline_results[m].by_target()[t]])
         cmp = compare_result_sets(chosen, self.results, self.n_bootstrap, self.seed, self.confidence)
         cmp_by = {r["a"]: r for r in cmp.to_dict("records")} if len(cmp) else {}
+        brier_by = self._ensemble_brier_comparison(chosen)
         stats = self.summary_statistics.set_index("target")
         ensembles = {r["target"]: r for r in self.ensemble_table.to_dict("records") if not r["note"]}
         alpha = 1 - self.confidence
@@ -468,8 +479,31 @@ class ProductionAnalyzer:
                        ensemble_tss_boot_ci_low=ens.get("tss_boot_ci_low", np.nan),
                        ensemble_tss_boot_ci_high=ens.get("tss_boot_ci_high", np.nan),
                        ensemble_brier=ens.get("brier", np.nan), ensemble_brier_raw=ens.get("brier_raw", np.nan))
+            b_cmp = brier_by.get(name, {})
+            row.update({f"ensemble_brier_{k}": b_cmp.get(k, np.nan) for k in ("delta", "ci_low", "ci_high", "p_holm")})
+            row["ensemble_sentence"] = report.ensemble_sentence(row, self.confidence)
             rows.append(row)
         return pd.DataFrame(rows)
+
+    def _ensemble_brier_comparison(self, best: ResultSet) -> dict[str, dict[str, float]]:
+        """Per target: ensemble minus best-baseline Brier score, paired on test samples against each baseline
+        seed (region bootstrap CI, permutation p, Holm over the targets compared)."""
+        rows = {}
+        for t, runs in best.by_target().items():
+            ens = self.ensemble_units.get(str(t))
+            base = {r.seed: _unit_stats(r) for r in runs if r.predictions is not None}
+            if ens is None or not base:
+                continue
+            try:
+                rows[str(t)] = st.compare_paired(base, {s: ens for s in base}, self.n_bootstrap,
+                                                 _rng(self.seed, "ensemble-brier", all_targets().index(t)), "brier",
+                                                 self.confidence)
+            except ValueError:  # not the same test samples: no paired comparison
+                continue
+        holm = st.holm([r["p_value"] for r in rows.values()]) if rows else []
+        for r, p in zip(rows.values(), holm, strict=True):
+            r["p_holm"] = float(p)
+        return rows
 
     @cached_property
     def threshold_stability(self) -> pd.DataFrame:

@@ -96,6 +96,24 @@ def verdict_sentence(row: dict[str, Any], confidence: float = 0.95) -> str:
             f"({conf} {fmt(lo)}-{fmt(hi)}, {holm}).")
 
 
+def ensemble_sentence(row: dict[str, Any], confidence: float = 0.95) -> str:
+    """One plain sentence on the ensemble's calibrated probabilities against the best baseline's, e.g.
+    'M-24: the EVEREST ensemble's probabilities are worse than logistic's: Brier 0.1136 vs 0.1132 (...)'."""
+    t, best = row["target"], row.get("best_baseline")
+    if not isinstance(best, str) or not math.isfinite(float(row.get("ensemble_brier_delta", math.nan))):
+        return f"{t}: no ensemble Brier comparison (an ensemble needs two finished seeds, and a baseline)."
+    lo, hi, p = row["ensemble_brier_ci_low"], row["ensemble_brier_ci_high"], row["ensemble_brier_p_holm"]
+    alpha = 1 - confidence
+    delta = float(row["ensemble_brier_delta"])
+    nominal = "nominally worse than" if delta > 0 else "nominally better than" if delta < 0 else "equal to"
+    word = ("better than {}'s" if hi < 0 and p < alpha else "worse than {}'s" if lo > 0 and p < alpha else
+            nominal + " {}'s, within the noise").format(best)
+    return (f"{t}: the EVEREST ensemble's calibrated probabilities are {word}: Brier "
+            f"{fmt(row['ensemble_brier'], 4)} vs {fmt(row['best_baseline_brier'], 4)} (difference "
+            f"{delta:+.4f}, {int(round(confidence * 100))} % CI {fmt(lo, 4)} to "
+            f"{fmt(hi, 4)}, Holm p = {_p(p)}; lower is better).")
+
+
 def _verdict(a: ProductionAnalyzer) -> list[str]:
     out = ["## Verdict: EVEREST against simple baselines\n"]
     if not a.baseline_models:
@@ -136,6 +154,8 @@ def _verdict(a: ProductionAnalyzer) -> list[str]:
                        f"{fmt(r['ensemble_brier'], 4)} ({fmt(r['ensemble_brier_raw'], 4)})",
                        f"{fmt(r['everest_brier'], 4)} ({fmt(r['everest_brier_raw'], 4)})",
                        fmt(r["best_baseline_brier"], 4)] for r in v.to_dict("records")]))
+    out += [f"* {r['ensemble_sentence']}" for r in v.to_dict("records")]
+    out.append("")
     return out
 
 
