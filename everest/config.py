@@ -241,13 +241,13 @@ class TrainConfig(_Frozen):
 class ThresholdConfig(_Frozen):
     """Decision-threshold search on the validation split.
 
-    ``grid="validation"`` (default) searches the validation positives' raw probabilities (all of them, or
-    ``max_points`` of them evenly spaced in rank when there are more): TSS peaks at one of them, so with
-    ``score="tss"`` the search returns the validation optimum wherever the model's probabilities lie
-    (beyond ``max_points`` positives, to within 1/``max_points`` of the true-positive rate).
-    ``grid="design"`` is the design document's ``points`` values from ``start`` to ``stop`` (0.10, 0.11,
-    ..., 0.90), which misses the optimum when a model's useful probabilities lie below 0.10.
-    ``score="balanced"`` is the design's weighted sum of metrics (``weights``).
+    ``grid="validation"`` (default) searches every validation positive's raw probability: TSS peaks at one
+    of them, so with ``score="tss"`` the search returns the validation optimum wherever the model's
+    probabilities lie; the sweep written to ``threshold_optimization.csv`` shows ``points`` of them, evenly
+    spaced in rank and always including the chosen one. ``grid="design"`` is the design document's
+    ``points`` values from ``start`` to ``stop`` (0.10, 0.11, ..., 0.90), which misses the optimum when a
+    model's useful probabilities lie below 0.10. ``score="balanced"`` is the design's weighted sum of
+    metrics (``weights``).
     """
 
     grid: Literal["validation", "design"] = "validation"
@@ -255,7 +255,6 @@ class ThresholdConfig(_Frozen):
     start: float = Field(0.10, gt=0.0, lt=1.0)
     stop: float = Field(0.90, gt=0.0, lt=1.0)
     points: int = Field(81, ge=1)
-    max_points: int = Field(2000, ge=2)
     weights: dict[str, float] = Field(
         default_factory=lambda: {"tss": 0.40, "f1": 0.20, "precision": 0.15, "recall": 0.15, "specificity": 0.10}
     )

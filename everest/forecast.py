@@ -77,6 +77,7 @@ class ScoredForecast:
     val_table: pd.DataFrame  # threshold sweep on validation (the search, raw scale) ...
     test_table: pd.DataFrame  # ... and on test at the same thresholds (reported, never used)
     sections: dict[str, Any]
+    sweep_points: int  # rows of the sweep a results folder shows (threshold.points)
 
     @property
     def threshold(self) -> float:
@@ -129,7 +130,7 @@ def score_forecast(val: Predictions, test: Predictions, cfg: EverestConfig) -> S
             "oracle_test_metrics": _scores(test.y, test.prob, pt, oracle_raw),
             "confusion_matrix": {k: int(test_metrics[k]) for k in ("tp", "fp", "tn", "fn")},
         }
-    return ScoredForecast(cal, pv, pt, val_table, test_table, sections)
+    return ScoredForecast(cal, pv, pt, val_table, test_table, sections, th.points)
 
 
 def final_metrics_row(results: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -144,10 +145,11 @@ def final_metrics_row(results: dict[str, Any], **extra: Any) -> dict[str, Any]:
 
 def write_forecast(folder: Path, scored: ScoredForecast, val: Predictions, test: Predictions,
                    final: dict[str, Any]) -> None:
-    """Write the threshold sweep (raw thresholds and their calibrated values), test and validation predictions
-    and the final-metrics row into ``folder``."""
-    sweep = [t.set_index("threshold").add_prefix(f"{k}_") for k, t in (("val", scored.val_table),
-                                                                       ("test", scored.test_table))]
+    """Write the threshold sweep (``threshold.points`` of the raw thresholds searched, with the chosen one,
+    and their calibrated values), test and validation predictions and the final-metrics row into ``folder``."""
+    rows = M.thin_sweep(scored.val_table, scored.sweep_points, scored.raw_threshold)
+    sweep = [t.iloc[rows].set_index("threshold").add_prefix(f"{k}_") for k, t in (("val", scored.val_table),
+                                                                                  ("test", scored.test_table))]
     sweep_table = pd.concat(sweep, axis=1).reset_index()
     sweep_table.insert(1, "threshold_calibrated", scored.calibrator.apply(sweep_table["threshold"].to_numpy()))
     io.write_csv(folder / "threshold_optimization.csv", sweep_table)

@@ -59,6 +59,7 @@ __all__ = [
     "select_threshold",
     "specificity",
     "threshold_grid",
+    "thin_sweep",
     "threshold_table",
     "tss",
 ]
@@ -381,10 +382,10 @@ def threshold_grid(cfg: ThresholdConfig | None = None, y_true: ArrayLike | None 
 
     ``design``: ``cfg.points`` evenly spaced from start to stop (0.10, 0.11, ..., 0.90). ``validation``:
     one threshold per distinct probability ``v`` of the positives in ``y_true``/``y_prob`` (the split the
-    threshold is chosen on; thinned to ``cfg.max_points`` evenly spaced in rank when there are more), placed
-    midway between ``v`` and the next lower probability of any sample. TSS changes its true-positive
-    count only at the positives' values, so its maximum over all thresholds is at one of these, and the
-    midpoint keeps the counts of ``v`` while leaving a margin on both sides for unseen samples. Without
+    threshold is chosen on), placed midway between ``v`` and the next lower probability of any sample. TSS
+    changes its true-positive count only at the positives' values, so its maximum over all thresholds is at
+    one of these, and the midpoint keeps the counts of ``v`` while leaving a margin on both sides for unseen
+    samples. Without
     positives the validation grid is the design grid.
     """
     cfg = _check_config(cfg)
@@ -397,8 +398,6 @@ def threshold_grid(cfg: ThresholdConfig | None = None, y_true: ArrayLike | None 
     values = np.unique(p[y == 1])
     if values.size == 0:
         return design
-    if values.size > cfg.max_points:
-        values = values[np.unique(np.round(np.linspace(0, values.size - 1, cfg.max_points)).astype(np.int64))]
     every = np.unique(p)
     below = every[np.maximum(np.searchsorted(every, values) - 1, 0)]
     mid = below + (values - below) / 2
@@ -460,6 +459,19 @@ def select_threshold(table: pd.DataFrame, score: str = "tss") -> float:
     return float(t[best].min())
 
 
+def thin_sweep(table: pd.DataFrame, points: int, keep: float) -> np.ndarray:
+    """Row positions of ``points`` thresholds of a sweep, evenly spaced in rank, always including ``keep``
+    (the chosen threshold): what a results folder shows of a search over thousands of thresholds."""
+    n = len(table)
+    if n <= points:
+        return np.arange(n)
+    rows = np.round(np.linspace(0, n - 1, points)).astype(np.int64)  # distinct: the step is at least 1
+    chosen = int(np.flatnonzero(table["threshold"].to_numpy() == keep)[0])
+    if chosen not in rows:
+        rows[np.argmin(np.abs(rows - chosen))] = chosen
+    return np.sort(rows)
+
+
 def at_grid_edge(table: pd.DataFrame, threshold: float) -> bool:
     """Whether ``threshold`` is the lowest or highest value searched: the optimum may lie beyond the grid."""
     t = table["threshold"].to_numpy(dtype=np.float64)
@@ -469,5 +481,5 @@ def at_grid_edge(table: pd.DataFrame, threshold: float) -> bool:
 def best_threshold(y_true: ArrayLike, y_prob: ArrayLike) -> float:
     """The threshold of the highest TSS over all thresholds (:func:`max_tss`); the lowest one on ties."""
     y, p = _check_inputs(y_true, y_prob)
-    table = threshold_table(y, p, ThresholdConfig(grid="validation", max_points=max(2, y.size)))
+    table = threshold_table(y, p, ThresholdConfig(grid="validation"))
     return select_threshold(table, "tss")

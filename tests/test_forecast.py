@@ -107,6 +107,6 @@ def test_files_round_trip(tmp_path):
     assert final.oracle_max_tss == pytest.approx(s.sections["oracle_test_metrics"]["tss"]) and final.best_epoch == 3
     sweep = pd.read_csv(tmp_path / "threshold_optimization.csv")
     assert {"threshold", "threshold_calibrated", "val_tss", "test_tss"} <= set(sweep.columns)
-    assert len(sweep) == len(s.val_table)
+    assert len(sweep) == min(81, len(s.val_table)) and s.raw_threshold in sweep.threshold.to_numpy()
     with pytest.raises(ValueError, match="missing columns"):
         Predictions.read(tmp_path / "final_metrics.csv")

@@ -33,6 +33,7 @@ from everest.metrics import (
     roc_auc,
     select_threshold,
     specificity,
+    thin_sweep,
     threshold_grid,
     threshold_table,
     tss,
@@ -444,11 +445,16 @@ def test_validation_grid_by_hand():
     assert table.tss.to_numpy() == pytest.approx([2 / 3, 2 / 3, 1 / 3])
     assert select_threshold(table, "tss") == pytest.approx(0.25)
     assert at_grid_edge(table, 0.25) and not at_grid_edge(table, 0.45)
-    # Thinned to `points` positives evenly spaced in rank, always keeping the lowest and the highest.
+    # Every positive is searched; a results folder shows `points` rows evenly spaced in rank, with the chosen one.
     rng = np.random.default_rng(1)
     yy, pp = rng.integers(0, 2, 2000), rng.random(2000)
-    thin = threshold_table(yy, pp, ThresholdConfig(max_points=11))
-    assert len(thin) == 11 and thin.tss.max() <= max_tss(yy, pp)
+    full = threshold_table(yy, pp)
+    assert len(full) == np.unique(pp[yy == 1]).size and full.tss.max() == pytest.approx(max_tss(yy, pp))
+    chosen = select_threshold(full, "tss")
+    rows = thin_sweep(full, 11, chosen)
+    assert len(rows) == 11 and rows[0] == 0 and rows[-1] == len(full) - 1
+    assert chosen in full.threshold.to_numpy()[rows]
+    assert thin_sweep(full.head(5), 11, full.threshold[0]).tolist() == [0, 1, 2, 3, 4]
 
 
 def test_validation_grid_reaches_the_optimum_below_the_design_grid():
@@ -462,12 +468,10 @@ def test_validation_grid_reaches_the_optimum_below_the_design_grid():
     assert t_design == 0.1 and at_grid_edge(design, t_design)
     assert tss(y, p, t_design) == 0.0  # nothing forecast: no skill at all
     # Population optimum: threshold 0.05, TPR (0.09 - 0.05) / 0.07 = 4/7, FPR 0 -> TSS 0.571.
-    every = threshold_table(y, p)  # one threshold per positive (fewer than max_points): exact
+    every = threshold_table(y, p)  # one threshold per positive: exact
     t = select_threshold(every, "tss")
     assert tss(y, p, t) == pytest.approx(max_tss(y, p)) and tss(y, p, t) == pytest.approx(4 / 7, abs=0.06)
     assert best_threshold(y, p) == pytest.approx(t) and t == pytest.approx(0.05, abs=0.005)
-    thinned = threshold_table(y, p, ThresholdConfig(max_points=81))  # 81 of the ~150 positives
-    assert max_tss(y, p) - tss(y, p, select_threshold(thinned, "tss")) < 0.02
 
 
 def test_tss_threshold_of_a_calibrated_forecast_is_the_base_rate():
@@ -476,7 +480,7 @@ def test_tss_threshold_of_a_calibrated_forecast_is_the_base_rate():
     rng = np.random.default_rng(3)
     p = rng.beta(2, 18, 400_000)
     y = rng.random(p.size) < p
-    t = select_threshold(threshold_table(y, p, ThresholdConfig(max_points=400)), "tss")
+    t = select_threshold(threshold_table(y, p), "tss")
     assert t == pytest.approx(0.1, abs=0.01)
 
 
