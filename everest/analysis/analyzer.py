@@ -130,9 +130,9 @@ class AnalysisSummary:
 def _rounded(key: str, value: Any) -> Any:
     if not isinstance(value, float):
         return value
-    if key.startswith("p_") and 0 < value < 0.001:
+    if (key.startswith("p_") or key.endswith("_p_holm")) and 0 < value < 0.001:
         return float(f"{value:.2g}")
-    return round(value, 3)
+    return round(value, 4 if "brier" in key else 3)  # Brier scores differ in the fourth decimal
 
 
 def _jsonable(obj: Any) -> Any:
