@@ -8,7 +8,8 @@ validation predictions cannot be averaged without leaking training regions into 
 
 Only members of one identity (config hash, code version, data files) are averaged: the identity most
 finished seeds share; others are listed as excluded. Results go to ``<output>/ensemble/results/`` with
-EVEREST's file layout (``everest_M_24h_ensemble/{results.json, predictions.csv, val_predictions.csv, ...}``)
+EVEREST's prediction files (``everest_M_24h_ensemble/{ensemble.json, predictions.csv, val_predictions.csv, ...}``;
+``ensemble.json`` has the ``results.json`` schema, named apart because an ensemble is no experiment)
 and are rebuilt only when their members change. Command line: ``everest ensemble --output-dir output``.
 """
 
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 ENSEMBLE_FOLDER = "ensemble"
 ENSEMBLE_VERSION = "ensemble-1"
+ENSEMBLE_FILE = "ensemble.json"  # written last: its presence marks the ensemble built
 
 
 class EnsembleError(DataError):
@@ -97,7 +99,7 @@ def _same_samples(parts: list[Predictions], names: list[str], split: str) -> Non
 
 def build_ensemble(results_dir: str | Path, target: Target | str, output_dir: str | Path, force: bool = False,
                    members: list[Path] | None = None) -> dict[str, Any]:
-    """Average the finished seeds of ``target`` in ``results_dir``, score and save; return ``results.json``.
+    """Average the finished seeds of ``target`` in ``results_dir``, score and save; return ``ensemble.json``.
 
     ``members`` names the member folders (the analysis passes the seeds it analyses); by default every
     finished seed found. Needs at least two members of one identity, validated and tested on the same samples.
@@ -121,7 +123,7 @@ def build_ensemble(results_dir: str | Path, target: Target | str, output_dir: st
                                        if (f / name).is_file())).hexdigest() for _, f, _ in used]
     identity = hashlib.sha256(json.dumps([ENSEMBLE_VERSION, key, names, content]).encode()).hexdigest()[:16]
     folder = experiment_dir(ensemble_root(output_dir), ensemble_name(target))
-    done = folder / RESULTS_FILE
+    done = folder / ENSEMBLE_FILE
     if not force and done.is_file():
         old = json.loads(done.read_text())
         if old.get("provenance", {}).get("ensemble_identity") == identity:

@@ -136,7 +136,7 @@ def test_rebuilt_only_when_members_change(tmp_path, splits):
     for s in (0, 1):
         write_member(tmp_path / "results", s, val, test)
     build_ensemble(tmp_path / "results", TARGET, tmp_path)
-    done = experiment_dir(ensemble_root(tmp_path), ensemble_name(TARGET)) / "results.json"
+    done = experiment_dir(ensemble_root(tmp_path), ensemble_name(TARGET)) / "ensemble.json"
     stamp = done.stat().st_mtime_ns
     build_ensemble(tmp_path / "results", TARGET, tmp_path)
     assert done.stat().st_mtime_ns == stamp
