@@ -21,7 +21,7 @@ from scipy.optimize import minimize, minimize_scalar
 from scipy.special import expit
 from sklearn.isotonic import IsotonicRegression
 
-from everest.metrics import ECE_BINS, brier, calibration_bins, ece
+from everest.metrics import ECE_BINS, brier, calibration_bins, check_inputs, ece
 
 __all__ = [
     "EPS",
@@ -67,24 +67,9 @@ def _probabilities(y_prob: Any, name: str = "y_prob") -> np.ndarray:
 
 
 def _check_xy(y_true: ArrayLike, y_prob: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    """Validate 1-D labels and probabilities of equal, non-zero length; return (float64 0/1, float64 p)."""
-    y, p = np.asarray(y_true), np.asarray(y_prob)
-    for arr, name in ((y, "y_true"), (p, "y_prob")):
-        if arr.ndim != 1:
-            raise ValueError(f"{name} must be a 1-D sequence of samples, got shape {arr.shape}")
-    if y.shape != p.shape:
-        raise ValueError(f"y_true and y_prob must have the same length, got {y.size} labels and {p.size} "
-                         f"probabilities")
-    if y.size == 0:
-        raise ValueError("y_true and y_prob must hold at least one sample, got empty sequences")
-    if y.dtype.kind not in "biuf":
-        raise ValueError(f"y_true must hold the binary labels 0 and 1, got dtype {y.dtype}")
-    bad = ~((y == 0) | (y == 1))
-    if bad.any():
-        shown = np.unique(y[bad])[:5].tolist()
-        raise ValueError(f"y_true must hold only the binary labels 0 and 1, got {int(bad.sum())} other value(s), "
-                         f"e.g. {shown}")
-    return y.astype(np.float64), _probabilities(p)
+    """Validated labels and probabilities (:func:`everest.metrics.check_inputs`) as float64 arrays."""
+    y, p = check_inputs(y_true, y_prob)
+    return y.astype(np.float64), p
 
 
 def _check_method(method: Any) -> str:
@@ -313,7 +298,6 @@ def reliability_table(y_true: ArrayLike, y_prob: ArrayLike, n_bins: int = ECE_BI
 
     Bin k holds k/n <= p < (k+1)/n, the last bin closed; empty bins have n = 0 and NaN means.
     """
-    _check_xy(y_true, y_prob)
     edges, n, sum_p, sum_y = calibration_bins(y_true, y_prob, n_bins)
     denom = np.where(n > 0, n, np.nan)
     return pd.DataFrame({

@@ -47,6 +47,7 @@ __all__ = [
     "balanced_score",
     "brier",
     "calibration_bins",
+    "check_inputs",
     "confusion_counts",
     "ece",
     "evaluate",
@@ -111,7 +112,7 @@ def _check_1d(x: Any, name: str) -> np.ndarray:
     return arr
 
 
-def _check_inputs(y_true: ArrayLike, y_prob: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+def check_inputs(y_true: ArrayLike, y_prob: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Validate labels and probabilities; return them as (int8 0/1 array, float64 array)."""
     y = _check_1d(y_true, "y_true")
     p = _check_1d(y_prob, "y_prob")
@@ -123,7 +124,7 @@ def _check_inputs(y_true: ArrayLike, y_prob: ArrayLike) -> tuple[np.ndarray, np.
     if bad.any():
         shown = np.unique(y[bad])[:5].tolist()
         raise ValueError(
-            f"y_true must contain only the labels 0 and 1 (bool, int or float), "
+            f"y_true must contain only the labels 0 and 1 (binary; bool, int or float), "
             f"got {int(bad.sum())} other value(s), e.g. {shown}"
         )
     p = p.astype(np.float64, copy=False)
@@ -131,8 +132,8 @@ def _check_inputs(y_true: ArrayLike, y_prob: ArrayLike) -> tuple[np.ndarray, np.
     if bad.any():
         shown = np.unique(p[bad])[:5].tolist()
         raise ValueError(
-            f"y_prob must contain probabilities in [0, 1] with no NaN, got {int(bad.sum())} value(s) outside, "
-            f"e.g. {shown}"
+            f"y_prob must contain probabilities in [0, 1] with no NaN, got {int(bad.sum())} value(s) outside "
+            f"(finite values in [0, 1] only), e.g. {shown}"
         )
     return y.astype(np.int8), p
 
@@ -224,7 +225,7 @@ def _counts(y: np.ndarray, p: np.ndarray, t: float) -> Confusion:
 
 
 def _scalar(name: str, y_true: ArrayLike, y_prob: ArrayLike, threshold: float) -> float:
-    y, p = _check_inputs(y_true, y_prob)
+    y, p = check_inputs(y_true, y_prob)
     return float(METRICS_FROM_COUNTS[name](*_counts(y, p, _check_threshold(threshold))))
 
 
@@ -234,7 +235,7 @@ def _scalar(name: str, y_true: ArrayLike, y_prob: ArrayLike, threshold: float) -
 
 def confusion_counts(y_true: ArrayLike, y_prob: ArrayLike, threshold: float = DEFAULT_THRESHOLD) -> Confusion:
     """Confusion counts (tp, fp, tn, fn) when predicting positive for ``y_prob >= threshold``."""
-    y, p = _check_inputs(y_true, y_prob)
+    y, p = check_inputs(y_true, y_prob)
     return _counts(y, p, _check_threshold(threshold))
 
 
@@ -274,7 +275,7 @@ def f1(y_true: ArrayLike, y_prob: ArrayLike, threshold: float = DEFAULT_THRESHOL
 
 def roc_auc(y_true: ArrayLike, y_prob: ArrayLike) -> float:
     """ROC AUC from average ranks (Mann-Whitney U), ties counted half; NaN with a warning for one class."""
-    y, p = _check_inputs(y_true, y_prob)
+    y, p = check_inputs(y_true, y_prob)
     n_pos = int(np.count_nonzero(y))
     n_neg = y.size - n_pos
     if n_pos == 0 or n_neg == 0:
@@ -298,7 +299,7 @@ def max_tss(y_true: ArrayLike, y_prob: ArrayLike) -> float:
     With the generator's true probabilities this is the Bayes ceiling a forecaster can reach; NaN with
     a warning for one class only.
     """
-    y, p = _check_inputs(y_true, y_prob)
+    y, p = check_inputs(y_true, y_prob)
     n_pos = int(np.count_nonzero(y))
     n_neg = y.size - n_pos
     if n_pos == 0 or n_neg == 0:
@@ -315,7 +316,7 @@ def max_tss(y_true: ArrayLike, y_prob: ArrayLike) -> float:
 
 def brier(y_true: ArrayLike, y_prob: ArrayLike) -> float:
     """Brier score, mean (p - y)^2: a proper score of the probabilities themselves (lower is better)."""
-    y, p = _check_inputs(y_true, y_prob)
+    y, p = check_inputs(y_true, y_prob)
     return float(np.mean((p - y) ** 2))
 
 
@@ -327,7 +328,7 @@ def calibration_bins(y_true: ArrayLike, y_prob: ArrayLike,
     Bin k holds k/n <= p < (k+1)/n; the last bin is closed, so p = 1.0 lands in it, and a p exactly on an
     inner edge belongs to the bin above that edge.
     """
-    y, p = _check_inputs(y_true, y_prob)
+    y, p = check_inputs(y_true, y_prob)
     if isinstance(n_bins, bool) or not isinstance(n_bins, numbers.Integral) or n_bins < 1:
         raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
     # Edges as k / n (correctly rounded), so an edge equals the literal a caller would write (6/15 == 0.4).
@@ -361,7 +362,7 @@ METRICS: dict[str, Callable[..., float]] = {**THRESHOLD_METRICS, **PROBABILITY_M
 
 def evaluate(y_true: ArrayLike, y_prob: ArrayLike, threshold: float = DEFAULT_THRESHOLD) -> dict[str, float]:
     """All metrics at one threshold plus roc_auc, brier, ece and the counts tp/fp/tn/fn, for one results row."""
-    y, p = _check_inputs(y_true, y_prob)
+    y, p = check_inputs(y_true, y_prob)
     t = _check_threshold(threshold)
     counts = _counts(y, p, t)
     out: dict[str, float] = {name: float(fn(*counts)) for name, fn in METRICS_FROM_COUNTS.items()}
@@ -394,7 +395,7 @@ def threshold_grid(cfg: ThresholdConfig | None = None, y_true: ArrayLike | None 
         return design
     if y_true is None or y_prob is None:
         raise ValueError("threshold grid 'validation' needs y_true and y_prob of the split it is chosen on")
-    y, p = _check_inputs(y_true, y_prob)
+    y, p = check_inputs(y_true, y_prob)
     values = np.unique(p[y == 1])
     if values.size == 0:
         return design
@@ -419,7 +420,7 @@ def threshold_table(y_true: ArrayLike, y_prob: ArrayLike, cfg: ThresholdConfig |
     ``grid`` defaults to :func:`threshold_grid` of ``cfg`` on these samples; pass the validation grid to
     score the test split at the same thresholds.
     """
-    y, p = _check_inputs(y_true, y_prob)
+    y, p = check_inputs(y_true, y_prob)
     cfg = _check_config(cfg)
     grid = threshold_grid(cfg, y, p) if grid is None else np.asarray(grid, dtype=np.float64)
     pos = np.sort(p[y == 1])
@@ -480,6 +481,6 @@ def at_grid_edge(table: pd.DataFrame, threshold: float) -> bool:
 
 def best_threshold(y_true: ArrayLike, y_prob: ArrayLike) -> float:
     """The threshold of the highest TSS over all thresholds (:func:`max_tss`); the lowest one on ties."""
-    y, p = _check_inputs(y_true, y_prob)
+    y, p = check_inputs(y_true, y_prob)
     table = threshold_table(y, p, ThresholdConfig(grid="validation"))
     return select_threshold(table, "tss")
