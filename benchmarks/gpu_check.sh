@@ -31,10 +31,10 @@ status=${PIPESTATUS[0]}
 # The real trainer end to end on full-size data (M-24, a few epochs), eager then CUDA graphs: per-epoch
 # samples/s of ProductionTrainer itself (data on the device, bf16 autocast), not of a benchmark loop.
 data=/tmp/everest-gpu-data
-"$py" -m everest.cli data synth --size "${TRAIN_SIZE:-full}" --out "$data" >/dev/null || status=1
+"$py" -m everest data synth --size "${TRAIN_SIZE:-full}" --out "$data" >/dev/null || status=1
 for mode in eager graphs; do
   flag=false; [ "$mode" = graphs ] && flag=true
-  timeout "${TRAIN_TIMEOUT:-90}" "$py" -m everest.train --flare_class M --time_window 24 --seed 0 \
+  timeout "${TRAIN_TIMEOUT:-90}" "$py" -m everest train --flare_class M --time_window 24 --seed 0 \
     --device "${DEVICE:-cuda}" --epochs "${TRAIN_EPOCHS:-3}" --data-dir "$data" --output-dir "/tmp/everest-gpu-$mode" \
     --set train.cuda_graphs=$flag >"$outdir/train_$mode.log" 2>&1 || { echo "trainer ($mode) failed"; status=1; }
   cp /tmp/everest-gpu-$mode/results/everest_M_24h_seed0/results.json "$outdir/train_$mode.json" 2>/dev/null

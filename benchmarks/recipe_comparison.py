@@ -53,14 +53,14 @@ def run_one(job: tuple[str, str, int, str, str, str]) -> dict:
 
     from everest import metrics as M
     from everest.calibration import log_loss
-    from everest.config import Target, load_config
+    from everest.config import Experiment, Target, load_config
     from everest.train import ProductionTrainer
 
     variant, target, seed, data_dir, out, preset = job
     torch.set_num_threads(1)
     cfg = load_config(None, ["train.num_threads=1", *VARIANTS[variant]], preset=preset)
     t = Target.parse(target)
-    res = ProductionTrainer(t.flare_class, t.horizon, seed, config=cfg, data_dir=data_dir,
+    res = ProductionTrainer(Experiment(target=t, seed=seed), config=cfg, data_dir=data_dir,
                             output_dir=Path(out) / variant).train()
     v = pd.read_csv(Path(out) / variant / "results" / res["experiment"]["name"] / "val_predictions.csv")
     y, p = v["y_true"].to_numpy(), v["y_prob_raw"].to_numpy(float)

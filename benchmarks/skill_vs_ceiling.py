@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from everest import metrics as M
-from everest.config import Target, load_config
+from everest.config import Experiment, Target, load_config
 from everest.data import data_file, prepare_experiment
 from everest.synthetic import generate, load_truth
 from everest.train import ProductionTrainer
@@ -37,7 +37,7 @@ def compare(target: str, seed: int, data_dir: Path, out: Path, preset: str, over
 
     t = Target.parse(target)
     cfg = load_config(overrides=[*overrides, "train.num_threads=1"], preset=preset)
-    res = ProductionTrainer(t.flare_class, t.horizon, seed, config=cfg, data_dir=data_dir, output_dir=out).train()
+    res = ProductionTrainer(Experiment(target=t, seed=seed), config=cfg, data_dir=data_dir, output_dir=out).train()
     data = prepare_experiment(data_dir, t, seed, cfg.data, cfg.model.seq_len)
     p_test = load_truth(data_file(data_dir, t, "test"))[data.test.row]
     p_val = load_truth(data_file(data_dir, t, "train"))[data.val.row]

@@ -32,7 +32,7 @@ everest_check_import() {
     }
 }
 
-# What a training exit status means (python -m everest.train), for logs and failure.json.
+# What a training exit status means (python -m everest train), for logs and failure.json.
 everest_train_status_meaning() {
     case $1 in
         0) echo "finished" ;;
@@ -129,13 +129,13 @@ everest_wants_gpu() {
 # results of that experiment are moved aside, so the folder never shows them beside the failure).
 everest_write_failure() {
     local index=$1 status=$2 message=$3
-    "$EVEREST_PY" -m everest.results failure --output-dir "$EVEREST_OUTPUT_DIR" --array-index "$index" \
+    "$EVEREST_PY" -m everest results failure --output-dir "$EVEREST_OUTPUT_DIR" --array-index "$index" \
         --status "$status" --message="$message" || everest_err "could not write failure.json for array index $index"
 }
 
 # One training sub-job: map the array slot to an experiment index (through EVEREST_INDEX_FILE when
 # set), train it, record a failure, and return the training's exit status.
-#   everest_train_task pbs|slurm SLOT JOB_ID [extra everest.train arguments...]
+#   everest_train_task pbs|slurm SLOT JOB_ID [extra everest train arguments...]
 # pbs: the output goes to $EVEREST_OUTPUT_DIR/logs/train_<job>_<index>_<experiment>.log (PBS does not
 # expand the array index in -o); slurm: sbatch -o already gives one log per sub-job.
 everest_train_task() {
@@ -185,7 +185,7 @@ everest_train_task() {
     if [[ -n ${EVEREST_TRAIN_ARGS_FILE:-} ]]; then
         mapfile -t extra <"$EVEREST_TRAIN_ARGS_FILE" || { everest_err "cannot read $EVEREST_TRAIN_ARGS_FILE"; return 2; }
     fi
-    local -a cmd=("$EVEREST_PY" -m everest.train --array-index "$index" --data-dir "$EVEREST_DATA_DIR"
+    local -a cmd=("$EVEREST_PY" -m everest train --array-index "$index" --data-dir "$EVEREST_DATA_DIR"
                   --output-dir "$EVEREST_OUTPUT_DIR" "${extra[@]}" "$@")
     everest_wants_gpu "${cmd[@]}" && everest_claim_gpu
     everest_log "experiment $index = $name (array slot $slot, job $job) on $(hostname), GPUs: ${CUDA_VISIBLE_DEVICES:-none}, $(date -Is)"
@@ -205,7 +205,7 @@ everest_train_task() {
         [[ -r $log ]] || log="the job's output file"  # a SLURM job submitted by hand, with its own --output
         [[ -r $log ]] && last=$(grep -v '^everest: ' "$log" | tail -n 3 | paste -s -d '|' - | sed 's/|/ | /g')
         everest_write_failure "$index" "$status" \
-            "python -m everest.train exited with status $status ($meaning); last output: ${last:-none}; job $job, log $log"
+            "python -m everest train exited with status $status ($meaning); last output: ${last:-none}; job $job, log $log"
     fi
     return "$status"
 }

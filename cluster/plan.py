@@ -2,7 +2,8 @@
 
 Prints one line per experiment, ``<array index 1..45><TAB><experiment name>``, in array-index order;
 prints nothing when every selected experiment has already finished and ``--unfinished`` was given.
-Every problem is reported at once on stderr, and the exit status is then 2 (nothing may be submitted).
+Every problem with the values is reported at once on stderr, and the exit status is then 2 (nothing may
+be submitted); a malformed option (``--epochs abc``) stops argument parsing first, also with status 2.
 
 The selection is the grid ``--targets`` x ``--seeds`` (default: all 9 targets x seeds 0-4), narrowed
 by ``--indices`` (which must lie inside the grid) and, with ``--unfinished``, by dropping experiments
@@ -16,8 +17,10 @@ import sys
 from pathlib import Path
 
 from everest import results
-from everest.config import DEFAULT_SEEDS, ConfigError, Experiment, Target, all_targets, load_config
+from everest.cli import add_run_arguments, config_from_args
+from everest.config import DEFAULT_SEEDS, Experiment, Target, all_targets
 from everest.data import data_file, file_hash
+from everest.errors import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,10 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unfinished", action="store_true")
     p.add_argument("--output-dir", type=Path, required=True)
     p.add_argument("--data-dir", type=Path, required=True)
-    p.add_argument("--config")
-    p.add_argument("--set", action="append", default=[], dest="overrides")
-    p.add_argument("--epochs")
-    p.add_argument("--device")
+    add_run_arguments(p)
     p.add_argument("--missing-data-ok", action="store_true", help="report missing data files as a warning")
     return p
 
@@ -87,21 +87,15 @@ def plan(args: argparse.Namespace) -> tuple[list[Experiment], list[str], list[st
                 errors.append(f"--indices: {k} ({exp}) is outside the --targets/--seeds selection")
             chosen.add(k)
 
-    overrides = list(args.overrides)
-    if args.epochs is not None:
-        n = _int_or_error(args.epochs, "--epochs", errors)
-        if n is not None and n < 1:
-            errors.append(f"invalid --epochs {n}: expected a positive integer")
-        overrides.append(f"train.epochs={args.epochs}")
-    if args.device is not None:
-        overrides.append(f"train.device={args.device}")
-    for item in overrides:
+    for item in args.overrides:
         if "\n" in item or "\r" in item:
             errors.append(f"invalid --set {item!r}: line breaks are not allowed")
     cfg = None
-    if not errors:
+    if args.epochs is not None and args.epochs < 1:
+        errors.append(f"invalid --epochs {args.epochs}: expected a positive integer")
+    elif not errors:
         try:
-            cfg = load_config(args.config, overrides)
+            cfg = config_from_args(args)
         except ConfigError as err:
             errors.append(f"configuration: {err}")
 

@@ -40,11 +40,9 @@ Each experiment takes seconds on a CPU.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -57,7 +55,7 @@ from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
 from everest import io
-from everest.config import RUN_CONTROL, ConfigError, EverestConfig, Experiment, Target, load_config
+from everest.config import RUN_CONTROL, ConfigError, EverestConfig, Experiment, Target
 from everest.data import DataError, ExperimentData, SampleSet, data_file, prepare_experiment
 from everest.forecast import Predictions, ScoredForecast, final_metrics_row, score_forecast, write_forecast
 from everest.results import (
@@ -311,7 +309,7 @@ def _environment() -> dict[str, Any]:
     """The trainer's environment record (versions, host, batch job), on the CPU."""
     import torch
 
-    from everest.train import environment_info
+    from everest.provenance import environment_info
 
     return environment_info(torch.device("cpu"))
 
@@ -323,47 +321,3 @@ def _write(root: Path, results: dict[str, Any], scored: ScoredForecast, val: Pre
     write_forecast(folder, scored, val, test, final_metrics_row(results, model=results["model"], best_epoch=None))
     clear_failure(root, name)
     io.write_json(folder / RESULTS_FILE, results)
-
-
-# ---------------------------------------------------------------------- command line
-def _parser() -> argparse.ArgumentParser:
-    from everest.cli import add_experiment_arguments
-
-    p = argparse.ArgumentParser(prog="python -m everest.baselines",
-                                description="Fit simple baselines on the windows EVEREST sees, in its results "
-                                            "layout under <output-dir>/baselines/<model>/results.")
-    p.add_argument("--model", default="all", choices=[*BASELINES, "all"], help="baseline to fit (default all)")
-    add_experiment_arguments(p)
-    p.add_argument("--data-dir", default="data", help="folder of the SHARP CSVs (default data)")
-    p.add_argument("--output-dir", default="output", help="EVEREST output root (default output)")
-    p.add_argument("--config", help="the experiment's TOML/YAML configuration (its data and threshold sections)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="configuration override")
-    p.add_argument("--force", action="store_true", help="refit even if finished results exist")
-    return p
-
-
-def _run(args: argparse.Namespace) -> None:
-    from everest.cli import experiment_from_args
-
-    experiment = experiment_from_args(args)
-    cfg = load_config(args.config, list(args.set))
-    for model in BASELINES if args.model == "all" else (args.model,):
-        res = fit_baseline(model, experiment, cfg, args.data_dir, args.output_dir, force=args.force)
-        m = res["test_metrics"]
-        print(f"{model} {experiment.name}: test TSS {m['tss']:.3f} (threshold {res['threshold']['selected']:.4g}), "
-              f"ROC AUC {m['roc_auc']:.3f}, Brier {m['brier']:.4f}, fitted in {res['training']['seconds']:.2f} s; "
-              f"results in {experiment_dir(baseline_root(args.output_dir, model), experiment.name)}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m everest.baselines``: fit one experiment's baselines; bad input exits 2 with one line."""
-    from everest.cli import run_guarded
-
-    args = _parser().parse_args(argv)
-    return run_guarded(lambda: _run(args))
-
-
-if __name__ == "__main__":
-    from everest.baselines import main as _main  # the imported module's classes, as in everest.train
-
-    sys.exit(_main())

@@ -1,4 +1,10 @@
-"""The ``everest`` command: ``data synth``, ``data check``, ``train`` and ``ensemble``."""
+"""The ``everest`` command (also ``python -m everest``): ``train``, ``baselines``, ``ensemble``, ``data synth``,
+``data check`` and ``results failure``.
+
+Every command turns its known failures into one line on stderr and an exit status (``everest.errors``);
+the run options (``--config``, ``--preset``, ``--set``, ``--epochs``, ``--device``) are defined once here
+and turned into a configuration by :func:`everest.config.run_config`, as the flow and the batch planner do.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +13,22 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from everest.config import ConfigError
+from everest.config import PRESETS, EverestConfig, Experiment, Target, run_config
+from everest.errors import (
+    EXIT_DIVERGED,
+    EXIT_IO,
+    EXIT_TIME_LIMIT,
+    EXIT_USAGE,
+    ConfigError,
+    DataError,
+    TimeLimitReached,
+    TrainingDiverged,
+)
 
 log = logging.getLogger("everest")
-
-EXIT_USAGE = 2  # bad configuration, arguments or input data: nothing to retry
-EXIT_DIVERGED = 3  # training diverged (NaN/inf loss)
-EXIT_TIME_LIMIT = 4  # time limit or SIGTERM: checkpointed; rerun to resume
-EXIT_IO = 5  # the file system refused a read or write (full disk, permissions, quota)
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -28,9 +40,6 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 def run_guarded(fn: Callable[[], Any]) -> int:
     """Run a command; known failures become one clear line on stderr and a non-zero exit status."""
-    from everest.data import DataError
-    from everest.errors import TimeLimitReached, TrainingDiverged
-
     setup_logging()
     try:
         fn()
@@ -54,6 +63,101 @@ def run_guarded(fn: Callable[[], Any]) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- shared options
+def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
+    """``--flare_class``/``--time_window``/``--seed`` or ``--array-index``: which experiment."""
+    p.add_argument("--flare_class", "--flare-class", choices=["C", "M", "M5"], help="flare class")
+    p.add_argument("--time_window", "--time-window", choices=["24", "48", "72"], help="horizon in hours")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--array-index", type=int, help="1..45: target and seed from the design document's mapping")
+
+
+def experiment_from_args(args: argparse.Namespace) -> Experiment:
+    """The :class:`~everest.config.Experiment` that :func:`add_experiment_arguments` options name."""
+    if args.array_index is not None:
+        return Experiment.from_array_index(args.array_index)
+    if args.flare_class and args.time_window:
+        return Experiment(target=Target.parse(f"{args.flare_class}-{args.time_window}"), seed=args.seed)
+    raise ConfigError("give --flare_class and --time_window (and --seed), or --array-index K in 1..45")
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """``--config FILE`` and repeatable ``--set KEY=VALUE``."""
+    p.add_argument("--config", help="TOML or YAML configuration file")
+    p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                   help="configuration override, e.g. --set train.batch_size=256 (repeatable)")
+
+
+def add_run_arguments(p: argparse.ArgumentParser, *, preset_default: str | None = "production",
+                      device: bool = True) -> None:
+    """The options that make a run's configuration: ``--config``, ``--set``, ``--preset``, ``--epochs`` and
+    (``device``) ``--device``; :func:`config_from_args` reads them."""
+    add_config_arguments(p)
+    p.add_argument("--preset", default=preset_default, choices=sorted(PRESETS),
+                   help="training budget: production (the design document's recipe) or demo (the same recipe, "
+                   "capped epochs)" + ("" if preset_default else "; default: demo for the embedded demo data, "
+                                       "production with --data-dir"))
+    p.add_argument("--epochs", type=int, help="epoch cap (train.epochs)")
+    if device:
+        p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (train.device)")
+
+
+def config_from_args(args: argparse.Namespace) -> EverestConfig:
+    """The configuration that :func:`add_run_arguments` (or :func:`add_config_arguments`) options name."""
+    return run_config(args.config, args.overrides, preset=getattr(args, "preset", None) or "production",
+                      epochs=getattr(args, "epochs", None), device=getattr(args, "device", None))
+
+
+# ---------------------------------------------------------------------- commands
+def _train(args: argparse.Namespace) -> None:
+    from everest.train import ProductionTrainer
+
+    cfg = config_from_args(args)
+    exp = experiment_from_args(args)
+    trainer = ProductionTrainer(exp, config=cfg, data_dir=args.data_dir, output_dir=args.output_dir, force=args.force)
+    res = trainer.train()
+    m = res["test_metrics"]
+    print(f"{exp.name}: test TSS {m['tss']:.3f} (threshold {res['threshold']['selected']:.4g} from "
+          f"{res['threshold']['source']}), ROC AUC {m['roc_auc']:.3f}, Brier {m['brier']:.4f}; "
+          f"results in {trainer.results_dir}")
+
+
+def _baselines(args: argparse.Namespace) -> None:
+    from everest.baselines import BASELINES, baseline_root, fit_baseline
+    from everest.results import experiment_dir
+
+    experiment = experiment_from_args(args)
+    cfg = config_from_args(args)
+    for model in BASELINES if args.model == "all" else (args.model,):
+        res = fit_baseline(model, experiment, cfg, args.data_dir, args.output_dir, force=args.force)
+        m = res["test_metrics"]
+        print(f"{model} {experiment.name}: test TSS {m['tss']:.3f} (threshold {res['threshold']['selected']:.4g}), "
+              f"ROC AUC {m['roc_auc']:.3f}, Brier {m['brier']:.4f}, fitted in {res['training']['seconds']:.2f} s; "
+              f"results in {experiment_dir(baseline_root(args.output_dir, model), experiment.name)}")
+
+
+def _ensemble(args: argparse.Namespace) -> None:
+    """Build the ensembles asked for and print one line each; no ensemble at all is an error."""
+    from everest.ensemble import EnsembleError, build_ensembles, ensemble_root
+    from everest.results import experiment_dir
+
+    results_dir = Path(args.results_dir) if args.results_dir else Path(args.output_dir) / "results"
+    targets = [Target.parse(t) for t in args.targets] if args.targets else None
+    built = build_ensembles(results_dir, args.output_dir, targets)
+    for t, res in built.items():
+        if isinstance(res, dict):
+            m = res["test_metrics"]
+            print(f"{t}: ensemble of seeds {res['experiment']['members']}: test TSS {m['tss']:.3f} "
+                  f"(threshold {res['threshold']['selected']:.4g}), Brier {m['brier']:.4f} (raw {m['brier_raw']:.4f})"
+                  f"; results in {experiment_dir(ensemble_root(args.output_dir), res['experiment']['name'])}")
+        elif targets:
+            print(f"{t}: not built: {res}")
+    if not any(isinstance(r, dict) for r in built.values()):
+        raise EnsembleError(f"no ensemble could be built from {results_dir}: no target has two finished seeds of "
+                            "one configuration" if not targets else
+                            f"no ensemble could be built from {results_dir}")
+
+
 def _synth(args: argparse.Namespace) -> None:
     from everest import synthetic
 
@@ -63,74 +167,19 @@ def _synth(args: argparse.Namespace) -> None:
 
 def _check(args: argparse.Namespace) -> None:
     """Summarise the targets whose files the folder holds; a DataError (exit EXIT_USAGE) if one is not ok."""
-    from everest.config import load_config
     from everest.datacheck import check_folder
 
-    cfg = load_config(args.config, list(args.set))
+    cfg = config_from_args(args)
     check_folder(args.dir, cfg.data, cfg.model.seq_len, args.targets)
 
 
-def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
-    """``--flare_class``/``--time_window``/``--seed`` or ``--array-index``: which experiment."""
-    p.add_argument("--flare_class", "--flare-class", choices=["C", "M", "M5"], help="flare class")
-    p.add_argument("--time_window", "--time-window", choices=["24", "48", "72"], help="horizon in hours")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--array-index", type=int, help="1..45: target and seed from the design document's mapping")
+def _failure(args: argparse.Namespace) -> None:
+    """Record a failed batch sub-job (``cluster/lib.sh`` calls this when training exits non-zero)."""
+    from everest.results import experiment_from_name, record_failure
 
-
-def experiment_from_args(args: argparse.Namespace) -> Any:
-    """The :class:`~everest.config.Experiment` that :func:`add_experiment_arguments` options name."""
-    from everest.config import Experiment, Target
-
-    if args.array_index is not None:
-        return Experiment.from_array_index(args.array_index)
-    if args.flare_class and args.time_window:
-        return Experiment(target=Target.parse(f"{args.flare_class}-{args.time_window}"), seed=args.seed)
-    raise ConfigError("give --flare_class and --time_window (and --seed), or --array-index K in 1..45")
-
-
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``python -m everest.train`` and ``everest train``."""
-    add_experiment_arguments(p)
-    p.add_argument("--data-dir", default=os.environ.get("EVEREST_DATA_DIR", "data"), help="folder of the 18 CSVs")
-    p.add_argument("--output-dir", default=os.environ.get("EVEREST_OUTPUT_DIR", "output"), help="output root")
-    p.add_argument("--config", help="TOML or YAML configuration file")
-    p.add_argument("--preset", default="production", choices=["production", "demo"],
-                   help="training budget: production (design document) or demo (capped epochs)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="configuration override, e.g. --set train.batch_size=256 (repeatable)")
-    p.add_argument("--epochs", type=int, help="epoch cap (train.epochs)")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (train.device)")
-    p.add_argument("--force", action="store_true", help="retrain even if finished results exist")
-
-
-def _train(args: argparse.Namespace) -> dict[str, Any]:
-    """Validate the arguments, build the configuration and train one experiment."""
-    from everest.config import load_config
-    from everest.train import ProductionTrainer
-
-    overrides = list(args.set)
-    if args.epochs is not None:
-        overrides.append(f"train.epochs={args.epochs}")
-    if args.device is not None:
-        overrides.append(f"train.device={args.device}")
-    cfg = load_config(args.config, overrides, preset=args.preset)
-    exp = experiment_from_args(args)
-    trainer = ProductionTrainer(exp.target.flare_class, exp.target.horizon, exp.seed, config=cfg,
-                                data_dir=args.data_dir, output_dir=args.output_dir, force=args.force)
-    res = trainer.train()
-    m = res["test_metrics"]
-    print(f"{exp.name}: test TSS {m['tss']:.3f} (threshold {res['threshold']['selected']:.4g} from "
-          f"{res['threshold']['source']}), ROC AUC {m['roc_auc']:.3f}, Brier {m['brier']:.4f}; "
-          f"results in {trainer.results_dir}")
-    return res
-
-
-def train_main(argv: list[str] | None = None) -> int:
-    """``python -m everest.train``: train one experiment."""
-    p = argparse.ArgumentParser(prog="python -m everest.train", description="Train one EVEREST experiment.")
-    add_train_arguments(p)
-    return run_guarded(lambda: _train(p.parse_args(argv)))
+    exp = (Experiment.from_array_index(args.array_index) if args.array_index is not None
+           else experiment_from_name(args.experiment))
+    record_failure(args.output_dir, exp, f"ExitStatus{args.status}", args.message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,6 +188,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="everest", description="EVEREST production training.")
     p.add_argument("--version", action="version", version=f"everest {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    data_dir = os.environ.get("EVEREST_DATA_DIR", "data")
+    output_dir = os.environ.get("EVEREST_OUTPUT_DIR", "output")
+
+    train = sub.add_parser("train", help="train one experiment")
+    add_experiment_arguments(train)
+    train.add_argument("--data-dir", default=data_dir, help="folder of the 18 CSVs")
+    train.add_argument("--output-dir", default=output_dir, help="output root")
+    add_run_arguments(train)
+    train.add_argument("--force", action="store_true", help="retrain even if finished results exist")
+    train.set_defaults(fn=_train)
+
+    from everest.baselines import BASELINES
+
+    base = sub.add_parser("baselines", help="fit simple baselines on the windows EVEREST sees, in its results "
+                          "layout under <output-dir>/baselines/<model>/results")
+    base.add_argument("--model", default="all", choices=[*BASELINES, "all"], help="baseline to fit (default all)")
+    add_experiment_arguments(base)
+    base.add_argument("--data-dir", default="data", help="folder of the SHARP CSVs (default data)")
+    base.add_argument("--output-dir", default="output", help="EVEREST output root (default output)")
+    add_config_arguments(base)  # the experiment's data and threshold sections
+    base.add_argument("--force", action="store_true", help="refit even if finished results exist")
+    base.set_defaults(fn=_baselines)
+
+    ensemble = sub.add_parser("ensemble", help="build the seed ensembles of a run's finished experiments")
+    ensemble.add_argument("--output-dir", default="output", help="the run's output root (default output)")
+    ensemble.add_argument("--results-dir", help="EVEREST results root (default <output-dir>/results)")
+    ensemble.add_argument("--targets", nargs="+", help="targets to build (default every target with finished seeds)")
+    ensemble.set_defaults(fn=_ensemble)
 
     data = sub.add_parser("data", help="synthesise or inspect SHARP tables").add_subparsers(dest="data_cmd",
                                                                                          required=True)
@@ -149,22 +226,21 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(fn=_synth)
     check = data.add_parser("check", help="per-target samples, positives, regions and the Bayes ceiling")
     check.add_argument("dir", help="folder holding the CSVs (all 18, or those of some targets)")
-    check.add_argument("--config", help="TOML or YAML configuration (data section)")
-    check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="configuration override, e.g. --set data.features='[\"USFLUX\",\"R_VALUE\"]' (repeatable)")
+    add_config_arguments(check)  # the data section
     check.add_argument("--targets", nargs="+", metavar="TARGET",
                        help="check only these targets, e.g. C-24 M-48 (then a missing file is an error)")
     check.set_defaults(fn=_check)
 
-    train = sub.add_parser("train", help="train one experiment")
-    add_train_arguments(train)
-    train.set_defaults(fn=_train)
-
-    from everest.ensemble import add_ensemble_arguments, run_ensemble
-
-    ensemble = sub.add_parser("ensemble", help="build the seed ensembles of a run's finished experiments")
-    add_ensemble_arguments(ensemble)
-    ensemble.set_defaults(fn=run_ensemble)
+    results = sub.add_parser("results", help="experiment results on disk").add_subparsers(dest="results_cmd",
+                                                                                        required=True)
+    fail = results.add_parser("failure", help="write results/<experiment>/failure.json for a failed attempt")
+    fail.add_argument("--output-dir", required=True, type=Path, help="output root (holds results/)")
+    which = fail.add_mutually_exclusive_group(required=True)
+    which.add_argument("--array-index", type=int, help="1..45: the experiment of this array index")
+    which.add_argument("--experiment", help="experiment name, e.g. everest_M5_72h_seed0")
+    fail.add_argument("--status", required=True, type=int, help="the training's exit status")
+    fail.add_argument("--message", required=True, help="what happened (clipped to 2000 characters)")
+    fail.set_defaults(fn=_failure)
     return p
 
 

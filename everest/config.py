@@ -12,12 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from everest.errors import ConfigError, describe_validation_error
+from everest.io import load_mapping
 
 FLARE_CLASSES: tuple[str, ...] = ("C", "M", "M5")
 HORIZONS: tuple[int, ...] = (24, 48, 72)
@@ -31,10 +33,6 @@ EVEREST_FEATURES: tuple[str, ...] = (
 EXTENSIVE_FEATURES: tuple[str, ...] = (
     "TOTUSJH", "TOTUSJZ", "USFLUX", "TOTBSQ", "TOTPOT", "SAVNCPP", "AREA_ACR", "ABSNJZH", "AREA",
 )
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names it, what is allowed and what was given."""
 
 
 class _Frozen(BaseModel):
@@ -80,6 +78,11 @@ class Experiment(_Frozen):
 
     target: Target
     seed: int = Field(ge=0)
+
+    @classmethod
+    def of(cls, target: str | Target, seed: int = 0) -> Experiment:
+        """``Experiment.of("M5-72", 0)``: parse the target text (the notebook's and the tests' shorthand)."""
+        return cls(target=Target.parse(target), seed=seed)
 
     @property
     def name(self) -> str:
@@ -287,7 +290,7 @@ class CalibrationConfig(_Frozen):
 
 
 class DataConfig(_Frozen):
-    """How SHARP tables become samples (data.md section 1)."""
+    """How SHARP tables become samples."""
 
     features: tuple[str, ...] = EVEREST_FEATURES
     feature_aliases: dict[str, str] = Field(default_factory=lambda: {"TOTBSQ": "MEANALP"})
@@ -392,11 +395,7 @@ def _validate(data: dict[str, Any], source: str) -> EverestConfig:
     try:
         return EverestConfig.model_validate(data)
     except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']} (got {e.get('input')!r})"
-            for e in err.errors()
-        )
-        raise ConfigError(f"invalid configuration from {source}: {problems}") from None
+        raise ConfigError(describe_validation_error(err, f"configuration from {source}")) from None
 
 
 # Named training budgets applied before the file and the overrides. "demo" keeps the production recipe
@@ -415,20 +414,25 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"configuration file {p} does not exist")
-        text = p.read_text()
-        try:
-            data = tomllib.loads(text) if p.suffix == ".toml" else (yaml.safe_load(text) or {})
-        except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
-            raise ConfigError(f"cannot parse configuration file {p}: {err}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"configuration file {p} must hold a mapping of sections, got {type(data).__name__}")
-        source = str(p)
+        data = load_mapping(path, "configuration file")
+        source = str(path)
     base = EverestConfig().with_overrides(list(PRESETS[preset])).model_dump(mode="json")
     # The file's sections update the preset's key by key; a key's value (even a mapping) is replaced whole.
     merged = {k: {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v
               for k, v in data.items()}
     cfg = _validate({**base, **merged}, source=source)
     return cfg.with_overrides(overrides) if overrides else cfg
+
+
+def run_config(config_file: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *,
+               preset: str = "production", epochs: int | None = None, device: str | None = None) -> EverestConfig:
+    """The one translation of a run's options (``--config``, ``--preset``, ``--set``, ``--epochs``,
+    ``--device``) into its configuration; ``epochs`` and ``device`` are shorthands applied last."""
+    extra = list(overrides)
+    if epochs is not None:
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ConfigError(f"invalid --epochs {epochs!r}: expected a positive integer")
+        extra.append(f"train.epochs={epochs}")
+    if device is not None:
+        extra.append(f"train.device={device}")
+    return load_config(config_file, extra, preset=preset)

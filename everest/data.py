@@ -1,4 +1,4 @@
-"""SHARP tables -> validated columns -> ``(N, T, F)`` sample arrays (data.md section 1).
+"""SHARP tables -> validated columns -> ``(N, T, F)`` sample arrays.
 
 The only data path: real files and the synthetic generator's files go through the same reader.
 Files are read by column name and validated once, here; every error names the file, the line (as a text
@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from everest.config import DataConfig, Target
+from everest.errors import DataError
 from everest.io import write_npz
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,6 @@ MAX_ABS_VALUE = 1e37
 MAX_REGION = 999_999_999
 # Bump when sample formation changes, so stale caches are rebuilt.
 BUILDER_VERSION = "1"
-
-
-class DataError(ValueError):
-    """A data file is missing or malformed; the message names the file, the row/column and what was expected."""
 
 
 @dataclass(frozen=True)
@@ -66,13 +63,25 @@ class SampleSet:
         return int(self.y.sum())
 
 
+_HASHES: dict[tuple, str] = {}  # (path, inode, size, mtime) -> digest, for this process
+
+
 def file_hash(path: Path) -> str:
-    """SHA-256 of a file's content (streamed), for caching and provenance."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """SHA-256 of a file's content (streamed), for caching and provenance.
+
+    Remembered per process while the file's inode, size and modification time stay the same, so the
+    five seeds of a target, its baselines and the flow's planning hash each table once per process.
+    Every process that reads a table hashes it itself: a result's identity names the bytes it read.
+    """
+    st = Path(path).stat()
+    key = (str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
 
 
 def data_file(data_dir: Path, target: Target, split: str) -> Path:

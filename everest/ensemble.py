@@ -15,11 +15,9 @@ and are rebuilt only when their members change. Command line: ``everest ensemble
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -181,45 +179,3 @@ def build_ensembles(results_dir: str | Path, output_dir: str | Path, targets: li
         except (ValueError, KeyError) as err:  # a member's files of an older layout: say so, build the others
             out[str(t)] = f"cannot read the members' results ({type(err).__name__}: {err})"
     return out
-
-
-def add_ensemble_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of ``everest ensemble``."""
-    p.add_argument("--output-dir", default="output", help="the run's output root (default output)")
-    p.add_argument("--results-dir", help="EVEREST results root (default <output-dir>/results)")
-    p.add_argument("--targets", nargs="+", help="targets to build (default every target with finished seeds)")
-
-
-def run_ensemble(args: argparse.Namespace) -> None:
-    """Build the ensembles ``args`` ask for and print one line each; no ensemble at all is an error."""
-    results_dir = Path(args.results_dir) if args.results_dir else Path(args.output_dir) / "results"
-    targets = [Target.parse(t) for t in args.targets] if args.targets else None
-    built = build_ensembles(results_dir, args.output_dir, targets)
-    for t, res in built.items():
-        if isinstance(res, dict):
-            m = res["test_metrics"]
-            print(f"{t}: ensemble of seeds {res['experiment']['members']}: test TSS {m['tss']:.3f} "
-                  f"(threshold {res['threshold']['selected']:.4g}), Brier {m['brier']:.4f} (raw {m['brier_raw']:.4f})"
-                  f"; results in {experiment_dir(ensemble_root(args.output_dir), res['experiment']['name'])}")
-        elif targets:
-            print(f"{t}: not built: {res}")
-    if not any(isinstance(r, dict) for r in built.values()):
-        raise EnsembleError(f"no ensemble could be built from {results_dir}: no target has two finished seeds of "
-                            "one configuration" if not targets else
-                            f"no ensemble could be built from {results_dir}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m everest.ensemble``, the same as ``everest ensemble``."""
-    from everest.cli import run_guarded
-
-    p = argparse.ArgumentParser(prog="everest ensemble", description=__doc__.splitlines()[0])
-    add_ensemble_arguments(p)
-    args = p.parse_args(argv)
-    return run_guarded(lambda: run_ensemble(args))
-
-
-if __name__ == "__main__":
-    from everest.ensemble import main as _main
-
-    sys.exit(_main())

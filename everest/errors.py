@@ -1,8 +1,26 @@
-"""How a training run can stop short; each maps to its own exit status in ``everest.cli``.
+"""Every failure the library raises on purpose, the exit status each maps to, and the one formatter of
+validation errors.
 
-Kept apart from the trainer so that the command line and the orchestrators can classify failures
-without importing torch.
+Kept free of torch, pandas and the orchestration layer, so that the command line, the flow and the batch
+scripts classify failures without importing the trainer.
 """
+
+from __future__ import annotations
+
+from typing import Any
+
+EXIT_USAGE = 2  # bad configuration, arguments or input data: nothing to retry
+EXIT_DIVERGED = 3  # training diverged (NaN/inf loss)
+EXIT_TIME_LIMIT = 4  # time limit or SIGTERM: checkpointed; rerun to resume
+EXIT_IO = 5  # the file system refused a read or write (full disk, permissions, quota)
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names it, what is allowed and what was given."""
+
+
+class DataError(ValueError):
+    """A data file is missing or malformed; the message names the file, the row/column and what was expected."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -15,3 +33,19 @@ class TimeLimitReached(RuntimeError):
 
 class Preempted(TimeLimitReached):
     """SIGTERM (a batch job's walltime or a pre-emption) stopped training; progress is checkpointed."""
+
+
+def describe_validation_error(err: Any, what: str, allowed_keys: list[str] | None = None) -> str:
+    """One line for a pydantic ``ValidationError``: ``invalid <what>: <key>: <problem> (got <value>); ...``.
+
+    ``allowed_keys`` lists the keys an unknown top-level key is compared against. Our own validators'
+    messages arrive prefixed with "Value error, ", which is dropped.
+    """
+    problems = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key" + (f"; allowed keys: {allowed_keys}" if allowed_keys and len(e["loc"]) == 1 else "")
+        problems.append(f"{loc}: {msg} (got {e.get('input')!r})" if loc else msg)
+    return f"invalid {what}: " + "; ".join(problems)

@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader sees the old file or the complete new one, never half of one."""
+"""File handling shared by every module: atomic writes (a reader sees the old file or the complete new one,
+never half of one), the output-folder lock, and the one reader of YAML/TOML settings files."""
 
 from __future__ import annotations
 
@@ -7,12 +8,16 @@ import datetime
 import json
 import os
 import tempfile
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import yaml
+
+from everest.errors import ConfigError
 
 
 @contextlib.contextmanager
@@ -205,3 +210,39 @@ def write_torch(path: str | Path, obj: Any) -> Path:
     buffer = _io.BytesIO()
     torch.save(obj, buffer)
     return atomic_write(path, lambda p: p.write_bytes(buffer.getbuffer()))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys instead of silently keeping the last one."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    keys = [loader.construct_object(k, deep=deep) for k, _ in node.value]
+    dupes = sorted({str(k) for k in keys if keys.count(k) > 1})
+    if dupes:
+        raise yaml.constructor.ConstructorError(None, None, f"duplicate keys {dupes}", node.start_mark)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def load_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """Read a settings file (``.toml``, else YAML) into a mapping; a missing file, a syntax error, a
+    duplicated key or a non-mapping raises :class:`ConfigError` naming ``what`` and the file.
+
+    TOML refuses duplicate keys by its specification; YAML's loaders would keep the last one silently.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {p} does not exist")
+    text = p.read_text()
+    try:
+        data = tomllib.loads(text) if p.suffix == ".toml" else yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot parse {what} {p}: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {p} must hold a mapping of keys, got {type(data).__name__}")
+    return data

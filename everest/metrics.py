@@ -1,4 +1,4 @@
-"""Binary forecast metrics and the decision-threshold search (reference.md, "Threshold optimisation and metrics").
+"""Binary forecast metrics and the decision-threshold search.
 
 All functions take ``y_true`` (labels 0/1 as bool, int or float) and ``y_prob`` (the positive-class
 probability in [0, 1]); a sample is predicted positive when ``y_prob >= threshold``. Inputs are

@@ -1,10 +1,11 @@
 """The EVEREST network: a small post-norm transformer over SHARP time series with four output heads.
 
-Layout (reference.md, "Model"): embedding -> scaled sinusoidal positions -> ``num_blocks`` transformer
-blocks -> attention-bottleneck (or mean) pooling -> shared head -> heads. The ``logits`` head is the
-forecast; the evidential (Normal-Inverse-Gamma), EVT (generalised Pareto) and precursor heads feed
-auxiliary loss terms (:mod:`everest.losses`) and can each be switched off for ablations. With the
-default :class:`~everest.config.ModelConfig` and 9 features the model has 814,090 parameters.
+Layout (that of the published EVEREST implementation): embedding -> scaled sinusoidal positions ->
+``num_blocks`` transformer blocks -> attention-bottleneck (or mean) pooling -> shared head -> heads.
+The ``logits`` head is the forecast; the evidential (Normal-Inverse-Gamma), EVT (generalised Pareto)
+and precursor heads feed auxiliary loss terms (:mod:`everest.losses`) and can each be switched off for
+ablations. With the default :class:`~everest.config.ModelConfig` and 9 features the model has 814,090
+parameters.
 
 Padding: windows are front-padded with zero steps and ``forward(x, valid)`` takes the (B, T) bool mask of
 real steps. With ``ModelConfig.padding_mask`` (default) padding steps are no keys of any self-attention
@@ -14,7 +15,7 @@ model treats every step as data, exactly as before the mask existed.
 
 EVT head: it reads the pooled representation ``z`` detached by default (``ModelConfig.evt_detach_trunk``),
 so its tail likelihood trains the head alone and cannot change the forecast logits; the range of the
-shape xi and the floor of the scale sigma come from the config (reference: (-2, 1) and 1e-3).
+shape xi and the floor of the scale sigma come from the config (the published implementation: (-2, 1) and 1e-3).
 """
 
 from __future__ import annotations

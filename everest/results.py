@@ -15,7 +15,6 @@ hashes, code version) equals the identity of the run asking for it.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import hashlib
 import json
@@ -23,7 +22,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -255,31 +253,3 @@ def _clip(text: str) -> str:
     """The start says what failed, the end holds the last output and the log's path: keep both."""
     half = MAX_ERROR_CHARS // 2
     return text if len(text) <= MAX_ERROR_CHARS else f"{text[:half]} [...] {text[-half:]}"
-
-
-# ---------------------------------------------------------------------- command line
-def main(argv: list[str] | None = None) -> int:
-    """``python -m everest.results failure ...``: record a failed batch sub-job (used by ``cluster/lib.sh``)."""
-    from everest.cli import run_guarded
-
-    p = argparse.ArgumentParser(prog="python -m everest.results", description="Experiment results on disk.")
-    sub = p.add_subparsers(dest="command", required=True)
-    fail = sub.add_parser("failure", help="write results/<experiment>/failure.json for a failed attempt")
-    fail.add_argument("--output-dir", required=True, type=Path, help="output root (holds results/)")
-    which = fail.add_mutually_exclusive_group(required=True)
-    which.add_argument("--array-index", type=int, help="1..45: the experiment of this array index")
-    which.add_argument("--experiment", help="experiment name, e.g. everest_M5_72h_seed0")
-    fail.add_argument("--status", required=True, type=int, help="the training's exit status")
-    fail.add_argument("--message", required=True, help="what happened (clipped to 2000 characters)")
-    args = p.parse_args(argv)
-
-    def record() -> None:
-        exp = (Experiment.from_array_index(args.array_index) if args.array_index is not None
-               else experiment_from_name(args.experiment))
-        record_failure(args.output_dir, exp, f"ExitStatus{args.status}", args.message)
-
-    return run_guarded(record)  # bad experiment: exit 2; a refused write: exit 5, one line each
-
-
-if __name__ == "__main__":
-    sys.exit(main())

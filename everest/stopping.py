@@ -3,7 +3,7 @@
 The trainer stops on SIGTERM/SIGINT when it runs on the main thread. Inside a Dask worker it runs
 on a worker thread where it cannot install signal handlers; the worker's launcher (a signal handler
 or its shutdown hook) calls :func:`request_stop` instead, the trainer checkpoints mid-epoch, calls
-:func:`mark_checkpointed` and raises :class:`everest.train.Preempted` just as it does for a signal.
+:func:`mark_checkpointed` and raises :class:`everest.errors.Preempted` just as it does for a signal.
 """
 
 from __future__ import annotations

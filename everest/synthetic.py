@@ -23,7 +23,7 @@ Model (per active region, 12-minute steps, rates per day; constants in :class:`P
   over the horizon along the generator's own latent rate path).
 
 Sizes (:data:`SIZES`): ``full`` and ``calibrated`` observe whole region lives and are calibrated to the
-real tables (row counts of ``full`` match data.md; ``calibrated`` is a smaller in-memory size for tests).
+real tables (``full`` has their row counts; ``calibrated`` is a smaller in-memory size for tests).
 ``demo`` and ``tiny`` observe each region for a 4-8 hour segment only (many short looks at many regions,
 so a region-disjoint validation split and the rare targets have enough independent episodes) and ENRICH
 flaring regions: regions are drawn with a weight favouring >=M5 producers, segments sit at the region's
@@ -50,7 +50,7 @@ from scipy.signal import lfilter
 from everest import io
 from everest.config import FLARE_CLASSES, HORIZONS, Target, all_targets
 
-# Column order of the real tables (data.md section 1).
+# Column order of the real tables (the layout of Abduallah et al. 2023).
 META_COLUMNS: tuple[str, ...] = ("Flare", "DATE__OBS", "NOAA_AR", "HARPNUM")
 FEATURE_COLUMNS: tuple[str, ...] = (
     "TOTUSJH", "Cdec", "TOTUSJZ", "Chis1d", "USFLUX", "MEANALP", "R_VALUE", "TOTPOT", "Chis", "SAVNCPP",
@@ -113,7 +113,8 @@ class FeatureLaw:
 
 @dataclass(frozen=True)
 class Physics:
-    """Generator constants, calibrated to data.md section 2 (negative region-day statistics)."""
+    """Generator constants, calibrated to measured real SHARP statistics (log10 mean and sd of region-days without a
+    >=M flare the next day, feature correlations, 12-minute step sizes)."""
 
     features: dict[str, FeatureLaw] = field(default_factory=lambda: {
         "TOTUSJH": FeatureLaw(2.48, 0.58, 0.96, 0.012),

@@ -1,26 +1,21 @@
 """One EVEREST experiment end to end: data -> model -> early-stopped training -> threshold -> test metrics.
 
-Usable from a notebook (``ProductionTrainer("M5", "72", seed=0).train()``), from the command line
-(``python -m everest.train --flare_class M5 --time_window 72 --seed 0`` or ``--array-index K``), from a
-PBS/SLURM array job and from the Prefect flow, which only wraps :meth:`ProductionTrainer.train`.
+Usable from a notebook (``ProductionTrainer(Experiment(target=Target.parse("M5-72"), seed=0)).train()``),
+from the command line (``everest train``), from a PBS/SLURM array job and from the Prefect flow, which
+only wraps :meth:`ProductionTrainer.train`.
 
-Fixes of the first implementation (reference.md): early stopping and the decision threshold use a
-region-disjoint **validation** split, never the test set; the best weights are a real copy; the EVT
-term is computed in float32 and errors propagate; a non-finite loss stops the run with
-:class:`TrainingDiverged`. Every epoch ends with an atomic checkpoint, so a killed run resumes.
+Early stopping and the decision threshold use a region-disjoint **validation** split, never the test
+set; the best weights are a real copy; a non-finite loss stops the run with :class:`TrainingDiverged`.
+Every epoch ends with an atomic checkpoint, so a killed run resumes.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
-import os
-import platform
 import random
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -33,16 +28,18 @@ import numpy as np
 import pandas as pd
 import torch
 
-from everest import __version__, io, stopping
+from everest import io, stopping
 from everest import metrics as M
-from everest.calibration import Calibrator, log_loss
-from everest.config import ConfigError, EverestConfig, Experiment, Target
+from everest.calibration import log_loss
+from everest.config import EverestConfig, Experiment
 from everest.data import ExperimentData, SampleSet, data_file, prepare_experiment
-from everest.errors import Preempted, TimeLimitReached, TrainingDiverged
-from everest.fast import TrainStep, device_stream, eval_chunk, make_optimizer
+from everest.errors import ConfigError, Preempted, TimeLimitReached, TrainingDiverged
+from everest.fast import TrainStep, device_stream, make_optimizer
 from everest.forecast import Predictions, ScoredForecast, final_metrics_row, score_forecast, write_forecast
-from everest.losses import EverestLoss, nig_uncertainty
+from everest.inference import measure_latency, predict
+from everest.losses import EverestLoss
 from everest.model import EverestModel, count_parameters
+from everest.provenance import environment_info, model_card
 from everest.results import (
     Identity,
     begin_attempt,
@@ -145,40 +142,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _git_commit() -> str | None:
-    try:
-        res = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return res.stdout.strip() or None if res.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def environment_info(device: torch.device) -> dict[str, Any]:
-    """Versions and device recorded with every result."""
-    import pandas
-    import scipy
-    import sklearn
-
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return {
-        "everest": __version__, "git_commit": _git_commit(), "python": platform.python_version(),
-        "torch": torch.__version__, "numpy": np.__version__, "pandas": pandas.__version__,
-        "scipy": scipy.__version__, "scikit_learn": sklearn.__version__,
-        "device": str(device), "device_name": name, "torch_threads": torch.get_num_threads(),
-        "host": platform.node(), "batch_job_id": os.environ.get("PBS_JOBID") or os.environ.get("SLURM_JOB_ID"),
-        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-    }
-
-
 class ProductionTrainer:
     """Train, select the threshold for, evaluate and save one (flare class, horizon, seed) experiment."""
 
     def __init__(
         self,
-        flare_class: str,
-        time_window: str | int,
-        seed: int = 0,
+        experiment: Experiment,
         *,
         config: EverestConfig | None = None,
         data_dir: str | Path = "data",
@@ -187,7 +156,7 @@ class ProductionTrainer:
         progress: ProgressCallback | None = None,
         force: bool = False,
     ) -> None:
-        self.experiment = Experiment(target=Target.parse(f"{flare_class}-{time_window}"), seed=seed)
+        self.experiment = experiment
         self.config = config or EverestConfig()
         self.data_dir = Path(data_dir)
         self.output_dir = Path(output_dir)
@@ -311,7 +280,7 @@ class ProductionTrainer:
         """Epoch scores on validation. ``val_tss`` is the best TSS over the threshold grid: with the default
         ``validation`` grid, over every threshold, so early stopping never scores a grid artefact (on the
         design's 0.10-0.90 grid it fell as a better model's probabilities moved below 0.10)."""
-        p = self.predict(model, val, device)["y_prob"]
+        p = self._predict(model, val, device)["y_prob"]
         val_loss = log_loss(val.y, p)  # BCE of the forecast
         with M.ignore_undefined():
             table = M.threshold_table(val.y, p, self.config.threshold)
@@ -319,29 +288,11 @@ class ProductionTrainer:
         return {"val_loss": val_loss, "val_tss": float(np.nanmax(table["tss"])) if len(table) else float("nan"),
                 "val_auc": auc}
 
-    @torch.no_grad()
-    def predict(self, model: EverestModel, samples: SampleSet, device: torch.device) -> dict[str, np.ndarray]:
-        """Forecast probability and evidential uncertainties for every sample, in large batches."""
-        model.eval()
-        amp = self.config.train.use_amp and device.type == "cuda"
-        x, valid = torch.from_numpy(samples.x), torch.from_numpy(samples.valid)
-        probs, alea, epis = [], [], []
-        chunk = eval_chunk(device, self.config.train.eval_batch_size)
-        for i in range(0, len(x), chunk):
-            xb = x[i:i + chunk].to(device, non_blocking=True)
-            vb = valid[i:i + chunk].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                out = model(xb, vb)
-            probs.append(torch.sigmoid(out.logits.float()))
-            if out.nig is not None:
-                a, e = nig_uncertainty(*(t.float() for t in out.nig))
-                alea.append(a)
-                epis.append(e)
-        res = {"y_prob": torch.cat(probs).cpu().numpy().astype(np.float64)}
-        if alea:
-            res["aleatoric"] = torch.cat(alea).cpu().numpy()
-            res["epistemic"] = torch.cat(epis).cpu().numpy()
-        return res
+    def _predict(self, model: EverestModel, samples: SampleSet, device: torch.device) -> dict[str, np.ndarray]:
+        """Raw probabilities (and evidential uncertainties) with this run's precision and batch size."""
+        tc = self.config.train
+        return predict(model, samples, device, amp=tc.use_amp and device.type == "cuda",
+                       eval_batch_size=tc.eval_batch_size)
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model, opt, epoch, history, best_state, best_score, best_epoch, partial=None) -> None:
@@ -377,8 +328,8 @@ class ProductionTrainer:
                            fit: FitOutcome) -> dict[str, Any]:
         cfg = self.config
         history = fit.history
-        val_pred = self.predict(model, data.val, device)
-        test_pred = self.predict(model, data.test, device)
+        val_pred = self._predict(model, data.val, device)
+        test_pred = self._predict(model, data.test, device)
         val = Predictions.of(data.val, val_pred.pop("y_prob"))
         test = Predictions.of(data.test, test_pred.pop("y_prob"), **test_pred)
         scored = score_forecast(val, test, cfg)
@@ -424,71 +375,11 @@ class ProductionTrainer:
         io.write_json(md / "scaler.json", data.scaler.to_dict())
         io.write_json(md / "calibration.json", scored.calibrator.to_dict())
         io.write_json(md / "config.json", results["config"])
-        io.write_text(md / "MODEL_CARD.md", _model_card(results))
+        io.write_text(md / "MODEL_CARD.md", model_card(results))
         link_trained_model(self.output_dir, self.experiment, md)
         clear_failure(self.output_dir, self.experiment.name)  # this attempt succeeded: no failure beside results
         io.write_json(rd / "results.json", results)  # last: its presence marks the experiment finished
         self.checkpoint_path.unlink(missing_ok=True)
-
-
-def load_model(model_dir: str | Path, n_features: int | None = None) -> tuple[EverestModel, EverestConfig, dict]:
-    """Reload a saved model, its configuration and scaler (weights only: nothing is unpickled).
-
-    The model gives raw probabilities; :func:`load_calibrator` maps them to the reported, calibrated ones.
-    """
-    md = Path(model_dir)
-    cfg = EverestConfig.model_validate(json.loads((md / "config.json").read_text()))
-    scaler = json.loads((md / "scaler.json").read_text())
-    model = EverestModel(cfg.model, n_features=n_features or len(cfg.data.features))
-    model.load_state_dict(torch.load(md / "model_weights.pt", map_location="cpu", weights_only=True))
-    return model.eval(), cfg, scaler
-
-
-def load_calibrator(model_dir: str | Path) -> Calibrator:
-    """The calibration map saved with a model (fitted on its validation split)."""
-    return Calibrator.from_dict(json.loads((Path(model_dir) / "calibration.json").read_text()))
-
-
-@torch.no_grad()
-def measure_latency(model: EverestModel, samples: SampleSet, device: torch.device, repeats: int = 30) -> dict:
-    """Inference latency: ms per sample at batch 32 after warm-up (reference method) and for one sample."""
-    model.eval()
-    x = torch.from_numpy(samples.x[:32]).to(device)
-    valid = torch.from_numpy(samples.valid[:32]).to(device)
-    if len(x) == 0:
-        return {"latency_ms": float("nan"), "latency_single_ms": float("nan")}
-
-    def timed(batch: torch.Tensor, mask: torch.Tensor) -> float:
-        for _ in range(5):
-            model(batch, mask)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            model(batch, mask)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return (time.perf_counter() - t0) / repeats * 1000
-
-    return {"latency_ms": timed(x, valid) / len(x), "latency_single_ms": timed(x[:1], valid[:1])}
-
-
-def _model_card(res: dict[str, Any]) -> str:
-    e, m, th = res["experiment"], res["test_metrics"], res["threshold"]
-    return (
-        f"# EVEREST {e['target']} (seed {e['seed']})\n\n"
-        f"Forecasts whether a flare of class >= {e['flare_class']} starts within {e['horizon_hours']} h of a SHARP "
-        f"record, from the last {res['config']['model']['seq_len']} records of its active region.\n\n"
-        f"* Parameters: {res['training']['n_parameters']:,}; best epoch {res['training']['best_epoch']} of "
-        f"{res['training']['epochs_run']} ({res['training']['stop_reason']}).\n"
-        f"* Probabilities calibrated on the validation split ({res['calibration']['method']}); decision threshold "
-        f"{th['selected']:.4g} on that scale, chosen on the {th['source']} split"
-        f"{' (at the edge of the searched grid)' if th['at_grid_edge'] else ''}.\n"
-        f"* Test: TSS {m['tss']:.3f}, ROC AUC {m['roc_auc']:.3f}, Brier {m['brier']:.4f}, ECE {m['ece']:.4f}.\n"
-        f"* Config hash {res['provenance']['config_hash']}; data {res['provenance']['data_hashes']}.\n"
-        f"* Load: `everest.train.load_model(dir)` (weights_only=True); inputs scaled with `scaler.json`; "
-        f"calibrate its probabilities with `everest.train.load_calibrator(dir).apply(p)`.\n"
-    )
 
 
 def _progress_bar(name: str, total: int, start: int) -> Callable[[dict], None]:
@@ -508,19 +399,3 @@ def _progress_bar(name: str, total: int, start: int) -> Callable[[dict], None]:
                  name, row["epoch"], total, row["train_loss"], row["val_loss"], row["val_tss"], row["val_auc"],
                  row["seconds"], row["samples_per_s"])
     return log_line
-
-
-# ---------------------------------------------------------------------- command line
-def main(argv: list[str] | None = None) -> int:
-    """``python -m everest.train``: the ``everest train`` command (everest.cli)."""
-    from everest.cli import train_main
-
-    return train_main(argv)
-
-
-if __name__ == "__main__":
-    # Run the imported module's main, so exceptions are everest.train classes (not __main__ copies)
-    # and the CLI maps them to their exit statuses.
-    from everest.train import main as _main
-
-    sys.exit(_main())

@@ -6,7 +6,7 @@ built from the cluster profiles in ``deployments/``.
 
 Failure policy: an experiment's Python error is retried (``retries``) only when it is an infrastructure
 problem (CUDA out of memory, a lost file system or node, a walltime/time limit: the retry resumes from
-the checkpoint); a diverged run (:class:`everest.train.TrainingDiverged`) or bad data/config is not
+the checkpoint); a diverged run (:class:`everest.errors.TrainingDiverged`) or bad data/config is not
 retried, because it would fail again the same way. A Dask worker that dies is rescheduled by Dask;
 after ``distributed.scheduler.allowed-failures`` deaths the experiment is marked Crashed. Every future
 is settled, the analysis and report run on whatever finished, and the flow run ends Failed, after the
@@ -39,18 +39,19 @@ from prefect.states import Completed, Failed
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from everest import baselines, io, results, stopping
+from everest.cli import add_run_arguments
 from everest.config import (
     DEFAULT_SEEDS,
     PRESETS,
-    ConfigError,
     EverestConfig,
     Experiment,
     Target,
     all_targets,
     experiment_matrix,
-    load_config,
+    run_config,
 )
-from everest.data import DataError, data_file, file_hash
+from everest.data import data_file, file_hash
+from everest.errors import EXIT_USAGE, ConfigError, DataError, describe_validation_error
 from flows.profiles import Profile, clear_submission_failures, load_profile, submission_failures
 from flows.server import is_loopback
 
@@ -93,6 +94,16 @@ class ProductionParameters(BaseModel):
         return self
 
     @property
+    def experiments(self) -> list[Experiment]:
+        """The run's experiments, targets x seeds in array-index order."""
+        return experiment_matrix(self.targets, self.seeds)
+
+    @property
+    def target_list(self) -> list[Target]:
+        """The run's targets, parsed, in array-index order."""
+        return list(dict.fromkeys(e.target for e in self.experiments))
+
+    @property
     def embedded_demo(self) -> bool:
         """No data folder given: the run uses (and may generate) the synthetic demo tables."""
         return self.data_dir is None
@@ -109,8 +120,28 @@ class ProductionParameters(BaseModel):
 
     def effective_config(self) -> EverestConfig:
         """The configuration every experiment of this run uses."""
-        overrides = list(self.overrides) + ([f"train.epochs={self.epochs}"] if self.epochs else [])
-        return load_config(self.config_file, overrides, preset=self.effective_preset)
+        return run_config(self.config_file, self.overrides, preset=self.effective_preset, epochs=self.epochs)
+
+
+class ExperimentJob(BaseModel):
+    """What one task needs: the experiment, its configuration and identity, and the run's folders.
+
+    ``model`` is ``everest`` for the transformer, else the name of a baseline.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str = "everest"
+    experiment: Experiment
+    config: EverestConfig
+    identity: results.Identity
+    data_dir: Path
+    output_dir: Path
+    torch_threads: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.experiment.name
 
 
 def experiment_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
@@ -123,7 +154,7 @@ def experiment_cache_key(context: TaskRunContext, parameters: dict[str, Any]) ->
     The run id is deliberately absent, so reruns and UI retries reuse finished experiments. A cached
     result counts only while the results on disk match (the flow refreshes the cache otherwise).
     """
-    return results.Identity.model_validate(parameters["spec"]["identity"]).key()
+    return parameters["job"].identity.key()
 
 
 def api_unreachable(err: BaseException) -> bool:
@@ -150,28 +181,26 @@ def is_infrastructure_error(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-@task(name="train-experiment", task_run_name="train-{spec[name]}", retries=RETRIES,
+@task(name="train-experiment", task_run_name="train-{job.name}", retries=RETRIES,
       retry_delay_seconds=RETRY_DELAY_SECONDS, retry_condition_fn=is_infrastructure_error,
       cache_key_fn=experiment_cache_key, persist_result=True, result_serializer="json", log_prints=True)
-def train_experiment(spec: dict[str, Any]) -> dict[str, Any]:
+def train_experiment(job: ExperimentJob) -> dict[str, Any]:
     """Train (or resume) one experiment and return its small JSON summary."""
     import torch
 
     from everest.errors import Preempted
     from everest.train import ProductionTrainer
 
-    if spec.get("torch_threads"):
-        torch.set_num_threads(spec["torch_threads"])
-    cfg = EverestConfig.model_validate(spec["config"])
-    progress_id = create_progress_artifact(progress=0.0, key=_artifact_key("progress", spec["name"]),
-                                           description=f"epochs of {spec['name']}")
+    if job.torch_threads:
+        torch.set_num_threads(job.torch_threads)
+    progress_id = create_progress_artifact(progress=0.0, key=_artifact_key("progress", job.name),
+                                           description=f"epochs of {job.name}")
 
     def report(r: Any) -> None:
         update_progress_artifact(progress_id, progress=100.0 * r.epoch / r.max_epochs)
 
-    exp = Experiment.model_validate(spec["experiment"])
-    trainer = ProductionTrainer(exp.target.flare_class, exp.target.horizon, exp.seed, config=cfg,
-                                data_dir=spec["data_dir"], output_dir=spec["output_dir"], progress=report)
+    trainer = ProductionTrainer(job.experiment, config=job.config, data_dir=job.data_dir,
+                                output_dir=job.output_dir, progress=report)
     try:
         res = trainer.train()  # --force was applied by the flow, once: a rerun of this task resumes
     except Preempted:
@@ -189,14 +218,13 @@ def _hand_back_to_dask(grace_seconds: float = 600.0) -> None:
     time.sleep(grace_seconds)
 
 
-@task(name="fit-baseline", task_run_name="{spec[model]}-{spec[name]}", retries=RETRIES,
+@task(name="fit-baseline", task_run_name="{job.model}-{job.name}", retries=RETRIES,
       retry_delay_seconds=RETRY_DELAY_SECONDS, retry_condition_fn=is_infrastructure_error,
       cache_key_fn=experiment_cache_key, persist_result=True, result_serializer="json")
-def fit_baseline(spec: dict[str, Any]) -> dict[str, Any]:
+def fit_baseline(job: ExperimentJob) -> dict[str, Any]:
     """Fit one simple baseline on one experiment's windows (seconds on a CPU) and summarise it."""
-    res = baselines.fit_baseline(spec["model"], Experiment.model_validate(spec["experiment"]),
-                                 EverestConfig.model_validate(spec["config"]), spec["data_dir"], spec["output_dir"])
-    return summarise_result(res)
+    return summarise_result(baselines.fit_baseline(job.model, job.experiment, job.config, job.data_dir,
+                                                   job.output_dir))
 
 
 def summarise_result(res: dict[str, Any]) -> dict[str, Any]:
@@ -212,10 +240,9 @@ def summarise_result(res: dict[str, Any]) -> dict[str, Any]:
 @task(name="analyse-results", log_prints=True)
 def analyse(results_dir: str, out_dir: str, targets: list[str], seeds: list[int]) -> dict[str, Any]:
     """Statistics, plots and the markdown report over whatever experiments finished."""
-    from everest.analysis import ProductionAnalyzer
+    from everest.analysis import run_analysis
 
-    summary = ProductionAnalyzer(results_dir, out_dir, targets=targets, seeds=seeds).run_complete_analysis()
-    return {**summary.to_dict(), "verdict_rows": summary.verdict_table()}
+    return run_analysis(results_dir, out_dir, targets=targets, seeds=seeds)
 
 
 @task(name="publish-report")
@@ -238,14 +265,14 @@ def _artifact_key(kind: str, name: str) -> str:
     return f"{kind}-{name}".lower().replace("_", "-")
 
 
-def _data_hashes(data_dir: Path, targets: list[Target]) -> dict[str, dict[str, str]]:
+def _data_hashes(data_dir: Path, targets: list[Target]) -> dict[Target, dict[str, str]]:
     """Content hash of every data file the run needs, per target; names each missing file."""
     out, missing = {}, []
     for t in targets:
         files = [data_file(data_dir, t, s) for s in ("train", "test")]
         missing += [str(f) for f in files if not f.is_file()]
         if not missing:
-            out[str(t)] = {f.name: file_hash(f) for f in files}
+            out[t] = {f.name: file_hash(f) for f in files}
     if missing:
         raise DataError(f"data files not found: {missing} (generate demo data with `everest data synth "
                         f"--size demo --out {data_dir}` or point --data-dir at the SHARP tables)")
@@ -270,7 +297,7 @@ def check_data_dir(params: ProductionParameters) -> None:
     if params.embedded_demo:
         return
     folder = params.data_path
-    expected = [data_file(folder, Target.parse(t), split) for t in params.targets for split in ("train", "test")]
+    expected = [data_file(folder, t, split) for t in params.target_list for split in ("train", "test")]
     names = ", ".join(f.name for f in expected)
     if not folder.is_dir():
         raise DataError(f"data folder {_shown(folder)} does not exist; expected the SHARP tables {names} there")
@@ -300,10 +327,11 @@ def check_api_reachable(site: Profile, api_url: str | None) -> None:
         )
 
 
-def preflight(params: ProductionParameters, site: Profile, api_url: str | None, query_site: bool = True) -> None:
+def preflight(params: ProductionParameters, site: Profile, api_url: str | None,
+              query_site: bool = True) -> EverestConfig:
     """Everything that can refuse a run before a server starts or a job is submitted, cheapest first;
-    ``query_site`` asks the batch system too (queue, resources)."""
-    params.effective_config()
+    ``query_site`` asks the batch system too (queue, resources). Returns the run's configuration."""
+    cfg = params.effective_config()
     check_data_dir(params)
     if params.embedded_demo and not site.workers_on_this_host:
         raise ConfigError(f"cluster profile {site.source} runs workers on other machines: give a data folder on "
@@ -312,6 +340,7 @@ def preflight(params: ProductionParameters, site: Profile, api_url: str | None, 
     site.check_run_dir(Path(params.output_dir))
     if query_site:
         site.check_site()
+    return cfg
 
 
 def run_production(params: ProductionParameters, site: Profile) -> Any:
@@ -321,11 +350,11 @@ def run_production(params: ProductionParameters, site: Profile) -> Any:
     """
     from prefect.settings import PREFECT_API_URL
 
-    preflight(params, site, PREFECT_API_URL.value())
+    cfg = preflight(params, site, PREFECT_API_URL.value())
     _check_writable(Path(params.output_dir))
     try:
         with io.exclusive_lock(Path(params.output_dir) / ".everest.lock", f"output directory {params.output_dir}"):
-            return _run_locked(params, site)
+            return _run_locked(params, site, cfg)
     except io.LockedError as err:
         raise ConfigError(str(err)) from None
 
@@ -343,10 +372,9 @@ def _bind_cluster_to_run(site: Profile, out: Path) -> None:
         runner.cluster_kwargs = site.cluster_kwargs(out.resolve())
 
 
-def _run_locked(params: ProductionParameters, site: Profile) -> Any:
+def _run_locked(params: ProductionParameters, site: Profile, cfg: EverestConfig) -> Any:
     logger = get_run_logger()
-    cfg = params.effective_config()
-    experiments = experiment_matrix(params.targets, params.seeds)
+    experiments = params.experiments
     data_dir, out = params.data_path, Path(params.output_dir)
     if params.embedded_demo and not all(data_file(data_dir, t, s).is_file() for t in all_targets()
                                         for s in ("train", "test")):
@@ -354,7 +382,7 @@ def _run_locked(params: ProductionParameters, site: Profile) -> Any:
 
         logger.info("embedded demo: generating synthetic SHARP tables in %s", data_dir)
         synthetic.generate(data_dir, size="demo", seed=0)
-    hashes = _data_hashes(data_dir, sorted({e.target for e in experiments}, key=all_targets().index))
+    hashes = _data_hashes(data_dir, params.target_list)
     results_dir = out / "results"
     storage = out / ".prefect-results"
     storage.mkdir(parents=True, exist_ok=True)
@@ -365,7 +393,7 @@ def _run_locked(params: ProductionParameters, site: Profile) -> Any:
 
     _bind_cluster_to_run(site, out)
     clear_submission_failures()
-    identities = {exp: results.identity_for(exp, cfg, hashes[str(exp.target)]) for exp in experiments}
+    identities = {exp: results.identity_for(exp, cfg, hashes[exp.target]) for exp in experiments}
     models = baseline_models(params)
     if params.force:  # once, here: a task that reruns (resume, retry, another worker) must not start over
         for exp in experiments:
@@ -374,23 +402,21 @@ def _run_locked(params: ProductionParameters, site: Profile) -> Any:
             for model in models:
                 results.supersede(baselines.baseline_root(out, model), exp.name)
 
+    folders = {"config": cfg, "data_dir": data_dir.resolve(), "output_dir": out.resolve()}
+
     def submit(exp: Experiment) -> Any:
-        spec = {"name": exp.name, "experiment": exp.model_dump(mode="json"), "config": cfg.model_dump(mode="json"),
-                "identity": identities[exp].model_dump(), "data_dir": str(data_dir.resolve()),
-                "output_dir": str(out.resolve()), "torch_threads": site.threads}
+        job = ExperimentJob(experiment=exp, identity=identities[exp], torch_threads=site.threads, **folders)
         # A cached summary stands only for results still on disk with this identity (deleted, superseded
         # or rewritten by another configuration: train again).
-        fresh = results.finished(out, identities[exp]) is None
+        fresh = results.finished(out, job.identity) is None
         with dask.annotate(resources={"GPU": 1}) if site.uses_gpus else contextlib.nullcontext():
-            return trainer_task.with_options(refresh_cache=fresh or None).submit(spec)
+            return trainer_task.with_options(refresh_cache=fresh or None).submit(job)
 
     def submit_baseline(exp: Experiment, model: str) -> Any:
-        identity = baselines.baseline_identity(exp, baselines.DEFAULTS[model], cfg, hashes[str(exp.target)])
-        spec = {"model": model, "name": exp.name, "experiment": exp.model_dump(mode="json"),
-                "config": cfg.model_dump(mode="json"), "identity": identity.model_dump(),
-                "data_dir": str(data_dir.resolve()), "output_dir": str(out.resolve())}
+        identity = baselines.baseline_identity(exp, baselines.DEFAULTS[model], cfg, hashes[exp.target])
+        job = ExperimentJob(model=model, experiment=exp, identity=identity, **folders)
         fresh = results.finished(baselines.baseline_root(out, model), identity) is None
-        return baseline_task.with_options(refresh_cache=fresh or None).submit(spec)
+        return baseline_task.with_options(refresh_cache=fresh or None).submit(job)
 
     futures = [(exp, submit(exp)) for exp in experiments]  # the long tasks first; baselines take seconds
     baseline_futures = [(f"{model} {exp.name}", submit_baseline(exp, model)) for exp in experiments
@@ -557,12 +583,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", default="local", help="cluster profile: local, pbs, slurm or a YAML file")
     p.add_argument("--data-dir", help=f"folder of the targets' SHARP CSVs (default: the embedded demo, synthetic "
                    f"tables in {DEMO_DATA_DIR}, made when missing; a given folder must hold its tables)")
-    p.add_argument("--preset", choices=sorted(PRESETS),
-                   help="training budget (default: demo with the default demo data, production with --data-dir)")
     p.add_argument("--output-dir", default="output", help="shared output folder")
-    p.add_argument("--config", help="TOML or YAML configuration file")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="configuration override")
-    p.add_argument("--epochs", type=int, help="epoch cap (train.epochs)")
+    add_run_arguments(p, preset_default=None, device=False)
     p.add_argument("--force", action="store_true", help="retrain experiments that already finished")
     p.add_argument("--no-baselines", dest="baselines", action="store_false",
                    help="do not fit the simple baselines (logistic regression, gradient boosting) beside EVEREST")
@@ -607,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command line: validate everything, make sure a Prefect API exists, run the flow, summarise."""
     import uuid
 
-    from everest.cli import EXIT_USAGE, setup_logging
+    from everest.cli import setup_logging
     from flows.server import prefect_api
 
     args = _parse_args(argv)
@@ -623,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
         params = ProductionParameters(targets=args.targets, seeds=args.seeds, data_dir=args.data_dir,
                                       output_dir=args.output_dir, profile=args.profile, preset=args.preset,
                                       config_file=args.config,
-                                      overrides=args.set, epochs=args.epochs, force=args.force,
+                                      overrides=args.overrides, epochs=args.epochs, force=args.force,
                                       baselines=args.baselines)
         site = load_profile(args.profile)
         preflight(params, site, api_url, query_site=False)  # the flow queries the batch system itself
@@ -632,10 +654,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except ValidationError as err:  # our validators' ConfigErrors arrive wrapped in it
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'parameters'}: "
-                             f"{e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})"
-                             for e in err.errors())
-        print(f"error: invalid parameters: {problems}", file=sys.stderr)
+        print(f"error: {describe_validation_error(err, 'parameters')}", file=sys.stderr)
         return EXIT_USAGE
     if params.embedded_demo:
         print(f"embedded default: synthetic demo data in {DEMO_DATA_DIR} and the '{params.effective_preset}' preset "

@@ -33,7 +33,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-import yaml
 from dask_jobqueue import PBSCluster, SLURMCluster
 from dask_jobqueue.pbs import PBSJob
 from dask_jobqueue.slurm import SLURMJob
@@ -52,8 +51,8 @@ from pydantic import (
     model_validator,
 )
 
-from everest import packing
-from everest.config import ConfigError
+from everest.errors import ConfigError, describe_validation_error
+from everest.io import load_mapping
 
 __all__ = [
     "BatchProfile",
@@ -181,6 +180,15 @@ Walltime = Annotated[str, PlainValidator(_walltime)]
 Memory = Annotated[str, PlainValidator(_memory)]
 
 
+MAX_EXPERIMENTS_PER_GPU = 16  # more only adds contention
+
+
+def _experiments_per_gpu(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_EXPERIMENTS_PER_GPU:
+        raise ValueError(f"experiments_per_gpu must be an integer in 1..{MAX_EXPERIMENTS_PER_GPU}, got {k!r}")
+    return k
+
+
 def _dashboard(v: str | None) -> str | None:
     if v is not None and not re.fullmatch(r"[A-Za-z0-9_.:\[\]-]*:\d+", v):
         raise ValueError("must be HOST:PORT (e.g. '127.0.0.1:8787'), ':PORT' for every interface, or null")
@@ -223,9 +231,13 @@ class Profile(BaseModel):
     kind: str
     description: str = ""
     torch_threads: int | None = Field(None, ge=1)
-    # k experiment worker processes share one GPU (everest.packing: processes, not threads, keep each
-    # experiment's random stream identical to a solo run).
-    experiments_per_gpu: int = Field(1, ge=1, le=packing.MAX_EXPERIMENTS_PER_GPU)
+    # k experiment worker processes share one GPU. Processes, not threads: the trainer draws from torch's
+    # process-global generators (shuffling, dropout), so experiments in threads of one process would
+    # interleave their draws and none would reproduce its solo result; in processes each does (tested),
+    # and each has its own interpreter to issue kernels. With CUDA-graph steps (the default) one
+    # experiment keeps an H200 busy and 2-8 processes gave 0.91x (benchmarks/RESULTS.md), so the shipped
+    # profiles keep 1; packing is for eager steps (train.cuda_graphs=false).
+    experiments_per_gpu: Annotated[int, PlainValidator(_experiments_per_gpu)] = 1
     env: Annotated[dict[str, str], AfterValidator(_env_names)] = Field(default_factory=dict)
     pass_env: Annotated[tuple[str, ...], AfterValidator(_pass_names)] = ("PREFECT_API_URL",
                                                                        "PREFECT_API_AUTH_STRING")
@@ -317,11 +329,18 @@ class Profile(BaseModel):
         """A copy shrunk to run on one CI machine (loopback network, tiny jobs, no site modules)."""
 
 
+def _job_layout(experiments: int) -> dict[str, int]:
+    """dask-jobqueue keys for a job of ``experiments`` single-threaded worker processes, each with the
+    ``GPU=1`` worker resource, so each takes one experiment."""
+    return {"processes": experiments, "cores": experiments}
+
+
 class PinnedGPUNanny(Nanny):
     """A Nanny whose worker process sees one GPU: ``CUDA_VISIBLE_DEVICES`` = ``gpu_ids[name]``.
 
     LocalCluster names its workers 0..n-1 and restarts a dead worker under the same name, so each
-    worker keeps its device. Torch then calls that device ``cuda:0``.
+    worker keeps its device: worker ``i`` gets ``gpu_ids[i % len(gpu_ids)]``, so ``n_workers =
+    len(gpu_ids) * experiments_per_gpu`` puts that many on each GPU. Torch then calls it ``cuda:0``.
     """
 
     def __init__(self, *args: Any, gpu_ids: Sequence[str], name: Any = None, env: dict | None = None, **kw: Any):
@@ -557,7 +576,7 @@ class BatchProfile(Profile):
         return {
             # One single-threaded worker per experiment slot (experiments_per_gpu of them on the job's GPU):
             # adaptive scaling then requests one job per experiments_per_gpu tasks.
-            **packing.batch_job_layout(self.experiments_per_gpu if self.gpus_per_job else 1),
+            **_job_layout(self.experiments_per_gpu if self.gpus_per_job else 1),
             "memory": f"{n}{unit}iB",
             "walltime": self.walltime,
             "queue": self.queue,
@@ -842,37 +861,12 @@ def _resolve(name_or_path: str | Path) -> Path:
     )
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys instead of silently keeping the last one."""
-
-
-def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    keys = [loader.construct_object(k, deep=deep) for k, _ in node.value]
-    dupes = sorted({str(k) for k in keys if keys.count(k) > 1})
-    if dupes:
-        raise yaml.constructor.ConstructorError(None, None, f"duplicate keys {dupes}", node.start_mark)
-    return loader.construct_mapping(node, deep=deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
-
-
-def _describe(err: dict[str, Any], cls: type[Profile]) -> str:
-    loc = ".".join(str(p) for p in err["loc"]) or "<profile>"
-    if err["type"] == "extra_forbidden":
-        return f"{loc}: unknown key; allowed keys: {sorted(cls.model_fields)} (got {err.get('input')!r})"
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["loc"]:
-        return f"{loc}: {msg} (got {err.get('input')!r})"
-    return msg
-
-
 def _build(cls: type[Profile], data: dict[str, Any], source: str) -> Profile:
     try:
         profile = cls.model_validate(data)
     except ValidationError as err:
-        problems = "; ".join(_describe(e, cls) for e in err.errors())
-        raise ConfigError(f"invalid cluster profile {source}: {problems}") from None
+        problems = describe_validation_error(err, f"cluster profile {source}", sorted(cls.model_fields))
+        raise ConfigError(problems) from None
     profile._source = source
     return profile
 
@@ -886,12 +880,7 @@ def load_profile(name_or_path: str | Path | Profile) -> Profile:
     if isinstance(name_or_path, Profile):
         return name_or_path
     path = _resolve(name_or_path)
-    try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"cannot parse cluster profile {path}: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"cluster profile {path} must hold a mapping of keys, got {type(data).__name__}")
+    data = load_mapping(path, "cluster profile")
     kind = data.get("kind")
     if kind not in PROFILE_KINDS:
         raise ConfigError(

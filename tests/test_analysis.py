@@ -443,7 +443,8 @@ def real_results(tmp_path_factory) -> Path:
                                           "model.num_heads=2", "train.epochs=2", "train.num_threads=1"])
     for cls, seeds in (("M", (0, 1, 2)), ("C", (0, 1))):
         for s in seeds:
-            ProductionTrainer(cls, 24, s, config=cfg, data_dir=base / "data", output_dir=base / "out").train()
+            ProductionTrainer(Experiment.of(f"{cls}-24", s), config=cfg, data_dir=base / "data",
+                              output_dir=base / "out").train()
     write_failure(base / "out" / "results", "C-24", 2, error="TrainingDiverged: loss became nan")
     return base / "out" / "results"
 

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from everest import baselines as B
+from everest import cli
 from everest import metrics as M
 from everest.analysis import ProductionAnalyzer, load_results
 from everest.config import ConfigError, EverestConfig, Experiment, Target
@@ -165,7 +166,7 @@ def test_everest_compares_with_a_baseline_on_the_same_windows(tiny_data, tmp_pat
     cfg = EverestConfig().with_overrides(["model.embed_dim=16", "model.ff_dim=32", "model.num_blocks=1",
                                           "model.num_heads=2", "train.epochs=1", "train.num_threads=1",
                                           "train.device=cpu"])
-    everest = ProductionTrainer("M", 24, 0, config=cfg, data_dir=tiny_data, output_dir=tmp_path).train()
+    everest = ProductionTrainer(Experiment.of("M-24", 0), config=cfg, data_dir=tiny_data, output_dir=tmp_path).train()
     base = B.fit_baseline("logistic", EXP0, cfg, tiny_data, tmp_path)  # the same config, output root and cache
     for k in ("n_train", "n_train_positive", "n_val", "n_val_positive", "n_test", "n_test_positive", "scaler"):
         assert base["data"][k] == everest["data"][k], k
@@ -255,7 +256,8 @@ def test_unknown_model_and_mismatched_params_are_refused(tiny_data, tmp_path):
 
 
 def test_command_line_fits_all_models(tiny_data, tmp_path, capsys):
-    assert B.main(["--array-index", "16", "--data-dir", str(tiny_data), "--output-dir", str(tmp_path)]) == 0
+    argv = ["baselines", "--array-index", "16", "--data-dir", str(tiny_data), "--output-dir", str(tmp_path)]
+    assert cli.main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[:2] for line in lines] == [["logistic", f"{EXP0.name}:"], ["boosted", f"{EXP0.name}:"]]
     assert all((results_dir(tmp_path, m) / "results.json").is_file() for m in B.BASELINES)
@@ -267,6 +269,6 @@ def test_command_line_fits_all_models(tiny_data, tmp_path, capsys):
     (["--array-index", "46"], "invalid array index"),
 ])
 def test_command_line_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
-    assert B.main([*argv, "--output-dir", str(tmp_path)]) == 2
+    assert cli.main(["baselines", *argv, "--output-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0]

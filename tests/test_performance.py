@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +15,13 @@ import torch
 
 from benchmarks import run as bench
 from benchmarks import workloads as W
-from everest import packing, synthetic
-from everest.config import ConfigError, EverestConfig
+from everest import synthetic
+from everest.config import ConfigError, EverestConfig, Experiment
 from everest.fast import TrainStep, make_optimizer
 from everest.losses import EverestLoss
 from everest.model import EverestModel
 from everest.train import ProductionTrainer
+from flows.profiles import PinnedGPUNanny, load_profile
 
 TINY = ["model.embed_dim=16", "model.ff_dim=32", "model.num_blocks=1", "model.num_heads=2",
         "train.batch_size=256", "train.num_threads=1", "train.epochs=2"]
@@ -83,8 +86,8 @@ def test_cuda_only_options_fall_back_to_the_identical_cpu_run(data_dir, tmp_path
     plain = EverestConfig().with_overrides([*TINY, "train.cuda_graphs=false"])
     fast = plain.with_overrides(["train.compile=true", "train.cuda_graphs=true"])
     assert fast.config_hash() != plain.config_hash()
-    a = ProductionTrainer("M", 24, 0, config=plain, data_dir=data_dir, output_dir=tmp_path / "a").train()
-    b = ProductionTrainer("M", 24, 0, config=fast, data_dir=data_dir, output_dir=tmp_path / "b").train()
+    a = ProductionTrainer(Experiment.of("M-24", 0), config=plain, data_dir=data_dir, output_dir=tmp_path / "a").train()
+    b = ProductionTrainer(Experiment.of("M-24", 0), config=fast, data_dir=data_dir, output_dir=tmp_path / "b").train()
     assert _metrics(a) == _metrics(b)
     assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
 
@@ -104,23 +107,46 @@ def test_train_step_on_cpu_ignores_graphs_and_compile():
     assert step._graph is None and torch.isfinite(step.sums).all() and step.sums[0] > 0
 
 
+def _train_in_this_process(experiment: Experiment, config: EverestConfig, data_dir: str, output_dir: str) -> dict:
+    """What a packed worker process runs: one experiment; returns the ``results.json`` content."""
+    return ProductionTrainer(experiment, config=config, data_dir=data_dir, output_dir=output_dir).train()
+
+
+def _run_packed(jobs: list[dict], experiments_per_device: int) -> list[dict]:
+    """The packed Dask workers' situation without Dask: ``k`` fresh (spawned) processes, one experiment each."""
+    with ProcessPoolExecutor(max_workers=experiments_per_device, mp_context=mp.get_context("spawn")) as pool:
+        return [f.result() for f in [pool.submit(_train_in_this_process, **job) for job in jobs]]
+
+
 def test_packed_experiments_match_their_solo_runs(data_dir, tmp_path):
     cfg = EverestConfig().with_overrides(TINY)
-    jobs = [{"flare_class": "M", "time_window": 24, "seed": s, "config": cfg.model_dump(mode="json"),
-             "data_dir": str(data_dir), "output_dir": str(tmp_path / "packed")} for s in (0, 1)]
-    packed = packing.run_packed(packing.train_experiment, jobs, experiments_per_device=2)
+    jobs = [{"experiment": Experiment.of("M-24", s), "config": cfg, "data_dir": str(data_dir),
+             "output_dir": str(tmp_path / "packed")} for s in (0, 1)]
+    packed = _run_packed(jobs, experiments_per_device=2)
     for job, res in zip(jobs, packed, strict=True):
-        solo = ProductionTrainer("M", 24, job["seed"], config=cfg, data_dir=data_dir,
-                                 output_dir=tmp_path / f"solo{job['seed']}").train()
+        seed = job["experiment"].seed
+        solo = ProductionTrainer(Experiment.of("M-24", seed), config=cfg, data_dir=data_dir,
+                                 output_dir=tmp_path / f"solo{seed}").train()
         assert _metrics(res) == _metrics(solo)
-        name = f"results/everest_M_24h_seed{job['seed']}/predictions.csv"
-        assert (tmp_path / "packed" / name).read_bytes() == (tmp_path / f"solo{job['seed']}" / name).read_bytes()
+        name = f"results/everest_M_24h_seed{seed}/predictions.csv"
+        assert (tmp_path / "packed" / name).read_bytes() == (tmp_path / f"solo{seed}" / name).read_bytes()
     assert packed[0]["test_metrics"]["roc_auc"] != packed[1]["test_metrics"]["roc_auc"]  # seeds independent
 
 
-def test_packing_layout_and_validation():
-    assert packing.worker_gpu_ids(["0", "1"], 3) == ["0", "1", "0", "1", "0", "1"]
-    assert packing.batch_job_layout(4, threads_per_experiment=2) == {"processes": 4, "cores": 8}
+def test_packing_layout_and_validation(monkeypatch):
+    """k workers per GPU, round-robin over the GPUs (locally) and k processes per batch job."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    local = load_profile("local").with_overrides(gpus="auto", experiments_per_gpu=3)
+    kw = local.cluster_kwargs()
+    assert kw["n_workers"] == 6 and kw["worker_class"] is PinnedGPUNanny
+    devices: list[str] = []  # the device each worker name gets, without starting a process
+    monkeypatch.setattr("distributed.Nanny.__init__",
+                        lambda self, *a, env=None, **k: devices.append(env["CUDA_VISIBLE_DEVICES"]))
+    for name in range(kw["n_workers"]):
+        PinnedGPUNanny(gpu_ids=kw["gpu_ids"], name=name)
+    assert devices == ["0", "1", "0", "1", "0", "1"]
+    job = load_profile("pbs").with_overrides(experiments_per_gpu=4, job_cpus=8)._job_kwargs()
+    assert (job["processes"], job["cores"]) == (4, 4)
     for bad in (0, 17, 1.5, True, "2"):
         with pytest.raises(ConfigError, match=r"experiments_per_gpu must be an integer in 1\.\.16, got"):
-            packing.check_experiments_per_gpu(bad)
+            load_profile("local").with_overrides(experiments_per_gpu=bad)

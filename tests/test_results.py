@@ -141,7 +141,7 @@ def test_record_failure_moves_results_aside_and_never_sits_beside_them(tmp_path)
 
 # ---------------------------------------------------------------------- command line (used by cluster/lib.sh)
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "everest.results", "failure", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "everest", "results", "failure", *args], capture_output=True,
                           text=True, timeout=60)
 
 
@@ -172,7 +172,7 @@ def test_cli_rejects_an_unknown_experiment(tmp_path, args, message):
 def test_failed_rerun_with_a_new_config_is_reported_failed_not_finished(tiny_data, tmp_path):
     """Train, then rerun with another config that diverges, as a batch job does: the old results.json is moved
     aside, and the report counts the experiment as failed (not 'finished' with the old numbers)."""
-    base = [sys.executable, "-m", "everest.train", "--array-index", "16", "--data-dir", str(tiny_data),
+    base = [sys.executable, "-m", "everest", "train", "--array-index", "16", "--data-dir", str(tiny_data),
             "--output-dir", str(tmp_path), *TINY]
     first = subprocess.run(base, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr

@@ -1,4 +1,4 @@
-"""The synthetic generator: real file layout, determinism, calibration to data.md section 2, Bayes ceiling."""
+"""The synthetic generator: real file layout, determinism, calibration to the real tables' statistics, Bayes ceiling."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from everest.config import EVEREST_FEATURES, Target, all_targets
 
 SIZE_GROUP = ["TOTUSJH", "TOTUSJZ", "USFLUX", "TOTPOT", "AREA_ACR"]
 EXTENSIVE = SIZE_GROUP + ["SAVNCPP", "ABSNJZH"]
-# data.md section 2: log10 mean/sd of region-days without (neg) and with (pos) a >=M flare the next day.
+# Real SHARP statistics: log10 mean/sd of region-days without (neg) and with (pos) a >=M flare the next day.
 REAL_LOG_STATS = {
     "TOTUSJH": (2.48, 0.61, 3.45, 0.31), "TOTUSJZ": (12.80, 0.60, 13.71, 0.29),
     "USFLUX": (21.69, 0.60, 22.50, 0.30), "TOTPOT": (22.54, 0.85, 23.80, 0.42),
@@ -213,7 +213,7 @@ def test_full_size_matches_real_row_counts() -> None:
     assert 43_000 <= spec.test_regions * 960 <= 72_000
 
 
-# ---------------------------------------------------------------- calibration (data.md section 2)
+# ---------------------------------------------------------------- calibration to the real tables' statistics
 # Statistics are per row (not per region-day): negatives/positives are rows labelled N/P for M-24.
 
 
@@ -281,7 +281,7 @@ def test_temporal_behaviour(calibrated: dict[str, syn.SplitData]) -> None:
     assert growth[y].mean() > growth[~y].mean() + 0.03
 
 
-# Real rates (data.md section 1): C 52-54 %, M 2.6-3.0 %, M5 0.34-0.46 %; the generator's rates grow with the
+# Real positive rates: C 52-54 %, M 2.6-3.0 %, M5 0.34-0.46 %; the generator's rates grow with the
 # horizon as the physics implies (the real tables' per-horizon sampling keeps them flat), hence wider 72 h bands.
 # rel: tolerance of mean p_true vs the label rate, wider for rare targets whose positives come from few regions.
 @pytest.mark.parametrize(("target", "lo", "hi", "rel"), [

@@ -20,10 +20,11 @@ import torch
 
 from everest import results, synthetic
 from everest.calibration import fit_calibrator
-from everest.config import EverestConfig, Target
+from everest.config import EverestConfig, Experiment, Target
 from everest.data import prepare_experiment
+from everest.inference import load_calibrator, load_model
 from everest.metrics import best_threshold, evaluate, max_tss
-from everest.train import ProductionTrainer, TrainingDiverged, load_calibrator, load_model
+from everest.train import ProductionTrainer, TrainingDiverged
 
 TINY = ["model.embed_dim=16", "model.ff_dim=32", "model.num_blocks=1", "model.num_heads=2",
         "train.batch_size=256", "train.num_threads=1"]
@@ -41,7 +42,8 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def _train(data_dir: Path, out: Path, cfg: EverestConfig, progress=None, cls="M", seed=0) -> dict:
-    return ProductionTrainer(cls, 24, seed, config=cfg, data_dir=data_dir, output_dir=out, progress=progress).train()
+    return ProductionTrainer(Experiment.of(f"{cls}-24", seed), config=cfg, data_dir=data_dir, output_dir=out,
+                             progress=progress).train()
 
 
 def test_layout_and_contents(data_dir, tmp_path):
@@ -141,7 +143,7 @@ RESUME_ARGS = [f"--set={o}" for o in TINY] + ["--flare_class", "M", "--time_wind
 def reference_run(data_dir, tmp_path_factory) -> dict:
     """An uninterrupted 6-epoch run to compare interrupted-and-resumed runs with."""
     out = tmp_path_factory.mktemp("reference")
-    ref = subprocess.run([sys.executable, "-m", "everest.train", *RESUME_ARGS, "--data-dir", str(data_dir),
+    ref = subprocess.run([sys.executable, "-m", "everest", "train", *RESUME_ARGS, "--data-dir", str(data_dir),
                           "--output-dir", str(out)], capture_output=True, text=True, timeout=300)
     assert ref.returncode == 0, ref.stderr
     return json.loads((out / "results" / "everest_M_24h_seed0" / "results.json").read_text())
@@ -150,7 +152,7 @@ def reference_run(data_dir, tmp_path_factory) -> dict:
 def _interrupt(data_dir: Path, out: Path, sig: int) -> tuple[int, dict]:
     """Start a run, wait for its first checkpoint, send ``sig``; return its exit status and last checkpoint."""
     ckpt = out / "checkpoints" / "everest_M_24h_seed0.pt"
-    proc = subprocess.Popen([sys.executable, "-m", "everest.train", *RESUME_ARGS, "--data-dir", str(data_dir),
+    proc = subprocess.Popen([sys.executable, "-m", "everest", "train", *RESUME_ARGS, "--data-dir", str(data_dir),
                              "--output-dir", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -230,7 +232,7 @@ def test_non_finite_loss_stops_with_a_clear_error(data_dir, tmp_path):
 
 
 def test_cli_array_index_and_errors(data_dir, tmp_path):
-    base = [sys.executable, "-m", "everest.train", "--data-dir", str(data_dir), "--output-dir", str(tmp_path)]
+    base = [sys.executable, "-m", "everest", "train", "--data-dir", str(data_dir), "--output-dir", str(tmp_path)]
     ok = subprocess.run([*base, "--array-index", "16", "--epochs", "1", *[f"--set={o}" for o in TINY]],
                         capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr

@@ -178,7 +178,7 @@ def test_without_baselines_the_section_is_one_line(tmp_path):
     assert not (tmp_path / "analysis" / "verdict.csv").exists()
     report = Path(summary.report).read_text()
     assert [x for x in verdict_section(report).splitlines() if x.strip()] == [
-        f"No baseline results under `{tmp_path / 'baselines'}`: fit them with `python -m everest.baselines "
+        f"No baseline results under `{tmp_path / 'baselines'}`: fit them with `python -m everest baselines "
         f"--array-index K --output-dir {tmp_path}` (K = 1..45) and rerun the analysis."]
     assert report.index("## Verdict") < report.index("## Status of the run")
     assert cli_main(["--results-dir", str(tmp_path / "results"), "--bootstrap", "100", "--no-plots",

@@ -114,8 +114,9 @@ class AnalysisSummary:
     verdict_file: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict (NaN as None) for Prefect artifacts and ``analysis_summary.json``."""
-        return _jsonable(asdict(self))
+        """Plain JSON-able dict (NaN as None) for Prefect artifacts and ``analysis_summary.json``, with the
+        verdict's display rows (``verdict_rows``)."""
+        return {**_jsonable(asdict(self)), "verdict_rows": self.verdict_table()}
 
     def table(self) -> list[dict[str, Any]]:
         """Per-target means as rows of a table (e.g. a Prefect table artifact)."""

@@ -118,7 +118,7 @@ def _verdict(a: ProductionAnalyzer) -> list[str]:
     out = ["## Verdict: EVEREST against simple baselines\n"]
     if not a.baseline_models:
         return out + [f"No baseline results under `{a.out_dir / 'baselines'}`: fit them with `python -m "
-                      f"everest.baselines --array-index K --output-dir {a.out_dir}` (K = 1..45) and rerun the "
+                      f"everest baselines --array-index K --output-dir {a.out_dir}` (K = 1..45) and rerun the "
                       "analysis.\n"]
     v = a.verdict
     models = list(a.baseline_models)

@@ -1,13 +1,14 @@
-"""Statistics over seeds and over the test set, each computed from the results (reference.md flaw 7).
+"""Statistics over seeds and over the test set, each computed from the results, never typed in.
 
 * Across seeds: n, mean, sample standard deviation (ddof=1), min, median, max and a Student-t confidence
   interval of the mean. With one seed the spread and the interval are undefined and are NaN, on purpose.
 * Across the test set: a bootstrap that resamples whole **units** (active regions; contiguous row blocks
   when no region is recorded) with replacement. Consecutive samples of a region share 9 of 10 time steps
-  and positives come in long runs (data.md), so resampling rows would treat one flare episode as hundreds
-  of independent cases and give intervals that are far too narrow. Each unit is reduced to sufficient
-  statistics (tp, fp, tn, fn at the chosen threshold, sum of squared probability errors); a resample is a
-  vector of unit multiplicities, so the totals of all resamples are one matrix product.
+  and positives come in long runs (a flare labels every record of the 24/48/72 h before it), so resampling
+  rows would treat one flare episode as hundreds of independent cases and give intervals that are far too
+  narrow. Each unit is reduced to sufficient statistics (tp, fp, tn, fn at the chosen threshold, sum of
+  squared probability errors); a resample is a vector of unit multiplicities, so the totals of all
+  resamples are one matrix product.
 * Comparisons: two targets (e.g. 24 h vs 72 h) by a two-level bootstrap (shared region draws, seeds
   resampled in each arm); a baseline and a candidate on the same test samples by a paired region bootstrap
   (interval) and a paired region permutation test (p-value); Holm's step-down correction per family.

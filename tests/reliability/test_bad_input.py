@@ -1,6 +1,6 @@
 """Bad input matrix: every case is refused with a message naming the problem, a non-zero exit, nothing written.
 
-Data cases call the ``python -m everest.train`` entry point (``everest.train.main``, in-process for speed)
+Data cases call the ``everest train`` command (``everest.cli.main``, in-process for speed)
 on a copy of the tiny synthetic tables with one file spoiled; parameter cases call ``python -m
 flows.production``'s ``main`` (refused before any server, cluster or job starts). Tolerated cases (extra
 columns, a one-row region, a split without positives) must train. File-format cases (bytes, encoding,
@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from everest import train
+from everest import cli
 from flows import production
 
 TINY = ["--set=model.embed_dim=16", "--set=model.ff_dim=32", "--set=model.num_blocks=1", "--set=model.num_heads=2",
@@ -100,7 +100,7 @@ def _call(main: Callable[[list[str]], int], argv: list[str], capsys) -> Result:
 @pytest.fixture
 def run_train(capsys):
     def _run(data: Path, out: Path, *extra: str) -> Result:
-        return _call(train.main, ["--flare_class", "M", "--time_window", "24", "--data-dir", str(data),
+        return _call(cli.main, ["train", "--flare_class", "M", "--time_window", "24", "--data-dir", str(data),
                                   "--output-dir", str(out), *TINY, *extra], capsys)
     return _run
 
@@ -331,7 +331,7 @@ TRAINER_CASES = [c for c in FORMAT_CASES if c[0] in ("Windows-1252 quotes in a r
 def test_malformed_table_is_one_line_error_from_the_trainer(case, spoil, fragments, spoiled, tmp_path):
     spoil(spoiled)
     out = tmp_path / "out"
-    r = _run([sys.executable, "-m", "everest.train", "--flare_class", "C", "--time_window", "24", "--seed", "0",
+    r = _run([sys.executable, "-m", "everest", "train", "--flare_class", "C", "--time_window", "24", "--seed", "0",
               "--data-dir", str(spoiled), "--output-dir", str(out), *TINY], tmp_path)
     _assert_one_line_error(r, fragments, exact=False)
     assert not out.exists() or not any(p.is_file() for p in out.rglob("*")), "something was written"

@@ -24,7 +24,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from everest import io
-from everest.config import EverestConfig
+from everest.config import EverestConfig, Experiment
 from everest.train import ProductionTrainer
 from flows.production import ProductionParameters, make_flow
 
@@ -156,7 +156,7 @@ def test_flow_process_killed_mid_study_then_rerun_finishes_only_what_was_missing
 
 def test_walltime_sigterm_then_sigkill_checkpoints_and_the_retry_resumes(tiny_data, tmp_path):
     out = tmp_path / "out"
-    args = [sys.executable, "-m", "everest.train", "--flare_class", "M", "--time_window", "24", "--data-dir",
+    args = [sys.executable, "-m", "everest", "train", "--flare_class", "M", "--time_window", "24", "--data-dir",
             str(tiny_data), "--output-dir", str(out), "--epochs", "8", "--set=train.early_stopping_patience=20",
             *[f"--set={o}" for o in SLOWER]]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -179,7 +179,7 @@ def test_walltime_sigterm_then_sigkill_checkpoints_and_the_retry_resumes(tiny_da
 
 def _trainer(data: Path, out: Path, *extra: str) -> ProductionTrainer:
     cfg = EverestConfig().with_overrides([*TINY, "train.epochs=2", *extra])
-    return ProductionTrainer("M", 24, 0, config=cfg, data_dir=data, output_dir=out)
+    return ProductionTrainer(Experiment.of("M-24", 0), config=cfg, data_dir=data, output_dir=out)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
@@ -270,7 +270,7 @@ def test_disk_full_while_writing_results_is_a_clear_error_and_earlier_results_su
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    r = subprocess.run([sys.executable, "-m", "everest.train", "--flare_class", "M", "--time_window", "24",
+    r = subprocess.run([sys.executable, "-m", "everest", "train", "--flare_class", "M", "--time_window", "24",
                         "--seed", "1", "--data-dir", str(tiny_data), "--output-dir", str(out),
                         *[f"--set={o}" for o in TINY], "--epochs", "1"], preexec_fn=cap,
                        capture_output=True, text=True, timeout=300)

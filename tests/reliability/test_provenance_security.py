@@ -19,7 +19,7 @@ TINY = ["--set=model.embed_dim=16", "--set=model.ff_dim=32", "--set=model.num_bl
 
 
 def _train_cli(data: Path, out: Path, seed: int = 0) -> Path:
-    r = subprocess.run([sys.executable, "-m", "everest.train", "--flare_class", "C", "--time_window", "48", "--seed",
+    r = subprocess.run([sys.executable, "-m", "everest", "train", "--flare_class", "C", "--time_window", "48", "--seed",
                         str(seed), "--data-dir", str(data), "--output-dir", str(out), *TINY],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -52,7 +52,7 @@ def test_analysis_never_mixes_configs_within_a_target_without_saying_so(tiny_dat
     from everest.analysis import ProductionAnalyzer
 
     _train_cli(tiny_data, tmp_path, seed=0)
-    r = subprocess.run([sys.executable, "-m", "everest.train", "--flare_class", "C", "--time_window", "48", "--seed",
+    r = subprocess.run([sys.executable, "-m", "everest", "train", "--flare_class", "C", "--time_window", "48", "--seed",
                         "1", "--data-dir", str(tiny_data), "--output-dir", str(tmp_path), *TINY,
                         "--set=train.learning_rate=0.001"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
