@@ -8,6 +8,20 @@ import pandas as pd
 import pytest
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark ``gpu`` tests skipped where torch has no CUDA device (torch is imported only if such a test exists)."""
+    gpu = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in gpu:
+        item.add_marker(skip)
+
+
 @pytest.fixture
 def write_csv(tmp_path: Path):
     """Write a DataFrame (or raw text) as a CSV file under tmp_path and return its path."""

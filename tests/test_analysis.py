@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats as sps
+from tiny import ONE_THREAD, overrides
 
 from everest import metrics as M
 from everest.analysis import (
@@ -439,8 +440,7 @@ def real_results(tmp_path_factory) -> Path:
 
     base = tmp_path_factory.mktemp("analysis-real")
     synthetic.generate(base / "data", size="tiny", seed=0)
-    cfg = EverestConfig().with_overrides(["model.embed_dim=16", "model.ff_dim=32", "model.num_blocks=1",
-                                          "model.num_heads=2", "train.epochs=2", "train.num_threads=1"])
+    cfg = EverestConfig().with_overrides(overrides("train.epochs=2", ONE_THREAD))
     for cls, seeds in (("M", (0, 1, 2)), ("C", (0, 1))):
         for s in seeds:
             ProductionTrainer(Experiment.of(f"{cls}-24", s), config=cfg, data_dir=base / "data",

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from tiny import ONE_THREAD, overrides
 
 from everest import baselines as B
 from everest import cli
@@ -163,9 +164,7 @@ def test_analysis_reads_a_baseline_root_unchanged(fitted, tmp_path):
 def test_everest_compares_with_a_baseline_on_the_same_windows(tiny_data, tmp_path):
     from everest.train import ProductionTrainer
 
-    cfg = EverestConfig().with_overrides(["model.embed_dim=16", "model.ff_dim=32", "model.num_blocks=1",
-                                          "model.num_heads=2", "train.epochs=1", "train.num_threads=1",
-                                          "train.device=cpu"])
+    cfg = EverestConfig().with_overrides(overrides("train.epochs=1", ONE_THREAD, "train.device=cpu"))
     everest = ProductionTrainer(Experiment.of("M-24", 0), config=cfg, data_dir=tiny_data, output_dir=tmp_path).train()
     base = B.fit_baseline("logistic", EXP0, cfg, tiny_data, tmp_path)  # the same config, output root and cache
     for k in ("n_train", "n_train_positive", "n_val", "n_val_positive", "n_test", "n_test_positive", "scaler"):

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny import set_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -32,8 +33,7 @@ SLURM_ANALYSIS = CLUSTER / "slurm" / "submit_analysis.sbatch"
 SHELL_FILES = [CLUSTER / "site.sh", CLUSTER / "lib.sh", PBS_SUBMIT, PBS_ARRAY, PBS_ANALYSIS,
                SLURM_SUBMIT, SLURM_ARRAY, SLURM_ANALYSIS]
 
-TINY_MODEL = ["--set", "model.embed_dim=16", "--set", "model.ff_dim=32", "--set", "model.num_blocks=1",
-              "--set", "model.num_heads=2", "--epochs", "1"]
+TINY_MODEL = [*set_pairs(), "--epochs", "1"]  # the tiny model as "--set", "KEY=VALUE" pairs
 
 FAKE_SCHEDULER = """#!/bin/bash
 # Records its arguments (one per line, a '---' line first) and answers like the real command. With

@@ -12,6 +12,7 @@ from everest.config import (
     all_targets,
     experiment_matrix,
     load_config,
+    run_config,
 )
 
 
@@ -135,6 +136,28 @@ def test_bad_files(tmp_path):
     unknown.write_text("training:\n  epochs: 3\n")
     with pytest.raises(ConfigError, match="training"):
         load_config(unknown)
+
+
+def test_config_files_refuse_duplicate_keys_like_profiles(tmp_path):
+    """A repeated key is an error naming it (YAML would silently keep the last; TOML refuses by its spec)."""
+    dup_yaml = tmp_path / "dup.yaml"
+    dup_yaml.write_text("train:\n  epochs: 3\n  batch_size: 64\n  epochs: 5\n")
+    with pytest.raises(ConfigError, match=r"cannot parse configuration file .*dup.yaml.*duplicate keys \['epochs'\]"):
+        load_config(dup_yaml)
+    dup_toml = tmp_path / "dup.toml"
+    dup_toml.write_text("[train]\nepochs = 3\nepochs = 5\n")
+    with pytest.raises(ConfigError, match=r"cannot parse configuration file .*dup.toml"):
+        load_config(dup_toml)
+
+
+def test_run_options_make_one_config():
+    """--epochs and --device are shorthands applied after the preset and the overrides."""
+    cfg = run_config(None, ["train.epochs=7", "train.batch_size=64"], preset="demo", epochs=3, device="cpu")
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.device) == (3, 64, "cpu")
+    assert cfg.train.early_stopping_patience == 2  # from the demo preset
+    for bad in (0, -1, True):
+        with pytest.raises(ConfigError, match="invalid --epochs"):
+            run_config(epochs=bad)
 
 
 def test_presets_cap_the_budget_and_files_still_win(tmp_path):

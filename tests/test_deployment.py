@@ -19,12 +19,13 @@ from pathlib import Path
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from tiny import overrides
 
 from everest import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT = [sys.executable, "-m", "prefect"]
-TINY = ["model.embed_dim=16", "model.ff_dim=32", "model.num_blocks=1", "model.num_heads=2", "train.epochs=1"]
+TINY = overrides("train.epochs=1")
 
 
 def _cli(args: list[str], env: dict[str, str]) -> str:

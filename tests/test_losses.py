@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy import stats
 from torch import nn
 
 from everest.config import LossConfig, ModelConfig
@@ -361,3 +364,98 @@ def test_tiny_model_overfits_64_samples() -> None:
     assert history[-1][2] < 0.3 * history[0][2]  # the EVT term (weight 0.2) does not undo the classifier
     with torch.no_grad():
         assert ((model(x).logits > 0).float() == y).float().mean() > 0.9
+
+
+# --- independent oracles (scipy) -----------------------------------------------------------------------
+# The evidential term's NLL is that of the Normal-Inverse-Gamma prior's marginal predictive, a Student-t with
+# df = 2 alpha, loc = mu, scale = sqrt(beta (1 + v) / (v alpha)); the EVT term's is the generalised Pareto with
+# scipy's shape c = xi (xi > 0 heavy tail, xi < 0 bounded support e < -sigma / xi) and scale sigma.
+# ``nig_nll`` and ``evt_loss`` compute in float32 by design (their ``.float()`` casts), so they are compared at
+# float32-exact inputs with |got - scipy| <= 1e-5 (1 + |scipy|): the NLL is a sum of terms up to ~50 that
+# cancel, and the measured error was at most 2.5e-6 (1 + |scipy|), ~4 float32 ulps of the terms' sum.
+# ``gpd_nll`` keeps its inputs' dtype and is compared in float64 to 1e-10 relative.
+
+F32_TOL = 1e-5
+
+
+def _nig_grid() -> np.ndarray:
+    """(5, 288) float32-exact (y, mu, v, alpha, beta): labels 0/1, means inside and outside [0, 1], evidence
+    from 0.01 to 20, alpha from just above 1 to 12, beta from 0.02 to 2.5."""
+    grid = itertools.product([0.0, 1.0], [-0.4, 0.2, 0.9, 1.6], [0.01, 0.5, 3.0, 20.0], [1.05, 1.5, 4.0, 12.0],
+                             [0.02, 0.3, 2.5])
+    return np.array(list(grid), dtype=np.float32).T.astype(np.float64)
+
+
+def _student_t_nll(y, mu, v, alpha, beta) -> np.ndarray:
+    return -stats.t.logpdf(y, df=2.0 * alpha, loc=mu, scale=np.sqrt(beta * (1.0 + v) / (v * alpha)))
+
+
+def test_nig_nll_is_the_student_t_marginal_nll_of_scipy() -> None:
+    cols = _nig_grid()
+    want = _student_t_nll(*cols)
+    got = nig_nll(*(torch.from_numpy(c) for c in cols)).double().numpy()
+    np.testing.assert_allclose(got, want, rtol=F32_TOL, atol=F32_TOL)
+
+
+def test_evidential_loss_is_the_mean_scipy_nll_plus_the_regulariser() -> None:
+    y, mu, v, alpha, beta = cols = _nig_grid()
+    for lam in (0.0, 0.01, 0.5):
+        want = np.mean(_student_t_nll(*cols) + lam * np.abs(y - mu) * (2.0 * v + alpha))
+        nig = NIG(*(torch.from_numpy(c) for c in (mu, v, alpha, beta)))
+        got = evidential_loss(nig, torch.from_numpy(y), lam).item()
+        assert got == pytest.approx(want, rel=F32_TOL, abs=F32_TOL), lam
+
+
+def _gpd_points(xi: float, sigma: float) -> np.ndarray:
+    """Exceedances from 0 to 3 sigma, kept strictly inside the support when xi < 0."""
+    e = np.array([0.0, 0.01, 0.2, 1.0, 3.0]) * sigma
+    return e[e < -0.99 * sigma / xi] if xi < 0 else e
+
+
+def _gpd(e: np.ndarray, xi: float, sigma: float) -> np.ndarray:
+    n = len(e)
+    return gpd_nll(torch.from_numpy(e), torch.full((n,), xi, dtype=torch.float64),
+                   torch.full((n,), sigma, dtype=torch.float64)).numpy()
+
+
+@pytest.mark.parametrize("sigma", [0.05, 0.3, 1.7])
+@pytest.mark.parametrize("xi", [0.5, 0.2, 0.01, 1e-3, 1.01 * XI_ZERO, -1.01 * XI_ZERO, -0.1, -0.3, -0.49])
+def test_gpd_nll_is_the_genpareto_nll_of_scipy(xi: float, sigma: float) -> None:
+    e = _gpd_points(xi, sigma)
+    assert e[-1] > 0.1 * sigma  # some points beyond the first
+    np.testing.assert_allclose(_gpd(e, xi, sigma), -stats.genpareto.logpdf(e, c=xi, scale=sigma),
+                               rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("sigma", [0.05, 0.3, 1.7])
+@pytest.mark.parametrize("xi", [0.0, 1e-6, -1e-6, 5e-5, -5e-5, 0.9 * XI_ZERO, -0.9 * XI_ZERO])
+def test_gpd_nll_near_zero_xi_is_the_exponential_limit_within_its_error_bound(xi: float, sigma: float) -> None:
+    """Below XI_ZERO the density is scipy's exponential (genpareto at c = 0) exactly; it differs from the GPD at the
+    true xi by xi (t - t^2 / 2) + O(xi^2), t = e / sigma (the expansion of (1 + 1/xi) log(1 + xi t) - t)."""
+    e = _gpd_points(xi, sigma)
+    got = _gpd(e, xi, sigma)
+    np.testing.assert_allclose(got, -stats.genpareto.logpdf(e, c=0.0, scale=sigma), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(got, -stats.expon.logpdf(e, scale=sigma), rtol=1e-12, atol=1e-12)
+    t = e / sigma
+    bound = abs(xi) * np.abs(t - t**2 / 2) * 1.01 + 10 * xi**2 * (1 + t**3) + 1e-12
+    assert np.all(np.abs(got + stats.genpareto.logpdf(e, c=xi, scale=sigma)) <= bound)
+
+
+@pytest.mark.parametrize(("n", "quantile", "at_a_sample"), [(41, 0.9, True), (40, 0.87, False), (64, 0.5, False)])
+def test_evt_loss_is_the_mean_genpareto_nll_over_the_quantile_threshold(n: int, quantile: float,
+                                                                         at_a_sample: bool) -> None:
+    """End to end: u = the batch quantile of the logits (linear interpolation, numpy's default), exceedances
+    e = z - u of the logits strictly above u, mean of scipy's genpareto NLL with each sample's (xi, sigma)."""
+    rng = np.random.default_rng(n)
+    z = rng.permutation(np.linspace(-3.0, 3.0, n)).astype(np.float32)  # distinct logits, shuffled
+    xi = rng.uniform(-0.3, 0.5, n).astype(np.float32)
+    sigma = rng.uniform(1.0, 2.0, n).astype(np.float32)  # exceedances (<= 3) inside the support (sigma/|xi| > 3.3)
+    z64, xi64, sigma64 = (a.astype(np.float64) for a in (z, xi, sigma))
+    u = np.quantile(z64, quantile)
+    assert (u in z64) == at_a_sample  # at a sample the threshold itself is no exceedance (strict >)
+    above = z64 > u
+    assert above.sum() == (n - 1 - math.floor(quantile * (n - 1)))
+    want = np.mean(-stats.genpareto.logpdf(z64[above] - u, c=xi64[above], scale=sigma64[above]))
+    assert np.isfinite(want)
+    got = evt_loss(torch.from_numpy(z), GPD(torch.from_numpy(xi), torch.from_numpy(sigma)), quantile).item()
+    assert got == pytest.approx(want, rel=F32_TOL, abs=F32_TOL)

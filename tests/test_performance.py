@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny import BATCH_256, ONE_THREAD, overrides
 
 from benchmarks import run as bench
 from benchmarks import workloads as W
@@ -23,8 +24,7 @@ from everest.model import EverestModel
 from everest.train import ProductionTrainer
 from flows.profiles import PinnedGPUNanny, load_profile
 
-TINY = ["model.embed_dim=16", "model.ff_dim=32", "model.num_blocks=1", "model.num_heads=2",
-        "train.batch_size=256", "train.num_threads=1", "train.epochs=2"]
+TINY = overrides(BATCH_256, ONE_THREAD, "train.epochs=2")
 DROP = ("latency_ms", "latency_single_ms")
 
 

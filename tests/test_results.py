@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny import ONE_THREAD, overrides, set_args
 
 from everest import results as R
 from everest.analysis import ProductionAnalyzer
@@ -22,8 +23,7 @@ from everest.config import EverestConfig, Experiment, Target
 
 EXP = Experiment(target=Target.parse("M-24"), seed=0)
 HASHES = {"training_data_M_24.csv": "a" * 64, "testing_data_M_24.csv": "b" * 64}
-TINY = ["--set=model.embed_dim=16", "--set=model.ff_dim=32", "--set=model.num_blocks=1", "--set=model.num_heads=2",
-        "--set=train.num_threads=1", "--epochs", "1"]
+TINY = [*set_args(overrides(ONE_THREAD)), "--epochs", "1"]
 
 
 def identity(**change) -> R.Identity:

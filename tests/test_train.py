@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from tiny import BATCH_256, ONE_THREAD, overrides, set_args
 
 from everest import results, synthetic
 from everest.calibration import fit_calibrator
@@ -26,8 +27,7 @@ from everest.inference import load_calibrator, load_model
 from everest.metrics import best_threshold, evaluate, max_tss
 from everest.train import ProductionTrainer, TrainingDiverged
 
-TINY = ["model.embed_dim=16", "model.ff_dim=32", "model.num_blocks=1", "model.num_heads=2",
-        "train.batch_size=256", "train.num_threads=1"]
+TINY = overrides(BATCH_256, ONE_THREAD)
 
 
 def tiny_config(*extra: str) -> EverestConfig:
@@ -135,8 +135,8 @@ def test_restores_the_best_epoch_not_the_last(data_dir, tmp_path):
     assert loss != pytest.approx(hist[-1]["val_loss"], rel=1e-5)
 
 
-RESUME_ARGS = [f"--set={o}" for o in TINY] + ["--flare_class", "M", "--time_window", "24", "--seed", "0",
-                                              "--epochs", "6", "--set=train.early_stopping_patience=20"]
+RESUME_ARGS = set_args(TINY) + ["--flare_class", "M", "--time_window", "24", "--seed", "0",
+                                "--epochs", "6", "--set=train.early_stopping_patience=20"]
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +233,7 @@ def test_non_finite_loss_stops_with_a_clear_error(data_dir, tmp_path):
 
 def test_cli_array_index_and_errors(data_dir, tmp_path):
     base = [sys.executable, "-m", "everest", "train", "--data-dir", str(data_dir), "--output-dir", str(tmp_path)]
-    ok = subprocess.run([*base, "--array-index", "16", "--epochs", "1", *[f"--set={o}" for o in TINY]],
+    ok = subprocess.run([*base, "--array-index", "16", "--epochs", "1", *set_args(TINY)],
                         capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert "everest_M_24h_seed0: test TSS" in ok.stdout

@@ -16,6 +16,7 @@ import sys
 
 import pytest
 import yaml
+from tiny import overrides, set_pairs
 
 pytestmark = [
     pytest.mark.cluster,
@@ -24,7 +25,7 @@ pytestmark = [
 ]
 
 SUBNET = "10.213.7"
-TINY = ["model.embed_dim=16", "model.ff_dim=32", "model.num_blocks=1", "model.num_heads=2"]
+TINY = overrides()
 
 MOCK_QSUB = """#!/usr/bin/env bash
 # Mock of PBS Pro's qsub: run the job script on the compute host (network namespace {ns}).
@@ -91,7 +92,7 @@ def test_flow_on_login_host_trains_on_compute_host_mock_pbs_qsub(two_hosts, tiny
     env |= {"PATH": f"{bin_dir}:{env['PATH']}", "PREFECT_HOME": str(tmp_path / "prefect-home")}
     cmd = ["ip", "netns", "exec", login, sys.executable, "-m", "flows.production", "--profile", str(profile),
            "--targets", "C-24", "--seeds", "0", "--epochs", "1", "--data-dir", str(tiny_data),
-           "--output-dir", str(out), *[a for o in TINY for a in ("--set", o)]]
+           "--output-dir", str(out), *set_pairs(TINY)]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     job_logs = "\n".join(p.read_text()[-1500:] for p in sorted(jobs.glob("*.log")))
     assert run.returncode == 0, f"flow failed:\n{run.stdout[-2000:]}\n{run.stderr[-3000:]}\njob logs:\n{job_logs}"

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from tiny import TINY_MODEL, set_args
 
 from everest import cli
 from flows import production
 
-TINY = ["--set=model.embed_dim=16", "--set=model.ff_dim=32", "--set=model.num_blocks=1", "--set=model.num_heads=2",
-        "--epochs", "1"]
+TINY = [*set_args(TINY_MODEL), "--epochs", "1"]
 TRAIN = "training_data_M_24.csv"
 TEST = "testing_data_M_24.csv"
 

@@ -10,12 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny import TINY_MODEL, set_args
 
 from flows.profiles import load_profile
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["--set=model.embed_dim=16", "--set=model.ff_dim=32", "--set=model.num_blocks=1", "--set=model.num_heads=2",
-        "--epochs", "2"]
+TINY = [*set_args(TINY_MODEL), "--epochs", "2"]
 
 
 def _train_cli(data: Path, out: Path, seed: int = 0) -> Path:
