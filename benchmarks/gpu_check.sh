@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check of the benchmark suite: rows 2 (training throughput, TFLOP/s vs measured bf16 peak, CUDA graphs and
 # torch.compile vs eager), 3 (packing 1/2/4/8 processes), 4 (inference) and 7 (study projection) on
-# full-size synthetic data generated in memory, then the real trainer (M-24, 3 epochs) eager vs graphs.
+# full-size synthetic data generated in memory, then the real trainer (M-24, 3 epochs) eager vs graphs, then
+# the gpu-marked tests.
 # For a machine with PyTorch and nothing of ours: the checkout goes on PYTHONPATH; pydantic
 # (everest.config) comes from wheels in .whl/ if missing (see benchmarks/RESULTS.md).
 # Usage: benchmarks/gpu_check.sh [OUTDIR]   (default $OUT). ~5.5 minutes.
@@ -47,4 +48,12 @@ for h in r["history"]:
 print(f"trainer {sys.argv[2]}: test TSS {r['test_metrics']['tss']:.3f} device {r['provenance'].get('device')}")
 PY
 done
+
+# The gpu test tier (CUDA-graph step vs eager, a trainer run on CUDA): skipped everywhere without a GPU.
+if "$py" -c "import pytest" 2>/dev/null; then
+  timeout "${GPU_TEST_TIMEOUT:-120}" "$py" -m pytest -q -m gpu -rs tests/test_gpu.py 2>&1 | tee "$outdir/gpu_tests.log"
+  [ "${PIPESTATUS[0]}" = 0 ] || { echo "gpu tests failed"; status=1; }
+else
+  echo "pytest is not installed: gpu test tier not run"
+fi
 exit "$status"
