@@ -18,7 +18,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
+import math
 import os
+import re
 import signal
 import sys
 import time
@@ -27,7 +30,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import dask
-from prefect import flow, get_run_logger, task
+from prefect import allow_failure, flow, get_run_logger, task
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -58,6 +61,8 @@ from flows.server import is_loopback
 # The embedded default: synthetic tables made here when missing. No other folder is ever filled.
 DEMO_DATA_DIR = "data/demo"
 RETRIES = 2
+# The 9 targets as the deployment form's choices (checked against everest.config at import).
+TargetName = Literal["C-24", "C-48", "C-72", "M-24", "M-48", "M-72", "M5-24", "M5-48", "M5-72"]
 RETRY_DELAY_SECONDS = 10
 
 
@@ -121,6 +126,11 @@ class ProductionParameters(BaseModel):
     def effective_config(self) -> EverestConfig:
         """The configuration every experiment of this run uses."""
         return run_config(self.config_file, self.overrides, preset=self.effective_preset, epochs=self.epochs)
+
+    def flow_parameters(self) -> dict[str, Any]:
+        """The flow's keyword arguments (its form in the UI has no empty values: "", 0 and "auto" mean unset)."""
+        return {**self.model_dump(), "data_dir": self.data_dir or "", "preset": self.preset or "auto",
+                "config_file": self.config_file or "", "epochs": self.epochs or 0}
 
 
 class ExperimentJob(BaseModel):
@@ -193,11 +203,17 @@ def train_experiment(job: ExperimentJob) -> dict[str, Any]:
 
     if job.torch_threads:
         torch.set_num_threads(job.torch_threads)
+    logger = get_run_logger()
+    max_epochs = job.config.train.epochs
     progress_id = create_progress_artifact(progress=0.0, key=_artifact_key("progress", job.name),
-                                           description=f"epochs of {job.name}")
+                                           description=f"{job.name}: 0 of {max_epochs} epochs (0 %)")
 
     def report(r: Any) -> None:
-        update_progress_artifact(progress_id, progress=100.0 * r.epoch / r.max_epochs)
+        pct = 100.0 * r.epoch / r.max_epochs
+        logger.info("epoch %d/%d: loss %.4f, validation loss %.4f, validation TSS %.3f (best epoch %d)",
+                    r.epoch, r.max_epochs, r.train_loss, r.val_loss, r.val_tss, r.best_epoch)
+        update_progress_artifact(progress_id, progress=pct,
+                                 description=f"{job.name}: {r.epoch} of {r.max_epochs} epochs ({pct:.0f} %)")
 
     trainer = ProductionTrainer(job.experiment, config=job.config, data_dir=job.data_dir,
                                 output_dir=job.output_dir, progress=report)
@@ -207,8 +223,12 @@ def train_experiment(job: ExperimentJob) -> dict[str, Any]:
         if stopping.stop_reason():
             _hand_back_to_dask()
         raise
-    update_progress_artifact(progress_id, progress=100.0)
-    return summarise_result(res)
+    row = summarise_result(res)
+    update_progress_artifact(progress_id, progress=100.0,
+                             description=f"{job.name}: finished after {row['epochs_run']} epochs (100 %)")
+    logger.info("%s: test TSS %.3f, threshold %.3g, best epoch %d of %d, trained in %s", job.name, row["tss"],
+                row["threshold"], row["best_epoch"], row["epochs_run"], _duration(row["seconds"]))
+    return row
 
 
 def _hand_back_to_dask(grace_seconds: float = 600.0) -> None:
@@ -234,7 +254,8 @@ def summarise_result(res: dict[str, Any]) -> dict[str, Any]:
             "target": res["experiment"]["target"],
             "seed": res["experiment"]["seed"], "threshold": res["threshold"]["selected"],
             **{k: m[k] for k in ("tss", "f1", "precision", "recall", "roc_auc", "brier", "ece")},
-            "best_epoch": res["training"]["best_epoch"], "epochs_run": res["training"]["epochs_run"]}
+            "best_epoch": res["training"]["best_epoch"], "epochs_run": res["training"]["epochs_run"],
+            "seconds": res["training"].get("seconds")}
 
 
 @task(name="analyse-results", log_prints=True)
@@ -245,24 +266,44 @@ def analyse(results_dir: str, out_dir: str, targets: list[str], seeds: list[int]
     return run_analysis(results_dir, out_dir, targets=targets, seeds=seeds)
 
 
-@task(name="publish-report")
-def publish_report(report_path: str, verdict: list[dict[str, Any]], rows: list[dict[str, Any]],
-                   failures: list[dict[str, Any]]) -> None:
-    """Prefect artifacts: the verdict against the baselines first, the final-metrics table, the report."""
+def publish_artifacts(summary: dict[str, Any], rows: list[dict[str, Any]], failures: list[dict[str, Any]],
+                      n_experiments: int) -> None:
+    """The flow run's artifacts: the verdict against the baselines first, the test metrics, the report with
+    its figures embedded (the UI cannot follow links to files). Keys name the run, so after a retry its
+    latest report is the one the artifact's key shows; descriptions give the attempt and the count."""
+    from prefect.context import FlowRunContext
+
+    from everest.analysis import embed_figures
+
+    run = FlowRunContext.get().flow_run
+    suffix = _artifact_key("", run.name)
+    n_done = sum(r["model"] == "everest" for r in rows)
+    status = f"{n_done} of {n_experiments} experiments finished; attempt {run.run_count} of flow run {run.name}"
+    verdict = summary.get("verdict_rows") or []
     if verdict:
         create_table_artifact(table=[{k: v for k, v in r.items() if k != "sentence"} for r in verdict],
-                              key="everest-verdict", description=" ".join(r["sentence"] for r in verdict))
+                              key=f"everest-verdict{suffix}",
+                              description=f"{status}. " + " ".join(r["sentence"] for r in verdict))
     if rows:
-        create_table_artifact(table=rows, key="everest-final-metrics", description="test metrics per experiment")
-    text = Path(report_path).read_text() if report_path and Path(report_path).is_file() else "(no report)"
+        create_table_artifact(table=[_rounded_row(r) for r in rows], key=f"everest-final-metrics{suffix}",
+                              description=f"test metrics per experiment and baseline ({status})")
+    report = Path(summary["report"]) if summary.get("report") else None
+    text = embed_figures(report.read_text(), report.parent) if report and report.is_file() else "(no report)"
     if failures:
         text = "## Failed experiments\n\n" + "\n".join(f"* {f['experiment']}: {f['error_type']}: {f['error']}"
                                                         for f in failures) + "\n\n" + text
-    create_markdown_artifact(markdown=text, key="everest-report", description="EVEREST production report")
+    create_markdown_artifact(markdown=text, key=f"everest-report{suffix}",
+                             description=f"EVEREST production report ({status})")
+
+
+def _rounded_row(row: dict[str, Any]) -> dict[str, Any]:
+    """Numbers to 4 decimals for display (the files keep full precision)."""
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
 
 
 def _artifact_key(kind: str, name: str) -> str:
-    return f"{kind}-{name}".lower().replace("_", "-")
+    """Artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", f"{kind}-{name}".lower())
 
 
 def _data_hashes(data_dir: Path, targets: list[Target]) -> dict[Target, dict[str, str]]:
@@ -359,6 +400,16 @@ def run_production(params: ProductionParameters, site: Profile) -> Any:
         raise ConfigError(str(err)) from None
 
 
+def _announce_run() -> None:
+    """On a command-line run's terminal: where to watch this run in the Prefect UI while it lasts."""
+    from prefect.context import FlowRunContext
+    from prefect.settings import PREFECT_UI_URL
+
+    run = FlowRunContext.get().flow_run
+    if PREFECT_UI_URL.value():
+        TERMINAL.line(f"flow run {run.name}: watch it at {PREFECT_UI_URL.value()}/runs/flow-run/{run.id}")
+
+
 def _bind_cluster_to_run(site: Profile, out: Path) -> None:
     """Give the flow's Dask cluster this run's output folder (job logs, TLS certificates).
 
@@ -374,6 +425,7 @@ def _bind_cluster_to_run(site: Profile, out: Path) -> None:
 
 def _run_locked(params: ProductionParameters, site: Profile, cfg: EverestConfig) -> Any:
     logger = get_run_logger()
+    _announce_run()
     experiments = params.experiments
     data_dir, out = params.data_path, Path(params.output_dir)
     if params.embedded_demo and not all(data_file(data_dir, t, s).is_file() for t in all_targets()
@@ -418,32 +470,36 @@ def _run_locked(params: ProductionParameters, site: Profile, cfg: EverestConfig)
         fresh = results.finished(baselines.baseline_root(out, model), identity) is None
         return baseline_task.with_options(refresh_cache=fresh or None).submit(job)
 
-    futures = [(exp, submit(exp)) for exp in experiments]  # the long tasks first; baselines take seconds
+    progress = RunProgress(len(experiments), logger)
+    pending = {exp: submit(exp) for exp in experiments}  # the long tasks first; baselines take seconds
     baseline_futures = [(f"{model} {exp.name}", submit_baseline(exp, model)) for exp in experiments
                         for model in models]
-    rows, failures, base_failures = [], [], []
-    for exp, fut in futures:
-        for attempt in range(RETRIES + 1):
-            try:
-                rows.append(_settle(fut))
-                break
-            except Exception as err:  # noqa: BLE001 - every failure is recorded, reported and fails the run
-                if attempt < RETRIES and api_unreachable(err):
-                    # The task never started: its worker could not reach the Prefect API. Try again later.
-                    logger.warning("%s: the worker could not reach the Prefect API (%s); resubmitting in %d s",
-                                   exp.name, err, RETRY_DELAY_SECONDS)
-                    _release(fut)
-                    time.sleep(RETRY_DELAY_SECONDS)
-                    fut = submit(exp)
-                    continue
-                if (done := results.finished(out, identities[exp])) is not None:
-                    rows.append(summarise_result(done))  # finished earlier (e.g. by cluster/ jobs): keep it
-                    break
-                if type(err).__name__ == "KilledWorker":
-                    _mark_crashed(fut.task_run_id, f"Dask gave up after repeated worker deaths: {err}")
-                logger.error("%s failed: %s: %s", exp.name, type(err).__name__, err)
-                failures.append(results.record_failure(out, exp, type(err).__name__, str(err), identities[exp]))
-                break
+    rows, failures, base_failures, settled = [], [], [], []
+    attempts = dict.fromkeys(experiments, 0)
+    while pending:
+        exp, fut, row, err = _next_settled(pending)
+        if err is None:
+            rows.append(row)
+            progress.finished(exp.name, row, cached=fut.state.is_completed() and fut.state.name == "Cached")
+        elif attempts[exp] < RETRIES and api_unreachable(err):
+            # The task never started: its worker could not reach the Prefect API. Try again later.
+            attempts[exp] += 1
+            logger.warning("%s: the worker could not reach the Prefect API (%s); resubmitting in %d s",
+                           exp.name, err, RETRY_DELAY_SECONDS)
+            _release(fut)
+            time.sleep(RETRY_DELAY_SECONDS)
+            pending[exp] = submit(exp)
+            continue
+        elif (done := results.finished(out, identities[exp])) is not None:
+            rows.append(summarise_result(done))  # finished earlier (e.g. by cluster/ jobs): keep it
+            progress.finished(exp.name, rows[-1], cached=True)
+        else:
+            if type(err).__name__ == "KilledWorker":
+                _mark_crashed(fut.task_run_id, f"Dask gave up after repeated worker deaths: {err}")
+            failures.append(results.record_failure(out, exp, type(err).__name__, str(err), identities[exp]))
+            progress.failed(exp.name, f"{type(err).__name__}: {err}")
+        settled.append(fut.state)
+        del pending[exp]
         _release(fut)
     for name, fut in baseline_futures:  # each wrote its own failure.json; the report lists it
         try:
@@ -451,25 +507,96 @@ def _run_locked(params: ProductionParameters, site: Profile, cfg: EverestConfig)
         except Exception as err:  # noqa: BLE001 - recorded, reported, and fails the run like an experiment
             logger.error("baseline %s failed: %s: %s", name, type(err).__name__, err)
             base_failures.append({"experiment": name, "error_type": type(err).__name__, "error": str(err)})
+        settled.append(fut.state)
         _release(fut)
 
-    summary = analyse(str(results_dir), str(out), params.targets, params.seeds)
-    publish_report(summary.get("report", ""), summary.get("verdict_rows", []), rows, failures + base_failures)
+    # The analysis waits on every training and baseline task (the run graph shows it), failed ones included.
+    summary = analyse(str(results_dir), str(out), params.targets, params.seeds,
+                      wait_for=[allow_failure(state) for state in settled])
     n_everest = sum(r["model"] == "everest" for r in rows)
     result = {"completed": n_everest, "baselines_fitted": len(rows) - n_everest,
               "failed": [f["experiment"] for f in failures + base_failures], "report": summary.get("report"),
-              "results": rows}
+              "plots": str(out / "plots"), "results": rows}
     io.write_json(out / "analysis" / "flow_summary.json", result)
+    publish_artifacts(summary, rows, failures + base_failures, len(experiments))
     if failures or base_failures:
         refused = submission_failures()
         cause = f"the batch system refused the worker jobs ({refused[-1]}); " if refused else ""
         baseline_part = (f"; {len(base_failures)} of {len(baseline_futures)} baseline fits failed: "
                          f"{', '.join(f['experiment'] for f in base_failures)}" if base_failures else "")
+        # A message, no data: a Failed state carrying a result makes Prefect log a TypeError traceback.
         return Failed(message=f"{cause}{len(failures)} of {len(experiments)} experiments failed"
                       f"{': ' + ', '.join(f['experiment'] for f in failures) if failures else ''}{baseline_part}; "
-                      f"report: {summary.get('report')}", data=result)
+                      f"report: {summary.get('report')}")
     return Completed(message=f"{n_everest} experiments (+{len(rows) - n_everest} baseline fits); "
                      f"report: {summary.get('report')}", data=result)
+
+
+class Terminal:
+    """What a command-line run prints: its own short lines, while Prefect's and Dask's logs stay in the
+    run's log (``--verbose`` shows those instead). Inactive in deployment runs: the log says it all."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self._live = False  # a status line is on screen, to be overwritten
+
+    def line(self, text: str, status: str = "") -> None:
+        """Print ``text``; on a terminal, keep ``status`` as a live last line, else append it."""
+        if not self.active:
+            return
+        # sys.stdout, not print(): the flow's log_prints turns print() into log records.
+        if sys.stdout.isatty():
+            sys.stdout.write(f"\r\033[K{text}\n{status}")
+            self._live = bool(status)
+        else:
+            sys.stdout.write(f"{text}  ({status})\n" if status else f"{text}\n")
+        sys.stdout.flush()
+
+    def end_live(self) -> None:
+        if self.active and self._live:
+            sys.stdout.write("\n")
+            self._live = False
+
+
+TERMINAL = Terminal()
+
+
+class RunProgress:
+    """One line per finished experiment (name, TSS, threshold, time, cached or trained), with "k of N
+    finished, ETA", in the flow run's log and on a command-line run's terminal."""
+
+    def __init__(self, total: int, logger: Any) -> None:
+        self.total, self.done, self.logger = total, 0, logger
+        self.started = time.monotonic()
+        self.trained = 0
+
+    def finished(self, name: str, row: dict[str, Any], cached: bool) -> None:
+        self.trained += not cached
+        how = "cached" if cached else f"trained in {_duration(row.get('seconds'))}"
+        self._report(f"{name}: test TSS {row['tss']:.3f}, threshold {row['threshold']:.3g}, {how}")
+
+    def failed(self, name: str, error: str) -> None:
+        self._report(f"{name}: FAILED: {error}", error=True)
+
+    def _report(self, text: str, error: bool = False) -> None:
+        self.done += 1
+        status = f"{self.done} of {self.total} finished" + self._eta()
+        (self.logger.error if error else self.logger.info)("%s (%s)", text, status)
+        TERMINAL.line(f"[{self.done}/{self.total}] {text}", status)
+
+    def _eta(self) -> str:
+        left = self.total - self.done
+        if not left or not self.trained:
+            return ""
+        per = (time.monotonic() - self.started) / self.trained
+        return f", about {_duration(per * left)} left"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    seconds = round(seconds)
+    return f"{seconds} s" if seconds < 120 else f"{seconds // 60} min {seconds % 60:02d} s"
 
 
 def baseline_models(params: ProductionParameters) -> tuple[str, ...]:
@@ -486,6 +613,25 @@ def _release(fut: Any) -> None:
 
 class SubmissionFailed(RuntimeError):
     """The batch system refused a worker job: no experiment can start; the message quotes it."""
+
+
+def _next_settled(pending: dict[Experiment, Any], poll_seconds: float = 1.0
+                  ) -> tuple[Experiment, Any, Any, BaseException | None]:
+    """The next experiment whose task ended, in completion order: (experiment, future, result, error).
+
+    A refused worker-job submission with no worker connected ends every wait with qsub's words.
+    """
+    while True:
+        for exp, fut in pending.items():
+            if fut.wrapped_future.done():
+                try:
+                    return exp, fut, fut.result(), None
+                except Exception as err:  # noqa: BLE001 - handed to the caller, which records it
+                    return exp, fut, None, err
+        if (failed := submission_failures()) and not _workers_connected():
+            exp, fut = next(iter(pending.items()))
+            return exp, fut, None, SubmissionFailed(f"the batch system refused the worker job: {failed[-1]}")
+        time.sleep(poll_seconds)
 
 
 def _settle(fut: Any, poll_seconds: float = 2.0) -> Any:
@@ -535,25 +681,43 @@ def make_flow(profile: str | Profile, name: str | None = None) -> Any:
     defaults = ProductionParameters(profile=profile_name)
 
     def everest_production(
-        targets: list[str] = defaults.targets,
+        targets: list[TargetName] = defaults.targets,
         seeds: list[int] = defaults.seeds,
-        data_dir: str | None = None,
+        data_dir: str = "",
         output_dir: str = defaults.output_dir,
         profile: str = profile_name,
-        preset: Literal["production", "demo"] | None = None,
-        config_file: str | None = None,
+        preset: Literal["auto", "production", "demo"] = "auto",
+        config_file: str = "",
         overrides: list[str] = defaults.overrides,
-        epochs: int | None = None,
+        epochs: int = 0,
         force: bool = False,
         baselines: bool = True,
     ) -> Any:
-        """Train the EVEREST experiment matrix on Dask, then analyse and report."""
+        """Train the EVEREST experiment matrix on Dask, then analyse and report.
+
+        Args:
+            targets: flare class and horizon of each forecast to train (default: all 9).
+            seeds: random seeds; each target is trained once per seed (default 0-4: 45 experiments).
+            data_dir: folder holding the targets' SHARP tables (training_data_C_24.csv, ...), on the file
+                system the workers share; empty: the embedded synthetic demo data (one machine only).
+            output_dir: folder for results, models, the analysis and the report; a rerun keeps what finished.
+            profile: the cluster profile this deployment runs on (local, pbs or slurm); fixed per deployment.
+            preset: training budget. production: the design's recipe (120 epochs); demo: the same recipe with
+                6 epochs; auto: demo for the embedded demo data, production for a data_dir.
+            config_file: TOML or YAML configuration file (path on the workers' file system); empty: none.
+            overrides: configuration overrides KEY=VALUE applied last, e.g. train.batch_size=256.
+            epochs: epoch cap (train.epochs); 0: the preset's.
+            force: retrain experiments that already finished with this configuration and data.
+            baselines: also fit logistic regression and gradient boosting on each experiment's windows, so
+                the report says whether EVEREST beats them.
+        """
         if profile != profile_name:
             raise ConfigError(f"profile {profile!r} requested, but this flow runs on profile {profile_name!r}; "
                               f"run the deployment everest-production/{profile} instead")
-        params = ProductionParameters(targets=targets, seeds=seeds, data_dir=data_dir, output_dir=output_dir,
-                                      profile=profile, preset=preset, config_file=config_file, overrides=overrides,
-                                      epochs=epochs, force=force, baselines=baselines)
+        params = ProductionParameters(targets=targets, seeds=seeds, data_dir=data_dir or None, output_dir=output_dir,
+                                      profile=profile, preset=None if preset == "auto" else preset,
+                                      config_file=config_file or None, overrides=overrides, epochs=epochs or None,
+                                      force=force, baselines=baselines)
         return run_production(params, site)
 
     return flow(everest_production, name="everest-production", log_prints=True,
@@ -588,10 +752,47 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="retrain experiments that already finished")
     p.add_argument("--no-baselines", dest="baselines", action="store_false",
                    help="do not fit the simple baselines (logistic regression, gradient boosting) beside EVEREST")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Prefect's and Dask's log lines too (by default: one line per finished experiment)")
     return p.parse_args(argv)
 
 
-def _print_summary(state: Any, out: Path) -> None:
+def _quiet_logs(verbose: bool) -> None:
+    """Keep the terminal to the run's own lines: Prefect's console lines and Dask's log lines (here and in
+    worker processes, which read the environment) stay out unless ``verbose``. Everything still reaches the
+    flow run's log in the Prefect UI."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "info" if verbose else "error")
+    dask.config.refresh()
+    logging.getLogger("distributed").setLevel(os.environ["DASK_LOGGING__DISTRIBUTED"].upper())
+    if verbose:
+        return
+    # Failures too: the run prints each failed experiment's error in one line, and the log keeps the rest.
+    os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "CRITICAL"
+    for name in ("", "prefect", "uvicorn", "fastapi"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.setLevel(logging.CRITICAL)
+    TERMINAL.active = True
+
+
+def _plan_line(params: ProductionParameters, site: Profile) -> str:
+    """What the run will do, in one line."""
+    n = len(params.experiments)
+    fits = n * len(baseline_models(params))
+    seeds = ", ".join(map(str, params.seeds))
+    data = (f"synthetic demo tables in {DEMO_DATA_DIR} (made if missing)" if params.embedded_demo
+            else str(params.data_path))
+    budget = ", ".join(PRESETS[params.effective_preset]) or "the design recipe"
+    return (f"everest-production: {n} experiments ({', '.join(params.targets)} x seeds {seeds})"
+            f"{f' + {fits} baseline fits' if fits else ''} on profile {site.kind} ({site.source}); data: {data}; "
+            f"preset {params.effective_preset} ({budget}"
+            f"{f', epochs {params.epochs}' if params.epochs else ''}); output: {params.output_dir}")
+
+
+def _print_summary(state: Any, out: Path, browse: str) -> None:
+    TERMINAL.end_live()
     data = state.result(raise_on_failure=False) if state.is_completed() else None
     summary_file = out / "analysis" / "flow_summary.json"
     if data is None and summary_file.is_file():
@@ -611,6 +812,8 @@ def _print_summary(state: Any, out: Path) -> None:
     print(f"flow run ended {state.name}: {data.get('completed', len(rows))} experiments finished "
           f"(+{data.get('baselines_fitted', 0)} baseline fits), {len(data.get('failed', []))} failed")
     print(f"report: {data.get('report')}")
+    print(f"plots:  {data.get('plots', out / 'plots')}")
+    print(browse)
 
 
 def _cancel_run(name: str, message: str) -> None:
@@ -637,9 +840,7 @@ def main(argv: list[str] | None = None) -> int:
     # a flow run left Crashed. Ctrl-C must interrupt, so the run is marked Cancelled and the status is 130.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     setup_logging()
-    # Keep the console to run progress: Dask's per-connection INFO lines (here and in worker processes).
-    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
-    dask.config.refresh()
+    _quiet_logs(args.verbose)
     api_url = os.environ.get("PREFECT_API_URL")
     try:
         params = ProductionParameters(targets=args.targets, seeds=args.seeds, data_dir=args.data_dir,
@@ -656,22 +857,26 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as err:  # our validators' ConfigErrors arrive wrapped in it
         print(f"error: {describe_validation_error(err, 'parameters')}", file=sys.stderr)
         return EXIT_USAGE
+    print(_plan_line(params, site), flush=True)
     if params.embedded_demo:
-        print(f"embedded default: synthetic demo data in {DEMO_DATA_DIR} and the '{params.effective_preset}' preset "
-              f"({', '.join(PRESETS[params.effective_preset]) or 'the full recipe'}); give --data-dir for your "
-              "SHARP tables")
+        print("give --data-dir for your SHARP tables", flush=True)
     run_name = f"everest-{uuid.uuid4().hex[:12]}"
     with prefect_api(host=host or "127.0.0.1"):
         # Built inside: batch job scripts must carry this run's PREFECT_API_URL.
         run = make_flow(site, name=args.profile).with_options(flow_run_name=run_name)
         try:
-            state = run(**params.model_dump(), return_state=True)
+            state = run(**params.flow_parameters(), return_state=True)
         except KeyboardInterrupt:
             _cancel_run(run_name, "interrupted from the terminal (Ctrl-C)")
             print(f"interrupted: flow run {run_name} marked Cancelled; rerun the same command to resume "
                   "(finished experiments are kept, running ones resume from their checkpoints)", file=sys.stderr)
             return 130
-    _print_summary(state, Path(args.output_dir))
+    run_id = state.state_details.flow_run_id
+    home = os.environ.get("PREFECT_HOME", "~/.prefect")
+    browse = (f"run history: open {api_url.removesuffix('/api')}/runs/flow-run/{run_id}" if api_url else
+              f"run history (the private server has stopped): `PREFECT_HOME={home} prefect server start`, "
+              f"then open http://127.0.0.1:4200/runs/flow-run/{run_id}")
+    _print_summary(state, Path(args.output_dir), browse)
     if not state.is_completed():
         return 1
     return 0

@@ -1,10 +1,10 @@
 """A private local Prefect server for command-line runs that have no ``PREFECT_API_URL``.
 
 Without a real server every Dask worker process would start its own temporary server on the same
-SQLite file. The server binds 127.0.0.1 unless told otherwise (batch runs bind the address the compute
-nodes reach, and then require a per-run password, ``PREFECT_API_AUTH_STRING``, which the worker jobs
-receive). It keeps its database under ``PREFECT_HOME``, so run history survives and can be browsed
-later with ``prefect server start``.
+SQLite file. It serves the UI while the run lasts and binds 127.0.0.1 unless told otherwise (batch runs
+bind the address the compute nodes reach, and then require a per-run password,
+``PREFECT_API_AUTH_STRING``, which the worker jobs receive). It keeps its database under
+``PREFECT_HOME``, so run history survives and can be browsed later with ``prefect server start``.
 """
 
 from __future__ import annotations
@@ -68,12 +68,13 @@ def prefect_api(host: str = "127.0.0.1", timeout: float = 90.0) -> Iterator[str]
     home.mkdir(parents=True, exist_ok=True)
     logfile = open(home / "everest-server.log", "ab")  # noqa: SIM115 - closed in finally
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port),
-           "--analytics-off", "--no-ui"]
+           "--analytics-off"]
     # Reachable from other machines: only clients holding this run's password may use it.
     auth = None if is_loopback(host) else f"everest:{secrets.token_urlsafe(24)}"
-    env = {**os.environ, **({"PREFECT_SERVER_API_AUTH_STRING": auth} if auth else {})}
-    print(f"starting a private Prefect server on {host}:{port} for this run (history kept in {home}) ...",
-          file=sys.stderr, flush=True)
+    # The UI's pages call the API at PREFECT_UI_API_URL, which otherwise names the default port 4200.
+    env = {**os.environ, "PREFECT_UI_API_URL": url, **({"PREFECT_SERVER_API_AUTH_STRING": auth} if auth else {})}
+    print(f"starting a private Prefect server on {host}:{port} for this run, with its UI (history kept in "
+          f"{home}; this takes 10-60 s) ...", file=sys.stderr, flush=True)
     proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
         deadline = time.monotonic() + timeout

@@ -15,10 +15,11 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.task_runners import ThreadPoolTaskRunner
+from tiny import overrides
 
 from flows.production import ProductionParameters, make_flow
 
-TINY = ["model.embed_dim=16", "model.ff_dim=32", "model.num_blocks=1", "model.num_heads=2", "train.epochs=2"]
+TINY = overrides("train.epochs=2")
 
 
 def task_states(flow_state) -> dict[str, str]:
@@ -31,7 +32,7 @@ def task_states(flow_state) -> dict[str, str]:
 
 def run_threads(**params):
     flow = make_flow("local").with_options(task_runner=ThreadPoolTaskRunner(max_workers=2))
-    return flow(**ProductionParameters(**params).model_dump(), return_state=True)
+    return flow(**ProductionParameters(**params).flow_parameters(), return_state=True)
 
 
 @pytest.mark.parametrize(
@@ -115,7 +116,7 @@ def test_dask_local_cluster_end_to_end_with_artifacts(prefect_server, tiny_data,
     out = tmp_path / "out"
     flow = make_flow(str(profile))
     state = flow(**ProductionParameters(targets=["M5-24"], seeds=[0, 1], data_dir=str(tiny_data),
-                                        output_dir=str(out), profile=str(profile), overrides=TINY).model_dump(),
+                                        output_dir=str(out), profile=str(profile), overrides=TINY).flow_parameters(),
                  return_state=True)
     assert state.is_completed(), state.message
     assert set(task_states(state).values()) == {"Completed"}
@@ -200,7 +201,7 @@ def test_refused_worker_job_ends_the_run_failed_with_qsubs_words_mock_pbs_qsub(p
     site = load_profile("pbs").for_test_machine(gpus_per_job=0)
     params = ProductionParameters(targets=["C-24"], seeds=[0], data_dir=str(tiny_data),
                                   output_dir=str(tmp_path / "out"), profile="pbs", overrides=TINY)
-    state = make_flow(site)(**params.model_dump(), return_state=True)
+    state = make_flow(site)(**params.flow_parameters(), return_state=True)
     assert state.is_failed()
     assert "qsub failed with exit status 170: qsub: Unknown queue" in state.message, state.message
     failure = json.loads((tmp_path / "out" / "results" / "everest_C_24h_seed0" / "failure.json").read_text())

@@ -11,6 +11,7 @@ import subprocess
 import time
 
 import pytest
+from tiny import overrides
 
 from flows.production import ProductionParameters, make_flow
 from flows.profiles import load_profile
@@ -18,7 +19,7 @@ from flows.profiles import load_profile
 pytestmark = [pytest.mark.cluster,
               pytest.mark.skipif(shutil.which("sinfo") is None, reason="no SLURM here (tests/cluster/slurm.sh up)")]
 
-TINY = ["model.embed_dim=16", "model.ff_dim=32", "model.num_blocks=1", "model.num_heads=2", "train.epochs=1"]
+TINY = overrides("train.epochs=1")
 
 
 @pytest.mark.parametrize("kind", ["slurm", "pbs"])
@@ -28,7 +29,7 @@ def test_tiny_flow_runs_on_batch_jobs(kind, prefect_server, tiny_data, tmp_path,
     out = tmp_path / "out"
     params = ProductionParameters(targets=["M-24"], seeds=[0, 1], data_dir=str(tiny_data), output_dir=str(out),
                                   profile=kind, overrides=TINY)
-    state = make_flow(site)(**params.model_dump(), return_state=True)
+    state = make_flow(site)(**params.flow_parameters(), return_state=True)
     assert state.is_completed(), state.message
     jobs, gpus = set(), set()
     for seed in (0, 1):
@@ -61,7 +62,7 @@ def test_worker_job_retires_before_its_walltime_and_the_next_job_resumes(prefect
         targets=["M-24"], seeds=[0], data_dir=str(tiny_data), output_dir=str(out), profile="slurm",
         overrides=["model.embed_dim=32", "model.ff_dim=64", "model.num_blocks=2", "model.num_heads=2",
                    "train.batch_size=64", f"train.epochs={epochs}", f"train.early_stopping_patience={epochs}"])
-    state = make_flow(site)(**params.model_dump(), return_state=True)
+    state = make_flow(site)(**params.flow_parameters(), return_state=True)
     assert state.is_completed(), state.message
     res = json.loads((out / "results" / "everest_M_24h_seed0" / "results.json").read_text())
     assert res["training"]["resumed_after_epoch"] >= 1  # the last job picked up a predecessor's checkpoint

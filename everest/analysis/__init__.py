@@ -3,6 +3,8 @@
 Entry points: :class:`ProductionAnalyzer` (notebook), :func:`run_analysis` (returns a JSON-able summary: what
 a Prefect task wraps) and ``python -m everest.analysis`` (command line). Sub-modules: ``loading`` (what a
 results root holds), ``stats`` (seed statistics, region-block bootstrap, tests), ``plots``, ``report``.
+:func:`embed_figures` turns the report (whose figures are links to ``../plots/*.png``) into self-contained
+Markdown for the Prefect UI.
 
 The report opens with the verdict against the simple baselines of :mod:`everest.baselines` (every
 ``<out>/baselines/<model>/results`` found): per target, EVEREST against the baseline with the best validation
@@ -30,6 +32,7 @@ from everest.analysis.loading import (
     ResultSet,
     load_results,
 )
+from everest.analysis.report import embed_figures
 
 __all__ = [
     "PLOT_FILES",
@@ -41,6 +44,7 @@ __all__ = [
     "ProductionAnalyzer",
     "ResultSet",
     "compare_result_sets",
+    "embed_figures",
     "load_results",
     "run_analysis",
 ]

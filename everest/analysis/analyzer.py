@@ -46,18 +46,20 @@ REPORTED_BOOTSTRAP: tuple[str, ...] = ("tss", "f1", "recall", "specificity", "pr
 # ``<out_dir>/baselines/<model>/results``: where everest.baselines writes (its ``baseline_root``).
 BASELINES_FOLDER = "baselines"
 # Columns of every verdict row, in order; ``tss_<model>`` and ``val_tss_<model>`` per baseline follow "everest_brier".
+# ``n_units``: regions resampled for the ΔTSS interval; ``ensemble_brier_n_*``: baseline seeds and regions of the
+# ensemble's Brier comparison.
 VERDICT_COLUMNS: tuple[str, ...] = (
     "target", "everest_seeds", "everest_tss", "everest_tss_t_ci_low", "everest_tss_t_ci_high",
     "everest_tss_boot_ci_low", "everest_tss_boot_ci_high", "everest_brier", "best_baseline", "best_baseline_seeds",
     "best_baseline_val_tss", "best_baseline_tss", "best_baseline_brier", "delta", "ci_low", "ci_high", "p_value",
-    "p_holm", "n_pairs", "verdict", "note", "sentence", "everest_brier_raw", "ensemble_seeds", "ensemble_tss",
-    "ensemble_tss_boot_ci_low", "ensemble_tss_boot_ci_high", "ensemble_brier", "ensemble_brier_raw",
+    "p_holm", "n_pairs", "n_units", "verdict", "note", "sentence", "everest_brier_raw", "ensemble_seeds",
+    "ensemble_tss", "ensemble_tss_boot_ci_low", "ensemble_tss_boot_ci_high", "ensemble_brier", "ensemble_brier_raw",
     "ensemble_brier_delta", "ensemble_brier_ci_low", "ensemble_brier_ci_high", "ensemble_brier_p_holm",
-    "ensemble_sentence")
+    "ensemble_brier_n_pairs", "ensemble_brier_n_units", "ensemble_sentence")
 # Columns of the ensemble table (analysis/ensemble.csv), one row per expected target.
 ENSEMBLE_COLUMNS: tuple[str, ...] = (
-    "target", "members", "tss", "tss_boot_ci_low", "tss_boot_ci_high", "threshold", "at_grid_edge", "roc_auc",
-    "brier_raw", "brier", "ece_raw", "ece", "calibration", "seed_tss_mean", "seed_brier_raw_mean",
+    "target", "members", "tss", "tss_boot_ci_low", "tss_boot_ci_high", "n_units", "threshold", "at_grid_edge",
+    "roc_auc", "brier_raw", "brier", "ece_raw", "ece", "calibration", "seed_tss_mean", "seed_brier_raw_mean",
     "seed_brier_mean", "note")
 PLOT_FILES: dict[str, str] = {
     "performance": "production_performance_analysis.png",
@@ -68,6 +70,13 @@ PLOT_FILES: dict[str, str] = {
     "roc_pr": "roc_pr_curves.png",
     "training": "training_curves.png",
 }
+# Per-target reliability diagrams (ensemble and baselines): ``reliability_<target>.png``.
+RELIABILITY_FILE = "reliability_{}.png"
+
+
+def owned_plot_files() -> set[str]:
+    """Every file name an analysis may write under ``plots/``: the only files it ever removes there."""
+    return set(PLOT_FILES.values()) | {RELIABILITY_FILE.format(t) for t in all_targets()}
 
 
 def _rng(seed: int, purpose: str, index: int = 0) -> np.random.Generator:
@@ -158,7 +167,8 @@ class ProductionAnalyzer:
     simple baselines of :mod:`everest.baselines`: every ``out_dir/baselines/<model>/results`` found, plus
     ``baseline_dirs`` (model name -> results root; it wins over a found folder of the same name).
     Stale results (another config, code version or data than the run's, see :func:`load_results`) are
-    listed in the report and left out of the statistics.
+    listed in the report and left out of the statistics. A run that makes plots leaves under ``plots/`` only
+    its own figures: those of an earlier analysis it does not remake are deleted (:meth:`remove_stale_plots`).
     """
 
     def __init__(self, results_dir: str | Path = "output/results", out_dir: str | Path | None = None, *,
@@ -265,7 +275,8 @@ class ProductionAnalyzer:
                 m, members = res["test_metrics"], res["members"]
                 cal = res["calibration"]["test"]
                 row.update(members=len(members), tss=m["tss"], tss_boot_ci_low=boot.pooled["tss"].low,
-                           tss_boot_ci_high=boot.pooled["tss"].high, threshold=res["threshold"]["selected"],
+                           tss_boot_ci_high=boot.pooled["tss"].high, n_units=boot.n_units,
+                           threshold=res["threshold"]["selected"],
                            at_grid_edge=res["threshold"]["at_grid_edge"], roc_auc=m["roc_auc"],
                            brier_raw=cal["brier_raw"], brier=cal["brier"], ece_raw=cal["ece_raw"], ece=cal["ece"],
                            calibration=res["calibration"]["method"],
@@ -296,7 +307,7 @@ class ProductionAnalyzer:
                     p = runs[0].predictions
                     curves[f"{model} (seed {runs[0].seed})"] = reliability_table(p["y_true"].to_numpy(),
                                                                                  p["y_prob"].to_numpy(float))
-            path = self.plots_dir / f"reliability_{t}.png"
+            path = self.plots_dir / RELIABILITY_FILE.format(t)
             paths[f"reliability_{t}"] = str(plots.plot_reliability(curves, path, f"{t}: reliability on test"))
         return paths
 
@@ -353,7 +364,11 @@ class ProductionAnalyzer:
 
     @cached_property
     def summary_statistics(self) -> pd.DataFrame:
-        """One row per expected target: coverage, seed statistics of every metric and pooled bootstrap CIs."""
+        """One row per expected target: coverage, seed statistics of every metric and pooled bootstrap CIs.
+
+        The t-intervals are as computed (they may leave the metric's range with few seeds); the report and the
+        plots show them through :func:`everest.analysis.stats.seed_interval`.
+        """
         a = self.analysed_frame
         rows = []
         targets = list(dict.fromkeys(e.target for e in self.results.expected))
@@ -455,6 +470,7 @@ class ProductionAnalyzer:
             c = cmp_by.get(name, {})
             row.update({k: c.get(k, np.nan) for k in ("delta", "ci_low", "ci_high", "p_value", "p_holm")})
             row["n_pairs"] = int(c["n_pairs"]) if np.isfinite(c.get("n_pairs", np.nan)) else 0
+            row["n_units"] = c.get("n_units", np.nan)
             note = ""
             if not row["everest_seeds"]:
                 note = "EVEREST has no finished seed"
@@ -481,7 +497,8 @@ class ProductionAnalyzer:
                        ensemble_tss_boot_ci_high=ens.get("tss_boot_ci_high", np.nan),
                        ensemble_brier=ens.get("brier", np.nan), ensemble_brier_raw=ens.get("brier_raw", np.nan))
             b_cmp = brier_by.get(name, {})
-            row.update({f"ensemble_brier_{k}": b_cmp.get(k, np.nan) for k in ("delta", "ci_low", "ci_high", "p_holm")})
+            row.update({f"ensemble_brier_{k}": b_cmp.get(k, np.nan)
+                        for k in ("delta", "ci_low", "ci_high", "p_holm", "n_pairs", "n_units")})
             row["ensemble_sentence"] = report.ensemble_sentence(row, self.confidence)
             rows.append(row)
         return pd.DataFrame(rows)
@@ -525,7 +542,8 @@ class ProductionAnalyzer:
         if not len(a):
             return {}
         runs = self.results.analysed
-        return {"performance": plots.performance_figure(a), "detailed": plots.detailed_metrics_figure(a),
+        boot = {t: b.pooled["tss"] for t, b in self.bootstrap.items()}
+        return {"performance": plots.performance_figure(a, boot), "detailed": plots.detailed_metrics_figure(a),
                 "threshold": plots.threshold_figure(a, runs), "latency": plots.latency_figure(a),
                 "reliability": plots.reliability_figure(runs), "roc_pr": plots.roc_pr_figure(runs),
                 "training": plots.training_figure(runs)}
@@ -539,6 +557,17 @@ class ProductionAnalyzer:
             paths[key], panels[key] = str(path), len(fig.axes)
         return paths, panels
 
+    def remove_stale_plots(self, written: Sequence[str | Path]) -> list[Path]:
+        """Delete the plots an earlier analysis left under ``plots/`` that this one did not write (e.g. the
+        reliability diagram of a target no longer analysed), so every figure there is this analysis'.
+        Only :func:`owned_plot_files` names are touched; returns the deleted paths."""
+        keep = {Path(p).name for p in written}
+        stale = sorted(self.plots_dir / name for name in owned_plot_files() - keep if (self.plots_dir / name).is_file())
+        for path in stale:
+            path.unlink()
+            log.info("removed %s: a plot of an earlier analysis", path)
+        return stale
+
     # ------------------------------------------------------------------ everything
     def run_complete_analysis(self) -> AnalysisSummary:
         """Load, compute every statistic, write the CSVs, plots, report and summary JSON; return the summary."""
@@ -547,6 +576,7 @@ class ProductionAnalyzer:
         plot_paths, panels = self.save_plots() if self.make_plots else ({}, {})
         if self.make_plots:
             plot_paths.update(self.save_reliability_plots())
+            self.remove_stale_plots(plot_paths.values())
         io.write_csv(self.analysis_dir / "ensemble.csv", self.ensemble_table)
         raw_path = io.write_csv(self.analysis_dir / "raw_results.csv", self.raw_results)
         summary_path = io.write_csv(self.analysis_dir / "summary_statistics.csv", self.summary_statistics)

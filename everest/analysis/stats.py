@@ -12,6 +12,9 @@
 * Comparisons: two targets (e.g. 24 h vs 72 h) by a two-level bootstrap (shared region draws, seeds
   resampled in each arm); a baseline and a candidate on the same test samples by a paired region bootstrap
   (interval) and a paired region permutation test (p-value); Holm's step-down correction per family.
+* Shown intervals (:func:`seed_interval`): what the report prints and the plots draw. A t-interval is clipped
+  to the metric's range (:data:`METRIC_RANGES`), and with fewer than :data:`MIN_T_SEEDS` seeds the region
+  bootstrap interval replaces it where one exists; the tables keep the t-interval as computed.
 """
 
 from __future__ import annotations
@@ -61,6 +64,51 @@ class Interval:
         return {f"{prefix}_{k}": v for k, v in asdict(self).items()}
 
 
+# The values each reported metric can take (scores and probabilities in [0, 1], TSS in [-1, 1], times >= 0): an
+# interval shown beyond them would claim impossible values.
+METRIC_RANGES: dict[str, tuple[float, float]] = {
+    "tss": (-1.0, 1.0),
+    **dict.fromkeys(("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "brier", "brier_raw", "ece",
+                     "ece_raw", "threshold"), (0.0, 1.0)),
+    **dict.fromkeys(("latency_ms", "latency_single_ms", "train_seconds"), (0.0, math.inf)),
+}
+# Fewer seeds give a t-interval too wide to mean anything (2 seeds: mean +/- 12.7 sd / sqrt 2).
+MIN_T_SEEDS = 3
+# What the report and the plots say beside an interval that was clipped.
+CLIPPED = "clipped to the metric's range"
+
+
+@dataclass(frozen=True)
+class ShownInterval:
+    """An interval as the report prints it and a plot draws it: its bounds, which interval it is and its n."""
+
+    low: float
+    high: float
+    kind: str  # "t": Student-t over seeds; "bootstrap": region-block bootstrap of the test set
+    n: int  # seeds for "t", resampled regions for "bootstrap"
+    n_seeds: int
+    clipped: bool  # a bound was moved onto the metric's range
+
+
+def clip_to_range(metric: str, low: float, high: float) -> tuple[float, float, bool]:
+    """``(low, high)`` cut to the metric's range (a metric without one is left alone) and whether it was cut."""
+    lo_lim, hi_lim = METRIC_RANGES.get(metric, (-math.inf, math.inf))
+    clipped = bool(low < lo_lim or high > hi_lim)  # False for NaN bounds: nothing to cut
+    return float(np.clip(low, lo_lim, hi_lim)), float(np.clip(high, lo_lim, hi_lim)), clipped
+
+
+def seed_interval(metric: str, n_seeds: int, low: float, high: float, boot: Interval | None = None) -> ShownInterval:
+    """The interval to show for a seed mean: the t-interval ``(low, high)`` over ``n_seeds`` clipped to the
+    metric's range, or, with fewer than :data:`MIN_T_SEEDS` seeds, the region-bootstrap interval ``boot`` if given.
+    """
+    if n_seeds < MIN_T_SEEDS and boot is not None and np.isfinite([boot.low, boot.high]).all():
+        low, high, kind, n = boot.low, boot.high, "bootstrap", boot.n_units
+    else:
+        kind, n = "t", n_seeds
+    low, high, clipped = clip_to_range(metric, low, high)
+    return ShownInterval(low=low, high=high, kind=kind, n=int(n), n_seeds=int(n_seeds), clipped=clipped)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Across seeds
 
@@ -68,9 +116,9 @@ class Interval:
 def seed_summary(values: Sequence[float] | np.ndarray, confidence: float = 0.95) -> dict[str, float]:
     """n, mean, sample std, min, median, max and the Student-t CI of the mean over the finite values.
 
-    The t interval is mean +/- t_{(1+c)/2, n-1} * std / sqrt(n). n = 1 gives std and interval NaN (undefined,
-    not zero); n = 0 gives NaN everywhere. Non-finite values (e.g. ROC AUC of a one-class test set) are not
-    seeds' results and are left out of n.
+    The t interval is mean +/- t_{(1+c)/2, n-1} * std / sqrt(n), as computed (not clipped: :func:`seed_interval`
+    makes the shown one). n = 1 gives std and interval NaN (undefined, not zero); n = 0 gives NaN everywhere.
+    Non-finite values (e.g. ROC AUC of a one-class test set) are not seeds' results and are left out of n.
     """
     v = np.asarray(values, dtype=np.float64)
     v = v[np.isfinite(v)]

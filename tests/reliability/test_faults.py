@@ -22,13 +22,14 @@ import torch
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.task_runners import ThreadPoolTaskRunner
+from tiny import overrides, set_args
 
 from everest import io
 from everest.config import EverestConfig, Experiment
 from everest.train import ProductionTrainer
 from flows.production import ProductionParameters, make_flow
 
-TINY = ["model.embed_dim=16", "model.ff_dim=32", "model.num_blocks=1", "model.num_heads=2"]
+TINY = overrides()
 SLOWER = ["model.embed_dim=32", "model.ff_dim=64", "model.num_blocks=2", "model.num_heads=2"]
 
 
@@ -75,7 +76,7 @@ def test_dask_worker_killed_mid_training_resumes_from_its_checkpoint(sig, prefec
     result: dict = {}
     # copy_context: the thread must see the test server's settings (a context variable), not start its own
     runner = threading.Thread(target=contextvars.copy_context().run, args=(lambda: result.update(
-        state=make_flow(str(profile))(**params.model_dump(), return_state=True)),))
+        state=make_flow(str(profile))(**params.flow_parameters(), return_state=True)),))
     runner.start()
     checkpoint = out / "checkpoints" / "everest_M_24h_seed0.pt"
     _wait_for_checkpoint(checkpoint, 2)
@@ -238,7 +239,7 @@ def test_diverging_run_fails_clearly_is_not_retried_and_is_reported(prefect_serv
     flow = make_flow("local").with_options(task_runner=ThreadPoolTaskRunner(max_workers=1))
     params = ProductionParameters(targets=["M-24"], seeds=[0], data_dir=str(tiny_data), output_dir=str(out),
                                   overrides=[*TINY, "train.epochs=3", "train.learning_rate=1e30"])
-    state = flow(**params.model_dump(), return_state=True)
+    state = flow(**params.flow_parameters(), return_state=True)
     assert state.is_failed()
     failure = json.loads((out / "results" / "everest_M_24h_seed0" / "failure.json").read_text())
     assert failure["error_type"] == "TrainingDiverged" and "training loss is nan" in failure["error"].lower()
@@ -253,11 +254,11 @@ def test_two_flows_on_one_output_directory_cannot_interleave(prefect_server, tin
     params = ProductionParameters(targets=["M-24"], seeds=[0], data_dir=str(tiny_data), output_dir=str(out),
                                   overrides=[*TINY, "train.epochs=1"])
     with io.exclusive_lock(out / ".everest.lock", "test holder"):  # stands for a first run in progress
-        state = flow(**params.model_dump(), return_state=True)
+        state = flow(**params.flow_parameters(), return_state=True)
     assert state.is_failed()
     assert "is in use by pid" in state.message and str(os.getpid()) in state.message
     assert not (out / "results").exists()
-    assert flow(**params.model_dump(), return_state=True).is_completed()  # free again afterwards
+    assert flow(**params.flow_parameters(), return_state=True).is_completed()  # free again afterwards
 
 
 def test_disk_full_while_writing_results_is_a_clear_error_and_earlier_results_survive(tiny_data, tmp_path):
@@ -272,7 +273,7 @@ def test_disk_full_while_writing_results_is_a_clear_error_and_earlier_results_su
 
     r = subprocess.run([sys.executable, "-m", "everest", "train", "--flare_class", "M", "--time_window", "24",
                         "--seed", "1", "--data-dir", str(tiny_data), "--output-dir", str(out),
-                        *[f"--set={o}" for o in TINY], "--epochs", "1"], preexec_fn=cap,
+                        *set_args(TINY), "--epochs", "1"], preexec_fn=cap,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 5, r.stderr
     assert "File too large" in r.stderr and "Traceback" not in r.stderr
