@@ -512,7 +512,7 @@ def _run_locked(params: ProductionParameters, site: Profile, cfg: EverestConfig)
 
     # The analysis waits on every training and baseline task (the run graph shows it), failed ones included.
     summary = analyse(str(results_dir), str(out), params.targets, params.seeds,
-                      wait_for=[allow_failure(state) for state in settled])
+                      wait_for=[allow_failure(state) for state in settled if state.is_final()])
     n_everest = sum(r["model"] == "everest" for r in rows)
     result = {"completed": n_everest, "baselines_fitted": len(rows) - n_everest,
               "failed": [f["experiment"] for f in failures + base_failures], "report": summary.get("report"),
@@ -757,6 +757,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def parameters_from_args(args: argparse.Namespace) -> ProductionParameters:
+    """The run's parameters from the command line (validated: a ValidationError names what is wrong)."""
+    return ProductionParameters(targets=args.targets, seeds=args.seeds, data_dir=args.data_dir,
+                                output_dir=args.output_dir, profile=args.profile, preset=args.preset,
+                                config_file=args.config, overrides=args.overrides, epochs=args.epochs,
+                                force=args.force, baselines=args.baselines)
+
+
 def _quiet_logs(verbose: bool) -> None:
     """Keep the terminal to the run's own lines: Prefect's console lines and Dask's log lines (here and in
     worker processes, which read the environment) stay out unless ``verbose``. Everything still reaches the
@@ -843,11 +851,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_logs(args.verbose)
     api_url = os.environ.get("PREFECT_API_URL")
     try:
-        params = ProductionParameters(targets=args.targets, seeds=args.seeds, data_dir=args.data_dir,
-                                      output_dir=args.output_dir, profile=args.profile, preset=args.preset,
-                                      config_file=args.config,
-                                      overrides=args.overrides, epochs=args.epochs, force=args.force,
-                                      baselines=args.baselines)
+        params = parameters_from_args(args)
         site = load_profile(args.profile)
         preflight(params, site, api_url, query_site=False)  # the flow queries the batch system itself
         host = None if api_url else site.reachable_host()

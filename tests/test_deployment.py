@@ -100,8 +100,13 @@ def test_deployment_run_then_retry_reruns_only_failures(prefect_server, tmp_path
         assert states["train-everest_C_48h_seed0"] == "Completed"
         assert (out / "results" / "everest_C_48h_seed0" / "results.json").is_file()
         with get_client(sync_client=True) as client:
-            keys = {a.key for a in client.read_artifacts()}
-        assert {"everest-report", "everest-final-metrics"} <= keys
+            artifacts = client.read_artifacts()
+        keys = {a.key for a in artifacts}
+        # Keys name the flow run (a retried run's latest report is its key's latest version).
+        run_name = second.name.lower()
+        assert {"everest-report", "everest-final-metrics"} <= {k.removesuffix(f"-{run_name}") for k in keys if k}
+        reports = [a.description for a in artifacts if a.key == f"everest-report-{run_name}"]
+        assert any("2 of 2 experiments finished; attempt 2" in d for d in reports), reports
     finally:
         os.killpg(worker.pid, 15)
         worker.wait(timeout=30)
@@ -116,3 +121,23 @@ def test_deployment_entrypoints_load_as_modules(entrypoint):
     flow = load_flow_from_entrypoint(entrypoint)
     assert flow.name == "everest-production"
     assert {"targets", "seeds", "data_dir", "output_dir", "profile", "force"} <= set(flow.parameters.properties)
+
+
+def test_deployment_form_describes_every_parameter_with_safe_identical_defaults():
+    """Every parameter of every deployment is described, typed without null choices, targets are a choice of
+    the 9, and the defaults are the command line's: the embedded demo on the demo preset, all 45 experiments."""
+    from prefect.flows import load_flow_from_entrypoint
+
+    from everest.config import all_targets
+    from flows.production import _parse_args, parameters_from_args
+
+    cli = parameters_from_args(_parse_args([])).flow_parameters()
+    for variant in ("local", "pbs", "slurm"):
+        schema = load_flow_from_entrypoint(f"flows.production:everest_{variant}").parameters.model_dump()
+        props = schema["properties"]
+        for name, prop in props.items():
+            assert prop.get("description"), f"{variant}: parameter {name} has no description"
+            assert "anyOf" not in prop, f"{variant}: parameter {name} offers a null choice: {prop}"
+        assert props["targets"]["items"]["enum"] == [str(t) for t in all_targets()]
+        defaults = {name: prop.get("default") for name, prop in props.items()}
+        assert defaults == {**cli, "profile": variant}, variant

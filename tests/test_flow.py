@@ -30,6 +30,11 @@ def task_states(flow_state) -> dict[str, str]:
     return {r.name: r.state.name for r in runs}
 
 
+def _flow_run_name(flow_state) -> str:
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_state.state_details.flow_run_id).name
+
+
 def run_threads(**params):
     flow = make_flow("local").with_options(task_runner=ThreadPoolTaskRunner(max_workers=2))
     return flow(**ProductionParameters(**params).flow_parameters(), return_state=True)
@@ -123,7 +128,8 @@ def test_dask_local_cluster_end_to_end_with_artifacts(prefect_server, tiny_data,
     assert (out / "analysis" / "production_training_report.md").is_file()
     with get_client(sync_client=True) as client:
         keys = {a.key for a in client.read_artifacts()}
-    assert {"everest-report", "everest-final-metrics", "progress-everest-m5-24h-seed0"} <= keys
+    run_key = "-" + _flow_run_name(state).lower()  # report keys name the flow run
+    assert {f"everest-report{run_key}", f"everest-final-metrics{run_key}", "progress-everest-m5-24h-seed0"} <= keys
 
 
 

@@ -134,7 +134,14 @@ class AnalysisSummary:
     def verdict_table(self) -> list[dict[str, Any]]:
         """The verdict as display rows (3 decimals, p-values to 2 significant digits below 0.001): the table
         to publish first, e.g. as a Prefect table artifact. Empty when no baseline results exist."""
-        return [{k: _rounded(k, v) for k, v in row.items()} for row in _jsonable(self.verdict)]
+        rows = []
+        for row in _jsonable(self.verdict):
+            low, high = row.get("everest_tss_t_ci_low"), row.get("everest_tss_t_ci_high")
+            if low is not None and high is not None:  # shown within TSS's range, as the report does
+                low, high, clipped = st.clip_to_range("tss", low, high)
+                row.update(everest_tss_t_ci_low=low, everest_tss_t_ci_high=high, everest_tss_t_ci_clipped=clipped)
+            rows.append({k: _rounded(k, v) for k, v in row.items()})
+        return rows
 
 
 def _rounded(key: str, value: Any) -> Any:
