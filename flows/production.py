@@ -595,6 +595,8 @@ class RunProgress:
 def _duration(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "?"
+    if seconds < 10:
+        return f"{seconds:.1f} s"
     seconds = round(seconds)
     return f"{seconds} s" if seconds < 120 else f"{seconds // 60} min {seconds % 60:02d} s"
 

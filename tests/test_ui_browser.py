@@ -104,7 +104,7 @@ def test_terminal_shows_the_run_not_the_logs(failed_cli_run):
     out = proc.stdout
     assert proc.returncode == 1, out + proc.stderr
     assert out.startswith("everest-production: 2 experiments (C-24, M-24 x seeds 0) + 4 baseline fits"), out
-    assert re.search(r"^\[\d/2\] everest_C_24h_seed0: test TSS -?\d\.\d{3}, threshold [\d.e-]+, trained in \d+ s  "
+    assert re.search(r"^\[\d/2\] everest_C_24h_seed0: test TSS -?\d\.\d{3}, threshold [\d.e-]+, trained in [\d.]+ s  "
                      r"\(\d of 2 finished", out, re.M), out
     assert re.search(r"^\[\d/2\] everest_M_24h_seed0: FAILED: DataError: .*not-a-number", out, re.M), out
     assert re.search(r"^flow run [\w-]+: watch it at http://127\.0\.0\.1:\d+/runs/flow-run/[0-9a-f-]{36}$", out, re.M)
