@@ -336,6 +336,20 @@ RUN_CONTROL: dict[str, frozenset[str]] = {
 }
 
 
+class TuningRecord(_Frozen):
+    """Where a tuned recipe came from (written by ``everest-tune``); provenance only, not in the config hash."""
+
+    study: str
+    storage: str
+    targets: tuple[str, ...]
+    metric: str
+    folds: int = Field(ge=2)
+    trials: int = Field(ge=1)  # finished trials (complete or pruned) when the recipe was written
+    best_trial: int = Field(ge=0)
+    best_value: float
+    space_hash: str
+
+
 class EverestConfig(_Frozen):
     """The effective configuration of an experiment: everything that can change its result."""
 
@@ -346,6 +360,7 @@ class EverestConfig(_Frozen):
     calibration: CalibrationConfig = CalibrationConfig()
     data: DataConfig = DataConfig()
     seeds: tuple[int, ...] = DEFAULT_SEEDS
+    tuning: TuningRecord | None = None
 
     @field_validator("seeds")
     @classmethod
@@ -357,10 +372,10 @@ class EverestConfig(_Frozen):
     def config_hash(self) -> str:
         """Stable 16-hex-digit hash of the settings that can change a result (canonical sorted JSON).
 
-        The :data:`RUN_CONTROL` settings are left out, so changing them keeps finished results and
-        checkpoints.
+        The :data:`RUN_CONTROL` settings and the tuning provenance are left out, so changing them keeps
+        finished results and checkpoints.
         """
-        science = self.model_dump(mode="json", exclude={k: set(v) for k, v in RUN_CONTROL.items()})
+        science = self.model_dump(mode="json", exclude={**{k: set(v) for k, v in RUN_CONTROL.items()}, "tuning": True})
         blob = json.dumps(science, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

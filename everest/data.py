@@ -573,6 +573,42 @@ def split_validation(samples: SampleSet, cfg: DataConfig, seed: int) -> tuple[Sa
     return samples.subset(~is_val), samples.subset(is_val)
 
 
+def region_folds(samples: SampleSet, k: int, seed: int) -> list[tuple[SampleSet, SampleSet]]:
+    """``k`` region-disjoint (training, validation) pairs: every region is validation in exactly one fold.
+
+    Regions with and without positives are dealt round-robin into the folds after a seeded shuffle, so
+    every fold sees flare episodes (as :func:`split_validation` does for one split).
+    """
+    regions = np.unique(samples.region)
+    if k < 2 or len(regions) < k:
+        raise DataError(f"cannot make {k} region-disjoint folds of {len(regions)} region(s): need k >= 2 regions "
+                        "and k >= 2")
+    rng = np.random.default_rng(seed)
+    flaring = np.isin(regions, np.unique(samples.region[samples.y == 1]))
+    ordered = np.concatenate([rng.permutation(regions[flaring]), rng.permutation(regions[~flaring])])
+    fold_of = dict(zip(ordered.tolist(), np.arange(len(ordered)) % k, strict=True))
+    sample_fold = np.array([fold_of[r] for r in samples.region.tolist()])
+    return [(samples.subset(sample_fold != i), samples.subset(sample_fold == i)) for i in range(k)]
+
+
+def prepare_folds(data_dir: str | Path, target: Target, seed: int, cfg: DataConfig, seq_len: int, k: int,
+                  cache_dir: Path | None = None) -> tuple[list[tuple[SampleSet, SampleSet]], dict[str, str]]:
+    """Scaled, augmented (training, validation) folds of the training file alone, and its content hash.
+
+    The testing file is never opened: tuning on these folds cannot see the test period.
+    """
+    path = data_file(Path(data_dir), target, "train")
+    samples, digest = load_samples(path, target, cfg, seq_len, cache_dir)
+    folds = []
+    for train, val in region_folds(samples, k, seed if cfg.split_seed is None else cfg.split_seed):
+        scaler = Scaler.fit(train, cfg.features, cfg)
+        train, val = scaler.transform(train), scaler.transform(val)
+        if target.flare_class in cfg.augment_classes:
+            train = augment_positives(train, cfg.augment_noise, seed, cfg.augment_copies)
+        folds.append((train, val))
+    return folds, {path.name: digest}
+
+
 @dataclass(frozen=True)
 class Scaler:
     """Per-feature scaling fitted on the training split: optional signed log10, then standardisation."""

@@ -197,19 +197,33 @@ class ProductionTrainer:
         model = EverestModel(cfg.model, n_features=data.train.x.shape[2]).to(device)
         with device_stream(device):  # a private CUDA stream (graph capture needs one); no-op elsewhere
             with _StopOnSignal() as self._stop:
-                fit = self._fit(model, data, device)
+                fit = self._fit(model, data.train, data.val, device)
             return self._evaluate_and_save(model, data, device, fit)
 
     # ------------------------------------------------------------------ training
-    def _fit(self, model: EverestModel, data: ExperimentData, device: torch.device) -> FitOutcome:
+    def fit(self, train: SampleSet, val: SampleSet) -> FitOutcome:
+        """Train on ``train`` with early stopping on ``val`` alone: no test split, no result files (a cross-
+        validation fold of hyper-parameter tuning). Checkpoints under this trainer's output folder."""
+        cfg = self.config
+        seed_everything(self.experiment.seed)
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        device = resolve_device(cfg.train.device)
+        self._checkpoint_identity = {"format": CHECKPOINT_FORMAT, "config_hash": cfg.config_hash(),
+                                     "n_train": len(train), "n_val": len(val), "device_type": device.type}
+        model = EverestModel(cfg.model, n_features=train.x.shape[2]).to(device)
+        with device_stream(device), _StopOnSignal() as self._stop:
+            return self._fit(model, train, val, device)
+
+    def _fit(self, model: EverestModel, train: SampleSet, val_set: SampleSet, device: torch.device) -> FitOutcome:
         cfg = self.config
         tc = cfg.train
         opt = make_optimizer(model, tc.learning_rate, tc.weight_decay, device, capturable=tc.cuda_graphs)
         loss_fn = EverestLoss(cfg.loss)
         amp = tc.use_amp and device.type == "cuda"
-        x = torch.from_numpy(data.train.x).to(device)  # (N, T, F), resident on the device
-        y = torch.from_numpy(data.train.y).to(device=device, dtype=torch.float32)
-        valid = torch.from_numpy(data.train.valid).to(device)  # (N, T) real steps; padding is masked in the model
+        x = torch.from_numpy(train.x).to(device)  # (N, T, F), resident on the device
+        y = torch.from_numpy(train.y).to(device=device, dtype=torch.float32)
+        valid = torch.from_numpy(train.valid).to(device)  # (N, T) real steps; padding is masked in the model
         step = TrainStep(model, opt, loss_fn, x, y, device, valid=valid, amp=amp, cuda_graphs=tc.cuda_graphs,
                          compile=tc.compile, name=self.experiment.name)
         state = self._resume(model, opt)
@@ -219,7 +233,7 @@ class ProductionTrainer:
         started = time.monotonic()
         bar = _progress_bar(self.experiment.name, tc.epochs, start_epoch)
         metric = tc.early_stopping_metric
-        if metric != "val_loss" and data.val.n_positive in (0, len(data.val)):
+        if metric != "val_loss" and val_set.n_positive in (0, len(val_set)):
             log.warning("%s: validation split has one class only; early stopping on val_loss", self.experiment.name)
             metric = "val_loss"
         patience_left = not history or len(history) - 1 - best_epoch < tc.early_stopping_patience
@@ -250,7 +264,7 @@ class ProductionTrainer:
                 raise TrainingDiverged(f"{self.experiment.name}: training loss is {train_terms[0]} at epoch {epoch + 1}"
                                        f" (terms focal/evidential/evt/precursor = {train_terms[1:]}); "
                                        "the last finished epoch is checkpointed")
-            val = self._validate(model, data.val, device)
+            val = self._validate(model, val_set, device)
             seconds = time.perf_counter() - t0
             row = {"epoch": epoch + 1, "train_loss": train_terms[0], "focal": train_terms[1],
                    "evidential": train_terms[2], "evt": train_terms[3], "precursor": train_terms[4],

@@ -767,7 +767,7 @@ def parameters_from_args(args: argparse.Namespace) -> ProductionParameters:
                                 force=args.force, baselines=args.baselines)
 
 
-def _quiet_logs(verbose: bool) -> None:
+def quiet_logs(verbose: bool) -> None:
     """Keep the terminal to the run's own lines: Prefect's console lines and Dask's log lines (here and in
     worker processes, which read the environment) stay out unless ``verbose``. Everything still reaches the
     flow run's log in the Prefect UI."""
@@ -850,7 +850,7 @@ def main(argv: list[str] | None = None) -> int:
     # a flow run left Crashed. Ctrl-C must interrupt, so the run is marked Cancelled and the status is 130.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     setup_logging()
-    _quiet_logs(args.verbose)
+    quiet_logs(args.verbose)
     api_url = os.environ.get("PREFECT_API_URL")
     try:
         params = parameters_from_args(args)

@@ -401,6 +401,10 @@ class LocalProfile(Profile):
     def gpus_per_worker(self) -> int:
         return 1 if self.gpu_ids() else 0
 
+    def capacity(self) -> int:
+        """How many tasks the cluster runs at once (its worker processes)."""
+        return len(self.gpu_ids()) * self.experiments_per_gpu or self.n_cpu_workers()
+
     def n_cpu_workers(self) -> int:
         """CPU workers: ``n_workers``, or for ``auto`` the usable cores divided by ``torch_threads``."""
         if self.n_workers != "auto":
@@ -420,7 +424,7 @@ class LocalProfile(Profile):
     def cluster_kwargs(self, run_dir: Path | None = None) -> dict[str, Any]:
         ids = self.gpu_ids()
         kw: dict[str, Any] = {
-            "n_workers": len(ids) * self.experiments_per_gpu or self.n_cpu_workers(),
+            "n_workers": self.capacity(),
             "threads_per_worker": 1,
             "processes": self.processes,
             # Scheduler and workers on loopback only: nothing of this run is reachable from the network.
@@ -610,6 +614,10 @@ class BatchProfile(Profile):
 
     def adapt_kwargs(self) -> dict[str, Any]:
         return {"minimum_jobs": self.minimum_jobs, "maximum_jobs": self.maximum_jobs}
+
+    def capacity(self) -> int:
+        """How many tasks the cluster runs at once: its largest number of jobs times workers per job."""
+        return self.maximum_jobs * (self.experiments_per_gpu if self.gpus_per_job else 1)
 
     def job_script(self) -> str:
         """The batch script one worker job runs, rendered without starting a scheduler or submitting.

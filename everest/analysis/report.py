@@ -9,6 +9,7 @@ report self-contained (figures inlined) for places where its relative image link
 from __future__ import annotations
 
 import base64
+import json
 import math
 import mimetypes
 import re
@@ -467,6 +468,12 @@ def _provenance(a: ProductionAnalyzer) -> list[str]:
     for r in runs:
         by_hash.setdefault(r.config_hash, []).append(r.name)
     out.append("Config hashes (experiments): " + "; ".join(f"`{h}`: {len(v)}" for h, v in by_hash.items()) + "\n")
+    tuned = {json.dumps(t, sort_keys=True) for r in runs if (t := r.results.get("config", {}).get("tuning"))}
+    for record in map(json.loads, sorted(tuned)):
+        out.append(f"Recipe tuned by study `{record['study']}` ({record['storage']}): {record['trials']} trials on "
+                   f"validation folds only ({record['folds']} region folds of the training files of "
+                   f"{', '.join(record['targets'])}); best mean {record['metric']} {record['best_value']:.4f} "
+                   f"(trial {record['best_trial']}); search space `{record['space_hash']}`.\n")
     files: dict[str, set[str]] = {}
     for r in runs:
         for f, h in r.data_hashes.items():
