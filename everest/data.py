@@ -581,8 +581,8 @@ def region_folds(samples: SampleSet, k: int, seed: int) -> list[tuple[SampleSet,
     """
     regions = np.unique(samples.region)
     if k < 2 or len(regions) < k:
-        raise DataError(f"cannot make {k} region-disjoint folds of {len(regions)} region(s): need k >= 2 regions "
-                        "and k >= 2")
+        raise DataError(f"cannot make {k} region-disjoint folds of {len(regions)} region(s): need k >= 2 and at "
+                        "least k regions")
     rng = np.random.default_rng(seed)
     flaring = np.isin(regions, np.unique(samples.region[samples.y == 1]))
     ordered = np.concatenate([rng.permutation(regions[flaring]), rng.permutation(regions[~flaring])])

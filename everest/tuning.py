@@ -58,9 +58,9 @@ class SearchSpace(BaseModel):
         blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-    def check(self, base: EverestConfig) -> None:
-        """Refuse unknown keys and impossible ranges, all at once: every bound and choice must make a valid
-        configuration on top of ``base``."""
+    def problems(self, base: EverestConfig) -> list[str]:
+        """Unknown keys and impossible ranges: every bound and choice must make a valid configuration on top
+        of ``base``."""
         problems = []
         for key, spec in self.params.items():
             where = f"{key}"
@@ -88,21 +88,26 @@ class SearchSpace(BaseModel):
                 except ConfigError as err:
                     problems.append(f"{where}: {value!r} is not a valid value ({err})")
                     break
-        if problems:
-            raise ConfigError(f"invalid search space ({len(problems)} problem(s)): " + "; ".join(problems))
+        return problems
 
 
 def load_search_space(path: str | Path, base: EverestConfig) -> SearchSpace:
-    """Read and validate a search-space file (a mapping of configuration keys to ranges or choices)."""
+    """Read and validate a search-space file (a mapping of configuration keys to ranges or choices); every
+    problem of every entry is reported in one :class:`ConfigError`."""
     data = io.load_mapping(path, "search space")
     if not data:
         raise ConfigError(f"search space {path} names no parameter")
-    try:
-        space = SearchSpace(params=data)
-    except ValidationError as err:
-        raise ConfigError(describe_validation_error(err, f"search space {path}",
-                                                    ["low", "high", "log", "integer", "choices"])) from None
-    space.check(base)
+    valid, problems = {}, []
+    for key, raw in data.items():
+        try:
+            valid[key] = ParamSpec.model_validate(raw)
+        except ValidationError as err:
+            problems.append(describe_validation_error(err, str(key), list(ParamSpec.model_fields))
+                            .removeprefix("invalid "))
+    space = SearchSpace(params=valid)
+    problems += space.problems(base)
+    if problems:
+        raise ConfigError(f"invalid search space {path} ({len(problems)} problem(s)): " + "; ".join(problems))
     return space
 
 

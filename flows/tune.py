@@ -170,7 +170,7 @@ def _open_study(params: TuneParameters, space: tuning.SearchSpace, base: Everest
     # A crashed run left its running trials behind: close them and try their parameters again.
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-        study.enqueue_trial(trial.params, skip_if_exists=True)
+        study.enqueue_trial(trial.params)  # not skip_if_exists: the failed trial itself holds these params
     return study
 
 
