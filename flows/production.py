@@ -25,6 +25,7 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -729,14 +730,20 @@ def make_flow(profile: str | Profile, name: str | None = None) -> Any:
 _VARIANTS = {"everest_local": "local", "everest_pbs": "pbs", "everest_slurm": "slurm"}
 
 
-def __getattr__(name: str) -> Any:
-    """Deployment entrypoints ``flows.production:everest_{local,pbs,slurm}``, built on first use, so a broken
-    site profile only affects its own deployment."""
-    if name in _VARIANTS:
-        variant = make_flow(_VARIANTS[name])
-        globals()[name] = variant
-        return variant
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def lazy_variants(make: Callable[[str], Any], variants: dict[str, str], namespace: dict[str, Any]
+                  ) -> Callable[[str], Any]:
+    """A module ``__getattr__`` that builds each deployment entrypoint (the flow bound to one profile) on first
+    use, so a broken site profile only affects its own deployment."""
+    def getattr_(name: str) -> Any:
+        if name in variants:
+            namespace[name] = make(variants[name])
+            return namespace[name]
+        raise AttributeError(f"module {namespace['__name__']!r} has no attribute {name!r}")
+    return getattr_
+
+
+# Deployment entrypoints flows.production:everest_{local,pbs,slurm}.
+__getattr__ = lazy_variants(make_flow, _VARIANTS, globals())
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

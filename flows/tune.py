@@ -29,7 +29,7 @@ from everest.cli import add_run_arguments
 from everest.config import EverestConfig, Target, TuningRecord, experiment_matrix, run_config
 from everest.data import data_file
 from everest.errors import EXIT_USAGE, ConfigError, DataError, describe_validation_error
-from flows.production import DEMO_DATA_DIR, TERMINAL, TargetName, quiet_logs
+from flows.production import DEMO_DATA_DIR, TERMINAL, TargetName, lazy_variants, quiet_logs
 from flows.profiles import Profile, load_profile
 
 DEFAULT_SPACE = Path(__file__).resolve().parent.parent / "deployments" / "search_space.yaml"
@@ -377,13 +377,8 @@ def make_flow(profile: str | Profile, name: str | None = None) -> Any:
 _VARIANTS = {"tune_local": "local", "tune_pbs": "pbs", "tune_slurm": "slurm"}
 
 
-def __getattr__(name: str) -> Any:
-    """Deployment entrypoints ``flows.tune:tune_{local,pbs,slurm}``, built on first use."""
-    if name in _VARIANTS:
-        variant = make_flow(_VARIANTS[name])
-        globals()[name] = variant
-        return variant
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# Deployment entrypoints flows.tune:tune_{local,pbs,slurm}.
+__getattr__ = lazy_variants(make_flow, _VARIANTS, globals())
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
