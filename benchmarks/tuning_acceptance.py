@@ -54,7 +54,7 @@ def main() -> None:
     data = out / "data"
     if not (data / "training_data_M_24.csv").is_file():
         subprocess.run([py, "-m", "everest", "data", "synth", "--size", "demo", "--out", str(data)], check=True)
-    space = yaml.safe_load((ROOT / "deployments" / "search_space.yaml").read_text())
+    space = yaml.safe_load((ROOT / "deployments" / "tuning" / "search_space.yaml").read_text())
     space["train.epochs"] = {"low": args.epochs_range[0], "high": args.epochs_range[1], "integer": True}
     (out / "space.yaml").write_text(yaml.safe_dump(space, sort_keys=False))
     env_home = ["env", f"PREFECT_HOME={out / 'prefect-home'}"]

@@ -32,7 +32,7 @@ from everest.errors import EXIT_USAGE, ConfigError, DataError, describe_validati
 from flows.production import DEMO_DATA_DIR, TERMINAL, TargetName, lazy_variants, quiet_logs
 from flows.profiles import Profile, load_profile
 
-DEFAULT_SPACE = Path(__file__).resolve().parent.parent / "deployments" / "search_space.yaml"
+DEFAULT_SPACE = Path(__file__).resolve().parent.parent / "deployments" / "tuning" / "search_space.yaml"
 STUDY = "everest-tune"
 
 
@@ -349,7 +349,7 @@ def make_flow(profile: str | Profile, name: str | None = None) -> Any:
             trials: trials the study should hold when done (finished ones of earlier runs count).
             folds: region-disjoint folds of each training file; each trial trains once per fold.
             metric: the validation score maximised (val_tss: TSS at the best threshold).
-            space_file: YAML/TOML search space; empty: deployments/search_space.yaml.
+            space_file: YAML/TOML search space; empty: deployments/tuning/search_space.yaml.
             data_dir: folder holding the training_data_*.csv files; empty: the embedded demo data. Testing
                 files are never read.
             output_dir: the study database, the trials' folders and the tuned recipe go to <output_dir>/tuning.
@@ -388,7 +388,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--trials", type=int, default=30, help="trials the study should hold (default 30)")
     p.add_argument("--folds", type=int, default=3, help="region folds per training file (default 3)")
     p.add_argument("--metric", default="val_tss", choices=list(tuning.METRICS), help="score maximised")
-    p.add_argument("--space", help="search-space file (default deployments/search_space.yaml)")
+    p.add_argument("--space", help="search-space file (default deployments/tuning/search_space.yaml)")
     p.add_argument("--data-dir", help=f"folder of the training files (default: the embedded demo in {DEMO_DATA_DIR})")
     p.add_argument("--output-dir", default="output", help="the study and the recipe go to OUTPUT/tuning")
     p.add_argument("--storage", help="SQLAlchemy URL of the study database (default SQLite in OUTPUT/tuning)")

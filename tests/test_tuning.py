@@ -26,7 +26,7 @@ from everest.data import SampleSet, region_folds
 from everest.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED_SPACE = ROOT / "deployments" / "search_space.yaml"
+SHIPPED_SPACE = ROOT / "deployments" / "tuning" / "search_space.yaml"
 TINY = overrides("train.num_threads=1")
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
