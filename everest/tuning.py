@@ -159,7 +159,6 @@ def cross_validate(config: EverestConfig, targets: list[Target], data_dir: str |
     if metric not in METRICS:
         raise ConfigError(f"unknown tuning metric {metric!r}; choose one of {list(METRICS)}")
     scores, step = [], 0
-    key = "val_tss" if metric == "val_tss" else metric
     fold_config = config.with_overrides({"train.early_stopping_metric": metric})
     for target in targets:
         fold_sets, _ = prepare_folds(data_dir, target, seed, config.data, config.model.seq_len, folds,
@@ -170,7 +169,7 @@ def cross_validate(config: EverestConfig, targets: list[Target], data_dir: str |
                                         output_dir=fold_dir)
             fit = trainer.fit(train, val)
             shutil.rmtree(fold_dir, ignore_errors=True)
-            values = [h[key] if metric != "val_loss" else -h[key] for h in fit.history]
+            values = [-h[metric] if metric == "val_loss" else h[metric] for h in fit.history]
             for value in values:
                 step += 1
                 if report is not None and report(step, value):

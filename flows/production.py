@@ -27,7 +27,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import dask
@@ -62,9 +62,9 @@ from flows.server import is_loopback
 # The embedded default: synthetic tables made here when missing. No other folder is ever filled.
 DEMO_DATA_DIR = "data/demo"
 RETRIES = 2
-# The 9 targets as the deployment form's choices (checked against everest.config at import).
-TargetName = Literal["C-24", "C-48", "C-72", "M-24", "M-48", "M-72", "M5-24", "M5-48", "M5-72"]
 RETRY_DELAY_SECONDS = 10
+# The 9 targets as the deployment form's choices (a test checks them against everest.config.all_targets).
+TargetName = Literal["C-24", "C-48", "C-72", "M-24", "M-48", "M-72", "M5-24", "M5-48", "M5-72"]
 
 
 class ProductionParameters(BaseModel):
@@ -478,7 +478,7 @@ def _run_locked(params: ProductionParameters, site: Profile, cfg: EverestConfig)
     rows, failures, base_failures, settled = [], [], [], []
     attempts = dict.fromkeys(experiments, 0)
     while pending:
-        exp, fut, row, err = _next_settled(pending)
+        exp, fut, row, err = next_settled(pending)
         if err is None:
             rows.append(row)
             progress.finished(exp.name, row, cached=fut.state.is_completed() and fut.state.name == "Cached")
@@ -614,26 +614,28 @@ def _release(fut: Any) -> None:
         release()
 
 
+Key = TypeVar("Key")
+
+
 class SubmissionFailed(RuntimeError):
     """The batch system refused a worker job: no experiment can start; the message quotes it."""
 
 
-def _next_settled(pending: dict[Experiment, Any], poll_seconds: float = 1.0
-                  ) -> tuple[Experiment, Any, Any, BaseException | None]:
-    """The next experiment whose task ended, in completion order: (experiment, future, result, error).
+def next_settled(pending: dict[Key, Any], poll_seconds: float = 1.0) -> tuple[Key, Any, Any, BaseException | None]:
+    """The next task that ended, in completion order: (its key in ``pending``, future, result, error).
 
     A refused worker-job submission with no worker connected ends every wait with qsub's words.
     """
     while True:
-        for exp, fut in pending.items():
+        for key, fut in pending.items():
             if fut.wrapped_future.done():
                 try:
-                    return exp, fut, fut.result(), None
+                    return key, fut, fut.result(), None
                 except Exception as err:  # noqa: BLE001 - handed to the caller, which records it
-                    return exp, fut, None, err
+                    return key, fut, None, err
         if (failed := submission_failures()) and not _workers_connected():
-            exp, fut = next(iter(pending.items()))
-            return exp, fut, None, SubmissionFailed(f"the batch system refused the worker job: {failed[-1]}")
+            key, fut = next(iter(pending.items()))
+            return key, fut, None, SubmissionFailed(f"the batch system refused the worker job: {failed[-1]}")
         time.sleep(poll_seconds)
 
 

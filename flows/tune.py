@@ -16,7 +16,6 @@ import io
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,7 +28,15 @@ from everest.cli import add_run_arguments
 from everest.config import EverestConfig, Target, TuningRecord, experiment_matrix, run_config
 from everest.data import data_file
 from everest.errors import EXIT_USAGE, ConfigError, DataError, describe_validation_error
-from flows.production import DEMO_DATA_DIR, TERMINAL, TargetName, lazy_variants, quiet_logs
+from flows.production import (
+    DEMO_DATA_DIR,
+    TERMINAL,
+    SubmissionFailed,
+    TargetName,
+    lazy_variants,
+    next_settled,
+    quiet_logs,
+)
 from flows.profiles import Profile, load_profile
 
 DEFAULT_SPACE = Path(__file__).resolve().parent.parent / "deployments" / "tuning" / "search_space.yaml"
@@ -199,11 +206,11 @@ def run_tuning(params: TuneParameters, site: Profile) -> dict[str, Any]:
                            metric=params.metric, seed=params.seed, data_dir=params.data_path.resolve(),
                            work_dir=(params.tuning_dir / f"trial{trial.number}").resolve(), torch_threads=site.threads)
             in_flight[trial.number] = run_trial.submit(job)
-        number, fut = _next_done(in_flight)
+        number, _, res, err = next_settled(in_flight)
         del in_flight[number]
-        try:
-            res = fut.result()
-        except Exception as err:  # noqa: BLE001 - a failed trial is recorded in the study, the search goes on
+        if isinstance(err, SubmissionFailed):
+            raise err  # no worker job can start: no trial will run
+        if err is not None:  # a failed trial is recorded in the study, the search goes on
             failures += 1
             study.tell(number, state=optuna.trial.TrialState.FAIL)
             logger.error("trial %d failed: %s: %s", number, type(err).__name__, err)
@@ -215,14 +222,6 @@ def run_tuning(params: TuneParameters, site: Profile) -> dict[str, Any]:
         done += 1
         TERMINAL.line(_trial_line(study, number), f"{done} of {params.trials} trials finished")
     return _finish(study, params, space, base)
-
-
-def _next_done(in_flight: dict[int, Any], poll_seconds: float = 1.0) -> tuple[int, Any]:
-    while True:
-        for number, fut in in_flight.items():
-            if fut.wrapped_future.done():
-                return number, fut
-        time.sleep(poll_seconds)
 
 
 def _trial_line(study: Any, number: int) -> str:

@@ -467,6 +467,26 @@ def test_crashed_run_is_resumed_and_another_space_is_refused(prefect_server, tun
 # --------------------------------------------------------------------------------------------- CLI, deployments
 
 
+def test_refused_worker_job_ends_the_study_with_qsubs_words_mock_pbs_qsub(prefect_server, tiny_data, tmp_path,
+                                                                          monkeypatch):
+    """PBS Pro's reply to an unknown queue (mocked: PBS Pro cannot be installed here) ends the tuning run Failed
+    with qsub's own message, instead of waiting forever for workers that never come."""
+    from flows.profiles import load_profile
+    from flows.tune import make_flow
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "qsub").write_text("#!/bin/sh\necho 'qsub: Unknown queue' >&2\nexit 170\n")
+    (fake / "qsub").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    site = load_profile("pbs").for_test_machine(gpus_per_job=0)
+    space = _write(tmp_path / "s.yaml", SMALL_SPACE)
+    state = make_flow(site)(targets=["M-24"], trials=2, folds=2, space_file=str(space), data_dir=str(tiny_data),
+                            output_dir=str(tmp_path / "out"), profile="pbs", overrides=list(TINY), return_state=True)
+    assert state.is_failed()
+    assert "qsub failed with exit status 170: qsub: Unknown queue" in state.message, state.message
+
+
 def test_cli_help_lists_the_tuning_options():
     r = subprocess.run([sys.executable, "-m", "flows.tune", "--help"], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
