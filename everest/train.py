@@ -115,6 +115,15 @@ ProgressCallback = Callable[[EpochReport], None]
 
 
 @dataclass(frozen=True)
+class Prepared:
+    """An experiment ready to train: its samples, its freshly seeded model and the device."""
+
+    data: ExperimentData
+    model: EverestModel
+    device: torch.device
+
+
+@dataclass(frozen=True)
 class FitOutcome:
     """What the training loop hands to evaluation."""
 
@@ -173,6 +182,20 @@ class ProductionTrainer:
         Results count as finished only if they record this run's identity (:func:`everest.results.finished`);
         before training, results of another identity are moved aside (:func:`everest.results.begin_attempt`).
         """
+        prepared = self.prepare()
+        if isinstance(prepared, dict):
+            return prepared
+        with device_stream(prepared.device):  # a private CUDA stream (graph capture needs one); no-op elsewhere
+            with _StopOnSignal() as self._stop:
+                fit = self._fit(prepared.model, prepared.data.train, prepared.data.val, prepared.device)
+            return self.finish(prepared, fit)
+
+    def prepare(self) -> Prepared | dict[str, Any]:
+        """Seed, load the data and build the seeded model; the finished results instead when there are some.
+
+        Every random draw before training (initialisation included) happens here, in the order a solo run
+        makes it, so an experiment trained in a group starts from the same weights as one trained alone.
+        """
         cfg = self.config
         seed_everything(self.experiment.seed)
         if cfg.train.num_threads:
@@ -195,10 +218,11 @@ class ProductionTrainer:
                  self.experiment.name, len(data.train), data.train.n_positive, len(data.val), data.val.n_positive,
                  len(data.test), data.test.n_positive, device)
         model = EverestModel(cfg.model, n_features=data.train.x.shape[2]).to(device)
-        with device_stream(device):  # a private CUDA stream (graph capture needs one); no-op elsewhere
-            with _StopOnSignal() as self._stop:
-                fit = self._fit(model, data.train, data.val, device)
-            return self._evaluate_and_save(model, data, device, fit)
+        return Prepared(data, model, device)
+
+    def finish(self, prepared: Prepared, fit: FitOutcome) -> dict[str, Any]:
+        """Evaluate the best weights (already in ``prepared.model``), write every output and return the results."""
+        return self._evaluate_and_save(prepared.model, prepared.data, prepared.device, fit)
 
     # ------------------------------------------------------------------ training
     def fit(self, train: SampleSet, val: SampleSet) -> FitOutcome:
