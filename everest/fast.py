@@ -60,7 +60,71 @@ def eval_chunk(device: torch.device, eval_batch_size: int) -> int:
     return eval_batch_size if device.type != "cpu" else min(eval_batch_size, CPU_EVAL_CHUNK)
 
 
-class TrainStep:
+class GraphedStep:
+    """A training step run eagerly, or on CUDA replayed from one graph captured per epoch for every full batch.
+
+    Subclasses give the step itself: :meth:`_eager` (any batch) and :meth:`_captured` (the full-batch step
+    as recorded into the graph, reading its batch from the static index tensor it is given).
+    """
+
+    def __init__(self, device: torch.device, cuda_graphs: bool, name: str) -> None:
+        self.device, self.name = device, name
+        self.cuda_graphs = cuda_graphs and device.type == "cuda"
+        self.epoch = 0
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._eager_full_steps = 0
+        self._idx: Tensor | None = None
+
+    def _begin_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self._graph = None  # the loss schedule is baked into a graph: capture again for this epoch
+        self._eager_full_steps = 0
+
+    def run(self, idx: Tensor, full: bool) -> None:
+        """One step on the samples ``idx``; ``full`` says the batch has the configured size (graph-replayable)."""
+        if self._graph is not None and full:
+            self._idx.copy_(idx)  # type: ignore[union-attr]
+            self._graph.replay()
+            return
+        if self.cuda_graphs and full and self._eager_full_steps >= GRAPH_WARMUP and self._capture(idx):
+            self._graph.replay()  # type: ignore[union-attr]  # capture records, it does not run
+            return
+        self._eager(idx)
+        if full:
+            self._eager_full_steps += 1
+
+    def _eager(self, idx: Tensor) -> None:
+        raise NotImplementedError
+
+    def _captured(self, idx: Tensor) -> None:
+        raise NotImplementedError
+
+    def _zero_grad(self) -> None:
+        raise NotImplementedError
+
+    def _capture(self, idx: Tensor) -> bool:
+        """Record one whole step for this epoch; False (and graphs off) if capture fails."""
+        t0 = time.perf_counter()
+        self._idx = idx.clone()
+        graph = torch.cuda.CUDAGraph()
+        self._zero_grad()  # the graph's backward then writes (not adds) static gradients
+        try:
+            with torch.cuda.graph(graph):
+                self._captured(self._idx)
+        except Exception as err:  # noqa: BLE001 - an optimisation must not kill the run
+            log.warning("%s: CUDA-graph capture failed (%s: %s); continuing with eager steps",
+                        self.name, type(err).__name__, str(err)[:300])
+            self.cuda_graphs, self._graph = False, None
+            self._zero_grad()
+            torch.cuda.synchronize(self.device)
+            return False
+        self._graph = graph
+        log.debug("%s: captured the training step for epoch %d in %.3f s", self.name, self.epoch,
+                  time.perf_counter() - t0)
+        return True
+
+
+class TrainStep(GraphedStep):
     """One optimisation step over a batch of indices into device-resident ``x``/``y`` (and ``valid``).
 
     ``valid`` (N, T) bool, optional, marks the real (non-padding) steps of ``x``; each batch's rows are
@@ -77,13 +141,13 @@ class TrainStep:
         if valid is not None and (valid.dtype != torch.bool or tuple(valid.shape) != tuple(x.shape[:2])):
             raise ValueError(f"valid must be a torch.bool tensor of shape {tuple(x.shape[:2])} (x's first two "
                              f"dimensions), got {valid.dtype} of shape {tuple(valid.shape)}")
+        super().__init__(device, cuda_graphs, name)
         self.model, self.opt, self.loss_fn, self.x, self.y = model, opt, loss_fn, x, y
         self.valid = valid
-        self.device, self.amp, self.name = device, amp, name
+        self.amp = amp
         cuda = device.type == "cuda"
         if compile and not cuda:
             log.info("%s: train.compile applies to CUDA only; eager model on %s", name, device)
-        self.cuda_graphs = cuda_graphs and cuda
         if self.cuda_graphs and not opt.param_groups[0].get("capturable", False):
             log.warning("%s: CUDA graphs need a capturable optimizer (fast.make_optimizer(..., capturable=True));"
                         " eager step", name)
@@ -93,34 +157,16 @@ class TrainStep:
             self.forward = torch.compile(model, dynamic=False)
         self.compiled = self.forward is not model
         self.sums = torch.zeros(N_SUMS, device=device)
-        self.epoch = 0
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._graph_batch = 0
-        self._eager_full_steps = 0
-        self._idx: Tensor | None = None
 
     # ------------------------------------------------------------------ driving
     def start_epoch(self, epoch: int, sums: Tensor | None = None) -> None:
         """Begin ``epoch`` (0-based); ``sums`` restores the running sums of an interrupted epoch."""
-        self.epoch = epoch
-        self._graph = None  # the loss schedule is baked into a graph: capture again for this epoch
-        self._eager_full_steps = 0
+        self._begin_epoch(epoch)
         self.sums.copy_(sums.to(self.device) if sums is not None else torch.zeros(N_SUMS))
 
     def __call__(self, idx: Tensor, full_batch: int) -> None:
         """Train on samples ``idx``; ``full_batch`` is the configured batch size (shorter batches run eagerly)."""
-        n = len(idx)
-        if self._graph is not None and n == self._graph_batch:
-            self._idx.copy_(idx)  # type: ignore[union-attr]
-            self._graph.replay()
-            return
-        if self.cuda_graphs and n == full_batch and self._eager_full_steps >= GRAPH_WARMUP:
-            if self._capture(idx):
-                self._graph.replay()  # type: ignore[union-attr]  # capture records, it does not run
-                return
-        self._eager(idx)
-        if n == full_batch:
-            self._eager_full_steps += 1
+        self.run(idx, len(idx) == full_batch)
 
     # ------------------------------------------------------------------ implementations
     def _loss(self, xb: Tensor, yb: Tensor, vb: Tensor | None,
@@ -128,6 +174,9 @@ class TrainStep:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=cache):
             out = self.forward(xb, vb)
             return self.loss_fn(out, yb, self.epoch)
+
+    def _zero_grad(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
 
     def _eager(self, idx: Tensor) -> None:
         xb, yb = self.x[idx], self.y[idx]
@@ -148,32 +197,14 @@ class TrainStep:
         self.opt.step()
         accumulate_terms(self.sums, loss, terms, len(idx))
 
-    def _capture(self, idx: Tensor) -> bool:
-        """Record one whole step for this epoch's batch size; False (and graphs off) if capture fails."""
-        t0 = time.perf_counter()
-        self._idx = idx.clone()
-        graph = torch.cuda.CUDAGraph()
-        self.opt.zero_grad(set_to_none=True)  # the graph's backward then writes (not adds) static gradients
-        try:
-            with torch.cuda.graph(graph):
-                xb = self.x.index_select(0, self._idx)
-                yb = self.y.index_select(0, self._idx)
-                vb = self.valid.index_select(0, self._idx) if self.valid is not None else None
-                loss, terms = self._loss(xb, yb, vb, cache=False)  # autocast's weight cache is not capturable
-                loss.backward()
-                self.opt.step()
-                accumulate_terms(self.sums, loss, terms, len(idx))
-        except Exception as err:  # noqa: BLE001 - an optimisation must not kill the run
-            log.warning("%s: CUDA-graph capture failed (%s: %s); continuing with eager steps",
-                        self.name, type(err).__name__, str(err)[:300])
-            self.cuda_graphs, self._graph = False, None
-            self.opt.zero_grad(set_to_none=True)
-            torch.cuda.synchronize(self.device)
-            return False
-        self._graph, self._graph_batch = graph, len(idx)
-        log.debug("%s: captured the training step for epoch %d in %.3f s", self.name, self.epoch,
-                  time.perf_counter() - t0)
-        return True
+    def _captured(self, idx: Tensor) -> None:
+        xb = self.x.index_select(0, idx)
+        yb = self.y.index_select(0, idx)
+        vb = self.valid.index_select(0, idx) if self.valid is not None else None
+        loss, terms = self._loss(xb, yb, vb, cache=False)  # autocast's weight cache is not capturable
+        loss.backward()
+        self.opt.step()
+        accumulate_terms(self.sums, loss, terms, len(idx))
 
 
 def device_stream(device: torch.device) -> contextlib.AbstractContextManager:

@@ -60,6 +60,11 @@ Terms (``y`` is the 0/1 flare label, ``z`` the forecast logit, ``p = sigmoid(z)`
 
 :class:`EverestLoss` weights the terms with ``LossConfig.weights_at(epoch)`` and the focal gamma
 ``LossConfig.gamma_at(epoch)``.
+
+Shapes: every term reduces over the last dimension only, so ``(B,)`` inputs give one value and the
+``(K, B)`` inputs of a group of K experiments (:mod:`everest.group`) give one value per member. An optional
+``weight`` of the same shape (1 for a sample, 0 for a padding row of a member's shorter batch) makes each
+mean, and the EVT quantile, cover the weighted rows only.
 """
 
 from __future__ import annotations
@@ -78,13 +83,33 @@ XI_ZERO = 1e-4  # below this |xi| the GPD NLL uses its exponential limit (the 1/
 LOSS_KEYS: tuple[str, ...] = ("focal", "evidential", "evt", "precursor")
 
 
-def focal_loss(logits: Tensor, y: Tensor, gamma: float) -> Tensor:
+def batch_mean(values: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Mean over the last dimension; with ``weight`` (0/1 per row), over the weighted rows (0 when none)."""
+    if weight is None:
+        return values.mean(dim=-1)
+    return (values * weight).sum(dim=-1) / weight.sum(dim=-1).clamp_min(1)
+
+
+def batch_quantile(values: Tensor, q: float, weight: Tensor | None = None) -> Tensor:
+    """``torch.quantile(values, q, dim=-1, keepdim=True)`` (linear interpolation), over the weighted rows only
+    when ``weight`` is given; a row without weight gives +inf, above every value."""
+    if weight is None:
+        return torch.quantile(values, q, dim=-1, keepdim=True)
+    ordered = torch.where(weight > 0, values, torch.full_like(values, math.inf)).sort(dim=-1).values
+    count = weight.sum(dim=-1, keepdim=True).to(values.dtype)
+    rank = q * (count - 1).clamp_min(0)
+    below = rank.long()
+    above = rank.ceil().long()
+    return torch.lerp(ordered.gather(-1, below), ordered.gather(-1, above), rank - below)
+
+
+def focal_loss(logits: Tensor, y: Tensor, gamma: float, weight: Tensor | None = None) -> Tensor:
     """Mean binary focal loss from logits (stable for any logit); plain BCE at ``gamma = 0``."""
     logits, y = logits.float(), y.float()
     log_p, log_not_p = F.logsigmoid(logits), F.logsigmoid(-logits)
     bce = -(y * log_p + (1.0 - y) * log_not_p)
     modulator = y * torch.exp(gamma * log_not_p) + (1.0 - y) * torch.exp(gamma * log_p)
-    return (modulator * bce).mean()
+    return batch_mean(modulator * bce, weight)
 
 
 def nig_nll(y: Tensor, mu: Tensor, v: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
@@ -101,12 +126,12 @@ def nig_nll(y: Tensor, mu: Tensor, v: Tensor, alpha: Tensor, beta: Tensor) -> Te
     )
 
 
-def evidential_loss(nig: NIG, y: Tensor, regulariser: float) -> Tensor:
+def evidential_loss(nig: NIG, y: Tensor, regulariser: float, weight: Tensor | None = None) -> Tensor:
     """Mean NIG NLL plus ``regulariser * |y - mu| (2 v + alpha)``, which removes evidence from errors."""
     y = y.float()
     error = (y - nig.mu.float()).abs()
     evidence = 2.0 * nig.v.float() + nig.alpha.float()
-    return (nig_nll(y, *nig) + regulariser * error * evidence).mean()
+    return batch_mean(nig_nll(y, *nig) + regulariser * error * evidence, weight)
 
 
 def nig_uncertainty(mu: Tensor, v: Tensor, alpha: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
@@ -125,7 +150,8 @@ def gpd_nll(exceedance: Tensor, xi: Tensor, sigma: Tensor) -> Tensor:
     return torch.log(sigma) + tail
 
 
-def evt_loss(logits: Tensor, gpd: GPD, quantile: float, grad_to_logits: bool = False) -> Tensor:
+def evt_loss(logits: Tensor, gpd: GPD, quantile: float, grad_to_logits: bool = False,
+             weight: Tensor | None = None) -> Tensor:
     """Mean GPD NLL of the logits' exceedances over their batch ``quantile``; float32, 0 with no exceedance.
 
     By default the exceedances are detached, so the term fits the tail model (the EVT head; the trunk too
@@ -137,17 +163,19 @@ def evt_loss(logits: Tensor, gpd: GPD, quantile: float, grad_to_logits: bool = F
         logits, xi, sigma = logits.float(), gpd.xi.float(), gpd.sigma.float()
         if not grad_to_logits:
             logits = logits.detach()
-        threshold = torch.quantile(logits.detach(), quantile)
+        threshold = batch_quantile(logits.detach(), quantile, weight)
         exceeds = logits > threshold
+        if weight is not None:
+            exceeds = exceeds & (weight > 0)
         # Masking instead of boolean indexing keeps shapes static: no host sync and no empty-tensor case.
         exceedance = torch.where(exceeds, logits - threshold, torch.zeros_like(logits))
         nll = torch.where(exceeds, gpd_nll(exceedance, xi, sigma), torch.zeros_like(logits))
-        return nll.sum() / exceeds.sum().clamp_min(1)
+        return nll.sum(dim=-1) / exceeds.sum(dim=-1).clamp_min(1)
 
 
-def precursor_loss(logits: Tensor, y: Tensor) -> Tensor:
+def precursor_loss(logits: Tensor, y: Tensor, weight: Tensor | None = None) -> Tensor:
     """Mean BCE of the auxiliary precursor logit on the flare label (there is no separate precursor label)."""
-    return F.binary_cross_entropy_with_logits(logits.float(), y.float())
+    return batch_mean(F.binary_cross_entropy_with_logits(logits.float(), y.float(), reduction="none"), weight)
 
 
 class EverestLoss:
@@ -156,17 +184,24 @@ class EverestLoss:
     def __init__(self, cfg: LossConfig) -> None:
         self.cfg = cfg
 
-    def __call__(self, out: EverestOutput, y: Tensor, epoch: int) -> tuple[Tensor, dict[str, Tensor]]:
-        """Total loss for ``epoch`` and the detached unweighted terms; terms of absent heads are left out."""
+    def __call__(self, out: EverestOutput, y: Tensor, epoch: int,
+                 weight: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Total loss for ``epoch`` and the detached unweighted terms; terms of absent heads are left out.
+
+        ``(B,)`` logits give scalars; ``(K, B)`` logits of a group give ``(K,)`` values, one per member.
+        """
         if y.shape != out.logits.shape:
             raise ValueError(f"y must have the logits' shape {tuple(out.logits.shape)}, got {tuple(y.shape)}")
+        if weight is not None and weight.shape != y.shape:
+            raise ValueError(f"weight must have the labels' shape {tuple(y.shape)}, got {tuple(weight.shape)}")
         weights = self.cfg.weights_at(epoch)
-        terms = {"focal": focal_loss(out.logits, y, self.cfg.gamma_at(epoch))}
+        terms = {"focal": focal_loss(out.logits, y, self.cfg.gamma_at(epoch), weight)}
         if out.nig is not None:
-            terms["evidential"] = evidential_loss(out.nig, y, self.cfg.evidential_regulariser)
+            terms["evidential"] = evidential_loss(out.nig, y, self.cfg.evidential_regulariser, weight)
         if out.gpd is not None:
-            terms["evt"] = evt_loss(out.logits, out.gpd, self.cfg.evt_quantile)
+            terms["evt"] = evt_loss(out.logits, out.gpd, self.cfg.evt_quantile, weight=weight)
         if out.precursor is not None:
-            terms["precursor"] = precursor_loss(out.precursor, y)
-        total = sum((getattr(weights, name) * term for name, term in terms.items()), torch.zeros((), device=y.device))
+            terms["precursor"] = precursor_loss(out.precursor, y, weight)
+        total = sum((getattr(weights, name) * term for name, term in terms.items()),
+                    torch.zeros(y.shape[:-1], device=y.device))
         return total, {name: term.detach() for name, term in terms.items()}

@@ -121,11 +121,7 @@ class AttentionPool(nn.Module):
 
     def forward(self, h: Tensor, pad: Tensor | None = None) -> Tensor:
         """``pad`` (B, T) bool, True at steps to leave out (each row keeps at least one step)."""
-        scores = self.score(h).squeeze(-1)  # (B, T, 1) -> (B, T)
-        if pad is not None:
-            scores = scores.masked_fill(pad, float("-inf"))  # exact 0 weight; -inf exists in every float dtype
-        weights = torch.softmax(scores, dim=1)  # (B, T)
-        return torch.einsum("bt,btd->bd", weights, h)  # (B, D)
+        return attention_pool(h, self.score(h).squeeze(-1), pad)  # scores (B, T, 1) -> (B, T)
 
 
 class MeanPool(nn.Module):
@@ -133,11 +129,24 @@ class MeanPool(nn.Module):
 
     def forward(self, h: Tensor, pad: Tensor | None = None) -> Tensor:
         """``pad`` (B, T) bool, True at steps to leave out (each row keeps at least one step)."""
-        if pad is None:
-            return h.mean(dim=1)  # (B, T, D) -> (B, D)
-        keep = ~pad  # (B, T)
-        total = torch.where(keep.unsqueeze(-1), h, torch.zeros((), dtype=h.dtype, device=h.device)).sum(dim=1)
-        return total / keep.sum(dim=1, keepdim=True).to(total.dtype)  # mean over real steps, (B, D)
+        return mean_pool(h, pad)
+
+
+def attention_pool(h: Tensor, scores: Tensor, pad: Tensor | None) -> Tensor:
+    """Softmax of ``scores`` (..., T) over steps, padding excluded, weighting ``h`` (..., T, D) -> (..., D)."""
+    if pad is not None:
+        scores = scores.masked_fill(pad, float("-inf"))  # exact 0 weight; -inf exists in every float dtype
+    weights = torch.softmax(scores, dim=-1)  # (..., T)
+    return torch.einsum("...t,...td->...d", weights, h)
+
+
+def mean_pool(h: Tensor, pad: Tensor | None) -> Tensor:
+    """Mean of ``h`` (..., T, D) over the real steps (``pad`` True at padding) -> (..., D)."""
+    if pad is None:
+        return h.mean(dim=-2)
+    keep = ~pad  # (..., T)
+    total = torch.where(keep.unsqueeze(-1), h, torch.zeros((), dtype=h.dtype, device=h.device)).sum(dim=-2)
+    return total / keep.sum(dim=-1, keepdim=True).to(total.dtype)
 
 
 class EvidentialHead(nn.Module):
@@ -148,7 +157,12 @@ class EvidentialHead(nn.Module):
         self.proj = nn.Linear(cfg.embed_dim, len(NIG._fields))
 
     def forward(self, z: Tensor) -> NIG:
-        mu, v, alpha, beta = self.proj(z).unbind(dim=-1)  # (B, 4) -> 4 x (B,)
+        return self.parameters_of(self.proj(z))
+
+    @staticmethod
+    def parameters_of(raw: Tensor) -> NIG:
+        """The NIG from the projection's raw (..., 4) output."""
+        mu, v, alpha, beta = raw.unbind(dim=-1)  # (..., 4) -> 4 x (...)
         return NIG(mu, F.softplus(v), 1.0 + F.softplus(alpha), F.softplus(beta))
 
 
@@ -167,7 +181,11 @@ class EVTHead(nn.Module):
         self.sigma_floor = cfg.evt_sigma_floor
 
     def forward(self, z: Tensor) -> GPD:
-        xi, sigma = self.proj(z).unbind(dim=-1)  # (B, 2) -> 2 x (B,)
+        return self.parameters_of(self.proj(z))
+
+    def parameters_of(self, raw: Tensor) -> GPD:
+        """The GPD from the projection's raw (..., 2) output."""
+        xi, sigma = raw.unbind(dim=-1)  # (..., 2) -> 2 x (...)
         return GPD(self.xi_half * torch.tanh(xi) + self.xi_mid, F.softplus(sigma) + self.sigma_floor)
 
 
@@ -222,21 +240,27 @@ class EverestModel(nn.Module):
         """The key-padding mask (True = padding) from ``valid``, or None when unmasked. No host sync."""
         if valid is None:
             return None
-        if not isinstance(valid, Tensor) or valid.dtype != torch.bool or tuple(valid.shape) != tuple(x.shape[:2]):
-            what = f"{valid.dtype} tensor of shape {tuple(valid.shape)}" if isinstance(valid, Tensor) else repr(
-                type(valid).__name__)
-            raise ValueError(f"valid must be a torch.bool tensor of shape (batch, steps) = {tuple(x.shape[:2])} "
-                             f"(True = real step), got {what}")
-        if valid.device != x.device:
-            raise ValueError(f"valid must be on x's device {x.device}, got {valid.device}")
+        check_valid(x, valid)
         if not self.cfg.padding_mask:
             return None
-        return ~valid & valid.any(dim=1, keepdim=True)  # a window with no real step stays unmasked
+        return ~valid & valid.any(dim=-1, keepdim=True)  # a window with no real step stays unmasked
 
     def _evt(self, z: Tensor) -> GPD | None:
         if self.evt_head is None:
             return None
         return self.evt_head(z.detach() if self.cfg.evt_detach_trunk else z)
+
+
+def check_valid(x: Tensor, valid: Tensor) -> None:
+    """Refuse a ``valid`` mask that is not a bool tensor shaped like ``x`` without its feature axis."""
+    shape = tuple(x.shape[:-1])
+    if not isinstance(valid, Tensor) or valid.dtype != torch.bool or tuple(valid.shape) != shape:
+        what = f"{valid.dtype} tensor of shape {tuple(valid.shape)}" if isinstance(valid, Tensor) else repr(
+            type(valid).__name__)
+        raise ValueError(f"valid must be a torch.bool tensor of shape (batch, steps) = {shape} "
+                         f"(True = real step), got {what}")
+    if valid.device != x.device:
+        raise ValueError(f"valid must be on x's device {x.device}, got {valid.device}")
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

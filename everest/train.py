@@ -11,15 +11,8 @@ Every epoch ends with an atomic checkpoint, so a killed run resumes.
 
 from __future__ import annotations
 
-import copy
 import logging
-import math
 import random
-import signal
-import sys
-import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,16 +21,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from everest import io, stopping
-from everest import metrics as M
-from everest.calibration import log_loss
+from everest import io
 from everest.config import EverestConfig, Experiment
 from everest.data import ExperimentData, SampleSet, data_file, prepare_experiment
-from everest.errors import ConfigError, Preempted, TimeLimitReached, TrainingDiverged
-from everest.fast import TrainStep, device_stream, make_optimizer
+from everest.errors import ConfigError, TrainingDiverged
+from everest.fast import device_stream
 from everest.forecast import Predictions, ScoredForecast, final_metrics_row, score_forecast, write_forecast
 from everest.inference import measure_latency, predict
-from everest.losses import EverestLoss
+from everest.loop import EpochReport, FitOutcome, Member, ProgressCallback, SoloEngine, fit_members
 from everest.model import EverestModel, count_parameters
 from everest.provenance import environment_info, model_card
 from everest.results import (
@@ -49,69 +40,14 @@ from everest.results import (
     identity_for,
     link_trained_model,
 )
+from everest.stopping import StopOnSignal
+
+__all__ = ["EpochReport", "FitOutcome", "Prepared", "ProductionTrainer", "ProgressCallback", "TrainingDiverged",
+           "resolve_device", "seed_everything"]
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
-
-
-class _StopOnSignal:
-    """Record SIGTERM/SIGINT instead of dying, so training can checkpoint mid-epoch and exit cleanly.
-
-    Signal handlers can only be installed from the main thread; on another thread (a Dask worker)
-    the launcher forwards its signals through :func:`everest.stopping.request_stop`.
-    """
-
-    def __init__(self) -> None:
-        self._signal: str | None = None
-        self._old: dict[int, Any] = {}
-
-    @property
-    def requested(self) -> str | None:
-        """The signal or reason that asked training to stop, if any."""
-        return self._signal or stopping.stop_reason()
-
-    def __enter__(self) -> _StopOnSignal:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self._signal = signal.Signals(signum).name
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-
-def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-@dataclass(frozen=True)
-class EpochReport:
-    """What the progress callback receives after each epoch."""
-
-    experiment: str
-    epoch: int  # 1-based number of finished epochs
-    max_epochs: int
-    train_loss: float
-    val_loss: float
-    val_tss: float
-    best_epoch: int
-
-
-ProgressCallback = Callable[[EpochReport], None]
 
 
 @dataclass(frozen=True)
@@ -121,16 +57,6 @@ class Prepared:
     data: ExperimentData
     model: EverestModel
     device: torch.device
-
-
-@dataclass(frozen=True)
-class FitOutcome:
-    """What the training loop hands to evaluation."""
-
-    history: list[dict]
-    best_epoch: int  # 1-based
-    stop_reason: str
-    resumed_after_epoch: int  # 0 for a fresh run; else the checkpoint's finished epochs
 
 
 def resolve_device(name: str) -> torch.device:
@@ -186,7 +112,7 @@ class ProductionTrainer:
         if isinstance(prepared, dict):
             return prepared
         with device_stream(prepared.device):  # a private CUDA stream (graph capture needs one); no-op elsewhere
-            with _StopOnSignal() as self._stop:
+            with StopOnSignal() as self._stop:
                 fit = self._fit(prepared.model, prepared.data.train, prepared.data.val, prepared.device)
             return self.finish(prepared, fit)
 
@@ -236,130 +162,29 @@ class ProductionTrainer:
         self._checkpoint_identity = {"format": CHECKPOINT_FORMAT, "config_hash": cfg.config_hash(),
                                      "n_train": len(train), "n_val": len(val), "device_type": device.type}
         model = EverestModel(cfg.model, n_features=train.x.shape[2]).to(device)
-        with device_stream(device), _StopOnSignal() as self._stop:
+        with device_stream(device), StopOnSignal() as self._stop:
             return self._fit(model, train, val, device)
 
-    def _fit(self, model: EverestModel, train: SampleSet, val_set: SampleSet, device: torch.device) -> FitOutcome:
-        cfg = self.config
-        tc = cfg.train
-        opt = make_optimizer(model, tc.learning_rate, tc.weight_decay, device, capturable=tc.cuda_graphs)
-        loss_fn = EverestLoss(cfg.loss)
-        amp = tc.use_amp and device.type == "cuda"
-        x = torch.from_numpy(train.x).to(device)  # (N, T, F), resident on the device
-        y = torch.from_numpy(train.y).to(device=device, dtype=torch.float32)
-        valid = torch.from_numpy(train.valid).to(device)  # (N, T) real steps; padding is masked in the model
-        step = TrainStep(model, opt, loss_fn, x, y, device, valid=valid, amp=amp, cuda_graphs=tc.cuda_graphs,
-                         compile=tc.compile, name=self.experiment.name)
-        state = self._resume(model, opt)
-        history: list[dict] = state["history"]
-        best_state, best_score, best_epoch = state["best_state"], state["best_score"], state["best_epoch"]
-        start_epoch = state["epoch"]
-        started = time.monotonic()
-        bar = _progress_bar(self.experiment.name, tc.epochs, start_epoch)
-        metric = tc.early_stopping_metric
-        if metric != "val_loss" and val_set.n_positive in (0, len(val_set)):
-            log.warning("%s: validation split has one class only; early stopping on val_loss", self.experiment.name)
-            metric = "val_loss"
-        patience_left = not history or len(history) - 1 - best_epoch < tc.early_stopping_patience
-        partial = state["partial"]
-        for epoch in range(start_epoch, tc.epochs if patience_left else start_epoch):
-            t0 = time.perf_counter()
-            # Shuffling and dropout depend only on (seed, epoch): a resumed run replays them exactly.
-            torch.manual_seed(self.experiment.seed * 1_000_003 + epoch)
-            model.train()
-            n = len(y)
-            perm = torch.randperm(n, device=device)
-            first, sums = 0, None
-            if partial:  # resume inside the epoch a SIGTERM interrupted, with its random state
-                first, sums = partial["offset"], partial["sums"]
-                _set_rng_state(partial["rng"], device)
-                partial = None
-            step.start_epoch(epoch, sums)  # running sums: total, focal, evidential, evt, precursor
-            for i in range(first, n, tc.batch_size):
-                if self._stop.requested:
-                    self._save_checkpoint(model, opt, epoch, history, best_state, best_score, best_epoch,
-                                          partial={"offset": i, "sums": step.sums.cpu(), "rng": _rng_state(device)})
-                    stopping.mark_checkpointed()
-                    raise Preempted(f"{self.experiment.name}: stopped by {self._stop.requested} in epoch {epoch + 1}"
-                                    f" at sample {i} of {n}; checkpointed, rerun to resume")
-                step(perm[i:i + tc.batch_size], tc.batch_size)
-            train_terms = (step.sums / n).tolist()  # one host sync per epoch
-            if not all(math.isfinite(v) for v in train_terms):
-                raise TrainingDiverged(f"{self.experiment.name}: training loss is {train_terms[0]} at epoch {epoch + 1}"
-                                       f" (terms focal/evidential/evt/precursor = {train_terms[1:]}); "
-                                       "the last finished epoch is checkpointed")
-            val = self._validate(model, val_set, device)
-            seconds = time.perf_counter() - t0
-            row = {"epoch": epoch + 1, "train_loss": train_terms[0], "focal": train_terms[1],
-                   "evidential": train_terms[2], "evt": train_terms[3], "precursor": train_terms[4],
-                   "val_loss": val["val_loss"], "val_tss": val["val_tss"], "val_auc": val["val_auc"],
-                   "lr": opt.param_groups[0]["lr"], "seconds": seconds, "samples_per_s": n / seconds}
-            history.append(row)
-            score = -val["val_loss"] if metric == "val_loss" else val[metric]
-            if best_epoch < 0 or (math.isfinite(score) and score > best_score):
-                best_score, best_epoch = score, epoch
-                best_state = copy.deepcopy(model.state_dict())  # a real copy, not references to live tensors
-            self._save_checkpoint(model, opt, epoch + 1, history, best_state, best_score, best_epoch)
-            bar(row)
-            if self.progress:
-                self.progress(EpochReport(self.experiment.name, epoch + 1, tc.epochs, row["train_loss"],
-                                          row["val_loss"], row["val_tss"], best_epoch + 1))
-            if tc.time_limit_minutes and (time.monotonic() - started) / 60 > tc.time_limit_minutes:
-                raise TimeLimitReached(f"{self.experiment.name}: time limit of {tc.time_limit_minutes} min reached "
-                                       f"after epoch {epoch + 1}; rerun to resume from the checkpoint")
-            if epoch - best_epoch >= tc.early_stopping_patience:
-                break
-        stopped_early = len(history) < tc.epochs
-        model.load_state_dict(best_state)
-        return FitOutcome(history, best_epoch + 1, f"early_stopping on {metric}" if stopped_early else "max_epochs",
-                          start_epoch)
+    def member(self, train: SampleSet, val: SampleSet) -> Member:
+        """This experiment's state in the epoch loop (after :meth:`prepare` or inside :meth:`fit`)."""
+        return Member.of(self.experiment.name, self.experiment.seed, train, val, self.config.train,
+                         self.checkpoint_path, self._checkpoint_identity, self.progress)
 
-    def _validate(self, model: EverestModel, val: SampleSet, device: torch.device) -> dict[str, float]:
-        """Epoch scores on validation. ``val_tss`` is the best TSS over the threshold grid: with the default
-        ``validation`` grid, over every threshold, so early stopping never scores a grid artefact (on the
-        design's 0.10-0.90 grid it fell as a better model's probabilities moved below 0.10)."""
-        p = self._predict(model, val, device)["y_prob"]
-        val_loss = log_loss(val.y, p)  # BCE of the forecast
-        with M.ignore_undefined():
-            table = M.threshold_table(val.y, p, self.config.threshold)
-            auc = M.roc_auc(val.y, p)
-        return {"val_loss": val_loss, "val_tss": float(np.nanmax(table["tss"])) if len(table) else float("nan"),
-                "val_auc": auc}
+    def _fit(self, model: EverestModel, train: SampleSet, val: SampleSet, device: torch.device) -> FitOutcome:
+        member = self.member(train, val)
+        engine = SoloEngine(model, member, self.config, device)
+        member.resume(engine.load, self.config.train)
+        fit_members([member], engine, self.config, lambda: self._stop.requested)
+        if member.error is not None:
+            raise member.error
+        model.load_state_dict(member.best_state)
+        return member.outcome(self.config.train.epochs)
 
     def _predict(self, model: EverestModel, samples: SampleSet, device: torch.device) -> dict[str, np.ndarray]:
         """Raw probabilities (and evidential uncertainties) with this run's precision and batch size."""
         tc = self.config.train
         return predict(model, samples, device, amp=tc.use_amp and device.type == "cuda",
                        eval_batch_size=tc.eval_batch_size)
-
-    # ------------------------------------------------------------------ checkpoints
-    def _save_checkpoint(self, model, opt, epoch, history, best_state, best_score, best_epoch, partial=None) -> None:
-        """``epoch`` finished epochs; ``partial`` marks a mid-epoch stop (sample offset, loss sums, RNG)."""
-        payload = {**self._checkpoint_identity, "epoch": epoch, "model": model.state_dict(),
-                   "optimizer": opt.state_dict(), "history": history, "best_state": best_state,
-                   "best_score": best_score, "best_epoch": best_epoch, "partial": partial}
-        io.write_torch(self.checkpoint_path, payload)
-
-    def _resume(self, model: EverestModel, opt: torch.optim.Optimizer) -> dict[str, Any]:
-        fresh = {"epoch": 0, "history": [], "best_state": None, "best_score": -math.inf, "best_epoch": -1,
-                 "partial": None}
-        if not self.checkpoint_path.is_file():
-            return fresh
-        try:
-            ck = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
-            if {k: ck.get(k) for k in self._checkpoint_identity} != self._checkpoint_identity:
-                log.warning("%s: checkpoint %s is from another config, data, code version or device; starting fresh",
-                            self.experiment.name, self.checkpoint_path)
-                return fresh
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-        except Exception as err:  # a corrupt checkpoint must not block the run: log it and start over
-            log.error("%s: cannot load checkpoint %s (%s: %s); starting from epoch 0",
-                      self.experiment.name, self.checkpoint_path, type(err).__name__, err)
-            return fresh
-        log.info("%s: resuming after epoch %d%s from %s", self.experiment.name, ck["epoch"],
-                 f" (+{ck['partial']['offset']} samples)" if ck.get("partial") else "", self.checkpoint_path)
-        return {k: ck.get(k) for k in fresh}
 
     # ------------------------------------------------------------------ evaluation and outputs
     def _evaluate_and_save(self, model: EverestModel, data: ExperimentData, device: torch.device,
@@ -419,21 +244,3 @@ class ProductionTrainer:
         io.write_json(rd / "results.json", results)  # last: its presence marks the experiment finished
         self.checkpoint_path.unlink(missing_ok=True)
 
-
-def _progress_bar(name: str, total: int, start: int) -> Callable[[dict], None]:
-    """A tqdm bar on a terminal, plain log lines otherwise."""
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, initial=start, desc=name, unit="epoch", leave=False)
-
-        def update(row: dict) -> None:
-            bar.set_postfix(loss=f"{row['train_loss']:.4f}", val_tss=f"{row['val_tss']:.3f}")
-            bar.update(1)
-        return update
-
-    def log_line(row: dict) -> None:
-        log.info("%s epoch %d/%d: loss %.4f val_loss %.4f val_tss %.3f val_auc %.3f (%.1f s, %.0f samples/s)",
-                 name, row["epoch"], total, row["train_loss"], row["val_loss"], row["val_tss"], row["val_auc"],
-                 row["seconds"], row["samples_per_s"])
-    return log_line

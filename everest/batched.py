@@ -1,0 +1,259 @@
+"""K EVEREST networks as one: every weight gets a leading member dimension, every layer is a batched matmul.
+
+:class:`GroupedEverest` computes exactly what K :class:`~everest.model.EverestModel` instances compute,
+member by member, from inputs ``(K, B, T, F)``; its weights are named like theirs (``blocks.0.attn.in_proj_weight``
+with shape ``(K, 3D, D)``), so :meth:`GroupedEverest.member_state` is a solo model's state dict and a member
+can be evaluated, saved and loaded by everything that handles solo models. Attention folds the members
+into the batch (one ``scaled_dot_product_attention`` call for all K).
+
+Dropout has two sources. With :class:`MemberDraws` (CPU) each member draws its masks from its own
+generator in the order and shapes a solo model draws them from the global one, so a member trained in a
+group sees the dropout of the same experiment trained alone. Without it (CUDA) the whole group's masks come
+from the device generator in fused kernels, which CUDA-graph capture supports; members still differ.
+
+:class:`GroupAdamW` is AdamW with per-member step counts and a per-member ``active`` mask: a member with no
+samples in a step, or one that stopped early, is left exactly as it was.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from everest.config import ModelConfig
+from everest.model import (
+    EverestModel,
+    EverestOutput,
+    EvidentialHead,
+    attention_pool,
+    check_valid,
+    mean_pool,
+)
+
+LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, as the solo model uses
+
+
+@dataclass(frozen=True)
+class MemberDraws:
+    """Per-member dropout draws: member k draws ``rows[k]`` rows of each mask from ``generators[k]``."""
+
+    generators: Sequence[torch.Generator]
+    rows: Sequence[int]
+
+    def mask(self, shape: tuple[int, ...], p: float, like: Tensor) -> Tensor:
+        """Scaled keep-masks of ``shape`` = (K, B, ...): member k's first ``rows[k]`` rows drawn, the rest 0."""
+        masks = []
+        for g, n in zip(self.generators, self.rows, strict=True):
+            m = torch.zeros(shape[1:], dtype=like.dtype, device=like.device)
+            if n:  # the solo model's dropout: bernoulli(1 - p) of the batch's shape, divided by 1 - p
+                m[:n] = torch.empty((n, *shape[2:]), dtype=like.dtype).bernoulli_(1 - p, generator=g).div_(1 - p)
+            masks.append(m)
+        return torch.stack(masks)
+
+
+def _linear(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """Member-wise ``x @ w.T + b``: x (K, ..., in), w (K, out, in), b (K, out) -> (K, ..., out)."""
+    flat = x.reshape(x.shape[0], -1, x.shape[-1])  # (K, M, in)
+    out = torch.baddbmm(b.unsqueeze(1), flat, w.transpose(1, 2))  # (K, M, out)
+    return out.reshape(*x.shape[:-1], w.shape[1])
+
+
+def _member(v: Tensor, like: Tensor) -> Tensor:
+    """A per-member (K, D) vector shaped to broadcast against ``like`` (K, ..., D)."""
+    return v.reshape(v.shape[0], *([1] * (like.dim() - 2)), v.shape[-1])
+
+
+class GroupedEverest(nn.Module):
+    """K EVEREST transformers with stacked weights: (K, B, T, F) windows -> :class:`EverestOutput` of (K, B)."""
+
+    def __init__(self, cfg: ModelConfig, n_features: int, members: int) -> None:
+        super().__init__()
+        self.cfg, self.n_features, self.members = cfg, n_features, members
+        template = EverestModel(cfg, n_features)  # names and shapes of one member's weights
+        self.names = [name for name, _ in template.named_parameters()]
+        self.weights = nn.ParameterDict({
+            _key(name): nn.Parameter(torch.zeros(members, *p.shape)) for name, p in template.named_parameters()})
+        self.register_buffer("table", template.pos.table.clone(), persistent=False)  # (T, D) sinusoids
+        self.evidential = EvidentialHead.parameters_of
+        self.evt = template.evt_head.parameters_of if template.evt_head is not None else None
+
+    @classmethod
+    def stack(cls, models: Sequence[EverestModel]) -> GroupedEverest:
+        """The group of ``models`` (same config and feature count), on their device, member k = models[k]."""
+        first = models[0]
+        group = cls(first.cfg, first.n_features, len(models)).to(next(first.parameters()).device)
+        with torch.no_grad():
+            for k, model in enumerate(models):
+                group.load_member(k, model.state_dict())
+        return group
+
+    def w(self, name: str) -> Tensor:
+        """The stacked weight of the solo parameter ``name``, shape (K, *solo shape)."""
+        return self.weights[_key(name)]
+
+    def member_state(self, k: int) -> dict[str, Tensor]:
+        """Member ``k``'s weights as a solo model's state dict (detached copies)."""
+        return {name: self.w(name)[k].detach().clone() for name in self.names}
+
+    @torch.no_grad()
+    def load_member(self, k: int, state: dict[str, Tensor]) -> None:
+        """Set member ``k`` from a solo model's state dict."""
+        missing = sorted(set(self.names) - set(state))
+        if missing:
+            raise KeyError(f"a member's state lacks {missing[:3]}{'...' if len(missing) > 3 else ''}")
+        for name in self.names:
+            self.w(name)[k].copy_(state[name])
+
+    def select(self, keep: Sequence[int]) -> None:
+        """Keep only the members ``keep`` (in that order): a stopped member costs nothing from here on."""
+        index = torch.tensor(list(keep), device=self.table.device)
+        for key, p in self.weights.items():
+            self.weights[key] = nn.Parameter(p.detach().index_select(0, index))
+        self.members = len(keep)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor, valid: Tensor | None = None, draws: MemberDraws | None = None) -> EverestOutput:
+        """Outputs for windows ``x`` (K, B, T, F); ``valid`` (K, B, T) marks real steps, as in the solo model."""
+        if x.dim() != 4 or x.shape[0] != self.members or x.shape[3] != self.n_features or x.shape[2] > self.cfg.seq_len:
+            raise ValueError(f"x must have shape ({self.members} members, batch, steps <= {self.cfg.seq_len}, "
+                             f"{self.n_features}), got {tuple(x.shape)}")
+        pad = None
+        if valid is not None:
+            check_valid(x, valid)
+            if self.cfg.padding_mask:
+                pad = ~valid & valid.any(dim=-1, keepdim=True)  # (K, B, T); a window without real steps: unmasked
+        h = self._drop(self._norm(_linear(x, self.w("embed.proj.weight"), self.w("embed.proj.bias")), "embed.norm"),
+                       draws)  # (K, B, T, D)
+        t = x.shape[2]
+        h = h + self.w("pos.scale").reshape(-1, 1, 1, 1) * self.table[:t]
+        for i in range(self.cfg.num_blocks):
+            h = self._block(h, pad, f"blocks.{i}", draws)
+        if self.cfg.use_attention_bottleneck:
+            scores = _linear(h, self.w("pool.score.weight"), self.w("pool.score.bias")).squeeze(-1)  # (K, B, T)
+            pooled = attention_pool(h, scores, pad)  # (K, B, D)
+        else:
+            pooled = mean_pool(h, pad)
+        z = self._drop(pooled, draws)
+        z = self._drop(F.gelu(self._lin(z, "shared.1")), draws)  # (K, B, D)
+        return EverestOutput(
+            logits=self._lin(z, "logit_head").squeeze(-1),  # (K, B)
+            nig=self.evidential(self._lin(z, "evidential_head.proj")) if self.cfg.use_evidential else None,
+            gpd=(self.evt(self._lin(z.detach() if self.cfg.evt_detach_trunk else z, "evt_head.proj"))
+                 if self.evt is not None else None),
+            precursor=self._lin(z, "precursor_head").squeeze(-1) if self.cfg.use_precursor else None,
+        )
+
+    def _block(self, h: Tensor, pad: Tensor | None, name: str, draws: MemberDraws | None) -> Tensor:
+        """Post-norm block: self-attention, add & norm, feed-forward, add & norm (nn.MultiheadAttention's maths)."""
+        k, b, t, d = h.shape
+        heads = self.cfg.num_heads
+        q, key, v = _linear(h, self.w(f"{name}.attn.in_proj_weight"),
+                            self.w(f"{name}.attn.in_proj_bias")).chunk(3, dim=-1)  # 3 x (K, B, T, D)
+        q, key, v = (u.reshape(k * b, t, heads, d // heads).transpose(1, 2) for u in (q, key, v))  # (KB, H, T, dh)
+        keys = None if pad is None else ~pad.reshape(k * b, 1, 1, t)  # True = may be attended to
+        p = self.cfg.dropout if self.training else 0.0
+        if draws is None or p == 0.0:
+            attended = F.scaled_dot_product_attention(q, key, v, attn_mask=keys, dropout_p=p)
+        else:  # the attention maths written out, so the weights' dropout comes from each member's generator
+            scores = q @ key.transpose(-2, -1) / math.sqrt(d // heads)  # (KB, H, T, T)
+            if keys is not None:
+                scores = scores.masked_fill(~keys, float("-inf"))
+            weights = torch.softmax(scores, dim=-1)
+            weights = weights * draws.mask((k, b, heads, t, t), p, weights).reshape(k * b, heads, t, t)
+            attended = weights @ v
+        attended = attended.transpose(1, 2).reshape(k, b, t, d)  # (K, B, T, D)
+        h = self._norm(h + self._lin(attended, f"{name}.attn.out_proj"), f"{name}.norm1")
+        ff = self._drop(F.gelu(self._lin(h, f"{name}.ff.0")), draws)
+        return self._norm(h + self._lin(ff, f"{name}.ff.3"), f"{name}.norm2")
+
+    def _lin(self, x: Tensor, name: str) -> Tensor:
+        return _linear(x, self.w(f"{name}.weight"), self.w(f"{name}.bias"))
+
+    def _norm(self, x: Tensor, name: str) -> Tensor:
+        x = F.layer_norm(x, x.shape[-1:], eps=LAYER_NORM_EPS)
+        return x * _member(self.w(f"{name}.weight"), x) + _member(self.w(f"{name}.bias"), x)
+
+    def _drop(self, x: Tensor, draws: MemberDraws | None) -> Tensor:
+        p = self.cfg.dropout
+        if not self.training or p == 0.0:
+            return x
+        if draws is None:
+            return F.dropout(x, p, training=True)
+        return x * draws.mask(tuple(x.shape), p, x)
+
+
+def _key(name: str) -> str:
+    """ParameterDict keys cannot contain dots."""
+    return name.replace(".", "__")
+
+
+class GroupAdamW:
+    """AdamW (torch's single-tensor arithmetic) over stacked (K, ...) weights, with a step count per member.
+
+    :meth:`step` takes ``active`` (K,) bool: inactive members' weights and moments stay exactly as they were.
+    Only tensor operations, no host synchronisation, so a CUDA graph can capture it.
+    """
+
+    def __init__(self, params: Sequence[Tensor], lr: float, weight_decay: float,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.params = list(params)
+        self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, betas, eps
+        members = self.params[0].shape[0]
+        device = self.params[0].device
+        self.steps = torch.zeros(members, dtype=torch.float64, device=device)
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, active: Tensor) -> None:
+        beta1, beta2 = self.betas
+        self.steps += active
+        steps = self.steps.clamp_min(1)  # a member that never stepped keeps its state (masked below)
+        step_size = (self.lr / (1 - beta1 ** steps)).float()  # bias corrections in float64, as torch's AdamW
+        correction2 = (1 - beta2 ** steps).sqrt().float()
+        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            keep = active.reshape(shape)
+            new_p = p * (1 - self.lr * self.weight_decay)
+            new_m = m.lerp(g, 1 - beta1)
+            new_v = (v * beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (new_v.sqrt() / correction2.reshape(shape)).add_(self.eps)
+            new_p = new_p - step_size.reshape(shape) * new_m / denom
+            p.copy_(torch.where(keep, new_p, p))
+            m.copy_(torch.where(keep, new_m, m))
+            v.copy_(torch.where(keep, new_v, v))
+
+    def select(self, params: Sequence[Tensor], keep: Sequence[int]) -> None:
+        """Follow :meth:`GroupedEverest.select`: the new parameter tensors and the kept members' state."""
+        index = torch.tensor(list(keep), device=self.steps.device)
+        self.params = list(params)
+        self.steps = self.steps.index_select(0, index)
+        self.exp_avg = [m.index_select(0, index) for m in self.exp_avg]
+        self.exp_avg_sq = [v.index_select(0, index) for v in self.exp_avg_sq]
+
+    def member_state(self, k: int, template: dict) -> dict:
+        """Member ``k``'s state in ``torch.optim.AdamW.state_dict()`` form (``template``: a solo optimizer's)."""
+        state = {i: {"step": torch.tensor(float(self.steps[k])), "exp_avg": m[k].clone(), "exp_avg_sq": v[k].clone()}
+                 for i, (m, v) in enumerate(zip(self.exp_avg, self.exp_avg_sq, strict=True))}
+        return {"state": state, "param_groups": template["param_groups"]}
+
+    @torch.no_grad()
+    def load_member(self, k: int, state: dict) -> None:
+        """Set member ``k`` from a solo ``torch.optim.AdamW`` state dict (an empty state: never stepped)."""
+        entries = state["state"]
+        if not entries:
+            return
+        self.steps[k] = float(entries[0]["step"])
+        for i, (m, v) in enumerate(zip(self.exp_avg, self.exp_avg_sq, strict=True)):
+            m[k].copy_(entries[i]["exp_avg"])
+            v[k].copy_(entries[i]["exp_avg_sq"])
