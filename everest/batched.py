@@ -18,6 +18,7 @@ samples in a step, or one that stopped early, is left exactly as it was.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -76,8 +77,10 @@ class GroupedEverest(nn.Module):
         self.cfg, self.n_features, self.members = cfg, n_features, members
         template = EverestModel(cfg, n_features)  # names and shapes of one member's weights
         self.names = [name for name, _ in template.named_parameters()]
-        self.weights = nn.ParameterDict({
-            _key(name): nn.Parameter(torch.zeros(members, *p.shape)) for name, p in template.named_parameters()})
+        # An OrderedDict keeps the solo model's parameter order (a plain dict would be sorted), so optimizer
+        # state indices mean the same parameters as in a solo optimizer.
+        self.weights = nn.ParameterDict(OrderedDict(
+            (_key(name), nn.Parameter(torch.zeros(members, *p.shape))) for name, p in template.named_parameters()))
         self.register_buffer("table", template.pos.table.clone(), persistent=False)  # (T, D) sinusoids
         self.evidential = EvidentialHead.parameters_of
         self.evt = template.evt_head.parameters_of if template.evt_head is not None else None
