@@ -33,7 +33,7 @@ from everest.config import EverestConfig, Experiment
 from everest.data import SampleSet
 from everest.errors import ConfigError, DataError, TrainingDiverged
 from everest.fast import N_SUMS, GraphedStep, device_stream, eval_chunk, make_optimizer
-from everest.loop import Member, SoloEngine, epoch_seed, fit_members
+from everest.loop import Member, SoloEngine, epoch_seed, fit_members, rng_state
 from everest.losses import LOSS_KEYS, EverestLoss
 from everest.model import EverestModel
 from everest.stopping import StopOnSignal
@@ -73,6 +73,13 @@ class _Tables:
         self.y = torch.from_numpy(np.concatenate([u.y for u in unique])).to(device=device, dtype=torch.float32)
         self.valid = torch.from_numpy(np.concatenate([u.valid for u in unique])).to(device)  # (N, T)
 
+    def gather(self, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Windows, labels and validity masks of the rows ``idx`` (K, B): index_select, which graphs capture."""
+        flat = idx.reshape(-1)
+        return (self.x.index_select(0, flat).reshape(*idx.shape, *self.x.shape[1:]),
+                self.y.index_select(0, flat).reshape(idx.shape),
+                self.valid.index_select(0, flat).reshape(*idx.shape, *self.valid.shape[1:]))
+
 
 class GroupEngine(GraphedStep):
     """The steps of K members as one batched model; the engine :func:`everest.loop.fit_members` drives."""
@@ -88,11 +95,12 @@ class GroupEngine(GraphedStep):
                                            capturable=tc.cuda_graphs).state_dict()
         self.loss_fn = EverestLoss(cfg.loss)
         self.amp = tc.use_amp and device.type == "cuda"
-        # Each member shuffles with its own generator; on CPU it draws its dropout from it too, as alone
-        # (CUDA uses fused dropout kernels and the device generator, which graph capture supports).
-        self.generators = [torch.Generator() for _ in members]
+        # Each member shuffles with its own generator on the device, as alone; on CPU it draws its dropout
+        # from it too (CUDA uses fused dropout kernels and the device generator, which graph capture supports).
+        self.generators = [torch.Generator(device=device) for _ in members]
         self.exact_dropout = device.type == "cpu"
         self.tables = _Tables([m.train for m in members], device)
+        self.val_tables: _Tables | None = None
         self.sizes = [len(m.train) for m in members]
         self._sums = torch.zeros(len(members), N_SUMS, device=device)
         self.n_steps = 0
@@ -107,22 +115,22 @@ class GroupEngine(GraphedStep):
         self.model.train()
         b, k = self.tc.batch_size, len(self.members)
         self.n_steps = max(math.ceil(n / b) for n in self.sizes)
-        idx = torch.zeros(k, self.n_steps * b, dtype=torch.long)
+        if not self.exact_dropout:  # the group's fused dropout draws from the device generator
+            torch.cuda.manual_seed(epoch_seed(sum(m.seed for m in self.members), epoch))
+        self.idx = torch.zeros(k, self.n_steps * b, dtype=torch.long, device=self.device)
         first = 0
         for i, (m, n, offset) in enumerate(zip(self.members, self.sizes, self.tables.offsets, strict=True)):
             g = self.generators[i]
-            g.manual_seed(epoch_seed(m.seed, epoch))
-            idx[i, :n] = offset + torch.randperm(n, generator=g)
+            g.manual_seed(epoch_seed(m.seed, epoch))  # the solo run's shuffle of this epoch
+            self.idx[i, :n] = offset + torch.randperm(n, generator=g, device=self.device)
             partial = partials[i]
             self._sums[i] = partial["sums"].to(self.device) if partial else 0.0
             if partial:
-                g.set_state(partial["rng"]["cpu"])
-                if "cuda" in partial["rng"] and self.device.type == "cuda":
-                    torch.cuda.set_rng_state(partial["rng"]["cuda"], self.device)
                 first = partial["step"]
-        if self.device.type == "cuda":  # the group's dropout: the device generator, seeded by its members
-            torch.cuda.manual_seed(epoch_seed(sum(m.seed for m in self.members), epoch))
-        self.idx = idx.to(self.device)
+                if self.exact_dropout:
+                    g.set_state(partial["rng"]["cpu"])
+                elif "cuda" in partial["rng"]:
+                    torch.cuda.set_rng_state(partial["rng"]["cuda"], self.device)
         self.rows = [[min(b, max(0, n - s * b)) for n in self.sizes] for s in range(self.n_steps)]
         self._full = torch.ones(k, dtype=torch.bool, device=self.device)
         return first
@@ -136,9 +144,7 @@ class GroupEngine(GraphedStep):
         return self._sums
 
     def partial(self, k: int, s: int) -> dict[str, Any]:
-        rng = {"cpu": self.generators[k].get_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        rng = {"cpu": self.generators[k].get_state()} if self.exact_dropout else rng_state(self.device)
         return {"offset": min(s * self.tc.batch_size, self.sizes[k]), "step": s, "sums": self._sums[k].cpu(),
                 "rng": rng}
 
@@ -146,18 +152,19 @@ class GroupEngine(GraphedStep):
     def val_probabilities(self, ks: Sequence[int]) -> list[np.ndarray]:
         """Each member's raw validation probabilities, from one batched forward per chunk for all members."""
         self.model.eval()
-        vals = [self.members[k].val for k in range(len(self.members))]
-        longest = max(len(v) for v in vals)
+        if self.val_tables is None:  # built on first use, kept on the device for every epoch
+            self.val_tables = _Tables([m.val for m in self.members], self.device)
+        t, sizes = self.val_tables, [len(m.val) for m in self.members]
         chunk = eval_chunk(self.device, self.tc.eval_batch_size)
-        probs: list[list[Tensor]] = [[] for _ in vals]
-        for i in range(0, longest, chunk):
-            pieces = [_rows(v, i, chunk) for v in vals]
-            x = torch.stack([torch.from_numpy(p.x) for p in pieces]).to(self.device)  # (K, C, T, F)
-            valid = torch.stack([torch.from_numpy(p.valid) for p in pieces]).to(self.device)
+        probs: list[list[Tensor]] = [[] for _ in sizes]
+        for i in range(0, max(sizes), chunk):
+            rows = torch.arange(i, i + chunk, device=self.device)
+            idx = torch.stack([o + rows.clamp(max=n - 1) for o, n in zip(t.offsets, sizes, strict=True)])  # (K, C)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                x, _, valid = t.gather(idx)
                 logits = self.model(x, valid).logits.float()  # (K, C)
-            for k, v in enumerate(vals):
-                probs[k].append(torch.sigmoid(logits[k, :max(0, min(chunk, len(v) - i))]))
+            for k, n in enumerate(sizes):
+                probs[k].append(torch.sigmoid(logits[k, :max(0, min(chunk, n - i))]))
         return [torch.cat(probs[k]).cpu().numpy().astype(np.float64) for k in ks]
 
     def model_state(self, k: int) -> dict[str, Tensor]:
@@ -172,6 +179,8 @@ class GroupEngine(GraphedStep):
         self.members = [self.members[k] for k in ks]
         self.sizes = [self.sizes[k] for k in ks]
         self.tables.offsets = [self.tables.offsets[k] for k in ks]
+        if self.val_tables is not None:
+            self.val_tables.offsets = [self.val_tables.offsets[k] for k in ks]
         self.generators = [self.generators[k] for k in ks]
         self._sums = self._sums[list(ks)].clone()
         self._graph = None
@@ -200,8 +209,7 @@ class GroupEngine(GraphedStep):
     def _train(self, idx: Tensor, weight: Tensor | None, active: Tensor, rows: Tensor, draws: MemberDraws | None,
                cache: bool = True) -> None:
         """Forward, loss, backward and masked optimizer step for batch ``idx`` (K, B) of global row numbers."""
-        t = self.tables
-        xb, yb, vb = t.x[idx], t.y[idx], t.valid[idx]  # (K, B, T, F), (K, B), (K, B, T)
+        xb, yb, vb = self.tables.gather(idx)  # (K, B, T, F), (K, B), (K, B, T)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=cache):
             out = self.model(xb, vb, draws)
             total, terms = self.loss_fn(out, yb, self.epoch, weight)  # (K,) each
@@ -211,12 +219,6 @@ class GroupEngine(GraphedStep):
         zero = torch.zeros_like(total)
         parts = torch.stack([total.detach()] + [terms.get(key, zero) for key in LOSS_KEYS], dim=1).float()
         self._sums += parts * rows.unsqueeze(1)
-
-
-def _rows(samples: SampleSet, start: int, n: int) -> SampleSet:
-    """Rows ``start:start+n`` of ``samples``, padded to ``n`` with its first row (the padding is ignored)."""
-    take = np.arange(start, start + n)
-    return samples.subset(np.where(take < len(samples), take, 0))
 
 
 def train_group(experiments: Sequence[Experiment], *, config: EverestConfig | None = None,

@@ -15,6 +15,11 @@ and never run on the CPU-only CI machine. Every test here is marked ``gpu``: ``t
 * A 2-epoch tiny :class:`~everest.train.ProductionTrainer` run with ``train.device=cuda`` and the production
   defaults (CUDA graphs and bf16 autocast on) captures the step, finishes with finite history and test
   metrics, and records the device in its results.
+* Grouped training (:func:`everest.group.train_group`, three members of two targets): the group's captured
+  step gives the eager group's history (float32, dropout 0: ``rtol=1e-4``, as above); without dropout each
+  member reproduces its solo CUDA run (the same initial weights and device shuffles; the kernels differ, batched
+  matmuls against single ones, so ``rtol=1e-3`` on 2-epoch histories, a bound reasoned, not measured here);
+  with the production defaults (graphs, bf16, dropout) every member finishes with finite numbers.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from tiny import BATCH_256, overrides
 
 from everest.config import EverestConfig, Experiment
 from everest.fast import TrainStep, device_stream, make_optimizer
+from everest.group import train_group
 from everest.losses import EverestLoss
 from everest.model import EverestModel
 from everest.train import ProductionTrainer
@@ -117,3 +123,45 @@ def test_production_trainer_on_cuda_finishes_and_records_the_device(tiny_data, t
     prov = res["provenance"]
     assert prov["device"].startswith("cuda"), prov["device"]
     assert prov["device_name"] == torch.cuda.get_device_name(torch.device(prov["device"]))
+
+
+GROUP = [Experiment.of("M-24", 0), Experiment.of("M-24", 1), Experiment.of("C-24", 0)]
+GROUP_KEYS = ("train_loss", "focal", "evidential", "evt", "precursor", "val_loss")
+
+
+def _group(tiny_data, out, *extra: str) -> list[dict]:
+    cfg = EverestConfig().with_overrides(overrides(BATCH_256, "train.epochs=2", "train.device=cuda", *extra))
+    results = train_group(GROUP, config=cfg, data_dir=tiny_data, output_dir=out)
+    assert all(r.error is None for r in results), [r.error for r in results]
+    return [r.results for r in results]
+
+
+def _assert_histories_close(got: list[dict], want: list[dict], rtol: float) -> None:
+    for g, w in zip(got, want, strict=True):
+        a = torch.tensor([[row[k] for k in GROUP_KEYS] for row in g["history"]], dtype=torch.float64)
+        b = torch.tensor([[row[k] for k in GROUP_KEYS] for row in w["history"]], dtype=torch.float64)
+        torch.testing.assert_close(a, b, rtol=rtol, atol=ATOL, msg=lambda m, n=g["experiment"]["name"]: f"{n}: {m}")
+
+
+def test_group_cuda_graph_step_matches_the_eager_group(tiny_data, tmp_path, caplog):
+    exact = ("model.dropout=0.0", "train.use_amp=false")
+    caplog.set_level(logging.DEBUG, logger="everest.fast")
+    graphed = _group(tiny_data, tmp_path / "graphs", *exact)
+    assert any(r.getMessage().startswith("group of 3: captured the training step") for r in caplog.records)
+    eager = _group(tiny_data, tmp_path / "eager", *exact, "train.cuda_graphs=false")
+    _assert_histories_close(graphed, eager, RTOL)
+
+
+def test_group_member_matches_its_solo_cuda_run_without_dropout(tiny_data, tmp_path):
+    exact = ("model.dropout=0.0", "train.use_amp=false", "train.cuda_graphs=false")
+    grouped = _group(tiny_data, tmp_path / "group", *exact)
+    cfg = EverestConfig().with_overrides(overrides(BATCH_256, "train.epochs=2", "train.device=cuda", *exact))
+    solo = [ProductionTrainer(e, config=cfg, data_dir=tiny_data, output_dir=tmp_path / "solo").train() for e in GROUP]
+    _assert_histories_close(grouped, solo, 1e-3)
+
+
+def test_group_with_the_production_defaults_on_cuda_finishes(tiny_data, tmp_path):
+    for res in _group(tiny_data, tmp_path):
+        assert len(res["history"]) == 2 and res["provenance"]["device"].startswith("cuda")
+        assert all(math.isfinite(row[k]) for row in res["history"] for k in GROUP_KEYS + ("val_tss", "val_auc"))
+        assert math.isfinite(res["test_metrics"]["tss"])
