@@ -15,6 +15,9 @@ import math
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -258,3 +261,37 @@ def test_weighted_loss_is_the_loss_of_the_weighted_rows():
     empty = torch.zeros(2, 8)
     none_total, none_terms = loss(out, y, epoch=60, weight=empty)
     assert torch.equal(none_total, torch.zeros(2)) and all(np.isfinite(v.numpy()).all() for v in none_terms.values())
+
+
+def test_a_group_killed_by_sigkill_resumes_from_each_members_last_epoch(group_run, data_dir, tmp_path):
+    """SIGKILL (a lost node) mid-training: each member resumes after its last checkpointed epoch, exactly."""
+    _, uninterrupted = group_run
+    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+              "from pathlib import Path\n"
+              "from test_group import CONFIG, EXPERIMENTS\n"
+              "from everest.group import train_group\n"
+              f"train_group(EXPERIMENTS, config=CONFIG, data_dir=Path({str(data_dir)!r}), "
+              f"output_dir=Path({str(tmp_path)!r}))\n")
+    child = subprocess.Popen([sys.executable, "-c", script])
+    paths = [tmp_path / "checkpoints" / f"{e.name}.pt" for e in EXPERIMENTS]
+    deadline = time.monotonic() + 300
+    try:
+        while not all(_epochs(p) >= 1 for p in paths):
+            assert child.poll() is None and time.monotonic() < deadline, "the group ended before it was killed"
+            time.sleep(0.05)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    assert not any((tmp_path / "results" / e.name / "results.json").exists() for e in EXPERIMENTS)
+    resumed = train_group(EXPERIMENTS, config=CONFIG, data_dir=data_dir, output_dir=tmp_path)
+    for got, want in zip(resumed, uninterrupted, strict=True):
+        assert got.error is None and got.results["training"]["resumed_after_epoch"] >= 1
+        _assert_same_run(got.results, want)
+
+
+def _epochs(path: Path) -> int:
+    """Finished epochs in a checkpoint (0 while there is none or it is being replaced)."""
+    try:
+        return torch.load(path, weights_only=True)["epoch"]
+    except (OSError, RuntimeError, EOFError):
+        return 0
