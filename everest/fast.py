@@ -61,10 +61,12 @@ def eval_chunk(device: torch.device, eval_batch_size: int) -> int:
 
 
 class GraphedStep:
-    """A training step run eagerly, or on CUDA replayed from one graph captured per epoch for every full batch.
+    """A training step run eagerly, or on CUDA replayed from one graph captured per epoch.
 
-    Subclasses give the step itself: :meth:`_eager` (any batch) and :meth:`_captured` (the full-batch step
-    as recorded into the graph, reading its batch from the static index tensor it is given).
+    A step takes a tuple of input tensors of fixed shapes (a batch's indices, and whatever else the step
+    reads); replayable steps copy them into the graph's static inputs and replay it. Subclasses give the step
+    itself: :meth:`_eager` (any step) and :meth:`_captured` (the step as recorded into the graph, reading the
+    static inputs it is given).
     """
 
     def __init__(self, device: torch.device, cuda_graphs: bool, name: str) -> None:
@@ -73,44 +75,45 @@ class GraphedStep:
         self.epoch = 0
         self._graph: torch.cuda.CUDAGraph | None = None
         self._eager_full_steps = 0
-        self._idx: Tensor | None = None
+        self._static: tuple[Tensor, ...] = ()
 
     def _begin_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self._graph = None  # the loss schedule is baked into a graph: capture again for this epoch
         self._eager_full_steps = 0
 
-    def run(self, idx: Tensor, full: bool) -> None:
-        """One step on the samples ``idx``; ``full`` says the batch has the configured size (graph-replayable)."""
-        if self._graph is not None and full:
-            self._idx.copy_(idx)  # type: ignore[union-attr]
+    def run(self, inputs: tuple[Tensor, ...], replayable: bool) -> None:
+        """One step on ``inputs``; ``replayable`` says they have the captured shapes (a full batch)."""
+        if self._graph is not None and replayable:
+            for static, new in zip(self._static, inputs, strict=True):
+                static.copy_(new)
             self._graph.replay()
             return
-        if self.cuda_graphs and full and self._eager_full_steps >= GRAPH_WARMUP and self._capture(idx):
+        if self.cuda_graphs and replayable and self._eager_full_steps >= GRAPH_WARMUP and self._capture(inputs):
             self._graph.replay()  # type: ignore[union-attr]  # capture records, it does not run
             return
-        self._eager(idx)
-        if full:
+        self._eager(*inputs)
+        if replayable:
             self._eager_full_steps += 1
 
-    def _eager(self, idx: Tensor) -> None:
+    def _eager(self, *inputs: Tensor) -> None:
         raise NotImplementedError
 
-    def _captured(self, idx: Tensor) -> None:
+    def _captured(self, *inputs: Tensor) -> None:
         raise NotImplementedError
 
     def _zero_grad(self) -> None:
         raise NotImplementedError
 
-    def _capture(self, idx: Tensor) -> bool:
+    def _capture(self, inputs: tuple[Tensor, ...]) -> bool:
         """Record one whole step for this epoch; False (and graphs off) if capture fails."""
         t0 = time.perf_counter()
-        self._idx = idx.clone()
+        self._static = tuple(t.clone() for t in inputs)
         graph = torch.cuda.CUDAGraph()
         self._zero_grad()  # the graph's backward then writes (not adds) static gradients
         try:
             with torch.cuda.graph(graph):
-                self._captured(self._idx)
+                self._captured(*self._static)
         except Exception as err:  # noqa: BLE001 - an optimisation must not kill the run
             log.warning("%s: CUDA-graph capture failed (%s: %s); continuing with eager steps",
                         self.name, type(err).__name__, str(err)[:300])
@@ -166,7 +169,7 @@ class TrainStep(GraphedStep):
 
     def __call__(self, idx: Tensor, full_batch: int) -> None:
         """Train on samples ``idx``; ``full_batch`` is the configured batch size (shorter batches run eagerly)."""
-        self.run(idx, len(idx) == full_batch)
+        self.run((idx,), len(idx) == full_batch)
 
     # ------------------------------------------------------------------ implementations
     def _loss(self, xb: Tensor, yb: Tensor, vb: Tensor | None,

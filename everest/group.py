@@ -132,13 +132,18 @@ class GroupEngine(GraphedStep):
                 elif "cuda" in partial["rng"]:
                     torch.cuda.set_rng_state(partial["rng"]["cuda"], self.device)
         self.rows = [[min(b, max(0, n - s * b)) for n in self.sizes] for s in range(self.n_steps)]
-        self._full = torch.ones(k, dtype=torch.bool, device=self.device)
+        rows = torch.tensor(self.rows, device=self.device)  # (S, K) samples of each member in each step
+        self._step_rows = rows.float()
+        self._weights = (torch.arange(b, device=self.device) < rows.unsqueeze(-1)).float()  # (S, K, B)
         return first
 
     def step(self, s: int) -> None:
         b = self.tc.batch_size
         self._rows = self.rows[s]
-        self.run(self.idx[:, s * b:(s + 1) * b], all(r == b for r in self._rows))
+        # On CUDA every step has the same shapes (missing rows weigh 0), so one graph replays them all; on CPU
+        # a full step runs the solo run's unweighted loss, for member-by-member equality with it.
+        replayable = not self.exact_dropout or all(r == b for r in self._rows)
+        self.run((self.idx[:, s * b:(s + 1) * b], self._weights[s], self._step_rows[s]), replayable)
 
     def sums(self) -> Tensor:
         return self._sums
@@ -193,29 +198,28 @@ class GroupEngine(GraphedStep):
     def _zero_grad(self) -> None:
         self.opt.zero_grad()
 
-    def _eager(self, idx: Tensor) -> None:
-        b = self.tc.batch_size
-        rows = torch.tensor(self._rows, device=self.device)
-        full = all(r == b for r in self._rows)
-        weight = None if full else (torch.arange(b, device=self.device) < rows.unsqueeze(1)).float()  # (K, B)
-        draws = MemberDraws(self.generators, self._rows) if self.exact_dropout else None
-        self._train(idx, weight, rows > 0, rows, draws)
+    def _eager(self, idx: Tensor, weight: Tensor, rows: Tensor) -> None:
+        full = all(r == self.tc.batch_size for r in self._rows)
+        if self.exact_dropout:
+            self._train(idx, None if full else weight, rows, MemberDraws(self.generators, self._rows))
+        else:
+            self._train(idx, weight, rows, None)
 
-    def _captured(self, idx: Tensor) -> None:
-        b = self.tc.batch_size
-        self._train(idx, None, self._full, torch.full((len(self.members),), b, device=self.device), None,
-                    cache=False)  # autocast's weight cache is not capturable
+    def _captured(self, idx: Tensor, weight: Tensor, rows: Tensor) -> None:
+        self._train(idx, weight, rows, None, cache=False)  # autocast's weight cache is not capturable
 
-    def _train(self, idx: Tensor, weight: Tensor | None, active: Tensor, rows: Tensor, draws: MemberDraws | None,
+    def _train(self, idx: Tensor, weight: Tensor | None, rows: Tensor, draws: MemberDraws | None,
                cache: bool = True) -> None:
-        """Forward, loss, backward and masked optimizer step for batch ``idx`` (K, B) of global row numbers."""
+        """Forward, loss, backward and optimizer step for batch ``idx`` (K, B) of global row numbers; ``rows``
+        (K,) counts each member's samples in it (a member with none is not updated), ``weight`` (K, B) marks
+        them (None: all rows count)."""
         xb, yb, vb = self.tables.gather(idx)  # (K, B, T, F), (K, B), (K, B, T)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=cache):
             out = self.model(xb, vb, draws)
             total, terms = self.loss_fn(out, yb, self.epoch, weight)  # (K,) each
         self.opt.zero_grad()
         total.sum().backward()  # members share no weights: each gets the gradient of its own loss
-        self.opt.step(active)
+        self.opt.step(rows > 0)
         zero = torch.zeros_like(total)
         parts = torch.stack([total.detach()] + [terms.get(key, zero) for key in LOSS_KEYS], dim=1).float()
         self._sums += parts * rows.unsqueeze(1)

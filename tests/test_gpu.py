@@ -85,7 +85,7 @@ def _epoch_losses(cuda_graphs: bool, masked: bool) -> tuple[list[list[float]], T
                 step(perm[i:i + BATCH], BATCH)
             epochs.append((step.sums / N).tolist())
             if cuda_graphs:  # the epoch really replayed a graph captured for it (a failed capture turns graphs off)
-                assert step.cuda_graphs and step._graph is not None and step._idx.shape[-1] == BATCH, epoch
+                assert step.cuda_graphs and step._graph is not None and step._static[0].shape[-1] == BATCH, epoch
         torch.cuda.synchronize(device)
     return epochs, step
 
