@@ -9,6 +9,9 @@
 everest_log() { printf 'everest: %s\n' "$*" >&2; }
 everest_err() { printf 'everest: error: %s\n' "$*" >&2; }
 
+# Experiment indices 1..45 (9 targets x seeds 0-4, everest.config's array index).
+EVEREST_N_EXPERIMENTS=45
+
 # ====================================================================== job side
 
 # Enter the submission directory, read site.sh and activate the environment (non-zero on failure).
@@ -127,49 +130,103 @@ everest_wants_gpu() {
 
 # Record a failed sub-job where the analysis looks for it: results/<experiment>/failure.json (earlier
 # results of that experiment are moved aside, so the folder never shows them beside the failure).
+# One process for all the indices: after a SIGTERM the scheduler's SIGKILL is not far.
+#   everest_write_failure STATUS MESSAGE INDEX...
 everest_write_failure() {
-    local index=$1 status=$2 message=$3
-    "$EVEREST_PY" -m everest results failure --output-dir "$EVEREST_OUTPUT_DIR" --array-index "$index" \
-        --status "$status" --message="$message" || everest_err "could not write failure.json for array index $index"
+    local status=$1 message=$2
+    shift 2
+    "$EVEREST_PY" -m everest results failure --output-dir "$EVEREST_OUTPUT_DIR" --array-index "$@" \
+        --status "$status" --message="$message" || everest_err "could not write failure.json for array index(es) $*"
 }
 
-# One training sub-job: map the array slot to an experiment index (through EVEREST_INDEX_FILE when
-# set), train it, record a failure, and return the training's exit status.
-#   everest_train_task pbs|slurm SLOT JOB_ID [extra everest train arguments...]
-# pbs: the output goes to $EVEREST_OUTPUT_DIR/logs/train_<job>_<index>_<experiment>.log (PBS does not
-# expand the array index in -o); slurm: sbatch -o already gives one log per sub-job.
-everest_train_task() {
-    local backend=$1 slot=$2 job=$3
-    shift 3
-    local index=$slot name log
+# The experiment indices of array slot SLOT, into TASK_INDICES (empty: nothing to train). With
+# EVEREST_INDEX_FILE, line SLOT of it: the indices of that sub-job's group, space-separated, or `skip`.
+# Without it, the slot itself (EVEREST_GROUP_WIDTH=1), or, for an array submitted by hand with a group
+# width W, experiments (SLOT-1)*W+1 .. SLOT*W of 1..45. Non-zero (status 2) when the slot is unusable.
+everest_slot_indices() {
+    local slot=$1 width=${EVEREST_GROUP_WIDTH:-1} line k
+    TASK_INDICES=()
     if [[ ! $slot =~ ^[0-9]+$ ]]; then
         everest_err "no array index (got '${slot}'): run this script as an array job via cluster/submit_jobs.sh, or set PBS_ARRAY_INDEX / SLURM_ARRAY_TASK_ID"
         return 2
     fi
+    if [[ ! $width =~ ^[1-9][0-9]*$ ]]; then
+        everest_err "invalid EVEREST_GROUP_WIDTH '$width': expected a positive integer (cluster/site.sh)"
+        return 2
+    fi
     if [[ -n ${EVEREST_INDEX_FILE:-} ]]; then
         [[ -r $EVEREST_INDEX_FILE ]] || { everest_err "index list $EVEREST_INDEX_FILE is not readable"; return 2; }
-        index=$(sed -n "${slot}p" "$EVEREST_INDEX_FILE")
-        if [[ $index == skip ]]; then
-            # PBS Pro refuses a one-element array (-J 1-1): a single experiment is padded with this entry.
-            everest_log "array slot $slot is the placeholder of a one-experiment submission: nothing to train"
+        line=$(sed -n "${slot}p" "$EVEREST_INDEX_FILE")
+        if [[ $line == skip ]]; then
+            # PBS Pro refuses a one-element array (-J 1-1): a single sub-job is padded with this entry.
+            everest_log "array slot $slot is the placeholder of a one-sub-job submission: nothing to train"
             return 0
         fi
-        if [[ ! $index =~ ^[0-9]+$ ]]; then
-            everest_err "array slot $slot has no experiment index in $EVEREST_INDEX_FILE (line $slot: '${index}')"
+        read -r -a TASK_INDICES <<<"$line"
+        local bad=$((${#TASK_INDICES[@]} == 0))
+        for k in "${TASK_INDICES[@]}"; do [[ $k =~ ^[0-9]+$ ]] || bad=1; done
+        if ((bad)); then
+            everest_err "array slot $slot has no experiment index in $EVEREST_INDEX_FILE (line $slot: '${line}')"
+            TASK_INDICES=()
             return 2
         fi
+    elif ((width == 1)); then
+        TASK_INDICES=("$slot")
+    else
+        local first=$(((slot - 1) * width + 1)) last=$((slot * width))
+        if ((slot >= 1 && first > EVEREST_N_EXPERIMENTS)); then
+            everest_log "array slot $slot is past the last group: the $EVEREST_N_EXPERIMENTS experiments in groups of $width need slots 1-$(((EVEREST_N_EXPERIMENTS + width - 1) / width)); nothing to train"
+            return 0
+        fi
+        ((last > EVEREST_N_EXPERIMENTS)) && last=$EVEREST_N_EXPERIMENTS
+        for ((k = first; k <= last; k++)); do TASK_INDICES+=("$k"); done
     fi
+}
+
+# One training sub-job: map the array slot to its experiment indices (everest_slot_indices), train them
+# (several as one group, `python -m everest train --array-index K1 K2 ...`), record failures, and
+# return the training's exit status.
+#   everest_train_task pbs|slurm SLOT JOB_ID [extra everest train arguments...]
+# pbs: the output goes to $EVEREST_OUTPUT_DIR/logs/train_<job>_<index>_<experiment>.log, for a group
+# train_<job>_<index1>+...+<indexW>.log (PBS does not expand the array index in -o); slurm: sbatch -o
+# already gives one log per sub-job.
+# After a failed group, a member that has results.json finished; one whose failure.json the training
+# wrote during this job failed alone (everest train records it); every other member gets a failure.json
+# with the group's exit status here.
+everest_train_task() {
+    local backend=$1 slot=$2 job=$3
+    shift 3
+    local log desc i n
+    local -a names=()
+    everest_slot_indices "$slot" || return
+    n=${#TASK_INDICES[@]}
+    ((n)) || return 0
     everest_check_import everest.train || return 1
-    name=$("$EVEREST_PY" -c 'import sys; from everest.config import Experiment; print(Experiment.from_array_index(int(sys.argv[1])).name)' "$index") || {
-        everest_err "array slot $slot: invalid experiment index $index"
+    local got
+    got=$("$EVEREST_PY" -c 'import sys; from everest.config import Experiment
+print(*(Experiment.from_array_index(int(k)).name for k in sys.argv[1:]))' "${TASK_INDICES[@]}") || {
+        everest_err "array slot $slot: invalid experiment index in '${TASK_INDICES[*]}'"
         return 2
     }
+    read -r -a names <<<"$got"
+    if ((n == 1)); then
+        desc="experiment ${TASK_INDICES[0]} = ${names[0]}"
+    else
+        desc="group of $n: experiments"
+        local sep=""
+        for ((i = 0; i < n; i++)); do desc+="$sep ${TASK_INDICES[i]} = ${names[i]}"; sep=","; done
+    fi
 
     case $backend in
         pbs)
-            log="$EVEREST_OUTPUT_DIR/logs/train_${job}_${index}_${name}.log"
+            if ((n == 1)); then
+                log="$EVEREST_OUTPUT_DIR/logs/train_${job}_${TASK_INDICES[0]}_${names[0]}.log"
+                echo "everest: experiment ${TASK_INDICES[0]} (${names[0]}): log in $log"
+            else
+                log="$EVEREST_OUTPUT_DIR/logs/train_${job}_$(IFS=+; echo "${TASK_INDICES[*]}").log"
+                echo "everest: experiments ${TASK_INDICES[*]} (${names[*]}): log in $log"
+            fi
             mkdir -p "$EVEREST_OUTPUT_DIR/logs" || return 1
-            echo "everest: experiment $index ($name): log in $log"
             exec >>"$log" 2>&1
             ;;
         *) log="$EVEREST_OUTPUT_DIR/logs/train_${SLURM_ARRAY_JOB_ID:-$job}_${SLURM_ARRAY_TASK_ID:-$slot}.log" ;;
@@ -185,27 +242,47 @@ everest_train_task() {
     if [[ -n ${EVEREST_TRAIN_ARGS_FILE:-} ]]; then
         mapfile -t extra <"$EVEREST_TRAIN_ARGS_FILE" || { everest_err "cannot read $EVEREST_TRAIN_ARGS_FILE"; return 2; }
     fi
-    local -a cmd=("$EVEREST_PY" -m everest train --array-index "$index" --data-dir "$EVEREST_DATA_DIR"
+    local -a cmd=("$EVEREST_PY" -m everest train --array-index "${TASK_INDICES[@]}" --data-dir "$EVEREST_DATA_DIR"
                   --output-dir "$EVEREST_OUTPUT_DIR" "${extra[@]}" "$@")
     everest_wants_gpu "${cmd[@]}" && everest_claim_gpu
-    everest_log "experiment $index = $name (array slot $slot, job $job) on $(hostname), GPUs: ${CUDA_VISIBLE_DEVICES:-none}, $(date -Is)"
+    everest_log "$desc (array slot $slot, job $job) on $(hostname), GPUs: ${CUDA_VISIBLE_DEVICES:-none}, $(date -Is)"
     everest_log "running: $(printf '%q ' "${cmd[@]}")"
 
+    # A failure.json that is new after the training (another inode or time: it writes a new file and
+    # renames it) is the training's own record of a group member that failed alone.
+    local -a records=()
+    for ((i = 0; i < n; i++)); do
+        records[i]=$(stat -c '%i %Y' "$EVEREST_OUTPUT_DIR/results/${names[i]}/failure.json" 2>/dev/null)
+    done
     local status meaning
     everest_run_forwarding "${cmd[@]}"
     status=$?
     meaning=$(everest_train_status_meaning "$status")
     if ((status == 0)); then
         # The training itself removed any failure.json of an earlier attempt before writing results.json.
-        everest_log "experiment $index = $name: $meaning, $(date -Is)"
+        everest_log "$desc: $meaning, $(date -Is)"
     else
-        everest_err "experiment $index = $name FAILED with exit status $status: $meaning"
+        everest_err "$desc FAILED with exit status $status: $meaning"
         # The training's own last lines (its error message), without this script's lines, on one line.
-        local last=""
+        local last="" dir what="" record
         [[ -r $log ]] || log="the job's output file"  # a SLURM job submitted by hand, with its own --output
         [[ -r $log ]] && last=$(grep -v '^everest: ' "$log" | tail -n 3 | paste -s -d '|' - | sed 's/|/ | /g')
-        everest_write_failure "$index" "$status" \
-            "python -m everest train exited with status $status ($meaning); last output: ${last:-none}; job $job, log $log"
+        ((n > 1)) && what=" for its group of $n (array indices ${TASK_INDICES[*]})"
+        local -a unrecorded=()
+        for ((i = 0; i < n; i++)); do
+            dir=$EVEREST_OUTPUT_DIR/results/${names[i]}
+            record=$(stat -c '%i %Y' "$dir/failure.json" 2>/dev/null)
+            if ((n > 1)) && [[ -f $dir/results.json && -z $record ]]; then
+                everest_log "experiment ${TASK_INDICES[i]} = ${names[i]}: finished"
+            elif ((n > 1)) && [[ -n $record && $record != "${records[i]}" ]]; then
+                everest_err "experiment ${TASK_INDICES[i]} = ${names[i]} failed on its own: see $dir/failure.json"
+            else
+                unrecorded+=("${TASK_INDICES[i]}")
+            fi
+        done
+        ((${#unrecorded[@]})) && everest_write_failure "$status" \
+            "python -m everest train exited with status $status$what ($meaning); last output: ${last:-none}; job $job, log $log" \
+            "${unrecorded[@]}"
     fi
     return "$status"
 }
@@ -249,8 +326,9 @@ everest_usage() {
     cat <<EOF
 Usage: $prog [options]
 
-Submit the EVEREST production training ($sched array job, one GPU per experiment) and the
-analysis job that runs after it. Every argument is checked before anything is submitted.
+Submit the EVEREST production training ($sched array job, one GPU per sub-job of --group-width
+experiments, default one) and the analysis job that runs after it. Every argument is checked before
+anything is submitted.
 
 Selection (default: all 9 targets x seeds 0-4 = array indices 1..45):
   --targets T [T ...]   targets, e.g. C-24 M-48 M5-72 (classes C, M, M5; horizons 24, 48, 72)
@@ -265,6 +343,8 @@ Training:
   --device DEV          auto, cpu, cuda, cuda:N (train.device)
   --config FILE         TOML/YAML configuration file
   --set KEY=VALUE       configuration override, repeatable (e.g. --set train.batch_size=256)
+  --group-width W       experiments per sub-job, trained as one batched model on its GPU (default:
+                        \$EVEREST_GROUP_WIDTH or 1): ceil(n/W) sub-jobs; GPU memory grows with W
   Keep these the same when you resubmit: finished experiments are skipped and interrupted ones
   resume from their checkpoint only under the same configuration and data.
 
@@ -309,7 +389,8 @@ everest_show_cmd() {
 
 # Parse and validate the options, plan the experiments, then submit (or print) through the backend:
 #   backend_name                   e.g. "PBS Pro"
-#   backend_uses_index_file        true when the array runs over lines of indices.txt (slot -> index)
+#   backend_uses_index_file        true when the array runs over lines of indices.txt (slot -> indices)
+#   backend_min_array_size         the fewest sub-jobs an array may have (padded with `skip` lines)
 #   backend_array_cmd              fills ARRAY_CMD (the submit command of the training array)
 #   backend_analysis_cmd DEP_ID    fills ANALYSIS_CMD (DEP_ID: the array id, or a shell placeholder)
 #   backend_job_id OUTPUT          prints the job id from the submit command's output, fails if none
@@ -321,7 +402,7 @@ everest_submit_main() {
     local dry_run=0 no_analysis=0 unfinished=0 depend=afterany opt
     local -a targets=() seeds=() indices=() sets=()
     local queue=${EVEREST_QUEUE:-} account=${EVEREST_ACCOUNT:-} data_dir=${EVEREST_DATA_DIR:-data}
-    local output_dir=${EVEREST_OUTPUT_DIR:-output} epochs="" device="" config=""
+    local output_dir=${EVEREST_OUTPUT_DIR:-output} epochs="" device="" config="" width=${EVEREST_GROUP_WIDTH:-1}
     while (($#)); do
         opt=$1
         shift
@@ -342,7 +423,8 @@ everest_submit_main() {
                     *) indices+=("${vals[@]}") ;;
                 esac
                 ;;
-            --queue | --account | --data-dir | --output-dir | --epochs | --device | --config | --set | --depend)
+            --queue | --account | --data-dir | --output-dir | --epochs | --device | --config | --set | --depend | \
+                --group-width)
                 if (($# == 0)) || [[ $1 == --* ]]; then
                     SUBMIT_ERRORS+=("$opt needs a value")
                     continue
@@ -357,6 +439,7 @@ everest_submit_main() {
                     --config) config=$1 ;;
                     --set) sets+=("$1") ;;
                     --depend) depend=$1 ;;
+                    --group-width) width=$1 ;;
                 esac
                 shift
                 ;;
@@ -393,7 +476,7 @@ everest_submit_main() {
 
     # The Python side checks targets, seeds, indices, the configuration and the data files, and lists
     # the experiments. Values reach it as separate arguments, never through a shell line.
-    local -a plan_args=(--output-dir "$output_dir" --data-dir "$data_dir")
+    local -a plan_args=(--output-dir "$output_dir" --data-dir "$data_dir" --group-width "$width")
     ((${#targets[@]})) && plan_args+=(--targets "${targets[@]}")
     ((${#seeds[@]})) && plan_args+=(--seeds "${seeds[@]}")
     ((${#indices[@]})) && plan_args+=(--indices "${indices[@]}")
@@ -418,12 +501,14 @@ everest_submit_main() {
         return 2
     fi
 
-    local -a exp_indices=() exp_names=()
-    local line
-    while IFS=$'\t' read -r line v; do
+    # One line per experiment: index, name, sub-job (its group of --group-width, cluster/plan.py).
+    local -a exp_indices=() exp_names=() exp_groups=()
+    local line group
+    while IFS=$'\t' read -r line v group; do
         [[ -n $line ]] || continue
         exp_indices+=("$line")
         exp_names+=("$v")
+        exp_groups+=("$group")
     done <<<"$plan"
     local n=${#exp_indices[@]}
     if ((n == 0)); then
@@ -440,6 +525,7 @@ everest_submit_main() {
     SUBMIT_ACCOUNT=$account
     # shellcheck disable=SC2034
     SUBMIT_DEPEND=$depend
+    SUBMIT_GROUP_WIDTH=$width
     SUBMIT_DATA_DIR=$data_dir
     SUBMIT_OUTPUT_DIR=$output_dir
     SUBMIT_LOG_DIR=$output_dir/logs
@@ -448,12 +534,19 @@ everest_submit_main() {
     SUBMIT_SCHED_DIR=$output_dir/submissions
     SUBMIT_RUN_DIR=$SUBMIT_SCHED_DIR/$(date +%Y%m%d-%H%M%S)-$$
     _everest_check_path "the submission directory" "$SUBMIT_RUN_DIR"
-    # The array slot -> experiment index list, for schedulers whose arrays are one plain range.
+    # The array slot -> experiment indices list (line K: the indices of sub-job K's group), for
+    # schedulers whose arrays are one plain range and for groups.
+    local i
     SUBMIT_INDEX_LINES=()
     if backend_uses_index_file; then
-        SUBMIT_INDEX_LINES=("${exp_indices[@]}")
+        for ((i = 0; i < n; i++)); do
+            group=$((exp_groups[i] - 1))
+            SUBMIT_INDEX_LINES[group]+="${SUBMIT_INDEX_LINES[group]:+ }${exp_indices[i]}"
+        done
         # PBS Pro refuses a one-element array (-J 1-1): pad with a slot that trains nothing.
-        ((n > 1)) || SUBMIT_INDEX_LINES+=(skip)
+        local min_size
+        min_size=$(backend_min_array_size)
+        while ((${#SUBMIT_INDEX_LINES[@]} < min_size)); do SUBMIT_INDEX_LINES+=(skip); done
     fi
 
     local -a train_args=() analysis_args=()
@@ -464,17 +557,27 @@ everest_submit_main() {
     ((${#targets[@]})) && analysis_args+=(--targets "${targets[@]}")
     ((${#seeds[@]})) && analysis_args+=(--seeds "${seeds[@]}")
 
-    echo "# EVEREST on $(backend_name): $n experiment(s), array index -> experiment index, name:"
-    local i
+    if ((width == 1)); then
+        echo "# EVEREST on $(backend_name): $n experiment(s), array index -> experiment index, name:"
+    else
+        echo "# EVEREST on $(backend_name): $n experiment(s) in ${exp_groups[n - 1]} sub-job(s), up to $width per" \
+             "sub-job trained as one group, sub-job -> experiment index, name:"
+    fi
     for ((i = 0; i < n; i++)); do
-        printf '#   %3d -> %2d %s\n' "$((i + 1))" "${exp_indices[i]}" "${exp_names[i]}"
+        printf '#   %3d -> %2d %s\n' "$((width == 1 ? i + 1 : exp_groups[i]))" "${exp_indices[i]}" "${exp_names[i]}"
     done
     echo "# experiment indices: ${exp_indices[*]}"
     echo "# data: $data_dir"
     echo "# output: $output_dir (logs in $SUBMIT_LOG_DIR)"
     echo "# environment of the jobs: $EVEREST_ENV_NOTE"
     echo "# job files in $SUBMIT_RUN_DIR:"
-    ((${#SUBMIT_INDEX_LINES[@]})) && echo "#   indices.txt:   ${SUBMIT_INDEX_LINES[*]}"
+    if ((${#SUBMIT_INDEX_LINES[@]})); then
+        # One line per sub-job; a group's indices are separated by spaces, so its lines by " | ".
+        local shown=${SUBMIT_INDEX_LINES[0]} sep=" "
+        ((width > 1)) && sep=" | "
+        for line in "${SUBMIT_INDEX_LINES[@]:1}"; do shown+="$sep$line"; done
+        echo "#   indices.txt:   $shown"
+    fi
     echo "#   train.args:    ${train_args[*]}"
     echo "#   analysis.args: ${analysis_args[*]}"
 
@@ -602,7 +705,7 @@ everest_job_env() {
     [[ -n ${EVEREST_VENV:-} ]] && env+=("EVEREST_VENV=$EVEREST_VENV")
     [[ ${EVEREST_PYTHON:-python} != python ]] && env+=("EVEREST_PYTHON=$EVEREST_PYTHON")
     if [[ $kind == train ]]; then
-        env+=("EVEREST_TRAIN_ARGS_FILE=$SUBMIT_RUN_DIR/train.args")
+        env+=("EVEREST_TRAIN_ARGS_FILE=$SUBMIT_RUN_DIR/train.args" "EVEREST_GROUP_WIDTH=$SUBMIT_GROUP_WIDTH")
         [[ ${EVEREST_PIN_GPU:-1} == 1 ]] || env+=("EVEREST_PIN_GPU=$EVEREST_PIN_GPU")
         [[ ${EVEREST_GPU_LOCK_DIR:-/tmp} == /tmp ]] || env+=("EVEREST_GPU_LOCK_DIR=$EVEREST_GPU_LOCK_DIR")
     else

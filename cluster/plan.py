@@ -1,7 +1,10 @@
 """Validate a batch submission and list the experiments it trains (used by the submit_jobs.sh scripts).
 
-Prints one line per experiment, ``<array index 1..45><TAB><experiment name>``, in array-index order;
-prints nothing when every selected experiment has already finished and ``--unfinished`` was given.
+Prints one line per experiment, ``<array index 1..45><TAB><experiment name><TAB><sub-job>``, in array-index
+order (target-major, seeds inner); prints nothing when every selected experiment has already finished and
+``--unfinished`` was given. ``--group-width W`` (default 1) trains W experiments per sub-job as one group:
+the experiment at position p (0-based) of the list goes to sub-job ``p // W + 1``, so there are
+``ceil(n / W)`` sub-jobs and sub-job k (1-based) trains positions ``(k-1)*W .. k*W-1``.
 Every problem with the values is reported at once on stderr, and the exit status is then 2 (nothing may
 be submitted); a malformed option (``--epochs abc``) stops argument parsing first, also with status 2.
 
@@ -13,6 +16,7 @@ whose results under ``--output-dir`` are finished with this configuration, data 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -29,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", default=[])
     p.add_argument("--indices", nargs="+", default=[])
     p.add_argument("--unfinished", action="store_true")
+    p.add_argument("--group-width", default="1", help="experiments per sub-job, trained as one group (default 1)")
     p.add_argument("--output-dir", type=Path, required=True)
     p.add_argument("--data-dir", type=Path, required=True)
     add_run_arguments(p)
@@ -44,10 +49,20 @@ def _int_or_error(text: str, what: str, errors: list[str]) -> int | None:
         return None
 
 
+def group_width(text: str, errors: list[str]) -> int:
+    """The group width W, a positive integer; 1 after an error, which goes to ``errors``."""
+    width = int(text) if re.fullmatch(r"[0-9]{1,6}", text) else 0
+    if width < 1:
+        errors.append(f"invalid group width {text!r} (--group-width or EVEREST_GROUP_WIDTH): "
+                      "expected a positive integer")
+    return max(width, 1)
+
+
 def plan(args: argparse.Namespace) -> tuple[list[Experiment], list[str], list[str]]:
     """(experiments to train, errors, warnings)."""
     errors: list[str] = []
     warnings: list[str] = []
+    group_width(args.group_width, errors)
 
     targets: list[Target] = []
     for text in args.targets or [str(t) for t in all_targets()]:
@@ -121,14 +136,15 @@ def plan(args: argparse.Namespace) -> tuple[list[Experiment], list[str], list[st
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     experiments, errors, warnings = plan(args)
+    width = group_width(args.group_width, [])
     for w in warnings:
         print(f"everest: warning: {w}", file=sys.stderr)
     if errors:
         for e in errors:
             print(f"everest: error: {e}", file=sys.stderr)
         return 2
-    for e in experiments:
-        print(f"{e.array_index}\t{e.name}")
+    for position, e in enumerate(experiments):
+        print(f"{e.array_index}\t{e.name}\t{position // width + 1}")
     return 0
 
 

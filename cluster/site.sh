@@ -56,6 +56,13 @@ everest_activate() {
 : "${EVEREST_ANALYSIS_MEM:=}"
 : "${EVEREST_ANALYSIS_WALLTIME:=}"
 
+# ---------------------------------------------------------------- experiments per sub-job
+# Group width W: each training sub-job trains W experiments as one batched model on its one GPU
+# (ceil(n/W) sub-jobs instead of n; faster on GPUs, where one experiment leaves most of the GPU idle).
+# GPU memory grows with W; raise EVEREST_TRAIN_MEM and the walltime with it. 1: one experiment per
+# sub-job. --group-width on the submit command overrides it.
+: "${EVEREST_GROUP_WIDTH:=1}"
+
 # ---------------------------------------------------------------- GPU isolation
 # Where the site sets CUDA_VISIBLE_DEVICES per job (a cgroup/GPU hook; SLURM with gres), or gives
 # each job a whole node, nothing is needed. Otherwise every training sub-job pins itself to a free

@@ -4,13 +4,15 @@
 #   cluster/submit_jobs.sh --dry-run                  # print the commands, submit nothing
 #   cluster/submit_jobs.sh --targets M-48 C-24 --seeds 0 1
 #   cluster/submit_jobs.sh --unfinished               # resubmit what has no results yet
+#   cluster/submit_jobs.sh --group-width 5            # 9 sub-jobs of 5 experiments, one GPU each
 #   cluster/submit_jobs.sh -h
 #
 # Only the PBS-specific rendering is here; parsing, validation and the submission sequence are in
 # cluster/lib.sh, site settings in cluster/site.sh. The SLURM twin is cluster/slurm/submit_jobs.sh.
 #
 # The array runs over the lines of an index list (PBS Pro arrays are one plain range, -J 1-N):
-# sub-job K trains the experiment index on line K of <output>/submissions/<id>/indices.txt.
+# sub-job K trains the experiment indices on line K of <output>/submissions/<id>/indices.txt (one
+# index, or with --group-width W the W indices of its group, trained as one batched model).
 # The analysis waits with `-W depend=afterany:<id>[]`: it starts when every sub-job has ended,
 # failed ones included, so its report lists the failures. `--depend afterok` instead starts it only
 # when all sub-jobs succeeded (PBS then deletes the analysis job after any failure).
@@ -29,6 +31,8 @@ source "$EVEREST_CLUSTER_DIR/site.sh" || exit 1
 backend_name() { echo "PBS Pro"; }
 
 backend_uses_index_file() { true; }
+
+backend_min_array_size() { echo 2; }  # PBS Pro refuses -J 1-1
 
 # The header's select statement with the site overrides applied (command-line -l wins over #PBS -l).
 _pbs_select() {

@@ -1,6 +1,9 @@
 """The ``everest`` command (also ``python -m everest``): ``train``, ``baselines``, ``ensemble``, ``data synth``,
 ``data check`` and ``results failure``.
 
+``everest train`` trains one experiment, or several (``--array-index K K ...``, ``--seed S S ...``) as one
+group on one device (:func:`everest.group.train_group`); a group's exit status is defined in :func:`_train_group`.
+
 Every command turns its known failures into one line on stderr and an exit status (``everest.errors``);
 the run options (``--config``, ``--preset``, ``--set``, ``--epochs``, ``--device``) are defined once here
 and turned into a configuration by :func:`everest.config.run_config`, as the flow and the batch planner do.
@@ -14,7 +17,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from everest.config import PRESETS, EverestConfig, Experiment, Target, run_config
 from everest.errors import (
@@ -28,6 +31,9 @@ from everest.errors import (
     TrainingDiverged,
 )
 
+if TYPE_CHECKING:
+    from everest.results import Identity
+
 log = logging.getLogger("everest")
 
 
@@ -39,10 +45,13 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 def run_guarded(fn: Callable[[], Any]) -> int:
-    """Run a command; known failures become one clear line on stderr and a non-zero exit status."""
+    """Run a command; known failures become one clear line on stderr and a non-zero exit status.
+
+    A command that returns an int (``everest train`` of a group) exits with it; otherwise 0.
+    """
     setup_logging()
     try:
-        fn()
+        status = fn()
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
@@ -60,25 +69,59 @@ def run_guarded(fn: Callable[[], Any]) -> int:
         print(f"error: cannot read or write{where}: {err.strerror or err}; files written before are intact "
               "(every output is written to a temporary file and renamed)", file=sys.stderr)
         return EXIT_IO
-    return 0
+    return status if isinstance(status, int) else 0
+
+
+def member_exit_status(err: BaseException) -> int:
+    """The exit status of a group member's own failure, as if it had been trained alone."""
+    return EXIT_DIVERGED if isinstance(err, TrainingDiverged) else EXIT_USAGE
+
+
+# Several members failing alone in different ways: the group exits with the first of these present.
+# Bad input or configuration first (nothing succeeds until it is fixed), then divergence.
+MEMBER_EXIT_PRIORITY = (EXIT_USAGE, EXIT_DIVERGED)
 
 
 # ---------------------------------------------------------------------- shared options
-def add_experiment_arguments(p: argparse.ArgumentParser) -> None:
-    """``--flare_class``/``--time_window``/``--seed`` or ``--array-index``: which experiment."""
+def add_experiment_arguments(p: argparse.ArgumentParser, *, several: bool = False) -> None:
+    """``--flare_class``/``--time_window``/``--seed`` or ``--array-index``: which experiment.
+
+    With ``several``, ``--seed`` and ``--array-index`` take one or more values (a group of experiments,
+    :func:`experiments_from_args`).
+    """
     p.add_argument("--flare_class", "--flare-class", choices=["C", "M", "M5"], help="flare class")
     p.add_argument("--time_window", "--time-window", choices=["24", "48", "72"], help="horizon in hours")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--array-index", type=int, help="1..45: target and seed from the design document's mapping")
+    if several:
+        p.add_argument("--seed", type=int, nargs="+", default=[0], metavar="SEED",
+                       help="random seed (default 0); several train that target's seeds as one group")
+        p.add_argument("--array-index", type=int, nargs="+", metavar="K",
+                       help="1..45: target and seed from the design document's mapping; several train those "
+                       "experiments as one group")
+    else:
+        p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+        p.add_argument("--array-index", type=int, help="1..45: target and seed from the design document's mapping")
+
+
+def experiments_from_args(args: argparse.Namespace) -> list[Experiment]:
+    """The experiments that :func:`add_experiment_arguments` options name (one or more values each)."""
+    indices = args.array_index if isinstance(args.array_index, list) else [args.array_index]
+    seeds = args.seed if isinstance(args.seed, list) else [args.seed]
+    if indices != [None]:
+        experiments = [Experiment.from_array_index(k) for k in indices]
+    elif args.flare_class and args.time_window:
+        target = Target.parse(f"{args.flare_class}-{args.time_window}")
+        experiments = [Experiment(target=target, seed=s) for s in seeds]
+    else:
+        raise ConfigError("give --flare_class and --time_window (and --seed), or --array-index K in 1..45")
+    if twice := sorted({e.name for e in experiments if experiments.count(e) > 1}):
+        raise ConfigError(f"experiments listed twice: {', '.join(twice)}; list each once")
+    return experiments
 
 
 def experiment_from_args(args: argparse.Namespace) -> Experiment:
-    """The :class:`~everest.config.Experiment` that :func:`add_experiment_arguments` options name."""
-    if args.array_index is not None:
-        return Experiment.from_array_index(args.array_index)
-    if args.flare_class and args.time_window:
-        return Experiment(target=Target.parse(f"{args.flare_class}-{args.time_window}"), seed=args.seed)
-    raise ConfigError("give --flare_class and --time_window (and --seed), or --array-index K in 1..45")
+    """The one :class:`~everest.config.Experiment` that :func:`add_experiment_arguments` options name."""
+    (exp,) = experiments_from_args(args)
+    return exp
 
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
@@ -109,17 +152,74 @@ def config_from_args(args: argparse.Namespace) -> EverestConfig:
 
 
 # ---------------------------------------------------------------------- commands
-def _train(args: argparse.Namespace) -> None:
+def _result_line(exp: Experiment, res: dict[str, Any], output_dir: str | Path) -> str:
+    from everest.results import experiment_dir
+
+    m = res["test_metrics"]
+    return (f"{exp.name}: test TSS {m['tss']:.3f} (threshold {res['threshold']['selected']:.4g} from "
+            f"{res['threshold']['source']}), ROC AUC {m['roc_auc']:.3f}, Brier {m['brier']:.4f}; "
+            f"results in {experiment_dir(output_dir, exp.name)}")
+
+
+def _train(args: argparse.Namespace) -> int:
+    """One experiment (its failure is the command's), or several as one group (:func:`_train_group`)."""
     from everest.train import ProductionTrainer
 
     cfg = config_from_args(args)
-    exp = experiment_from_args(args)
+    experiments = experiments_from_args(args)
+    if len(experiments) > 1:
+        return _train_group(experiments, cfg, args)
+    (exp,) = experiments
     trainer = ProductionTrainer(exp, config=cfg, data_dir=args.data_dir, output_dir=args.output_dir, force=args.force)
-    res = trainer.train()
-    m = res["test_metrics"]
-    print(f"{exp.name}: test TSS {m['tss']:.3f} (threshold {res['threshold']['selected']:.4g} from "
-          f"{res['threshold']['source']}), ROC AUC {m['roc_auc']:.3f}, Brier {m['brier']:.4f}; "
-          f"results in {trainer.results_dir}")
+    print(_result_line(exp, trainer.train(), args.output_dir))
+    return 0
+
+
+def _member_identity(exp: Experiment, cfg: EverestConfig, data_dir: str | Path) -> Identity | None:
+    """The identity a failed member was trained under, or None when its data files cannot be hashed."""
+    from everest.data import data_file, file_hash
+    from everest.results import identity_for
+
+    try:
+        files = [data_file(Path(data_dir), exp.target, split) for split in ("train", "test")]
+        return identity_for(exp, cfg, {f.name: file_hash(f) for f in files})
+    except OSError:
+        return None
+
+
+def _train_group(experiments: list[Experiment], cfg: EverestConfig, args: argparse.Namespace) -> int:
+    """Train several experiments as one group and return the group's exit status.
+
+    0 when every member finished. A member that failed alone gets its ``failure.json`` (error type and
+    message, as the flow records them) and the status is its own (:func:`member_exit_status`); with
+    several kinds, the first of :data:`MEMBER_EXIT_PRIORITY`. Anything else (time limit, SIGTERM, a
+    crash) propagates for the whole group, after every member checkpointed, as for one experiment.
+    """
+    from everest.group import train_group
+    from everest.results import FAILURE_FILE, experiment_dir, record_failure
+
+    outcomes = train_group(experiments, config=cfg, data_dir=args.data_dir, output_dir=args.output_dir,
+                           force=args.force)
+    names = ", ".join(e.name for e in experiments)
+    failed: list[int] = []
+    for out in outcomes:
+        if out.error is None and out.results is not None:
+            print(_result_line(out.experiment, out.results, args.output_dir))
+            continue
+        err = out.error if out.error is not None else RuntimeError("the group returned neither results nor error")
+        status = member_exit_status(err)
+        failed.append(status)
+        record_failure(args.output_dir, out.experiment, type(err).__name__,
+                       f"{err} (exit status {status}; trained in a group of {len(experiments)}: {names})",
+                       _member_identity(out.experiment, cfg, args.data_dir))
+        where = experiment_dir(args.output_dir, out.experiment.name) / FAILURE_FILE
+        print(f"{out.experiment.name}: FAILED: {type(err).__name__}: {err}; recorded in {where}", file=sys.stderr)
+    if not failed:
+        return 0
+    status = next(s for s in MEMBER_EXIT_PRIORITY if s in failed)
+    print(f"error: {len(failed)} of {len(outcomes)} experiments of the group failed; exit status {status}",
+          file=sys.stderr)
+    return status
 
 
 def _baselines(args: argparse.Namespace) -> None:
@@ -174,12 +274,14 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _failure(args: argparse.Namespace) -> None:
-    """Record a failed batch sub-job (``cluster/lib.sh`` calls this when training exits non-zero)."""
+    """Record a failed batch sub-job (``cluster/lib.sh`` calls this when training exits non-zero), one
+    ``failure.json`` per experiment (a group's members at once)."""
     from everest.results import experiment_from_name, record_failure
 
-    exp = (Experiment.from_array_index(args.array_index) if args.array_index is not None
-           else experiment_from_name(args.experiment))
-    record_failure(args.output_dir, exp, f"ExitStatus{args.status}", args.message)
+    experiments = ([Experiment.from_array_index(k) for k in args.array_index] if args.array_index is not None
+                   else [experiment_from_name(args.experiment)])
+    for exp in experiments:
+        record_failure(args.output_dir, exp, f"ExitStatus{args.status}", args.message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,8 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_dir = os.environ.get("EVEREST_DATA_DIR", "data")
     output_dir = os.environ.get("EVEREST_OUTPUT_DIR", "output")
 
-    train = sub.add_parser("train", help="train one experiment")
-    add_experiment_arguments(train)
+    train = sub.add_parser("train", help="train one experiment, or several as one group (one batched model)")
+    add_experiment_arguments(train, several=True)
     train.add_argument("--data-dir", default=data_dir, help="folder of the 18 CSVs")
     train.add_argument("--output-dir", default=output_dir, help="output root")
     add_run_arguments(train)
@@ -236,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     fail = results.add_parser("failure", help="write results/<experiment>/failure.json for a failed attempt")
     fail.add_argument("--output-dir", required=True, type=Path, help="output root (holds results/)")
     which = fail.add_mutually_exclusive_group(required=True)
-    which.add_argument("--array-index", type=int, help="1..45: the experiment of this array index")
+    which.add_argument("--array-index", type=int, nargs="+", metavar="K",
+                       help="1..45: the experiment(s) of these array indices")
     which.add_argument("--experiment", help="experiment name, e.g. everest_M5_72h_seed0")
     fail.add_argument("--status", required=True, type=int, help="the training's exit status")
     fail.add_argument("--message", required=True, help="what happened (clipped to 2000 characters)")

@@ -2,8 +2,9 @@
 
 Tiers: text checks (syntax, shellcheck, job headers, dry-run output, argument validation) need only
 bash; the job scripts are run locally with ``PBS_ARRAY_INDEX`` set, on tiny synthetic data and a tiny
-model; the ``cluster``-marked test submits the SLURM twin for real to the single-node SLURM of
-``tests/cluster/slurm.sh up`` (skipped only where ``sinfo`` is absent). Submissions that are not meant
+model, one experiment per sub-job or a group of ``--group-width`` experiments; the ``cluster``-marked
+tests submit the SLURM twin for real to the single-node SLURM of ``tests/cluster/slurm.sh up`` (skipped
+only where ``sinfo`` is absent). Submissions that are not meant
 to reach a scheduler go to fake ``qsub``/``sbatch`` commands that record their calls.
 """
 
@@ -76,21 +77,26 @@ def _job_env(**extra: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture
-def fake_scheduler(tmp_path: Path) -> tuple[dict[str, str], Path]:
-    """(environment with fake qsub/sbatch first on PATH, the file recording their calls)."""
-    bindir = tmp_path / "fakebin"
+def _make_fake_scheduler(root: Path) -> tuple[dict[str, str], Path]:
+    """(environment with fake qsub/sbatch first on PATH, the file recording their calls), under ``root``."""
+    bindir = root / "fakebin"
     bindir.mkdir()
     for name in ("qsub", "sbatch"):
         (bindir / name).write_text(FAKE_SCHEDULER)
         (bindir / name).chmod(0o755)
-    log = tmp_path / "scheduler_calls.txt"
+    log = root / "scheduler_calls.txt"
     log.touch()
-    home = tmp_path / "home"
+    home = root / "home"
     home.mkdir()
     (home / "canary").write_text("still here")
     env = _job_env(PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}", FAKE_SCHEDULER_LOG=str(log), HOME=str(home))
     return env, log
+
+
+@pytest.fixture
+def fake_scheduler(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """(environment with fake qsub/sbatch first on PATH, the file recording their calls)."""
+    return _make_fake_scheduler(tmp_path)
 
 
 def _calls(log: Path) -> list[list[str]]:
@@ -109,6 +115,11 @@ def _indices(out: str) -> list[int]:
     m = re.search(r"^# experiment indices: ([\d ]+)$", out, flags=re.MULTILINE)
     assert m, out
     return [int(k) for k in m.group(1).split()]
+
+
+def _variables(call: list[str], option: str = "-v") -> dict[str, str]:
+    """The job environment of a recorded qsub call (``-v A=1,B=2``) as a dict."""
+    return dict(v.split("=", 1) for v in call[call.index(option) + 1].split(","))
 
 
 def _line(out: str, start: str) -> str:
@@ -213,6 +224,47 @@ def test_dry_run_single_experiment_pads_the_pbs_array(fake_scheduler, tmp_path: 
     assert " -J 1-2 " in _line(res.stdout, "ARRAY_ID=$(")
     assert _line(res.stdout, "#   indices.txt:") == "#   indices.txt:   45 skip"
     assert "everest-analysis" not in res.stdout
+
+
+def test_dry_run_group_width(fake_scheduler, tmp_path: Path):
+    """W=2 over 5 selected experiments: 3 sub-jobs; line K of indices.txt holds sub-job K's group."""
+    env, log = fake_scheduler
+    args = ["--dry-run", "--targets", "M-48", "C-24", "--seeds", "0", "2", "4", "--indices", "1", "3", "5", "21", "25"]
+    res = _submit(PBS_SUBMIT, [*args, "--group-width", "2"], env, tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert _indices(res.stdout) == [1, 3, 5, 21, 25]  # target-major, seeds inner
+    assert _line(res.stdout, "#   indices.txt:") == "#   indices.txt:   1 3 | 5 21 | 25"
+    array = _line(res.stdout, "ARRAY_ID=$(")
+    assert " -J 1-3 " in array and ",EVEREST_GROUP_WIDTH=2," in array
+    assert "5 experiment(s) in 3 sub-job(s), up to 2 per sub-job" in res.stdout
+    assert re.findall(r"^#\s+(\d+) ->\s+(\d+) ", res.stdout, flags=re.MULTILINE) == [
+        ("1", "1"), ("1", "3"), ("2", "5"), ("2", "21"), ("3", "25")]
+
+    # SLURM: the task ids become sub-job numbers over an index list; the site setting gives W.
+    res = _submit(SLURM_SUBMIT, args, {**env, "EVEREST_GROUP_WIDTH": "2"}, tmp_path)
+    assert res.returncode == 0, res.stderr
+    array = _line(res.stdout, "ARRAY_ID=$(")
+    assert " --array=1-3 " in array and ",EVEREST_GROUP_WIDTH=2," in array
+    assert re.search(r",EVEREST_INDEX_FILE=/\S+/indices\.txt ", array), array
+    # --group-width 1 on the command line wins over the site setting: today's task id = experiment index.
+    res = _submit(SLURM_SUBMIT, [*args, "--group-width", "1"], {**env, "EVEREST_GROUP_WIDTH": "2"}, tmp_path)
+    array = _line(res.stdout, "ARRAY_ID=$(")
+    assert " --array=1,3,5,21,25 " in array and ",EVEREST_GROUP_WIDTH=1,EVEREST_INDEX_FILE= " in array
+    assert _calls(log) == []
+
+
+def test_dry_run_one_group_pads_the_pbs_array(fake_scheduler, tmp_path: Path):
+    """A group as wide as the selection is one sub-job: PBS Pro gets the padding slot, SLURM does not."""
+    env, _ = fake_scheduler
+    args = ["--dry-run", "--targets", "M5-72", "--seeds", "3", "4", "--group-width", "8", "--no-analysis"]
+    res = _submit(PBS_SUBMIT, args, env, tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert " -J 1-2 " in _line(res.stdout, "ARRAY_ID=$(")
+    assert _line(res.stdout, "#   indices.txt:") == "#   indices.txt:   44 45 | skip"
+    res = _submit(SLURM_SUBMIT, args, env, tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert " --array=1-1 " in _line(res.stdout, "ARRAY_ID=$(")
+    assert _line(res.stdout, "#   indices.txt:") == "#   indices.txt:   44 45"
 
 
 def test_help(fake_scheduler, tmp_path: Path):
@@ -363,6 +415,8 @@ BAD_ARGUMENTS = {
     "queue": (["--queue", "gpu;reboot"], "invalid --queue"),
     "account": (["--account", "$(id)"], "invalid --account"),
     "dependency": (["--depend", "afterfoo"], "invalid --depend 'afterfoo'"),
+    "group width zero": (["--group-width", "0"], "invalid group width '0'"),
+    "group width not a number": (["--group-width", "two"], "invalid group width 'two'"),
     "unknown option": (["--targts", "C-24"], "unknown argument '--targts'"),
     "missing value": (["--queue"], "--queue needs a value"),
     "comma in path": (["--output-dir", "a,b"], "contains a comma"),
@@ -371,7 +425,7 @@ BAD_ARGUMENTS = {
 
 
 # Both submit scripts share the validation (cluster/lib.sh, cluster/plan.py): all cases on PBS, a few on SLURM.
-SLURM_BAD = ["injection", "seed outside 0-4", "unknown option", "missing data"]
+SLURM_BAD = ["injection", "seed outside 0-4", "unknown option", "missing data", "group width zero"]
 
 
 @pytest.mark.parametrize(("case", "script"), [(c, PBS_SUBMIT) for c in BAD_ARGUMENTS]
@@ -481,7 +535,7 @@ def test_pbs_sub_job_forwards_sigterm_to_the_training(tiny_data: Path, tmp_path:
 
 
 @pytest.mark.parametrize(("slot", "status", "message"), [
-    ("2", 0, "placeholder of a one-experiment submission"),
+    ("2", 0, "placeholder of a one-sub-job submission"),
     ("3", 2, "array slot 3 has no experiment index"),
     ("", 2, "no array index"),
 ])
@@ -494,6 +548,104 @@ def test_pbs_sub_job_slots_without_an_experiment(slot: str, status: int, message
     assert res.returncode == status, res.stderr
     assert message in res.stderr
     assert not (tmp_path / "out" / "results").exists()
+
+
+# ---------------------------------------------------------------------- groups: W experiments per sub-job
+@pytest.fixture(scope="module")
+def pbs_group_run(tiny_data: Path, tmp_path_factory) -> dict:
+    """``--group-width 2`` over C-24 seeds 0-2 submitted to the fake qsub, then both sub-jobs run at once as
+    PBS would run them (the recorded ``-v`` environment plus ``PBS_ARRAY_INDEX``)."""
+    root = tmp_path_factory.mktemp("group")
+    env, log = _make_fake_scheduler(root)
+    res = _submit(PBS_SUBMIT, ["--targets", "C-24", "--seeds", "0", "1", "2", "--group-width", "2", "--data-dir",
+                               str(tiny_data), "--output-dir", "out", *TINY_MODEL, "--device", "cpu",
+                               "--no-analysis"], env, root)
+    assert res.returncode == 0, res.stdout + res.stderr
+    (array,) = _calls(log)
+    variables = _variables(array)
+    jobs = {slot: subprocess.Popen(["bash", array[-1]], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, env={**env, **variables, "PBS_O_WORKDIR": str(root),
+                                                   "PBS_ARRAY_INDEX": slot, "PBS_JOBID": f"4242[{slot}].server"})
+            for slot in ("1", "2")}
+    status = {slot: (proc.wait(timeout=240), *proc.communicate()) for slot, proc in jobs.items()}
+    return {"root": root, "submit": res, "array": array, "variables": variables, "status": status}
+
+
+def test_group_width_2_over_3_experiments_trains_all_3_in_2_sub_jobs(pbs_group_run: dict):
+    out = pbs_group_run["root"] / "out"
+    array, variables = pbs_group_run["array"], pbs_group_run["variables"]
+    assert array[:4] == ["-N", "everest-train", "-J", "1-2"]
+    assert Path(variables["EVEREST_INDEX_FILE"]).read_text() == "1 2\n3\n"
+    assert variables["EVEREST_GROUP_WIDTH"] == "2"
+    logs = {p.name: p.read_text() for p in (out / "logs").iterdir()}
+    for slot, (status, stdout, stderr) in pbs_group_run["status"].items():
+        assert status == 0, (slot, stdout, stderr, logs)
+    assert set(logs) == {"train_4242_1+2.log", "train_4242_3_everest_C_24h_seed2.log"}
+    assert "--array-index 1 2 " in logs["train_4242_1+2.log"]
+    assert "group of 2: experiments 1 = everest_C_24h_seed0, 2 = everest_C_24h_seed1" in logs["train_4242_1+2.log"]
+    for seed in (0, 1, 2):
+        name = f"everest_C_24h_seed{seed}"
+        results = json.loads((out / "results" / name / "results.json").read_text())
+        assert results["experiment"]["name"] == name
+        assert f"{name}: test TSS " in "".join(logs.values())  # the single-experiment result line
+    assert not list((out / "results").glob("*/failure.json"))
+
+
+def test_group_sub_job_skips_its_finished_member_and_records_one_failing_alone(pbs_group_run: dict, tiny_data: Path,
+                                                                              tmp_path: Path):
+    """The group (1 2 21) after the run above, with seed 1's results deleted and the M-48 table unreadable:
+    seed 0 (finished) is left alone, seed 1 is trained, M-48 seed 0 fails alone with its own failure.json,
+    and the sub-job exits 2 (bad input)."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    (data / "training_data_M_48.csv").write_text("not,a,sharp,table\n1,2,3,4\n")  # C-24's tables unchanged
+    out = tmp_path / "out"
+    shutil.copytree(pbs_group_run["root"] / "out", out, symlinks=True)
+    shutil.rmtree(out / "results" / "everest_C_24h_seed1")
+    for p in (out / "checkpoints").glob("everest_C_24h_seed1*"):
+        p.unlink()
+    done = out / "results" / "everest_C_24h_seed0" / "results.json"
+    before = (done.read_bytes(), done.stat().st_mtime_ns)
+    index_file = tmp_path / "indices.txt"
+    index_file.write_text("1 2 21\n")
+    env = {**_job_env(), **pbs_group_run["variables"], "EVEREST_DATA_DIR": str(data), "EVEREST_OUTPUT_DIR": str(out),
+           "EVEREST_INDEX_FILE": str(index_file), "EVEREST_GROUP_WIDTH": "3", "PBS_O_WORKDIR": str(tmp_path),
+           "PBS_ARRAY_INDEX": "1", "PBS_JOBID": "4300[1].server"}
+    res = subprocess.run(["bash", str(PBS_ARRAY)], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=180)
+    log = (out / "logs" / "train_4300_1+2+21.log").read_text()
+    assert res.returncode == 2, res.stdout + res.stderr + log
+    assert (done.read_bytes(), done.stat().st_mtime_ns) == before
+    assert (out / "results" / "everest_C_24h_seed1" / "results.json").is_file()
+    assert "everest_C_24h_seed0: test TSS " in log and "everest_C_24h_seed1: test TSS " in log
+    assert not list((out / "results").glob("everest_C_24h_seed*/failure.json"))
+    failure = json.loads((out / "results" / "everest_M_48h_seed0" / "failure.json").read_text())
+    # The training's own record of the member (its error), not the job script's ExitStatus record.
+    assert (failure["experiment"], failure["error_type"]) == ("everest_M_48h_seed0", "DataError")
+    assert "missing required column" in failure["error"] and "group of 3" in failure["error"]
+    assert not (out / "results" / "everest_M_48h_seed0" / "results.json").exists()
+    assert "experiment 21 = everest_M_48h_seed0 failed on its own" in log
+    assert "experiment 2 = everest_C_24h_seed1: finished" in log
+
+
+def test_hand_submitted_group_array_uses_the_site_group_width(tiny_data: Path, tmp_path: Path):
+    """No index list and EVEREST_GROUP_WIDTH=20: slot 3 trains 41-45, slot 4 nothing. A group stopped as a
+    whole (here before training, by a bad --set) leaves an ExitStatus record for every member."""
+    out = tmp_path / "out"
+    res = _run_pbs_job(PBS_ARRAY, out, tiny_data, {"PBS_ARRAY_INDEX": "4", "EVEREST_GROUP_WIDTH": "20"}, [],
+                       tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "past the last group" in res.stderr and "need slots 1-3" in res.stderr
+    res = _run_pbs_job(PBS_ARRAY, out, tiny_data, {"PBS_ARRAY_INDEX": "3", "PBS_JOBID": "4500[3].server",
+                                                   "EVEREST_GROUP_WIDTH": "20"}, ["--set", "model.num_heads=0"],
+                       tmp_path)
+    log = (out / "logs" / "train_4500_41+42+43+44+45.log").read_text()
+    assert res.returncode == 2, res.stderr + log
+    for seed in range(5):
+        failure = json.loads((out / "results" / f"everest_M5_72h_seed{seed}" / "failure.json").read_text())
+        assert failure["error_type"] == "ExitStatus2", failure
+        assert "for its group of 5 (array indices 41 42 43 44 45)" in failure["error"]
+        assert "num_heads" in failure["error"] and "train_4500_41+42+43+44+45.log" in failure["error"]
 
 
 @pytest.mark.parametrize("script", [PBS_ARRAY, PBS_ANALYSIS, SLURM_ARRAY, SLURM_ANALYSIS],
@@ -624,10 +776,9 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT
                 "BOOT_FAIL", "DEADLINE"}
 
 
-@pytest.mark.cluster
-@pytest.mark.skipif(shutil.which("sinfo") is None, reason="SLURM is not installed (no sinfo on PATH)")
-def test_slurm_array_and_analysis_on_real_slurm(tiny_data: Path, tmp_path: Path):
-    """Two experiments, one of which cannot read its data: FAILED task, COMPLETED task and analysis."""
+def _submit_to_real_slurm(tiny_data: Path, tmp_path: Path, corrupt: str, args: list[str]) -> tuple[str, str]:
+    """Submit to the real SLURM with the ``corrupt`` table unreadable; wait for the analysis job to end.
+    Returns (array job id, analysis job id)."""
     state = subprocess.run(["sinfo", "-h", "-n", "localhost", "-o", "%t"], capture_output=True, text=True)
     if state.returncode or state.stdout.strip().rstrip("*~#") not in {"idle", "mix", "alloc"}:
         pytest.fail(f"SLURM is installed but not usable (sinfo: {state.stdout.strip() or state.stderr.strip()!r});"
@@ -635,12 +786,12 @@ def test_slurm_array_and_analysis_on_real_slurm(tiny_data: Path, tmp_path: Path)
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     # Passes the submit-time check (the file exists) but the training cannot load it: exit status 2.
-    (data / "training_data_M_48.csv").write_text("not,a,sharp,table\n1,2,3,4\n")
+    (data / corrupt).write_text("not,a,sharp,table\n1,2,3,4\n")
     small = {f"EVEREST_{job}_{what}": value for job in ("TRAIN", "ANALYSIS")
              for what, value in (("CPUS", "1"), ("MEM", "1G"), ("WALLTIME", "00:10:00"))}
     env = _job_env(**small)
-    res = _submit(SLURM_SUBMIT, ["--targets", "C-24", "M-48", "--seeds", "0", "--data-dir", "data",
-                                 "--output-dir", "out", *TINY_MODEL, "--device", "cpu"], env, tmp_path)
+    res = _submit(SLURM_SUBMIT, [*args, "--data-dir", "data", "--output-dir", "out", *TINY_MODEL, "--device", "cpu"],
+                  env, tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
     array_id = re.search(r"^training array: (\d+)$", res.stdout, flags=re.MULTILINE).group(1)
     analysis_id = re.search(r"^analysis job: (\d+) \(afterany on \d+\)$", res.stdout, flags=re.MULTILINE).group(1)
@@ -654,7 +805,16 @@ def test_slurm_array_and_analysis_on_real_slurm(tiny_data: Path, tmp_path: Path)
             time.sleep(1)
     finally:
         subprocess.run(["scancel", array_id, analysis_id], capture_output=True)
+    return array_id, analysis_id
 
+
+@pytest.mark.cluster
+@pytest.mark.skipif(shutil.which("sinfo") is None, reason="SLURM is not installed (no sinfo on PATH)")
+def test_slurm_array_and_analysis_on_real_slurm(tiny_data: Path, tmp_path: Path):
+    """Two experiments, one of which cannot read its data: FAILED task, COMPLETED task and analysis."""
+    array_id, analysis_id = _submit_to_real_slurm(tiny_data, tmp_path, "training_data_M_48.csv",
+                                                  ["--targets", "C-24", "M-48", "--seeds", "0"])
+    (analysis,) = _scontrol_jobs(analysis_id)
     out = tmp_path / "out"
     logs = {p.name: p.read_text() for p in (out / "logs").iterdir()}
     tasks = {int(t["ArrayTaskId"]): t for t in _scontrol_jobs(array_id)}
@@ -673,3 +833,27 @@ def test_slurm_array_and_analysis_on_real_slurm(tiny_data: Path, tmp_path: Path)
     assert "1/2 experiments analysed (1 failed, 0 missing)" in logs[f"analysis_{analysis_id}.log"]
     report = (out / "analysis" / "production_training_report.md").read_text()
     assert "everest_M_48h_seed0" in report and "ExitStatus2" in report
+
+
+@pytest.mark.cluster
+@pytest.mark.skipif(shutil.which("sinfo") is None, reason="SLURM is not installed (no sinfo on PATH)")
+def test_slurm_group_array_on_real_slurm(tiny_data: Path, tmp_path: Path):
+    """``--group-width 2`` over C-24, C-48, M-48 seed 0: task 1 trains (1 6), task 2 (21). C-24's table is
+    unreadable: task 1 fails (exit 2) with C-48 finished beside it; the analysis counts 2 finished, 1 failed."""
+    array_id, analysis_id = _submit_to_real_slurm(tiny_data, tmp_path, "training_data_C_24.csv",
+                                                  ["--targets", "C-24", "C-48", "M-48", "--seeds", "0",
+                                                   "--group-width", "2"])
+    (analysis,) = _scontrol_jobs(analysis_id)
+    out = tmp_path / "out"
+    logs = {p.name: p.read_text() for p in (out / "logs").iterdir()}
+    tasks = {int(t["ArrayTaskId"]): t for t in _scontrol_jobs(array_id)}
+    assert sorted(tasks) == [1, 2]
+    assert (tasks[1]["JobState"], tasks[1]["ExitCode"]) == ("FAILED", "2:0"), logs
+    assert (tasks[2]["JobState"], tasks[2]["ExitCode"]) == ("COMPLETED", "0:0"), logs
+    assert (analysis["JobState"], analysis["ExitCode"]) == ("COMPLETED", "0:0"), logs
+    assert "--array-index 1 6 " in logs[f"train_{array_id}_1.log"]
+    for name in ("everest_C_48h_seed0", "everest_M_48h_seed0"):
+        assert (out / "results" / name / "results.json").is_file(), logs
+    failure = json.loads((out / "results" / "everest_C_24h_seed0" / "failure.json").read_text())
+    assert failure["error_type"] == "DataError" and "missing required column" in failure["error"]
+    assert "2/3 experiments analysed (1 failed, 0 missing)" in logs[f"analysis_{analysis_id}.log"]

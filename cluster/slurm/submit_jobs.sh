@@ -4,13 +4,14 @@
 #   cluster/slurm/submit_jobs.sh --dry-run            # print the commands, submit nothing
 #   cluster/slurm/submit_jobs.sh --targets M-48 C-24 --seeds 0 1
 #   cluster/slurm/submit_jobs.sh --unfinished         # resubmit what has no results yet
+#   cluster/slurm/submit_jobs.sh --group-width 5      # 9 tasks of 5 experiments, one GPU each
 #   cluster/slurm/submit_jobs.sh -h
 #
 # Only the SLURM-specific rendering is here; parsing, validation and the submission sequence are in
 # cluster/lib.sh, site settings in cluster/site.sh. The PBS Pro version is cluster/submit_jobs.sh.
 #
 # SLURM arrays take a list (--array=1-2,21-22), so the task id is the experiment index itself: no
-# index list file. The analysis waits with --dependency=afterany:<id>: it starts when every task has
+# index list file (with --group-width W > 1: --array=1-G over the lines of one, as on PBS Pro). The analysis waits with --dependency=afterany:<id>: it starts when every task has
 # ended, failed ones included, so its report lists the failures. `--depend afterok` instead starts it
 # only when all tasks succeeded; after a failure SLURM cancels it (--kill-on-invalid-dep=yes).
 set -uo pipefail
@@ -26,7 +27,11 @@ SLURM_DIR=$EVEREST_CLUSTER_DIR/slurm
 
 backend_name() { echo "SLURM"; }
 
-backend_uses_index_file() { false; }
+# Groups (--group-width W > 1) run over the lines of an index list, as on PBS Pro: task K trains the
+# indices on line K. One experiment per task needs no list: the task id is the experiment index.
+backend_uses_index_file() { ((SUBMIT_GROUP_WIDTH > 1)); }
+
+backend_min_array_size() { echo 1; }
 
 # 1 2 3 7 9 10 -> 1-3,7,9-10 (sorted input)
 _slurm_ranges() {
@@ -65,9 +70,16 @@ backend_array_cmd() {
         "${EVEREST_TRAIN_MEM:-}" "${EVEREST_TRAIN_WALLTIME:-}" "${EVEREST_GPU_TYPE:-}"
     # --export=ALL passes the submitter's environment; an empty EVEREST_INDEX_FILE keeps a stale one
     # from remapping the task ids.
-    ARRAY_CMD=(sbatch --parsable --job-name=everest-train "--array=$(_slurm_ranges "${SUBMIT_INDICES[@]}")"
+    local array index_file=""
+    if backend_uses_index_file; then
+        array=1-${#SUBMIT_INDEX_LINES[@]}
+        index_file=$SUBMIT_RUN_DIR/indices.txt
+    else
+        array=$(_slurm_ranges "${SUBMIT_INDICES[@]}")
+    fi
+    ARRAY_CMD=(sbatch --parsable --job-name=everest-train "--array=$array"
                "--output=$SUBMIT_LOG_DIR/train_%A_%a.log"
-               "--export=ALL,$(everest_job_env train),EVEREST_INDEX_FILE=" "${SCHED_OPTS[@]}")
+               "--export=ALL,$(everest_job_env train),EVEREST_INDEX_FILE=$index_file" "${SCHED_OPTS[@]}")
 }
 
 backend_analysis_cmd() {
