@@ -4,19 +4,26 @@ Thin glue over the library: each task calls one function of ``everest``. Deploym
 (``everest-production/local``, ``/pbs``, ``/slurm``) are the same flow with another Dask task runner,
 built from the cluster profiles in ``deployments/``.
 
-Failure policy: an experiment's Python error is retried (``retries``) only when it is an infrastructure
+Grouping: the profile's ``experiments_per_gpu`` is the group width. The experiments, in array-index
+order (seeds inner), are cut into groups of that many, and each group is one task that trains them
+together on one device (:func:`everest.group.train_group`). Caching, failures and reporting stay per
+experiment: a group's cache key is made of its members' identities, finished members are skipped, and
+every member gets its own result row, progress card and failure record. Width 1 is one task per experiment.
+
+Failure policy: a task's Python error is retried (``retries``) only when it is an infrastructure
 problem (CUDA out of memory, a lost file system or node, a walltime/time limit: the retry resumes from
 the checkpoint); a diverged run (:class:`everest.errors.TrainingDiverged`) or bad data/config is not
-retried, because it would fail again the same way. A Dask worker that dies is rescheduled by Dask;
-after ``distributed.scheduler.allowed-failures`` deaths the experiment is marked Crashed. Every future
-is settled, the analysis and report run on whatever finished, and the flow run ends Failed, after the
-report is written, when any experiment failed.
+retried, because it would fail again the same way; in a group it fails that experiment alone. A Dask
+worker that dies is rescheduled by Dask; after ``distributed.scheduler.allowed-failures`` deaths the
+task is marked Crashed. Every future is settled, the analysis and report run on whatever finished, and
+the flow run ends Failed, after the report is written, when any experiment failed.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -25,7 +32,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -135,37 +142,85 @@ class ProductionParameters(BaseModel):
 
 
 class ExperimentJob(BaseModel):
-    """What one task needs: the experiment, its configuration and identity, and the run's folders.
-
-    ``model`` is ``everest`` for the transformer, else the name of a baseline.
-    """
+    """What one baseline fit needs: the model, the experiment, its configuration and identity, the folders."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    model: str = "everest"
+    model: str
     experiment: Experiment
     config: EverestConfig
     identity: results.Identity
     data_dir: Path
     output_dir: Path
-    torch_threads: int | None = None
 
     @property
     def name(self) -> str:
         return self.experiment.name
 
+    def cache_key(self) -> str:
+        """Its identity's key."""
+        return self.identity.key()
+
+
+class GroupJob(BaseModel):
+    """What one training task needs: its experiments (one, or a group trained together), their identities
+    in the same order, the configuration and the run's folders."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    experiments: tuple[Experiment, ...] = Field(min_length=1)
+    identities: tuple[results.Identity, ...]
+    config: EverestConfig
+    data_dir: Path
+    output_dir: Path
+    torch_threads: int | None = None
+
+    @model_validator(mode="after")
+    def _aligned(self) -> GroupJob:
+        if [i.experiment for i in self.identities] != [e.name for e in self.experiments]:
+            raise ValueError("identities must name the experiments, in the same order")
+        return self
+
+    @property
+    def name(self) -> str:
+        """Its task run is ``train-<name>``."""
+        return _group_name(self.experiments)
+
+    def cache_key(self) -> str:
+        """Made of the members' identity keys: one member's key as is, a group's digest of them all.
+
+        The ``group<K>-`` prefix keeps these records apart from those of tasks that returned one summary.
+        """
+        keys = [i.key() for i in self.identities]
+        digest = keys[0] if len(keys) == 1 else hashlib.sha256("\n".join(keys).encode()).hexdigest()[:32]
+        return f"group{len(keys)}-{digest}"
+
 
 def experiment_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
-    """Cache key of a finished experiment: its :class:`everest.results.Identity`.
+    """Cache key of finished work: the :class:`everest.results.Identity` of each experiment it covers.
 
     * experiment name: target and seed;
     * config hash: any change to model, loss, training, threshold or data settings invalidates;
     * data hash: the content of its two CSV files (a regenerated or edited file invalidates);
     * code version (``everest.results.CODE_VERSION``): bumped when the code's results change.
     The run id is deliberately absent, so reruns and UI retries reuse finished experiments. A cached
-    result counts only while the results on disk match (the flow refreshes the cache otherwise).
+    result counts only while every result on disk matches (the flow refreshes the cache otherwise).
     """
-    return parameters["job"].identity.key()
+    return parameters["job"].cache_key()
+
+
+class MembersFailed(RuntimeError):
+    """Experiments of a group that failed alone (diverged, bad data) while the others finished.
+
+    ``failures`` maps each one's name to its error type and message, recorded as its own failure.
+    """
+
+    def __init__(self, failures: dict[str, tuple[str, str]]) -> None:
+        super().__init__(failures)
+        self.failures = failures
+
+    def __str__(self) -> str:
+        return "; ".join(f"{name}: {kind}: {text}" for name, (kind, text) in self.failures.items())
 
 
 def api_unreachable(err: BaseException) -> bool:
@@ -181,7 +236,7 @@ def is_infrastructure_error(task: Any, task_run: Any, state: Any) -> bool:
 
     try:
         state.result()
-    except (TrainingDiverged, ConfigError, DataError):
+    except (TrainingDiverged, ConfigError, DataError, MembersFailed):
         return False
     except TimeLimitReached:
         return True
@@ -192,44 +247,61 @@ def is_infrastructure_error(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-@task(name="train-experiment", task_run_name="train-{job.name}", retries=RETRIES,
+@task(name="train-experiments", task_run_name="train-{job.name}", retries=RETRIES,
       retry_delay_seconds=RETRY_DELAY_SECONDS, retry_condition_fn=is_infrastructure_error,
       cache_key_fn=experiment_cache_key, persist_result=True, result_serializer="json", log_prints=True)
-def train_experiment(job: ExperimentJob) -> dict[str, Any]:
-    """Train (or resume) one experiment and return its small JSON summary."""
+def train_experiments(job: GroupJob) -> list[dict[str, Any]]:
+    """Train (or resume) one experiment or one group on one device; return each one's small JSON summary.
+
+    Finished experiments are skipped. An experiment that fails alone fails the task after the others
+    finished: with its own error for a single experiment, else :class:`MembersFailed` naming each one.
+    """
     import torch
 
     from everest.errors import Preempted
-    from everest.train import ProductionTrainer
+    from everest.group import train_group
 
     if job.torch_threads:
         torch.set_num_threads(job.torch_threads)
     logger = get_run_logger()
     max_epochs = job.config.train.epochs
-    progress_id = create_progress_artifact(progress=0.0, key=_artifact_key("progress", job.name),
-                                           description=f"{job.name}: 0 of {max_epochs} epochs (0 %)")
+    cards = {e.name: create_progress_artifact(progress=0.0, key=_artifact_key("progress", e.name),
+                                              description=f"{e.name}: 0 of {max_epochs} epochs (0 %)")
+             for e in job.experiments}
+    grouped = len(job.experiments) > 1  # a group's log lines name their experiment
 
     def report(r: Any) -> None:
         pct = 100.0 * r.epoch / r.max_epochs
-        logger.info("epoch %d/%d: loss %.4f, validation loss %.4f, validation TSS %.3f (best epoch %d)",
-                    r.epoch, r.max_epochs, r.train_loss, r.val_loss, r.val_tss, r.best_epoch)
-        update_progress_artifact(progress_id, progress=pct,
-                                 description=f"{job.name}: {r.epoch} of {r.max_epochs} epochs ({pct:.0f} %)")
+        logger.info("%sepoch %d/%d: loss %.4f, validation loss %.4f, validation TSS %.3f (best epoch %d)",
+                    f"{r.experiment}: " if grouped else "", r.epoch, r.max_epochs, r.train_loss, r.val_loss,
+                    r.val_tss, r.best_epoch)
+        update_progress_artifact(cards[r.experiment], progress=pct,
+                                 description=f"{r.experiment}: {r.epoch} of {r.max_epochs} epochs ({pct:.0f} %)")
 
-    trainer = ProductionTrainer(job.experiment, config=job.config, data_dir=job.data_dir,
-                                output_dir=job.output_dir, progress=report)
-    try:
-        res = trainer.train()  # --force was applied by the flow, once: a rerun of this task resumes
+    try:  # --force was applied by the flow, once: a rerun of this task resumes
+        outcomes = train_group(job.experiments, config=job.config, data_dir=job.data_dir,
+                               output_dir=job.output_dir, progress=report)
     except Preempted:
         if stopping.stop_reason():
             _hand_back_to_dask()
         raise
-    row = summarise_result(res)
-    update_progress_artifact(progress_id, progress=100.0,
-                             description=f"{job.name}: finished after {row['epochs_run']} epochs (100 %)")
-    logger.info("%s: test TSS %.3f, threshold %.3g, best epoch %d of %d, trained in %s", job.name, row["tss"],
-                row["threshold"], row["best_epoch"], row["epochs_run"], _duration(row["seconds"]))
-    return row
+    rows, failed = [], {}
+    for member in outcomes:
+        name = member.experiment.name
+        if member.error is not None or member.results is None:
+            failed[name] = member.error or RuntimeError("training returned no results")
+            continue
+        row = summarise_result(member.results)
+        update_progress_artifact(cards[name], progress=100.0,
+                                 description=f"{name}: finished after {row['epochs_run']} epochs (100 %)")
+        logger.info("%s: test TSS %.3f, threshold %.3g, best epoch %d of %d, trained in %s", name, row["tss"],
+                    row["threshold"], row["best_epoch"], row["epochs_run"], _duration(row["seconds"]))
+        rows.append(row)
+    if failed and not grouped:
+        raise next(iter(failed.values()))
+    if failed:
+        raise MembersFailed({name: (type(err).__name__, str(err)) for name, err in failed.items()})
+    return rows
 
 
 def _hand_back_to_dask(grace_seconds: float = 600.0) -> None:
@@ -439,10 +511,12 @@ def _run_locked(params: ProductionParameters, site: Profile, cfg: EverestConfig)
     results_dir = out / "results"
     storage = out / ".prefect-results"
     storage.mkdir(parents=True, exist_ok=True)
-    trainer_task = train_experiment.with_options(result_storage=storage)
+    trainer_task = train_experiments.with_options(result_storage=storage)
     baseline_task = fit_baseline.with_options(result_storage=storage)
-    logger.info("%d experiments (%s; seeds %s), config %s, on profile %s", len(experiments),
-                ", ".join(params.targets), params.seeds, cfg.config_hash(), params.profile)
+    groups = experiment_groups(experiments, site.experiments_per_gpu)
+    logger.info("%d experiments (%s; seeds %s)%s, config %s, on profile %s", len(experiments),
+                ", ".join(params.targets), params.seeds, _grouping(len(groups), site.experiments_per_gpu),
+                cfg.config_hash(), params.profile)
 
     _bind_cluster_to_run(site, out)
     clear_submission_failures()
@@ -456,12 +530,15 @@ def _run_locked(params: ProductionParameters, site: Profile, cfg: EverestConfig)
                 results.supersede(baselines.baseline_root(out, model), exp.name)
 
     folders = {"config": cfg, "data_dir": data_dir.resolve(), "output_dir": out.resolve()}
+    # Finished before this run (with this identity): reported as cached, skipped by the task that holds them.
+    done_before = {exp for exp in experiments if results.finished(out, identities[exp]) is not None}
 
-    def submit(exp: Experiment) -> Any:
-        job = ExperimentJob(experiment=exp, identity=identities[exp], torch_threads=site.threads, **folders)
-        # A cached summary stands only for results still on disk with this identity (deleted, superseded
-        # or rewritten by another configuration: train again).
-        fresh = results.finished(out, job.identity) is None
+    def submit(group: tuple[Experiment, ...]) -> Any:
+        job = GroupJob(experiments=group, identities=tuple(identities[e] for e in group),
+                       torch_threads=site.threads, **folders)
+        # A cached summary stands only while every member's results are on disk with its identity
+        # (deleted, superseded or rewritten by another configuration: the task runs and trains those).
+        fresh = not done_before.issuperset(group)
         with dask.annotate(resources={"GPU": 1}) if site.uses_gpus else contextlib.nullcontext():
             return trainer_task.with_options(refresh_cache=fresh or None).submit(job)
 
@@ -472,35 +549,39 @@ def _run_locked(params: ProductionParameters, site: Profile, cfg: EverestConfig)
         return baseline_task.with_options(refresh_cache=fresh or None).submit(job)
 
     progress = RunProgress(len(experiments), logger)
-    pending = {exp: submit(exp) for exp in experiments}  # the long tasks first; baselines take seconds
+    pending = {group: submit(group) for group in groups}  # the long tasks first; baselines take seconds
     baseline_futures = [(f"{model} {exp.name}", submit_baseline(exp, model)) for exp in experiments
                         for model in models]
     rows, failures, base_failures, settled = [], [], [], []
-    attempts = dict.fromkeys(experiments, 0)
+    attempts = dict.fromkeys(groups, 0)
     while pending:
-        exp, fut, row, err = next_settled(pending)
-        if err is None:
-            rows.append(row)
-            progress.finished(exp.name, row, cached=fut.state.is_completed() and fut.state.name == "Cached")
-        elif attempts[exp] < RETRIES and api_unreachable(err):
+        group, fut, summaries, err = next_settled(pending)
+        if err is not None and attempts[group] < RETRIES and api_unreachable(err):
             # The task never started: its worker could not reach the Prefect API. Try again later.
-            attempts[exp] += 1
+            attempts[group] += 1
             logger.warning("%s: the worker could not reach the Prefect API (%s); resubmitting in %d s",
-                           exp.name, err, RETRY_DELAY_SECONDS)
+                           _group_name(group), err, RETRY_DELAY_SECONDS)
             _release(fut)
             time.sleep(RETRY_DELAY_SECONDS)
-            pending[exp] = submit(exp)
+            pending[group] = submit(group)
             continue
-        elif (done := results.finished(out, identities[exp])) is not None:
-            rows.append(summarise_result(done))  # finished earlier (e.g. by cluster/ jobs): keep it
-            progress.finished(exp.name, rows[-1], cached=True)
-        else:
-            if type(err).__name__ == "KilledWorker":
-                _mark_crashed(fut.task_run_id, f"Dask gave up after repeated worker deaths: {err}")
-            failures.append(results.record_failure(out, exp, type(err).__name__, str(err), identities[exp]))
-            progress.failed(exp.name, f"{type(err).__name__}: {err}")
+        if err is not None and type(err).__name__ == "KilledWorker":
+            _mark_crashed(fut.task_run_id, f"Dask gave up after repeated worker deaths: {err}")
+        cached = fut.state.is_completed() and fut.state.name == "Cached"
+        by_name = {row["experiment"]: row for row in summaries or []}
+        for exp in group:
+            row = by_name.get(exp.name)
+            if row is None and (done := results.finished(out, identities[exp])) is not None:
+                row = summarise_result(done)  # finished before its group-mate failed, or earlier (cluster/ jobs)
+            if row is not None:
+                rows.append(row)
+                progress.finished(exp.name, row, cached=cached or exp in done_before)
+                continue
+            error_type, message = member_error(exp, err)
+            failures.append(results.record_failure(out, exp, error_type, message, identities[exp]))
+            progress.failed(exp.name, f"{error_type}: {message}")
         settled.append(fut.state)
-        del pending[exp]
+        del pending[group]
         _release(fut)
     for name, fut in baseline_futures:  # each wrote its own failure.json; the report lists it
         try:
@@ -531,6 +612,31 @@ def _run_locked(params: ProductionParameters, site: Profile, cfg: EverestConfig)
                       f"report: {summary.get('report')}")
     return Completed(message=f"{n_everest} experiments (+{len(rows) - n_everest} baseline fits); "
                      f"report: {summary.get('report')}", data=result)
+
+
+def experiment_groups(experiments: Sequence[Experiment], width: int) -> list[tuple[Experiment, ...]]:
+    """``experiments`` in order, cut into groups of ``width`` (the last may be smaller): one task each."""
+    return [tuple(experiments[i:i + width]) for i in range(0, len(experiments), width)]
+
+
+def _group_name(group: Sequence[Experiment]) -> str:
+    """The experiment's name, or ``<first>..<last>`` for a group: task-run names and log lines."""
+    return group[0].name if len(group) == 1 else f"{group[0].name}..{group[-1].name}"
+
+
+def _grouping(n_groups: int, width: int) -> str:
+    """How the experiments are grouped into tasks, for the plan and the log (nothing at width 1)."""
+    return "" if width == 1 else f" in {n_groups} tasks of up to {width} experiments each"
+
+
+def member_error(exp: Experiment, err: BaseException | None) -> tuple[str, str]:
+    """Error type and message recorded for an experiment that did not finish: its own when it failed alone
+    in its group, else its task's (an infrastructure error, a lost worker, a refused batch job)."""
+    if isinstance(err, MembersFailed) and exp.name in err.failures:
+        return err.failures[exp.name]
+    if err is None:
+        return "RuntimeError", "its task ended without a result for it"
+    return type(err).__name__, str(err)
 
 
 class Terminal:
@@ -804,7 +910,9 @@ def _plan_line(params: ProductionParameters, site: Profile) -> str:
     data = (f"synthetic demo tables in {DEMO_DATA_DIR} (made if missing)" if params.embedded_demo
             else str(params.data_path))
     budget = ", ".join(PRESETS[params.effective_preset]) or "the design recipe"
+    width = site.experiments_per_gpu
     return (f"everest-production: {n} experiments ({', '.join(params.targets)} x seeds {seeds})"
+            f"{_grouping(math.ceil(n / width), width)}"
             f"{f' + {fits} baseline fits' if fits else ''} on profile {site.kind} ({site.source}); data: {data}; "
             f"preset {params.effective_preset} ({budget}"
             f"{f', epochs {params.epochs}' if params.epochs else ''}); output: {params.output_dir}")

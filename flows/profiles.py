@@ -180,12 +180,13 @@ Walltime = Annotated[str, PlainValidator(_walltime)]
 Memory = Annotated[str, PlainValidator(_memory)]
 
 
-MAX_EXPERIMENTS_PER_GPU = 16  # more only adds contention
+MAX_EXPERIMENTS_PER_GPU = 45  # the whole study (9 targets x 5 seeds) as one group on one device
 
 
 def _experiments_per_gpu(k: Any) -> int:
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_EXPERIMENTS_PER_GPU:
-        raise ValueError(f"experiments_per_gpu must be an integer in 1..{MAX_EXPERIMENTS_PER_GPU}, got {k!r}")
+        raise ValueError(f"must be an integer in 1..{MAX_EXPERIMENTS_PER_GPU}: the number of experiments one task "
+                         "trains together on one GPU or CPU worker (1: one task per experiment)")
     return k
 
 
@@ -231,12 +232,10 @@ class Profile(BaseModel):
     kind: str
     description: str = ""
     torch_threads: int | None = Field(None, ge=1)
-    # k experiment worker processes share one GPU. Processes, not threads: the trainer draws from torch's
-    # process-global generators (shuffling, dropout), so experiments in threads of one process would
-    # interleave their draws and none would reproduce its solo result; in processes each does (tested),
-    # and each has its own interpreter to issue kernels. With CUDA-graph steps (the default) one
-    # experiment keeps an H200 busy and 2-8 processes gave 0.91x (benchmarks/RESULTS.md), so the shipped
-    # profiles keep 1; packing is for eager steps (train.cuda_graphs=false).
+    # The group width: the flow trains its experiments (targets x seeds, seeds inner) in groups of this
+    # many, one task per group, each group one vectorised model (everest.group.train_group) in the single
+    # worker process of its GPU, or of a CPU worker. 1: one task per experiment. Several processes on one
+    # GPU measured 0.91x (benchmarks/RESULTS.md): a GPU has one worker process whatever the width.
     experiments_per_gpu: Annotated[int, PlainValidator(_experiments_per_gpu)] = 1
     env: Annotated[dict[str, str], AfterValidator(_env_names)] = Field(default_factory=dict)
     pass_env: Annotated[tuple[str, ...], AfterValidator(_pass_names)] = ("PREFECT_API_URL",
@@ -329,18 +328,12 @@ class Profile(BaseModel):
         """A copy shrunk to run on one CI machine (loopback network, tiny jobs, no site modules)."""
 
 
-def _job_layout(experiments: int) -> dict[str, int]:
-    """dask-jobqueue keys for a job of ``experiments`` single-threaded worker processes, each with the
-    ``GPU=1`` worker resource, so each takes one experiment."""
-    return {"processes": experiments, "cores": experiments}
-
-
 class PinnedGPUNanny(Nanny):
     """A Nanny whose worker process sees one GPU: ``CUDA_VISIBLE_DEVICES`` = ``gpu_ids[name]``.
 
     LocalCluster names its workers 0..n-1 and restarts a dead worker under the same name, so each
-    worker keeps its device: worker ``i`` gets ``gpu_ids[i % len(gpu_ids)]``, so ``n_workers =
-    len(gpu_ids) * experiments_per_gpu`` puts that many on each GPU. Torch then calls it ``cuda:0``.
+    worker keeps its device: worker ``i`` gets ``gpu_ids[i % len(gpu_ids)]``, and ``n_workers =
+    len(gpu_ids)`` gives each GPU one worker process. Torch then calls it ``cuda:0``.
     """
 
     def __init__(self, *args: Any, gpu_ids: Sequence[str], name: Any = None, env: dict | None = None, **kw: Any):
@@ -402,8 +395,8 @@ class LocalProfile(Profile):
         return 1 if self.gpu_ids() else 0
 
     def capacity(self) -> int:
-        """How many tasks the cluster runs at once (its worker processes)."""
-        return len(self.gpu_ids()) * self.experiments_per_gpu or self.n_cpu_workers()
+        """How many tasks the cluster runs at once: its worker processes, one per GPU, else the CPU workers."""
+        return len(self.gpu_ids()) or self.n_cpu_workers()
 
     def n_cpu_workers(self) -> int:
         """CPU workers: ``n_workers``, or for ``auto`` the usable cores divided by ``torch_threads``."""
@@ -490,8 +483,6 @@ class BatchProfile(Profile):
             problems.append(f"minimum_jobs ({self.minimum_jobs}) must be <= maximum_jobs ({self.maximum_jobs})")
         if self.gpu_type is not None and self.gpus_per_job == 0:
             problems.append(f"gpu_type ({self.gpu_type!r}) needs gpus_per_job: 1")
-        if self.gpus_per_job and self.experiments_per_gpu > self.job_cpus:
-            problems.append(f"experiments_per_gpu ({self.experiments_per_gpu}) must be <= job_cpus ({self.job_cpus})")
         if self.torch_threads is not None and self.torch_threads > self.job_cpus:
             problems.append(f"torch_threads ({self.torch_threads}) must be <= job_cpus ({self.job_cpus})")
         if self.worker_memory is not None and _bytes(self.worker_memory) > _bytes(self.job_memory):
@@ -578,9 +569,10 @@ class BatchProfile(Profile):
         n, unit = _memory_units(self.worker_memory or self.job_memory)
         logs = Path(self.log_directory).expanduser() if self.log_directory else _run_path(run_dir, "submissions")
         return {
-            # One single-threaded worker per experiment slot (experiments_per_gpu of them on the job's GPU):
-            # adaptive scaling then requests one job per experiments_per_gpu tasks.
-            **_job_layout(self.experiments_per_gpu if self.gpus_per_job else 1),
+            # One single-threaded worker process per job, which runs one task (a group of experiments_per_gpu
+            # experiments) at a time; adaptive scaling requests one job per task waiting.
+            "processes": 1,
+            "cores": 1,
             "memory": f"{n}{unit}iB",
             "walltime": self.walltime,
             "queue": self.queue,
@@ -616,8 +608,8 @@ class BatchProfile(Profile):
         return {"minimum_jobs": self.minimum_jobs, "maximum_jobs": self.maximum_jobs}
 
     def capacity(self) -> int:
-        """How many tasks the cluster runs at once: its largest number of jobs times workers per job."""
-        return self.maximum_jobs * (self.experiments_per_gpu if self.gpus_per_job else 1)
+        """How many tasks the cluster runs at once: its largest number of jobs (one worker each)."""
+        return self.maximum_jobs
 
     def job_script(self) -> str:
         """The batch script one worker job runs, rendered without starting a scheduler or submitting.

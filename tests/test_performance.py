@@ -133,20 +133,21 @@ def test_packed_experiments_match_their_solo_runs(data_dir, tmp_path):
     assert packed[0]["test_metrics"]["roc_auc"] != packed[1]["test_metrics"]["roc_auc"]  # seeds independent
 
 
-def test_packing_layout_and_validation(monkeypatch):
-    """k workers per GPU, round-robin over the GPUs (locally) and k processes per batch job."""
+def test_grouping_layout_and_validation(monkeypatch):
+    """Whatever the group width: one worker per GPU, each pinned to its own device (a worker restarted
+    under its name keeps it), and one process per batch job."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     local = load_profile("local").with_overrides(gpus="auto", experiments_per_gpu=3)
     kw = local.cluster_kwargs()
-    assert kw["n_workers"] == 6 and kw["worker_class"] is PinnedGPUNanny
+    assert kw["n_workers"] == 2 and kw["worker_class"] is PinnedGPUNanny
     devices: list[str] = []  # the device each worker name gets, without starting a process
     monkeypatch.setattr("distributed.Nanny.__init__",
                         lambda self, *a, env=None, **k: devices.append(env["CUDA_VISIBLE_DEVICES"]))
-    for name in range(kw["n_workers"]):
+    for name in [*range(kw["n_workers"]), 1]:
         PinnedGPUNanny(gpu_ids=kw["gpu_ids"], name=name)
-    assert devices == ["0", "1", "0", "1", "0", "1"]
-    job = load_profile("pbs").with_overrides(experiments_per_gpu=4, job_cpus=8)._job_kwargs()
-    assert (job["processes"], job["cores"]) == (4, 4)
-    for bad in (0, 17, 1.5, True, "2"):
-        with pytest.raises(ConfigError, match=r"experiments_per_gpu must be an integer in 1\.\.16, got"):
+    assert devices == ["0", "1", "1"]
+    job = load_profile("pbs").with_overrides(experiments_per_gpu=16, job_cpus=8)._job_kwargs()
+    assert (job["processes"], job["cores"]) == (1, 1)
+    for bad in (0, 46, 1.5, True, "2"):
+        with pytest.raises(ConfigError, match=r"experiments_per_gpu: must be an integer in 1\.\.45: .*\(got "):
             load_profile("local").with_overrides(experiments_per_gpu=bad)

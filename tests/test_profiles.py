@@ -321,19 +321,21 @@ def test_local_profile_builds_a_real_local_cluster(monkeypatch, changes, gpus):
             assert set(client.gather(futures)) <= set(gpus)
 
 
-def test_experiments_per_gpu_packs_worker_processes_onto_each_gpu(monkeypatch):
+def test_experiments_per_gpu_is_the_group_width_with_one_worker_process_per_gpu(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     local = load_profile("local").with_overrides(gpus=2, experiments_per_gpu=3)
-    assert local.cluster_kwargs()["n_workers"] == 6  # 3 worker processes on each of the 2 GPUs
-    pbs = load_profile("pbs").with_overrides(experiments_per_gpu=3)
+    assert local.cluster_kwargs()["n_workers"] == local.capacity() == 2  # one worker process per GPU
+    cpu = load_profile("local").with_overrides(gpus=0, n_workers=3, experiments_per_gpu=5)
+    assert cpu.cluster_kwargs()["n_workers"] == cpu.capacity() == 3  # the width does not multiply workers
+    pbs = load_profile("pbs").with_overrides(experiments_per_gpu=45)  # the whole study: no longer <= job_cpus
     kwargs = pbs.cluster_kwargs()
-    assert (kwargs["processes"], kwargs["cores"]) == (3, 3)
+    assert (kwargs["processes"], kwargs["cores"]) == (1, 1) and pbs.capacity() == pbs.maximum_jobs
     script = pbs.job_script()
-    assert "--nworkers 3" in script and "ngpus=1" in script and "--resources GPU=1" in script
-    with pytest.raises(ConfigError, match="experiments_per_gpu"):
-        load_profile("pbs").with_overrides(experiments_per_gpu=5)  # more than the job's 4 CPUs
-    with pytest.raises(ConfigError, match="experiments_per_gpu"):
-        load_profile("slurm").with_overrides(experiments_per_gpu=0)
+    assert "--nworkers" not in script and "ngpus=1" in script and "--resources GPU=1" in script
+    assert load_profile("slurm").with_overrides(experiments_per_gpu=9, job_cpus=1).cluster_kwargs()["processes"] == 1
+    for bad in (0, 46):
+        with pytest.raises(ConfigError, match=rf"experiments_per_gpu: must be an integer in 1\.\.45: .*\(got {bad}\)"):
+            load_profile("slurm").with_overrides(experiments_per_gpu=bad)
 
 
 def test_batch_scheduler_speaks_tls_only_to_holders_of_the_run_certificate(tmp_path):
