@@ -203,10 +203,10 @@ def _train_group(experiments: list[Experiment], cfg: EverestConfig, args: argpar
     names = ", ".join(e.name for e in experiments)
     failed: list[int] = []
     for out in outcomes:
-        if out.error is None and out.results is not None:
+        if out.error is None:
             print(_result_line(out.experiment, out.results, args.output_dir))
             continue
-        err = out.error if out.error is not None else RuntimeError("the group returned neither results nor error")
+        err = out.error
         status = member_exit_status(err)
         failed.append(status)
         record_failure(args.output_dir, out.experiment, type(err).__name__,
