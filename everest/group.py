@@ -106,17 +106,14 @@ class GroupEngine(GraphedStep):
         self.n_steps = 0
 
     # ------------------------------------------------------------------ loop interface
-    def load(self, k: int, ck: dict[str, Any]) -> None:
-        self.model.load_member(k, ck["model"])
-        self.opt.load_member(k, ck["optimizer"])
-
     def start_epoch(self, epoch: int, partials: Sequence[dict[str, Any] | None]) -> int:
         self._begin_epoch(epoch)
         self.model.train()
         b, k = self.tc.batch_size, len(self.members)
         self.n_steps = max(math.ceil(n / b) for n in self.sizes)
         if not self.exact_dropout:  # the group's fused dropout draws from the device generator
-            torch.cuda.manual_seed(epoch_seed(sum(m.seed for m in self.members), epoch))
+            with torch.cuda.device(self.device):
+                torch.cuda.manual_seed(epoch_seed(sum(m.seed for m in self.members), epoch))
         self.idx = torch.zeros(k, self.n_steps * b, dtype=torch.long, device=self.device)
         first = 0
         for i, (m, n, offset) in enumerate(zip(self.members, self.sizes, self.tables.offsets, strict=True)):
