@@ -3,7 +3,8 @@
     python -m benchmarks [--quick] [--out DIR] [--rows 1,2,...] [--device auto|cpu|cuda]
 
 Rows: 1 data build, 2 training throughput, 3 packing, 4 inference, 5 orchestration,
-6 analysis, 7 study projection. Writes ``DIR/benchmarks.json`` and prints the table last. A row whose
+6 analysis, 7 study projection, 8 grouped trainer vs solo runs (and its study projection).
+Writes ``DIR/benchmarks.json`` after every row and prints the table last. A row whose
 dependencies are missing (e.g. prefect on a bare GPU machine) is recorded as skipped, not failed.
 """
 
@@ -32,8 +33,10 @@ if __package__ in (None, ""):  # `python benchmarks/run.py`: make the checkout i
 import numpy as np
 import torch
 
+from benchmarks import grouped as G
 from benchmarks import workloads as W
 from everest import io
+from everest.config import DEFAULT_SEEDS, EverestConfig
 
 log = logging.getLogger("benchmarks")
 GOAL_STUDY_SECONDS = 30 * 60  # the goal: the 45-experiment study on one H100-class GPU in under 30 minutes
@@ -50,7 +53,28 @@ class Suite:
         self.config = W.EverestConfig()  # tests shrink the model here
         self.n_eval = 16_384
         self.rows: list[dict[str, Any]] = []
+        self.errors: list[dict[str, Any]] = []
         self.shared: dict[str, Any] = {}
+        # row 8: group sizes, epochs per run, interleaved repeats (None: 2 for K <= 5 on CPU, else 1) and
+        # the most solo runs per K (None: all K; a GPU budget may measure the solo rate on a subset)
+        self.group_ks: list[int] = [1, 5, 9, 45]
+        self.group_epochs = 2
+        self.group_reps: int | None = None
+        self.group_solo_max: int | None = None
+        self.group_data: Path | None = None  # where row 8 writes (and keeps) its tables; None: a temporary folder
+
+    def save(self) -> None:
+        """Write ``benchmarks.json`` with every row so far (a run cut short keeps what it measured)."""
+        report = {"environment": environment(self.device), "quick": self.quick, "rows": self.rows,
+                  "errors": self.errors}
+        io.write_text(self.out / "benchmarks.json", json.dumps(report, indent=2, default=float))
+
+    def counts(self, size: str) -> dict[str, dict[str, int]]:
+        """:func:`study_counts` of ``size``, computed once per suite."""
+        cache = self.shared.setdefault("study_counts", {})
+        if size not in cache:
+            cache[size] = study_counts(size)
+        return cache[size]
 
     def add(self, row: int, name: str, ours: float, baseline: float | None, unit: str, ratio: float | None = None,
             note: str = "", **extra: Any) -> None:
@@ -258,7 +282,7 @@ class Suite:
             self.training()
         if "eval_rate" not in self.shared:
             self.inference()
-        counts = study_counts(self.size)
+        counts = self.counts(self.size)
         per_epoch_train = sum(c["train"] for c in counts.values()) * 5
         per_epoch_val = sum(c["val"] for c in counts.values()) * 5
         agg = max(self.shared.get("packing", {1: self.shared["train_rate"]}).values())
@@ -272,6 +296,70 @@ class Suite:
                  note=f"{ours / 3600:.2f} h ours (packing x{packing_gain:.2f}) vs {ref / 3600:.2f} h reference loop; "
                       f"goal {GOAL_STUDY_SECONDS / 60:.0f} min = {ours / GOAL_STUDY_SECONDS:.1f}x goal",
                  goal_seconds=GOAL_STUDY_SECONDS, train_samples_per_epoch_all=per_epoch_train)
+
+    # ------------------------------------------------------------------ row 8
+    def grouped(self) -> None:
+        """The grouped trainer vs the same K experiments as K solo runs (interleaved), then the study projection."""
+        plans = self.group_plans()
+        with tempfile.TemporaryDirectory(prefix="everest-group-") as tmp:
+            work = Path(tmp)
+            tables = self.group_data or work
+            warm = {(p.config.model_dump_json(), p.data_size): p for p in plans}
+            for p in warm.values():
+                G.warm_up(p.config, G.synthetic_data(p.data_size, tables), work)
+            for p in plans:
+                m = G.compare(p, G.synthetic_data(p.data_size, tables), work)
+                self.shared.setdefault("grouped", []).append(m)
+                n_solo = len(m["solo_members"])
+                solo = f"{p.k} solo run{'s' if p.k > 1 else ''}" if n_solo == p.k else f"solo runs ({n_solo} of {p.k})"
+                group_time = "one shared time per group epoch" if m["shared_epoch_seconds"] else \
+                    "members' epoch seconds summed (they reported separate times)"
+                self.add(8, f"training samples/s, grouped K={p.k} vs {solo} ({p.model} model, {p.data_size} data)",
+                         m["grouped_rate"], m["solo_rate"], "samples/s", ratio=m["ratio"],
+                         note=f"sum of n_train x epochs / epoch seconds (training + validation forward pass; data "
+                              f"preparation, test evaluation and outputs excluded); {m['epochs']} epochs, patience "
+                              f"= epochs; {p.reps} repeat(s), order alternated; {group_time}; end to end "
+                              f"{m['grouped_wall_s']:.0f} s grouped vs {m['solo_wall_s']:.0f} s solo", grouped=m)
+                self.group_projection()
+                self.save()
+
+    def group_plans(self) -> list[G.Plan]:
+        """Row 8's measurements. On CUDA: the suite's model and data size. On a CPU: ``tiny`` tables with
+        ``--quick``, else ``demo``; for K > 9 always ``tiny`` tables, and with ``--quick`` the tiny model."""
+        cuda = self.device.type == "cuda"
+        size = self.size if cuda or self.size == "tiny" else ("tiny" if self.quick else "demo")
+        base = "production" if self.config.model == EverestConfig().model else "custom"
+        plans = []
+        for i, k in enumerate(self.group_ks):
+            cfg, model, data = self.config, base, size
+            if k > 9 and not cuda:  # 2 x 45 production-model runs on demo tables: ~15 min on 2 cores
+                data = "tiny"
+                if self.quick and base == "production":
+                    cfg, model = cfg.with_overrides(list(G.TINY_MODEL)), "tiny"
+            e = self.group_epochs
+            cfg = cfg.with_overrides({"train.epochs": e, "train.early_stopping_patience": e,
+                                      "train.device": str(self.device), "train.num_threads": torch.get_num_threads()})
+            reps = self.group_reps or (2 if k <= 5 and not cuda else 1)
+            plans.append(G.Plan(k, cfg, model, data, reps, self.group_solo_max, ("grouped", "solo")[i % 2]))
+        return plans
+
+    def group_projection(self) -> None:
+        """45 experiments x STUDY_EPOCHS epochs on full-size data at the best K's grouped and solo rates
+        (replacing the projection of the Ks measured before)."""
+        measured = self.shared.get("grouped", [])
+        if not measured:
+            return
+        self.rows = [r for r in self.rows if not (r["row"] == 8 and "group_k" in r)]
+        best = max([m for m in measured if m["model"] != "tiny"] or measured, key=lambda m: m["grouped_rate"])
+        n = sum(c["train"] for c in self.counts("full").values()) * len(DEFAULT_SEEDS)
+        ours, solo = STUDY_EPOCHS * n / best["grouped_rate"], STUDY_EPOCHS * n / best["solo_rate"]
+        self.add(8, f"study projection, 45 x {STUDY_EPOCHS} epochs, full-size data: grouped K={best['k']} vs solo "
+                    "runs", ours, solo, "s",
+                 note=f"{ours / 3600:.2f} h grouped vs {solo / 3600:.2f} h solo (one after another) at the "
+                      f"K={best['k']} rates ({best['model']} model, {best['data_size']} data, {best['device']}); "
+                      f"{n:,} training samples per epoch over the 45 (full size); epoch time includes validation, "
+                      "not data preparation or test evaluation; an upper bound: early stopping ends most runs sooner",
+                 group_k=best["k"], train_samples_per_epoch_all=n)
 
 
 WARMUP_STEPS = 5
@@ -310,16 +398,22 @@ def study_counts(size: str = "full") -> dict[str, dict[str, int]]:
 
 ROWS: dict[int, Callable[[Suite], None]] = {1: Suite.data_build, 2: Suite.training, 3: Suite.packing,
                                             4: Suite.inference, 5: Suite.orchestration, 6: Suite.analysis,
-                                            7: Suite.projection}
+                                            7: Suite.projection, 8: Suite.grouped}
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    """Where the numbers come from: device, CPU, versions, commit, date."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).resolve().parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    """Where the numbers come from: device, CPU, versions, commit (and whether the tree had changes), date."""
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
+                                  cwd=Path(__file__).resolve().parent)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    commit = (git("rev-parse", "HEAD") or "").strip() or None
+    status = git("status", "--porcelain")
+    changed = None if status is None else [ln for ln in status.splitlines() if not ln[3:].startswith(".whl/")]
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -329,6 +423,7 @@ def environment(device: torch.device) -> dict[str, Any]:
     except OSError:
         pass
     return {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "commit": commit,
+            "tree_dirty": None if changed is None else bool(changed), "tree_changes": changed,
             "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
             "cpu": cpu, "cores": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
@@ -354,15 +449,24 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="CI-sized run (a minute or two on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="CI-sized run (~10 min on 2 cores, row 8 half of it)")
     p.add_argument("--out", default=os.environ.get("OUT") or None,
                    help="folder for benchmarks.json (default $OUT, else a temporary folder)")
-    p.add_argument("--rows", default="1,2,3,4,5,6,7", help="comma-separated rows to run (default all)")
+    p.add_argument("--rows", default="1,2,3,4,5,6,7,8", help="comma-separated rows to run (default all)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--size", default="full", help="synthetic data size: full (default), demo or tiny")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads for the rows (default 1, as each local CPU worker runs: "
                         "row 2 measures 1 vs all cores)")
+    p.add_argument("--group-ks", default="1,5,9,45", help="row 8: group sizes K (default 1,5,9,45)")
+    p.add_argument("--group-epochs", type=int, default=2, help="row 8: epochs per run (default 2)")
+    p.add_argument("--group-reps", type=int, default=None,
+                   help="row 8: interleaved repeats per K (default 2 for K <= 5 on a CPU, else 1)")
+    p.add_argument("--group-solo-max", type=int, default=None,
+                   help="row 8: train at most N of the K experiments solo (the solo rate on a subset; default all)")
+    p.add_argument("--group-data", default=None,
+                   help="row 8: folder for its synthetic tables, written once as DIR/data-SIZE and kept "
+                        "(default: a temporary folder)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -372,7 +476,10 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     wanted = [int(r) for r in args.rows.split(",") if r.strip()]
     suite = Suite(args.quick, device, out, size=args.size)
-    errors = []
+    suite.group_ks = [int(k) for k in args.group_ks.split(",") if k.strip()]
+    suite.group_epochs, suite.group_reps, suite.group_solo_max = args.group_epochs, args.group_reps, args.group_solo_max
+    suite.group_data = Path(args.group_data) if args.group_data else None
+    errors = suite.errors
     for r in wanted:
         t0 = time.perf_counter()
         try:
@@ -384,10 +491,9 @@ def main(argv: list[str] | None = None) -> int:
         for row in suite.rows:  # each row as soon as it is measured: a run cut short keeps what it had
             if row["row"] == r:
                 print(f"  {format_table([row]).splitlines()[-1].strip()}  ({row['note']})", file=sys.stderr, flush=True)
-        report = {"environment": environment(device), "quick": args.quick, "rows": suite.rows, "errors": errors}
-        io.write_text(out / "benchmarks.json", json.dumps(report, indent=2, default=float))
+        suite.save()
     print(f"wrote {out / 'benchmarks.json'}")
-    env = report["environment"]
+    env = environment(device)
     print(f"\nEVEREST benchmarks on {env['device_name']} ({env['device']}, {env['cores']} cores, torch {env['torch']})"
           f"{' [quick]' if args.quick else ''}")
     print(format_table(suite.rows))
