@@ -22,16 +22,16 @@ from everest.config import ModelConfig
 from everest.model import EverestModel
 
 
-def layout_rates(k: int, batch: int, cfg: ModelConfig, n_features: int = 9,
+def layout_rates(k: int, batch: int, cfg: ModelConfig, device: torch.device, n_features: int = 9,
                  repeats: int = 3) -> dict[str, float]:
-    """Training-pass samples/s of the batched modules, vmap and K solo models (``cfg`` model, CPU)."""
+    """Training-pass samples/s of the batched modules, vmap and K solo models (``cfg`` model, fp32)."""
     models = []
     for seed in range(k):
         torch.manual_seed(seed)
-        models.append(EverestModel(cfg, n_features).train())
+        models.append(EverestModel(cfg, n_features).to(device).train())
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(k, batch, cfg.seq_len, n_features, generator=g)
-    valid = torch.ones(k, batch, cfg.seq_len, dtype=torch.bool)
+    x = torch.randn(k, batch, cfg.seq_len, n_features, generator=g).to(device)
+    valid = torch.ones(k, batch, cfg.seq_len, dtype=torch.bool, device=device)
     valid[:, : batch // 2, : cfg.seq_len // 3] = False  # half the windows front-padded
     grouped = GroupedEverest.stack(models).train()
     params, buffers = stack_module_state(models)
@@ -53,12 +53,18 @@ def layout_rates(k: int, batch: int, cfg: ModelConfig, n_features: int = 9,
             model(x[i], valid[i]).logits.sum().backward()
 
     passes: dict[str, Callable[[], None]] = {"batched modules": batched, "vmap": vmapped, "solo models": solo}
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     for run in passes.values():
         run()  # warm-up: allocator, lazy initialisation
     best = dict.fromkeys(passes, float("inf"))
     for _ in range(repeats):
         for name, run in passes.items():
+            sync()
             t0 = time.perf_counter()
             run()
+            sync()
             best[name] = min(best[name], time.perf_counter() - t0)
     return {name: k * batch / seconds for name, seconds in best.items()}

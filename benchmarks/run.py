@@ -3,7 +3,8 @@
     python -m benchmarks [--quick] [--out DIR] [--rows 1,2,...] [--device auto|cpu|cuda]
 
 Rows: 1 data build, 2 training throughput, 3 packing, 4 inference, 5 orchestration,
-6 analysis, 7 study projection, 8 grouped trainer vs solo runs (and its study projection).
+6 analysis, 7 study projection, 8 grouped trainer vs solo runs (and its study projection), 9 how a group
+is batched (weights written batched vs ``torch.func.vmap`` vs separate models).
 Writes ``DIR/benchmarks.json`` after every row and prints the table last. A row whose
 dependencies are missing (e.g. prefect on a bare GPU machine) is recorded as skipped, not failed.
 """
@@ -361,6 +362,19 @@ class Suite:
                       "not data preparation or test evaluation; an upper bound: early stopping ends most runs sooner",
                  group_k=best["k"], train_samples_per_epoch_all=n)
 
+    # ------------------------------------------------------------------ row 9
+    def layout(self) -> None:
+        """How to batch K members: weights written batched vs ``vmap`` over the solo model vs K solo models."""
+        from benchmarks.group_layout import layout_rates
+
+        k, batch = 5, 128 if self.quick else 512
+        rates = layout_rates(k, batch, self.config.model, self.device, repeats=3 if self.quick else 5)
+        note = (f"training pass (forward with dropout, backward) of {k} members x batch {batch}, best of the "
+                f"interleaved repeats; {self.device}")
+        for other in ("vmap", "solo models"):
+            self.add(9, f"group layout, K={k}: batched modules vs {other}", rates["batched modules"], rates[other],
+                     "samples/s", note=note, layout=rates)
+
 
 WARMUP_STEPS = 5
 
@@ -398,7 +412,7 @@ def study_counts(size: str = "full") -> dict[str, dict[str, int]]:
 
 ROWS: dict[int, Callable[[Suite], None]] = {1: Suite.data_build, 2: Suite.training, 3: Suite.packing,
                                             4: Suite.inference, 5: Suite.orchestration, 6: Suite.analysis,
-                                            7: Suite.projection, 8: Suite.grouped}
+                                            7: Suite.projection, 8: Suite.grouped, 9: Suite.layout}
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -452,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="CI-sized run (~10 min on 2 cores, row 8 half of it)")
     p.add_argument("--out", default=os.environ.get("OUT") or None,
                    help="folder for benchmarks.json (default $OUT, else a temporary folder)")
-    p.add_argument("--rows", default="1,2,3,4,5,6,7,8", help="comma-separated rows to run (default all)")
+    p.add_argument("--rows", default="1,2,3,4,5,6,7,8,9", help="comma-separated rows to run (default all)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--size", default="full", help="synthetic data size: full (default), demo or tiny")
     p.add_argument("--threads", type=int, default=1,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -119,43 +119,54 @@ class GroupedEverest(nn.Module):
         self.members = len(keep)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: Tensor, valid: Tensor | None = None, draws: MemberDraws | None = None) -> EverestOutput:
-        """Outputs for windows ``x`` (K, B, T, F); ``valid`` (K, B, T) marks real steps, as in the solo model."""
-        if x.dim() != 4 or x.shape[0] != self.members or x.shape[3] != self.n_features or x.shape[2] > self.cfg.seq_len:
-            raise ValueError(f"x must have shape ({self.members} members, batch, steps <= {self.cfg.seq_len}, "
+    def forward(self, x: Tensor, valid: Tensor | None = None, draws: MemberDraws | None = None,
+                members: Sequence[int] | None = None) -> EverestOutput:
+        """Outputs for windows ``x`` (K, B, T, F); ``valid`` (K, B, T) marks real steps, as in the solo model.
+
+        ``members`` runs only those members (x then holds their windows, in that order): a step in which
+        some members have no samples costs nothing for them.
+        """
+        k = self.members if members is None else len(members)
+        if x.dim() != 4 or x.shape[0] != k or x.shape[3] != self.n_features or x.shape[2] > self.cfg.seq_len:
+            raise ValueError(f"x must have shape ({k} members, batch, steps <= {self.cfg.seq_len}, "
                              f"{self.n_features}), got {tuple(x.shape)}")
+        index = None if members is None else torch.as_tensor(list(members), device=x.device)
+
+        def weight(name: str) -> Tensor:
+            return self.w(name) if index is None else self.w(name).index_select(0, index)
+
         pad = None
         if valid is not None:
             check_valid(x, valid)
             if self.cfg.padding_mask:
                 pad = ~valid & valid.any(dim=-1, keepdim=True)  # (K, B, T); a window without real steps: unmasked
-        h = self._drop(self._norm(_linear(x, self.w("embed.proj.weight"), self.w("embed.proj.bias")), "embed.norm"),
-                       draws)  # (K, B, T, D)
+        h = self._drop(_norm(_lin(x, "embed.proj", weight), "embed.norm", weight), draws)  # (K, B, T, D)
         t = x.shape[2]
-        h = h + self.w("pos.scale").reshape(-1, 1, 1, 1) * self.table[:t]
+        h = h + weight("pos.scale").reshape(-1, 1, 1, 1) * self.table[:t]
         for i in range(self.cfg.num_blocks):
-            h = self._block(h, pad, f"blocks.{i}", draws)
+            h = self._block(h, pad, f"blocks.{i}", draws, weight)
         if self.cfg.use_attention_bottleneck:
-            scores = _linear(h, self.w("pool.score.weight"), self.w("pool.score.bias")).squeeze(-1)  # (K, B, T)
+            scores = _lin(h, "pool.score", weight).squeeze(-1)  # (K, B, T)
             pooled = attention_pool(h, scores, pad)  # (K, B, D)
         else:
             pooled = mean_pool(h, pad)
         z = self._drop(pooled, draws)
-        z = self._drop(F.gelu(self._lin(z, "shared.1")), draws)  # (K, B, D)
+        z = self._drop(F.gelu(_lin(z, "shared.1", weight)), draws)  # (K, B, D)
         return EverestOutput(
-            logits=self._lin(z, "logit_head").squeeze(-1),  # (K, B)
-            nig=self.evidential(self._lin(z, "evidential_head.proj")) if self.cfg.use_evidential else None,
-            gpd=(self.evt(self._lin(z.detach() if self.cfg.evt_detach_trunk else z, "evt_head.proj"))
+            logits=_lin(z, "logit_head", weight).squeeze(-1),  # (K, B)
+            nig=self.evidential(_lin(z, "evidential_head.proj", weight)) if self.cfg.use_evidential else None,
+            gpd=(self.evt(_lin(z.detach() if self.cfg.evt_detach_trunk else z, "evt_head.proj", weight))
                  if self.evt is not None else None),
-            precursor=self._lin(z, "precursor_head").squeeze(-1) if self.cfg.use_precursor else None,
+            precursor=_lin(z, "precursor_head", weight).squeeze(-1) if self.cfg.use_precursor else None,
         )
 
-    def _block(self, h: Tensor, pad: Tensor | None, name: str, draws: MemberDraws | None) -> Tensor:
+    def _block(self, h: Tensor, pad: Tensor | None, name: str, draws: MemberDraws | None,
+               weight: Callable[[str], Tensor]) -> Tensor:
         """Post-norm block: self-attention, add & norm, feed-forward, add & norm (nn.MultiheadAttention's maths)."""
         k, b, t, d = h.shape
         heads = self.cfg.num_heads
-        q, key, v = _linear(h, self.w(f"{name}.attn.in_proj_weight"),
-                            self.w(f"{name}.attn.in_proj_bias")).chunk(3, dim=-1)  # 3 x (K, B, T, D)
+        q, key, v = _linear(h, weight(f"{name}.attn.in_proj_weight"),
+                            weight(f"{name}.attn.in_proj_bias")).chunk(3, dim=-1)  # 3 x (K, B, T, D)
         q, key, v = (u.reshape(k * b, t, heads, d // heads).transpose(1, 2) for u in (q, key, v))  # (KB, H, T, dh)
         keys = None if pad is None else ~pad.reshape(k * b, 1, 1, t)  # True = may be attended to
         p = self.cfg.dropout if self.training else 0.0
@@ -172,16 +183,9 @@ class GroupedEverest(nn.Module):
                 weights = weights * mask
             attended = weights @ v
         attended = attended.transpose(1, 2).reshape(k, b, t, d)  # (K, B, T, D)
-        h = self._norm(h + self._lin(attended, f"{name}.attn.out_proj"), f"{name}.norm1")
-        ff = self._drop(F.gelu(self._lin(h, f"{name}.ff.0")), draws)
-        return self._norm(h + self._lin(ff, f"{name}.ff.3"), f"{name}.norm2")
-
-    def _lin(self, x: Tensor, name: str) -> Tensor:
-        return _linear(x, self.w(f"{name}.weight"), self.w(f"{name}.bias"))
-
-    def _norm(self, x: Tensor, name: str) -> Tensor:
-        x = F.layer_norm(x, x.shape[-1:], eps=LAYER_NORM_EPS)
-        return torch.addcmul(_member(self.w(f"{name}.bias"), x), x, _member(self.w(f"{name}.weight"), x))
+        h = _norm(h + _lin(attended, f"{name}.attn.out_proj", weight), f"{name}.norm1", weight)
+        ff = self._drop(F.gelu(_lin(h, f"{name}.ff.0", weight)), draws)
+        return _norm(h + _lin(ff, f"{name}.ff.3", weight), f"{name}.norm2", weight)
 
     def _drop(self, x: Tensor, draws: MemberDraws | None) -> Tensor:
         p = self.cfg.dropout
@@ -190,6 +194,16 @@ class GroupedEverest(nn.Module):
         if draws is None:
             return F.dropout(x, p, training=True)
         return x * draws.mask(tuple(x.shape), p, x)
+
+
+def _lin(x: Tensor, name: str, weight: Callable[[str], Tensor]) -> Tensor:
+    return _linear(x, weight(f"{name}.weight"), weight(f"{name}.bias"))
+
+
+def _norm(x: Tensor, name: str, weight: Callable[[str], Tensor]) -> Tensor:
+    """Layer norm with each member's scale and shift."""
+    x = F.layer_norm(x, x.shape[-1:], eps=LAYER_NORM_EPS)
+    return torch.addcmul(_member(weight(f"{name}.bias"), x), x, _member(weight(f"{name}.weight"), x))
 
 
 def _key(name: str) -> str:

@@ -207,31 +207,43 @@ class GroupEngine(GraphedStep):
         self.opt.zero_grad()
 
     def _eager(self, idx: Tensor, weight: Tensor, rows: Tensor) -> None:
-        full = all(r == self.tc.batch_size for r in self._rows)
-        if self.exact_dropout:
-            self._train(idx, None if full else weight, rows, MemberDraws(self.generators, self._rows),
-                        all_active=all(self._rows))
-        else:
+        if not self.exact_dropout:
             self._train(idx, weight, rows, None)
+            return
+        # CPU: run only the members with samples in this step, on as many rows as the fullest has (a tail
+        # step of equal members is then exactly their solo runs' short last batch).
+        active = [k for k, r in enumerate(self._rows) if r]
+        width = max(self._rows)
+        counts = [self._rows[k] for k in active]
+        members = None if len(active) == len(self._rows) else active
+        if members is not None:
+            idx, weight = idx[members], weight[members]
+        self._train(idx[:, :width], None if min(counts) == width else weight[:, :width], rows,
+                    MemberDraws([self.generators[k] for k in active], counts), members=members,
+                    all_active=members is None)
 
     def _captured(self, idx: Tensor, weight: Tensor, rows: Tensor) -> None:
         self._train(idx, weight, rows, None, cache=False)  # autocast's weight cache is not capturable
 
     def _train(self, idx: Tensor, weight: Tensor | None, rows: Tensor, draws: MemberDraws | None,
-               cache: bool = True, all_active: bool = False) -> None:
-        """Forward, loss, backward and optimizer step for batch ``idx`` (K, B) of global row numbers; ``rows``
-        (K,) counts each member's samples in it (a member with none is not updated), ``weight`` (K, B) marks
-        them (None: all rows count)."""
+               cache: bool = True, members: list[int] | None = None, all_active: bool = False) -> None:
+        """Forward, loss, backward and optimizer step for batch ``idx`` (K, B) of global row numbers (of the
+        ``members`` only, when given); ``rows`` (all K) counts each member's samples in it (a member with none
+        is not updated), ``weight`` marks them (None: all rows count)."""
         xb, yb, vb = self.tables.gather(idx)  # (K, B, T, F), (K, B), (K, B, T)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=cache):
-            out = self.model(xb, vb, draws)
+            out = self.model(xb, vb, draws, members)
             total, terms = self.loss_fn(out, yb, self.epoch, weight)  # (K,) each
         self.opt.zero_grad()
         total.sum().backward()  # members share no weights: each gets the gradient of its own loss
         self.opt.step(rows > 0, all_active)
         zero = torch.zeros_like(total)
         parts = torch.stack([total.detach()] + [terms.get(key, zero) for key in LOSS_KEYS], dim=1).float()
-        self._sums += parts * rows.unsqueeze(1)
+        if members is None:
+            self._sums += parts * rows.unsqueeze(1)
+        else:
+            index = torch.tensor(members, device=self.device)
+            self._sums.index_add_(0, index, parts * rows[index].unsqueeze(1))
 
 
 def train_group(experiments: Sequence[Experiment], *, config: EverestConfig | None = None,
