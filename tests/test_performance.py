@@ -73,6 +73,23 @@ def test_suite_rows_compute_ratios(suite, row):
         assert sorted(suite.shared["packing"]) == [1, 2]
 
 
+def test_grouped_row_measures_a_group_against_its_solo_runs(suite):
+    """Row 8 trains the same members as one group and as solo runs; row 9 compares the batching layouts."""
+    suite.group_ks, suite.group_epochs, suite.group_reps = [2], 1, 1
+    before = len(suite.rows)
+    bench.ROWS[8](suite)
+    bench.ROWS[9](suite)
+    new = suite.rows[before:]
+    names = [r["name"] for r in new]
+    assert any("grouped K=2 vs 2 solo runs" in n for n in names), names
+    assert any(n.startswith("study projection") and "grouped K=2" in n for n in names), names
+    assert {n for n in names if "group layout" in n} == {"group layout, K=5: batched modules vs vmap",
+                                                         "group layout, K=5: batched modules vs solo models"}
+    (measured,) = suite.shared["grouped"]
+    assert measured["shared_epoch_seconds"] and measured["members"] == measured["solo_members"]
+    assert all(math.isfinite(r["ratio"]) and r["ratio"] > 0 for r in new)
+
+
 def test_main_writes_json_and_prints_the_table_last(tmp_path, capsys):
     assert bench.main(["--quick", "--size", "tiny", "--rows", "1", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "benchmarks.json").read_text())
