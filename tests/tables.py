@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pandas as pd
 
 from everest.config import EVEREST_FEATURES
@@ -28,3 +31,15 @@ def make_table(rows: list[tuple[str, int, float]], start: str = "2012-01-01T00:0
             rec[f] = value
         records.append(rec)
     return pd.DataFrame(records, columns=ALL_COLUMNS)
+
+
+def copy_with_bad_c48(source: Path, data: Path) -> tuple[Path, str]:
+    """Copy the data folder ``source`` to ``data`` with one non-numeric TOTUSJH cell in C-48's training file;
+    returns that file and its good text (to write back)."""
+    shutil.copytree(source, data)
+    bad = data / "training_data_C_48.csv"
+    good_text = bad.read_text()
+    lines = good_text.splitlines()
+    lines[5] = lines[5].replace(lines[5].split(",")[4], "oops", 1)
+    bad.write_text("\n".join(lines) + "\n")
+    return bad, good_text

@@ -15,6 +15,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.task_runners import ThreadPoolTaskRunner
+from tables import copy_with_bad_c48
 from tiny import overrides
 
 from flows.production import ProductionParameters, make_flow
@@ -77,12 +78,7 @@ def test_command_line_rejects_bad_input_with_exit_2(args, fragment, tmp_path):
 
 def test_failure_is_reported_and_rerun_retrains_only_it(prefect_server, tiny_data, tmp_path):
     data = tmp_path / "data"
-    shutil.copytree(tiny_data, data)
-    bad = data / "training_data_C_48.csv"
-    good_text = bad.read_text()
-    lines = good_text.splitlines()
-    lines[5] = lines[5].replace(lines[5].split(",")[4], "oops", 1)  # a non-numeric TOTUSJH value
-    bad.write_text("\n".join(lines) + "\n")
+    bad, good_text = copy_with_bad_c48(tiny_data, data)  # a non-numeric TOTUSJH value
     out = tmp_path / "out"
     common = {"targets": ["M-24", "C-48"], "seeds": [0, 1], "data_dir": str(data), "output_dir": str(out),
               "overrides": TINY}

@@ -5,7 +5,6 @@ per experiment."""
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
+from tables import copy_with_bad_c48
 from test_flow import task_states
 from tiny import overrides
 
@@ -126,12 +126,7 @@ def test_groups_of_two_train_report_and_cache_each_experiment(prefect_server, ti
 def test_a_member_that_fails_alone_fails_only_itself_and_the_rerun_trains_only_it(prefect_server, tiny_data,
                                                                                    tmp_path):
     data = tmp_path / "data"
-    shutil.copytree(tiny_data, data)
-    bad = data / "training_data_C_48.csv"
-    good_text = bad.read_text()
-    lines = good_text.splitlines()
-    lines[5] = lines[5].replace(lines[5].split(",")[4], "oops", 1)  # a non-numeric TOTUSJH value
-    bad.write_text("\n".join(lines) + "\n")
+    bad, good_text = copy_with_bad_c48(tiny_data, data)  # a non-numeric TOTUSJH value
     out = tmp_path / "out"
     params = {"targets": ["M-24", "C-48"], "seeds": [0], "data_dir": str(data), "output_dir": str(out)}
     profile = _profile(tmp_path, 2)

@@ -121,7 +121,9 @@ def import_graph() -> dict[str, set[str]]:
 
 def test_the_import_graph_is_read():
     graph = import_graph()
-    assert {"everest.fast", "everest.losses", "everest.model", "everest.config"} <= graph["everest.train"]
+    assert {"everest.loop", "everest.model", "everest.config"} <= graph["everest.train"]
+    assert {"everest.fast", "everest.losses", "everest.model"} <= graph["everest.loop"]
+    assert {"everest.batched", "everest.loop", "everest.train"} <= graph["everest.group"]
     assert "everest.cli" in graph["everest.__main__"]
     assert "everest.config" in graph["everest.losses"]
 
