@@ -288,8 +288,8 @@ def train_experiments(job: GroupJob) -> list[dict[str, Any]]:
     rows, failed = [], {}
     for member in outcomes:
         name = member.experiment.name
-        if member.error is not None or member.results is None:
-            failed[name] = member.error or RuntimeError("training returned no results")
+        if member.error is not None:  # train_group returns each member's results or its own error
+            failed[name] = member.error
             continue
         row = summarise_result(member.results)
         update_progress_artifact(cards[name], progress=100.0,

@@ -25,7 +25,6 @@ import pytest
 import torch
 from tiny import ONE_THREAD, TINY_MODEL, overrides
 
-from everest import synthetic
 from everest.batched import GroupAdamW, GroupedEverest, MemberDraws
 from everest.config import EverestConfig, Experiment, ModelConfig
 from everest.data import data_file
@@ -45,10 +44,9 @@ TINY = EverestConfig().with_overrides(list(TINY_MODEL)).model
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("group-data")
-    synthetic.generate(root, size="tiny", seed=0)
-    return root
+def data_dir(tiny_data) -> Path:
+    """The session's tiny tables (conftest), read only here."""
+    return tiny_data
 
 
 @pytest.fixture(scope="module")
