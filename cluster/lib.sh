@@ -35,18 +35,10 @@ everest_check_import() {
     }
 }
 
-# What a training exit status means (python -m everest train), for logs and failure.json.
+# What an exit status means (python -m everest train, the analysis): the project's one table of exit
+# statuses (everest/errors.py), for logs and failure.json.
 everest_train_status_meaning() {
-    case $1 in
-        0) echo "finished" ;;
-        2) echo "bad input or configuration: fix it, then resubmit" ;;
-        3) echo "training diverged (NaN/inf loss)" ;;
-        4) echo "stopped early (SIGTERM at the walltime or a pre-emption, or train.time_limit_minutes), progress checkpointed: resubmit to resume" ;;
-        143) echo "killed by SIGTERM before training started (walltime, qdel or scancel): resubmit" ;;
-        137) echo "killed by SIGKILL (memory limit, or the scheduler's kill after the walltime): resubmit to resume from the last epoch checkpoint" ;;
-        129 | 1[3-9][0-9]) echo "killed by signal $(($1 - 128)): resubmit to resume from the last epoch checkpoint" ;;
-        *) echo "crashed" ;;
-    esac
+    "$EVEREST_PY" -m everest.errors "$1" 2>/dev/null || echo "exit status $1 (its meaning could not be looked up)"
 }
 
 # Run a command in the background and forward TERM/INT to it: the scheduler may signal only the job

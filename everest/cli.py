@@ -30,6 +30,7 @@ from everest.errors import (
     TimeLimitReached,
     TrainingDiverged,
 )
+from everest.metrics import shown
 
 if TYPE_CHECKING:
     from everest.results import Identity
@@ -83,6 +84,38 @@ MEMBER_EXIT_PRIORITY = (EXIT_USAGE, EXIT_DIVERGED)
 
 
 # ---------------------------------------------------------------------- shared options
+# Argument types: each value is checked as it is given, so a value that a later option overrides (a second
+# --epochs, --targets given twice) is still refused when it is wrong.
+def positive_int(text: str) -> int:
+    """An integer >= 1 (``--epochs``, ``--trials``)."""
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"Input should be greater than or equal to 1 (got {value})")
+    return value
+
+
+def seed_number(text: str) -> int:
+    """A seed: an integer >= 0."""
+    try:
+        value = int(text, 10)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"invalid seed {text!r}: seeds are distinct non-negative integers")
+    return value
+
+
+def target_name(text: str) -> str:
+    """A target such as ``M5-72``, in its canonical spelling."""
+    try:
+        return str(Target.parse(text))
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def add_experiment_arguments(p: argparse.ArgumentParser, *, several: bool = False) -> None:
     """``--flare_class``/``--time_window``/``--seed`` or ``--array-index``: which experiment.
 
@@ -140,7 +173,7 @@ def add_run_arguments(p: argparse.ArgumentParser, *, preset_default: str | None 
                    help="training budget: production (the design document's recipe) or demo (the same recipe, "
                    "capped epochs)" + ("" if preset_default else "; default: demo for the embedded demo data, "
                                        "production with --data-dir"))
-    p.add_argument("--epochs", type=int, help="epoch cap (train.epochs)")
+    p.add_argument("--epochs", type=positive_int, help="epoch cap (train.epochs)")
     if device:
         p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (train.device)")
 
@@ -156,17 +189,19 @@ def _result_line(exp: Experiment, res: dict[str, Any], output_dir: str | Path) -
     from everest.results import experiment_dir
 
     m = res["test_metrics"]
-    return (f"{exp.name}: test TSS {m['tss']:.3f} (threshold {res['threshold']['selected']:.4g} from "
-            f"{res['threshold']['source']}), ROC AUC {m['roc_auc']:.3f}, Brier {m['brier']:.4f}; "
+    return (f"{exp.name}: test TSS {shown(m['tss'])} (threshold {res['threshold']['selected']:.4g} from "
+            f"{res['threshold']['source']}), ROC AUC {shown(m['roc_auc'])}, Brier {m['brier']:.4f}; "
             f"results in {experiment_dir(output_dir, exp.name)}")
 
 
 def _train(args: argparse.Namespace) -> int:
     """One experiment (its failure is the command's), or several as one group (:func:`_train_group`)."""
+    from everest.io import check_writable_dir
     from everest.train import ProductionTrainer
 
     cfg = config_from_args(args)
     experiments = experiments_from_args(args)
+    check_writable_dir(args.output_dir, "output folder")
     if len(experiments) > 1:
         return _train_group(experiments, cfg, args)
     (exp,) = experiments
@@ -231,8 +266,8 @@ def _baselines(args: argparse.Namespace) -> None:
     for model in BASELINES if args.model == "all" else (args.model,):
         res = fit_baseline(model, experiment, cfg, args.data_dir, args.output_dir, force=args.force)
         m = res["test_metrics"]
-        print(f"{model} {experiment.name}: test TSS {m['tss']:.3f} (threshold {res['threshold']['selected']:.4g}), "
-              f"ROC AUC {m['roc_auc']:.3f}, Brier {m['brier']:.4f}, fitted in {res['training']['seconds']:.2f} s; "
+        print(f"{model} {experiment.name}: test TSS {shown(m['tss'])} (threshold {res['threshold']['selected']:.4g}), "
+              f"ROC AUC {shown(m['roc_auc'])}, Brier {m['brier']:.4f}, fitted in {res['training']['seconds']:.2f} s; "
               f"results in {experiment_dir(baseline_root(args.output_dir, model), experiment.name)}")
 
 
@@ -247,7 +282,7 @@ def _ensemble(args: argparse.Namespace) -> None:
     for t, res in built.items():
         if isinstance(res, dict):
             m = res["test_metrics"]
-            print(f"{t}: ensemble of seeds {res['experiment']['members']}: test TSS {m['tss']:.3f} "
+            print(f"{t}: ensemble of seeds {res['experiment']['members']}: test TSS {shown(m['tss'])} "
                   f"(threshold {res['threshold']['selected']:.4g}), Brier {m['brier']:.4f} (raw {m['brier_raw']:.4f})"
                   f"; results in {experiment_dir(ensemble_root(args.output_dir), res['experiment']['name'])}")
         elif targets:

@@ -13,10 +13,11 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from everest.errors import ConfigError, describe_validation_error
 from everest.io import load_mapping
@@ -381,29 +382,40 @@ class EverestConfig(_Frozen):
 
     def with_overrides(self, overrides: dict[str, Any] | list[str]) -> EverestConfig:
         """A copy with dotted-key overrides applied (``{"train.epochs": 3}`` or ``["train.epochs=3"]``)."""
-        pairs = _parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides)
+        pairs = _parse_overrides(overrides) if isinstance(overrides, list) else list(overrides.items())
         data = self.model_dump(mode="json")
-        for key, value in pairs.items():
-            node = data
+        for key, value in pairs:  # each checked as given, even when a later one sets the same key
+            node, model = data, type(self)
             *path, leaf = key.split(".")
             for part in path:
-                if not isinstance(node.get(part), dict):
+                field = model.model_fields.get(part)
+                if not isinstance(node.get(part), dict) or field is None:
                     raise ConfigError(f"unknown configuration key {key!r}: {part!r} is not a section")
-                node = node[part]
+                node, model = node[part], field.annotation
             if leaf not in node:
                 raise ConfigError(f"unknown configuration key {key!r}; known keys here: {sorted(node)}")
+            _check_value(key, model.model_fields[leaf], value)
             node[leaf] = value
         return _validate(data, source="overrides")
 
 
-def _parse_overrides(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"invalid override {item!r}: expected KEY=VALUE, e.g. train.epochs=3")
-        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else raw
+        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else raw))
     return out
+
+
+def _check_value(key: str, field: FieldInfo, value: Any) -> None:
+    """One override's value against its own key's type and bounds (the whole configuration is validated after)."""
+    try:
+        kind = Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation
+        TypeAdapter(kind).validate_python(value)
+    except ValidationError as err:
+        raise ConfigError(describe_validation_error(err, f"override {key}={value!r}")) from None
 
 
 def _validate(data: dict[str, Any], source: str) -> EverestConfig:

@@ -38,6 +38,10 @@ MAX_ABS_VALUE = 1e37
 MAX_REGION = 999_999_999
 # Bump when sample formation changes, so stale caches are rebuilt.
 BUILDER_VERSION = "1"
+# Fewest positive samples a validation split may hold. The threshold is the one of highest validation TSS,
+# whose recall term moves in steps of 1 / positives: below 10 positives one sample moves TSS by more than
+# 0.1, as much as the seed-to-seed spread of the rarest targets, so the chosen threshold would be noise.
+MIN_VALIDATION_POSITIVES = 10
 
 
 @dataclass(frozen=True)
@@ -507,13 +511,13 @@ def _cache_key(file_digest: str, target: Target, cfg: DataConfig) -> str:
 def load_samples(path: str | Path, target: Target, cfg: DataConfig, seq_len: int,
                  cache_dir: Path | None = None) -> tuple[SampleSet, str]:
     """Samples of one file plus its content hash; reuses a cache built from the same content and config."""
-    samples, digest, save = _load_samples(Path(path), target, cfg, seq_len, cache_dir)
+    samples, digest, save = read_samples(Path(path), target, cfg, seq_len, cache_dir)
     save()
     return samples, digest
 
 
-def _load_samples(path: Path, target: Target, cfg: DataConfig, seq_len: int,
-                  cache_dir: Path | None) -> tuple[SampleSet, str, Callable[[], None]]:
+def read_samples(path: Path, target: Target, cfg: DataConfig, seq_len: int,
+                 cache_dir: Path | None) -> tuple[SampleSet, str, Callable[[], None]]:
     """Like :func:`load_samples`, but the cache write is returned, so callers can write only after all
     their inputs proved valid (bad input leaves nothing behind)."""
     _require_file(path)
@@ -573,6 +577,38 @@ def split_validation(samples: SampleSet, cfg: DataConfig, seed: int) -> tuple[Sa
     return samples.subset(~is_val), samples.subset(is_val)
 
 
+def require_positives(train_path: Path, samples: SampleSet) -> None:
+    """Refuse a training table without positive samples: there is nothing to learn."""
+    if samples.n_positive == 0:
+        raise DataError(f"{train_path}: no positive samples: all {len(samples)} samples are labelled 'N' in "
+                        f"column {LABEL_COLUMN!r}, so there is nothing to learn; expected flaring rows labelled "
+                        "'P' (a different label convention?)")
+
+
+def check_learnable(train_path: Path, train_all: SampleSet, val: SampleSet, split: str = "validation split") -> None:
+    """Refuse a training table that cannot be learned from, or a validation ``split`` of it too poor in
+    positives to choose a threshold on, naming the file and the counts. A test table without positives is
+    allowed: its undefined metrics are reported as undefined."""
+    require_positives(train_path, train_all)
+    if val.n_positive < MIN_VALIDATION_POSITIVES:
+        flaring = len(np.unique(val.region[val.y == 1]))
+        raise DataError(f"{train_path}: the {split} ({len(np.unique(val.region))} regions, {len(val)} samples) "
+                        f"holds {val.n_positive} positive sample(s) from {flaring} flaring region(s) of the "
+                        f"table's {train_all.n_positive}; at least {MIN_VALIDATION_POSITIVES} are needed to choose "
+                        "a decision threshold (raise data.validation_fraction, or give a table with more flaring "
+                        "regions)")
+
+
+def learnable_folds(train_path: Path, samples: SampleSet, k: int, seed: int,
+                    cfg: DataConfig) -> list[tuple[SampleSet, SampleSet]]:
+    """The ``k`` region folds tuning scores on (:func:`region_folds`), each refused unless learnable."""
+    require_positives(train_path, samples)
+    folds = region_folds(samples, k, seed if cfg.split_seed is None else cfg.split_seed)
+    for i, (_, val) in enumerate(folds):
+        check_learnable(train_path, samples, val, f"validation fold {i + 1} of {k}")
+    return folds
+
+
 def region_folds(samples: SampleSet, k: int, seed: int) -> list[tuple[SampleSet, SampleSet]]:
     """``k`` region-disjoint (training, validation) pairs: every region is validation in exactly one fold.
 
@@ -600,7 +636,7 @@ def prepare_folds(data_dir: str | Path, target: Target, seed: int, cfg: DataConf
     path = data_file(Path(data_dir), target, "train")
     samples, digest = load_samples(path, target, cfg, seq_len, cache_dir)
     folds = []
-    for train, val in region_folds(samples, k, seed if cfg.split_seed is None else cfg.split_seed):
+    for train, val in learnable_folds(path, samples, k, seed, cfg):
         scaler = Scaler.fit(train, cfg.features, cfg)
         train, val = scaler.transform(train), scaler.transform(val)
         if target.flare_class in cfg.augment_classes:
@@ -692,9 +728,11 @@ def prepare_experiment(data_dir: str | Path, target: Target, seed: int, cfg: Dat
                        cache_dir: Path | None = None) -> ExperimentData:
     """Everything one experiment needs: read (or reuse cached) samples, split, scale, augment."""
     train_path, test_path = data_file(Path(data_dir), target, "train"), data_file(Path(data_dir), target, "test")
-    train_all, h_train, save_train = _load_samples(train_path, target, cfg, seq_len, cache_dir)
-    test, h_test, save_test = _load_samples(test_path, target, cfg, seq_len, cache_dir)
+    train_all, h_train, save_train = read_samples(train_path, target, cfg, seq_len, cache_dir)
+    test, h_test, save_test = read_samples(test_path, target, cfg, seq_len, cache_dir)
+    require_positives(train_path, train_all)
     train, val = split_validation(train_all, cfg, seed)
+    check_learnable(train_path, train_all, val)
     save_train()
     save_test()
     scaler = Scaler.fit(train, cfg.features, cfg)

@@ -1,31 +1,44 @@
-"""Per-target summary of a data folder: samples, positives, regions, the Bayes ceiling when known, and a status.
+"""What a data folder holds and whether a run can use it: the per-target summary of ``everest data check``
+and the preflight check of a run's experiments.
 
 A folder may hold the files of only some targets: a target with neither of its two files is *absent* (not
 an error unless it was asked for), one with a single file is an error naming the missing file, and a
 malformed file is an error whose message (from :class:`~everest.data.DataError`) names the file, line and
-column. One bad target does not hide the others' summaries.
+column. A training table without positives, or whose validation split holds too few to choose a threshold,
+is an error too; a test table without positives is a warning (its undefined metrics are reported as such).
+One bad target does not hide the others' summaries.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from everest import metrics as M
-from everest.config import FLARE_CLASSES, HORIZONS, DataConfig, Target, all_targets
-from everest.data import DataError, data_file, load_samples
+from everest.config import FLARE_CLASSES, HORIZONS, DataConfig, Experiment, Target, all_targets
+from everest.data import (
+    DataError,
+    SampleSet,
+    check_learnable,
+    data_file,
+    learnable_folds,
+    read_samples,
+    require_positives,
+    split_validation,
+)
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "test")
 OK = "ok"
 ABSENT = "absent"
+WARNING = "warning: "  # the prefix of a status that does not stop a run
 _COUNTS = ("samples", "positives", "rate", "regions")
-COLUMNS = ("target", *(f"{s}_{c}" for s in SPLITS for c in _COUNTS))
+COLUMNS = ("target", *(f"{s}_{c}" for s in SPLITS for c in _COUNTS), "val_positives")
 CEILING_COLUMNS = ("ceiling_tss", "ceiling_auc", "ceiling_brier")
 FILE_PATTERN = (f"training_data_<CLASS>_<HOURS>.csv and testing_data_<CLASS>_<HOURS>.csv "
                 f"(CLASS in {', '.join(FLARE_CLASSES)}; HOURS in {', '.join(map(str, HORIZONS))}; "
@@ -64,14 +77,16 @@ def _target_row(data_dir: Path, target: Target, cfg: DataConfig, seq_len: int, r
     if len(missing) == len(paths) and not requested:
         return {**row, "status": ABSENT}
     problems = [f"missing {' and '.join(missing)}"] if missing else []
+    samples: dict[str, SampleSet] = {}
     for split, path in paths.items():
         if path.name in missing:
             continue
         try:
-            s, _ = load_samples(path, target, cfg, seq_len)
+            s, _, _ = read_samples(path, target, cfg, seq_len, None)
         except DataError as err:
             problems.append(str(err))
             continue
+        samples[split] = s
         row.update({f"{split}_samples": len(s), f"{split}_positives": s.n_positive,
                     f"{split}_rate": s.n_positive / len(s), f"{split}_regions": len(np.unique(s.region))})
         if split == "test" and truth_path(path).is_file():
@@ -83,8 +98,84 @@ def _target_row(data_dir: Path, target: Target, cfg: DataConfig, seq_len: int, r
                 with M.ignore_undefined():
                     row.update(ceiling_tss=M.max_tss(s.y, p), ceiling_auc=M.roc_auc(s.y, p),
                                ceiling_brier=M.brier(s.y, p))
+    if "train" in samples:
+        try:
+            val = _learnable(paths["train"], samples["train"], cfg, seed=0)
+            row["val_positives"] = val.n_positive
+        except DataError as err:
+            problems.append(str(err))
+    if not problems and samples.get("test") is not None and samples["test"].n_positive == 0:
+        return {**row, "status": f"{WARNING}{paths['test'].name} holds no positive samples: test TSS, recall, F1 "
+                "and ROC AUC will be undefined"}
     row["status"] = "; ".join(problems) or OK
     return row
+
+
+def _learnable(train_path: Path, train_all: SampleSet, cfg: DataConfig, seed: int) -> SampleSet:
+    """The validation split a run of ``seed`` carves out of the training samples, once they proved learnable."""
+    require_positives(train_path, train_all)
+    _, val = split_validation(train_all, cfg, seed)
+    check_learnable(train_path, train_all, val)
+    return val
+
+
+_CHECKED: set[tuple] = set()  # runs whose tables this process has already checked: (file digests, settings)
+
+
+def check_experiments(data_dir: str | Path, experiments: Sequence[Experiment], cfg: DataConfig, seq_len: int,
+                      cache_dir: Path | None = None) -> None:
+    """Read and validate every table the experiments use, with the reader their training uses, before any work.
+
+    Refuses (:class:`DataError`, every problem in one line) a missing or malformed table, a training table
+    without positives, and a validation split (of each seed, when the split depends on it) with fewer than
+    :data:`everest.data.MIN_VALIDATION_POSITIVES` positives. The cost stays proportional: each table is read
+    once, the samples built from it go to ``cache_dir`` (the cache training reads, keyed by content) only once
+    every table proved valid, and a process checks the same content and settings once.
+    """
+    data_dir = Path(data_dir)
+    seeds: dict[Target, list[int]] = {}
+    for e in experiments:
+        seeds.setdefault(e.target, []).append(e.seed)
+    problems: list[str] = []
+    saves: list[Callable[[], None]] = []
+    for target, target_seeds in seeds.items():
+        paths = [data_file(data_dir, target, split) for split in SPLITS]
+        missing = [p.name for p in paths if not p.is_file()]
+        if missing:
+            problems.append(f"{target}: data file(s) not found in {data_dir}: {', '.join(missing)}")
+            continue
+        split_seeds = target_seeds if cfg.split_seed is None else [cfg.split_seed]
+        try:
+            loaded = [read_samples(p, target, cfg, seq_len, cache_dir) for p in paths]
+            key = (str(target), loaded[0][1], loaded[1][1], cfg.model_dump_json(), seq_len, tuple(split_seeds))
+            if key not in _CHECKED:
+                for seed in split_seeds:
+                    _learnable(paths[0], loaded[0][0], cfg, seed)
+        except DataError as err:
+            problems.append(str(err))
+            continue
+        saves += [save for _, _, save in loaded]
+        _CHECKED.add(key)
+    if problems:
+        raise DataError("; ".join(problems))
+    for save in saves:
+        save()
+
+
+def check_training_folds(data_dir: str | Path, targets: Sequence[Target], cfg: DataConfig, seq_len: int,
+                         folds: int, seed: int) -> None:
+    """Tuning's preflight: each target's training table (the only one tuning opens), read by the same reader,
+    must have positives and every region fold's validation part enough to score a threshold on."""
+    problems = []
+    for target in targets:
+        path = data_file(Path(data_dir), target, "train")
+        try:
+            samples, _, _ = read_samples(path, target, cfg, seq_len, None)
+            learnable_folds(path, samples, folds, seed, cfg)
+        except DataError as err:
+            problems.append(str(err))
+    if problems:
+        raise DataError("; ".join(problems))
 
 
 def _cell(column: str, value: object) -> str:
@@ -109,17 +200,25 @@ def format_summary(df: pd.DataFrame) -> str:
     return "\n".join(f"{line}  {s}" for line, s in zip(lines, status, strict=True))
 
 
+def _usable(status: pd.Series) -> pd.Series:
+    """Statuses that do not stop a run: ok, absent, or a warning."""
+    return status.isin([OK, ABSENT]) | status.str.startswith(WARNING)
+
+
 def problems(df: pd.DataFrame) -> list[str]:
-    """``"<target>: <status>"`` for every target that was checked and is not ok."""
-    bad = df[~df["status"].isin([OK, ABSENT])]
+    """``"<target>: <status>"`` for every target that was checked and cannot be used by a run."""
+    bad = df[~_usable(df["status"])]
     return [f"{t}: {s}" for t, s in zip(bad["target"], bad["status"], strict=True)]
 
 
 def summary_line(df: pd.DataFrame) -> str:
-    """One line: how many targets are present and readable, which have problems, which are absent."""
-    n_ok = int((df["status"] == OK).sum())
+    """One line: how many targets are present and readable, which have warnings or errors, which are absent."""
+    n_ok = int(((df["status"] == OK) | df["status"].str.startswith(WARNING)).sum())
     parts = [f"{n_ok} of {len(df)} target{'s' if len(df) != 1 else ''} present and readable"]
-    bad = df.loc[~df["status"].isin([OK, ABSENT]), "target"]
+    warned = df.loc[df["status"].str.startswith(WARNING), "target"]
+    if len(warned):
+        parts.append(f"with warnings: {', '.join(warned)}")
+    bad = df.loc[~_usable(df["status"]), "target"]
     if len(bad):
         parts.append(f"with errors: {', '.join(bad)}")
     absent = df.loc[df["status"] == ABSENT, "target"]

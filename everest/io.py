@@ -44,6 +44,21 @@ def atomic_write(path: str | Path, writer: Callable[[Path], Any]) -> Path:
     return Path(path)
 
 
+def check_writable_dir(path: str | Path, what: str) -> None:
+    """Refuse (:class:`ConfigError`) a folder that is not one, or cannot be created or written, without
+    creating anything: the folder itself when it exists, else its nearest existing parent, is checked."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"cannot be created: {existing} is a file"
+        raise ConfigError(f"{what} {path} {where}; expected a folder, or a path where one can be created")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "is not writable" if existing == path else f"cannot be created: {existing} is not writable"
+        raise ConfigError(f"{what} {path} {where} by this user; choose a folder you can write")
+
+
 def write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda p: p.write_text(text))
 

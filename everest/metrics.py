@@ -6,7 +6,8 @@ validated once, here at the boundary: a bad argument raises :class:`ValueError` 
 the argument, what is allowed and what was given.
 
 Degenerate inputs get a value chosen on purpose plus an :class:`UndefinedMetricWarning`, so that a
-threshold sweep or a seed average never crashes or silently turns into NaN:
+threshold sweep never crashes or silently turns into NaN (:func:`evaluate`, whose values are the ones
+reported, gives NaN instead: an undefined metric is shown as undefined, never as a number):
 
 * precision with no predicted positives (tp + fp = 0) is 0.0: "no positive forecasts" earns no credit;
 * recall with no positive samples (tp + fn = 0) is 0.0 and specificity with no negative samples
@@ -55,6 +56,7 @@ __all__ = [
     "precision",
     "recall",
     "roc_auc",
+    "shown",
     "at_grid_edge",
     "best_threshold",
     "select_threshold",
@@ -361,14 +363,30 @@ METRICS: dict[str, Callable[..., float]] = {**THRESHOLD_METRICS, **PROBABILITY_M
 
 
 def evaluate(y_true: ArrayLike, y_prob: ArrayLike, threshold: float = DEFAULT_THRESHOLD) -> dict[str, float]:
-    """All metrics at one threshold plus roc_auc, brier, ece and the counts tp/fp/tn/fn, for one results row."""
+    """All metrics at one threshold plus roc_auc, brier, ece and the counts tp/fp/tn/fn, for one results row.
+
+    These are the values reported, so a metric undefined for these samples is NaN (with the warning), not the
+    substitute a threshold sweep uses: without positives recall, TSS and ROC AUC (and F1 when nothing is
+    forecast positive either), without negatives specificity and TSS, without positive forecasts precision.
+    """
     y, p = check_inputs(y_true, y_prob)
     t = _check_threshold(threshold)
     counts = _counts(y, p, t)
     out: dict[str, float] = {name: float(fn(*counts)) for name, fn in METRICS_FROM_COUNTS.items()}
+    tp, fp, tn, fn = counts
+    undefined = {"precision": tp + fp == 0, "recall": tp + fn == 0, "specificity": tn + fp == 0,
+                 "f1": 2 * tp + fp + fn == 0}
+    undefined["tss"] = undefined["recall"] or undefined["specificity"]
+    out.update({name: float("nan") for name, undef in undefined.items() if undef})
     out.update(roc_auc=roc_auc(y, p), brier=brier(y, p), ece=ece(y, p))
     out.update(counts._asdict())
     return out
+
+
+def shown(value: float | None, spec: str = ".3f") -> str:
+    """A reported metric for a person: ``value`` formatted with ``spec``, or "undefined" when it is NaN or None
+    (what :func:`evaluate` gives a metric these samples cannot define)."""
+    return "undefined" if value is None or value != value else format(value, spec)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ from prefect.states import Completed, Failed
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from everest import baselines, io, results, stopping
-from everest.cli import add_run_arguments
+from everest.cli import add_run_arguments, seed_number, target_name
 from everest.config import (
     DEFAULT_SEEDS,
     PRESETS,
@@ -63,6 +63,7 @@ from everest.config import (
 )
 from everest.data import data_file, file_hash
 from everest.errors import EXIT_USAGE, ConfigError, DataError, describe_validation_error
+from everest.metrics import shown
 from flows.profiles import Profile, clear_submission_failures, load_profile, submission_failures
 from flows.server import is_loopback
 
@@ -294,7 +295,7 @@ def train_experiments(job: GroupJob) -> list[dict[str, Any]]:
         row = summarise_result(member.results)
         update_progress_artifact(cards[name], progress=100.0,
                                  description=f"{name}: finished after {row['epochs_run']} epochs (100 %)")
-        logger.info("%s: test TSS %.3f, threshold %.3g, best epoch %d of %d, trained in %s", name, row["tss"],
+        logger.info("%s: test TSS %s, threshold %.3g, best epoch %d of %d, trained in %s", name, shown(row["tss"]),
                     row["threshold"], row["best_epoch"], row["epochs_run"], _duration(row["seconds"]))
         rows.append(row)
     if failed and not grouped:
@@ -441,20 +442,38 @@ def check_api_reachable(site: Profile, api_url: str | None) -> None:
         )
 
 
-def preflight(params: ProductionParameters, site: Profile, api_url: str | None,
-              query_site: bool = True) -> EverestConfig:
-    """Everything that can refuse a run before a server starts or a job is submitted, cheapest first;
-    ``query_site`` asks the batch system too (queue, resources). Returns the run's configuration."""
+def preflight(params: ProductionParameters, site: Profile, api_url: str | None) -> EverestConfig:
+    """Everything that can refuse a run before a server starts or a job is submitted, cheapest first: the
+    parameters, the output folder, the address, the batch system (queue, resources and their values), then
+    every table the experiments read. Returns the run's configuration."""
     cfg = params.effective_config()
     check_data_dir(params)
     if params.embedded_demo and not site.workers_on_this_host:
         raise ConfigError(f"cluster profile {site.source} runs workers on other machines: give a data folder on "
                           "the shared file system (--data-dir / data_dir); the embedded demo runs on one machine")
+    out = Path(params.output_dir)
+    io.check_writable_dir(out, "output folder")
     check_api_reachable(site, api_url)
-    site.check_run_dir(Path(params.output_dir))
-    if query_site:
-        site.check_site()
+    site.check_run_dir(out)
+    site.check_site()
+    check_tables(params, cfg)
     return cfg
+
+
+def check_tables(params: ProductionParameters, cfg: EverestConfig) -> None:
+    """Read and validate every table of the run's experiments with the reader training uses (columns, values,
+    labels, enough positives), once per content; the embedded demo's tables are checked once generated."""
+    from everest.datacheck import check_experiments
+
+    if params.embedded_demo and not demo_tables_present(params):
+        return
+    check_experiments(params.data_path, params.experiments, cfg.data, cfg.model.seq_len,
+                      cache_dir=Path(params.output_dir) / "cache")
+
+
+def demo_tables_present(params: ProductionParameters) -> bool:
+    """Whether the embedded demo's 18 tables exist (else the flow generates them)."""
+    return all(data_file(params.data_path, t, s).is_file() for t in all_targets() for s in ("train", "test"))
 
 
 def run_production(params: ProductionParameters, site: Profile) -> Any:
@@ -465,7 +484,6 @@ def run_production(params: ProductionParameters, site: Profile) -> Any:
     from prefect.settings import PREFECT_API_URL
 
     cfg = preflight(params, site, PREFECT_API_URL.value())
-    _check_writable(Path(params.output_dir))
     try:
         with io.exclusive_lock(Path(params.output_dir) / ".everest.lock", f"output directory {params.output_dir}"):
             return _run_locked(params, site, cfg)
@@ -501,12 +519,12 @@ def _run_locked(params: ProductionParameters, site: Profile, cfg: EverestConfig)
     _announce_run()
     experiments = params.experiments
     data_dir, out = params.data_path, Path(params.output_dir)
-    if params.embedded_demo and not all(data_file(data_dir, t, s).is_file() for t in all_targets()
-                                        for s in ("train", "test")):
+    if params.embedded_demo and not demo_tables_present(params):
         from everest import synthetic
 
         logger.info("embedded demo: generating synthetic SHARP tables in %s", data_dir)
         synthetic.generate(data_dir, size="demo", seed=0)
+        check_tables(params, cfg)
     hashes = _data_hashes(data_dir, params.target_list)
     results_dir = out / "results"
     storage = out / ".prefect-results"
@@ -680,7 +698,7 @@ class RunProgress:
     def finished(self, name: str, row: dict[str, Any], cached: bool) -> None:
         self.trained += not cached
         how = "cached" if cached else f"trained in {_duration(row.get('seconds'))}"
-        self._report(f"{name}: test TSS {row['tss']:.3f}, threshold {row['threshold']:.3g}, {how}")
+        self._report(f"{name}: test TSS {shown(row['tss'])}, threshold {row['threshold']:.3g}, {how}")
 
     def failed(self, name: str, error: str) -> None:
         self._report(f"{name}: FAILED: {error}", error=True)
@@ -767,16 +785,6 @@ def _workers_connected() -> int:
     return len(client.scheduler_info(n_workers=-1)["workers"]) if client is not None else 0
 
 
-def _check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(f"output directory {out} is not writable: {err}") from None
-
-
 def make_flow(profile: str | Profile, name: str | None = None) -> Any:
     """The flow ``everest-production`` bound to one cluster profile's Dask task runner.
 
@@ -857,9 +865,9 @@ __getattr__ = lazy_variants(make_flow, _VARIANTS, globals())
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m flows.production",
                                 description="Run the EVEREST production study (flow everest-production).")
-    p.add_argument("--targets", nargs="+", default=[str(t) for t in all_targets()], metavar="TARGET",
-                   help="targets such as C-24 M-48 (default: all 9)")
-    p.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS), metavar="SEED",
+    p.add_argument("--targets", nargs="+", type=target_name, default=[str(t) for t in all_targets()],
+                   metavar="TARGET", help="targets such as C-24 M-48 (default: all 9)")
+    p.add_argument("--seeds", nargs="+", type=seed_number, default=list(DEFAULT_SEEDS), metavar="SEED",
                    help="seeds (default 0 1 2 3 4)")
     p.add_argument("--profile", default="local", help="cluster profile: local, pbs, slurm or a YAML file")
     p.add_argument("--data-dir", help=f"folder of the targets' SHARP CSVs (default: the embedded demo, synthetic "
@@ -933,7 +941,7 @@ def _print_summary(state: Any, out: Path, browse: str) -> None:
 
         table = pd.DataFrame(rows)
         table = table[table.model == "everest"][["experiment", "tss", "roc_auc", "brier", "threshold", "epochs_run"]]
-        print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="undefined"))
     for name in data.get("failed", []):
         print(f"FAILED: {name}")
     print(f"flow run ended {state.name}: {data.get('completed', len(rows))} experiments finished "
@@ -972,7 +980,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = parameters_from_args(args)
         site = load_profile(args.profile)
-        preflight(params, site, api_url, query_site=False)  # the flow queries the batch system itself
+        preflight(params, site, api_url)
         host = None if api_url else site.reachable_host()
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)

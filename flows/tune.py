@@ -24,7 +24,7 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from everest import tuning
-from everest.cli import add_run_arguments
+from everest.cli import add_run_arguments, positive_int, seed_number, target_name
 from everest.config import EverestConfig, Target, TuningRecord, experiment_matrix, run_config
 from everest.data import data_file
 from everest.errors import EXIT_USAGE, ConfigError, DataError, describe_validation_error
@@ -141,17 +141,20 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
     return {"state": "complete", "value": value}
 
 
-def check_training_files(params: TuneParameters) -> None:
-    """Only the training files are needed (and read): name each one that is missing."""
+def check_training_files(params: TuneParameters, base: EverestConfig) -> None:
+    """Only the training files are needed (and read): each must exist, be valid and learnable on every fold."""
+    from everest.datacheck import check_training_folds
+
     missing = [str(data_file(params.data_path, t, "train")) for t in params.target_list
                if not data_file(params.data_path, t, "train").is_file()]
     if params.data_dir is None and missing:
         from everest import synthetic
 
         synthetic.generate(params.data_path, size="demo", seed=0)
-        return
-    if missing:
+    elif missing:
         raise DataError(f"training files not found: {missing} (tuning reads only the training files)")
+    check_training_folds(params.data_path, params.target_list, base.data, base.model.seq_len, params.folds,
+                         params.seed)
 
 
 def _open_study(params: TuneParameters, space: tuning.SearchSpace, base: EverestConfig) -> Any:
@@ -188,7 +191,7 @@ def run_tuning(params: TuneParameters, site: Profile) -> dict[str, Any]:
     logger = get_run_logger()
     base = params.base_config()
     space = params.search_space(base)
-    check_training_files(params)
+    check_training_files(params, base)
     study = _open_study(params, space, base)
     finished_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     done = len(study.get_trials(deepcopy=False, states=finished_states))
@@ -383,8 +386,9 @@ __getattr__ = lazy_variants(make_flow, _VARIANTS, globals())
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m flows.tune", description="Tune an EVEREST recipe on validation "
                                 "folds of the training files (flow everest-tune); the test files are never read.")
-    p.add_argument("--targets", nargs="+", default=["M-24"], metavar="TARGET", help="targets (default M-24)")
-    p.add_argument("--trials", type=int, default=30, help="trials the study should hold (default 30)")
+    p.add_argument("--targets", nargs="+", type=target_name, default=["M-24"], metavar="TARGET",
+                   help="targets (default M-24)")
+    p.add_argument("--trials", type=positive_int, default=30, help="trials the study should hold (default 30)")
     p.add_argument("--folds", type=int, default=3, help="region folds per training file (default 3)")
     p.add_argument("--metric", default="val_tss", choices=list(tuning.METRICS), help="score maximised")
     p.add_argument("--space", help="search-space file (default deployments/tuning/search_space.yaml)")
@@ -393,7 +397,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--storage", help="SQLAlchemy URL of the study database (default SQLite in OUTPUT/tuning)")
     p.add_argument("--study", default=STUDY, help=f"study name; the same name continues it (default {STUDY})")
     p.add_argument("--profile", default="local", help="cluster profile: local, pbs, slurm or a YAML file")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampler, folds and training (default 0)")
+    p.add_argument("--seed", type=seed_number, default=0, help="seed of the sampler, folds and training (default 0)")
     add_run_arguments(p, preset_default=None, device=False)
     p.add_argument("--verbose", action="store_true", help="show Prefect's and Dask's log lines too")
     return p.parse_args(argv)
@@ -419,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
                                 config_file=args.config, overrides=args.overrides, epochs=args.epochs, seed=args.seed)
         site = load_profile(args.profile)
         params.search_space(params.base_config())  # every problem of the space and the config, before anything
+        check_training_files(params, params.base_config())
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE

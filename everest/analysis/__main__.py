@@ -10,9 +10,7 @@ from pathlib import Path
 from everest.analysis.analyzer import ProductionAnalyzer
 from everest.analysis.loading import AnalysisError
 from everest.config import ConfigError
-
-EXIT_USAGE = 2  # bad arguments or unanalysable results: nothing to retry
-EXIT_NOTHING = 1  # the report was written but no experiment had finished
+from everest.errors import EXIT_FAILED, EXIT_USAGE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     stale = f", {summary.n_stale} stale" if summary.n_stale else ""
     print(f"{summary.n_completed}/{summary.n_expected} experiments analysed ({summary.n_failed} failed, "
           f"{summary.n_missing} missing{stale}) in {summary.seconds:.1f} s; report: {summary.report}")
-    return 0 if summary.n_completed else EXIT_NOTHING
+    return 0 if summary.n_completed else EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -54,6 +54,12 @@ def _first_region_rows(df: pd.DataFrame) -> pd.Index:
     return df.index[df.NOAA_AR == df.NOAA_AR.iloc[0]]
 
 
+def _few_positives(df: pd.DataFrame) -> pd.DataFrame:
+    """Keep the first 5 positive rows only: one flaring region, which the validation split cannot share."""
+    positive = df.index[df.Flare == "P"]
+    return df.assign(Flare=df.Flare.where(~df.index.isin(positive[5:]), "N"))
+
+
 # (case, how to spoil the data folder, expected message fragments); all must exit 2 and write nothing.
 DATA_CASES = [
     ("missing file", lambda d: (d / TRAIN).unlink(), ["data file not found", TRAIN]),
@@ -71,6 +77,11 @@ DATA_CASES = [
     ("duplicate rows", _edit(TRAIN, lambda df: pd.concat([df.iloc[:5], df.iloc[[4]], df.iloc[5:]])),
      ["out of time order", "line 7"]),
     ("gigantic values", _edit(TRAIN, _set(6, "USFLUX", 1e300)), ["'USFLUX'", "1e+300", "float32 range"]),
+    ("training table without positives (P relabelled N)",
+     _edit(TRAIN, lambda df: df.assign(Flare=df.Flare.replace("P", "N"))),
+     [TRAIN, "no positive samples", "all 2323 samples are labelled 'N'", "nothing to learn"]),
+    ("validation split too poor in positives to choose a threshold", _edit(TRAIN, _few_positives),
+     [TRAIN, "the validation split", "holds 0 positive sample(s)", "at least 10 are needed to choose a decision"]),
 ]
 
 
@@ -142,8 +153,11 @@ def test_all_negatives_in_the_test_split_are_handled(spoiled, tmp_path, run_trai
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "out" / "results" / "everest_M_24h_seed0" / "results.json").read_text())
     m = res["test_metrics"]
-    assert m["tp"] == 0 and m["fn"] == 0 and m["recall"] == 0.0  # documented value for "no positives"
-    assert m["roc_auc"] != m["roc_auc"]  # NaN: undefined with one class, not a crash
+    assert m["tp"] == 0 and m["fn"] == 0
+    for name in ("recall", "tss", "roc_auc"):  # undefined without positives: NaN, never a number
+        assert m[name] != m[name], (name, m[name])
+    assert m["specificity"] == m["tn"] / (m["tn"] + m["fp"]) and m["brier"] >= 0.0  # defined ones stay numbers
+    assert "test TSS undefined" in r.stdout and "ROC AUC undefined" in r.stdout, r.stdout
 
 
 # Parameters: refused by the flow's command line before anything starts.
@@ -157,6 +171,12 @@ PARAM_CASES = [
     ("batch size 0", ["--set", "train.batch_size=0"], "train.batch_size"),
     ("unknown profile", ["--profile", "lsf"], "lsf"),
     ("shell text in a target", ["--targets", "C-24; rm -rf ~"], "invalid target 'C-24; rm -rf ~'"),
+    ("invalid override that a later option replaces", ["--set", "train.epochs=abc", "--epochs", "1"],
+     "invalid override train.epochs='abc'"),
+    ("invalid epochs that a later --epochs replaces", ["--epochs", "0", "--epochs", "1"],
+     "epochs: Input should be greater than or equal to 1 (got 0)"),
+    ("invalid target that a later --targets replaces", ["--targets", "X-12", "--targets", "C-24"],
+     "invalid target 'X-12'"),
 ]
 
 
@@ -192,8 +212,59 @@ def test_unwritable_output_directory_is_refused(spoiled, tmp_path, run_train):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
     r = run_train(spoiled, blocker / "out")
-    assert r.returncode == 5, r.stderr
-    assert "cannot read or write" in r.stderr and "not-a-dir" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2, r.stderr
+    assert f"output folder {blocker / 'out'} cannot be created: {blocker} is a file" in r.stderr
+    assert "Traceback" not in r.stderr and blocker.read_text() == ""
+
+
+# Refused by the flow's command line before anything starts (no Prefect server, no Dask cluster, nothing
+# written): the tables of every requested target are read by the trainer's own reader, the output folder is
+# checked without being created. (case, how to spoil the data folder, output folder under tmp_path, fragments)
+FLOW_PREFLIGHT_CASES = [
+    ("training table without positives", DATA_CASES[-2][1], "out", [TRAIN, "no positive samples"]),
+    ("table missing a feature column", _edit(TRAIN, lambda df: df.drop(columns=["R_VALUE"])), "out",
+     [TRAIN, "missing required column(s) ['R_VALUE']"]),
+    ("validation split without enough positives", DATA_CASES[-1][1], "out", [TRAIN, "at least 10 are needed"]),
+    ("output folder that is a file", lambda d: None, "a-file", ["output folder", "a-file is a file"]),
+    ("output folder under a file", lambda d: None, "a-file/out", ["a-file/out cannot be created", "is a file"]),
+]
+
+
+@pytest.mark.parametrize(("case", "spoil", "output", "fragments"), FLOW_PREFLIGHT_CASES,
+                         ids=[c[0] for c in FLOW_PREFLIGHT_CASES])
+def test_flow_refuses_before_any_server_starts(case, spoil, output, fragments, spoiled, tmp_path, run_flow_cli):
+    spoil(spoiled)
+    (tmp_path / "a-file").write_text("keep me")
+    out = tmp_path / output
+    r = run_flow_cli(["--targets", "C-24", "M-24", "--seeds", "0", "--epochs", "1", "--data-dir", str(spoiled),
+                      "--output-dir", str(out)])
+    assert r.returncode == 2, (case, r.stdout, r.stderr)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
+    for frag in fragments:
+        assert frag in errors[0], (frag, errors[0])
+    assert "Prefect server" not in r.stdout + r.stderr and "everest-production:" not in r.stdout  # nothing started
+    assert (tmp_path / "a-file").read_text() == "keep me"
+    assert not out.is_dir() or not any(out.rglob("*")), "something was written"
+
+
+def test_flow_checks_each_table_once_per_content(spoiled, tmp_path, monkeypatch):
+    """The preflight reads each table once; a second check of the same content and settings reads nothing,
+    and the samples it built are the cache the training reads."""
+    from everest import data, datacheck
+    from everest.config import EverestConfig, experiment_matrix
+
+    reads: list[str] = []
+    real = data.read_table
+    monkeypatch.setattr(data, "read_table", lambda path, cfg: reads.append(Path(path).name) or real(path, cfg))
+    cfg, cache = EverestConfig(), tmp_path / "cache"
+    experiments = experiment_matrix(["C-24", "M-24"], [0, 1, 2])
+    datacheck.check_experiments(spoiled, experiments, cfg.data, cfg.model.seq_len, cache)
+    assert sorted(reads) == sorted(f"{s}_data_{t}.csv" for t in ("C_24", "M_24") for s in ("training", "testing"))
+    assert len(list(cache.glob("*.npz"))) == 4
+    reads.clear()
+    datacheck.check_experiments(spoiled, experiments, cfg.data, cfg.model.seq_len, cache)
+    assert reads == []  # the sample cache holds the content: no table is parsed again
 
 
 # File-format matrix: one table spoiled at the byte, encoding, structure or value level, read by the real
