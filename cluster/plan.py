@@ -6,7 +6,9 @@ order (target-major, seeds inner); prints nothing when every selected experiment
 the experiment at position p (0-based) of the list goes to sub-job ``p // W + 1``, so there are
 ``ceil(n / W)`` sub-jobs and sub-job k (1-based) trains positions ``(k-1)*W .. k*W-1``.
 Every problem with the values is reported at once on stderr, and the exit status is then 2 (nothing may
-be submitted); a malformed option (``--epochs abc``) stops argument parsing first, also with status 2.
+be submitted); a malformed option (``--epochs abc``) stops argument parsing first, also with status 2. The
+tables of the selected experiments are read and validated as the trainer reads them (a table without
+positives, or too few to choose a threshold on, is refused here rather than in a job).
 
 The selection is the grid ``--targets`` x ``--seeds`` (default: all 9 targets x seeds 0-4), narrowed
 by ``--indices`` (which must lie inside the grid) and, with ``--unfinished``, by dropping experiments
@@ -24,7 +26,8 @@ from everest import results
 from everest.cli import add_run_arguments, config_from_args
 from everest.config import DEFAULT_SEEDS, Experiment, Target, all_targets
 from everest.data import data_file, file_hash
-from everest.errors import ConfigError
+from everest.datacheck import check_experiments
+from everest.errors import ConfigError, DataError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,9 +109,7 @@ def plan(args: argparse.Namespace) -> tuple[list[Experiment], list[str], list[st
         if "\n" in item or "\r" in item:
             errors.append(f"invalid --set {item!r}: line breaks are not allowed")
     cfg = None
-    if args.epochs is not None and args.epochs < 1:
-        errors.append(f"invalid --epochs {args.epochs}: expected a positive integer")
-    elif not errors:
+    if not errors:
         try:
             cfg = config_from_args(args)
         except ConfigError as err:
@@ -124,7 +125,16 @@ def plan(args: argparse.Namespace) -> tuple[list[Experiment], list[str], list[st
             msg += " (a real submission stops here)"
         (warnings if args.missing_data_ok else errors).append(msg)
 
-    if args.unfinished and cfg is not None and not missing:
+    if cfg is not None and not missing:
+        # Every table read and validated by the trainer's reader (columns, values, labels, positives) here, on
+        # the login node, instead of inside a job after it queued for a GPU. Nothing is written: the submission
+        # may still be refused for another reason.
+        try:
+            check_experiments(args.data_dir, experiments, cfg.data, cfg.model.seq_len)
+        except DataError as err:
+            errors.append(f"--data-dir: {err}")
+
+    if args.unfinished and cfg is not None and not missing and not errors:
         # Finished means results on disk with this configuration, data and code version: anything else reruns.
         hashes = {t: {data_file(args.data_dir, t, s).name: file_hash(data_file(args.data_dir, t, s))
                       for s in ("train", "test")} for t in {e.target for e in experiments}}

@@ -409,7 +409,9 @@ BAD_ARGUMENTS = {
     "seed not a number": (["--seeds", "one"], "invalid seed 'one'"),
     "index outside 1..45": (["--indices", "46"], "invalid array index 46"),
     "index outside selection": (["--targets", "C-24", "--indices", "6"], "6 (C-48 seed 0) is outside"),
-    "epochs": (["--epochs", "0"], "invalid --epochs 0"),
+    "epochs": (["--epochs", "0"], "--epochs: Input should be greater than or equal to 1 (got 0)"),
+    "training table without positives": (["--targets", "M-24", "--data-dir", "NOPOS"],
+                                         "training_data_M_24.csv: no positive samples"),
     "config key": (["--set", "model.no_such_key=1"], "no_such_key"),
     "config value": (["--set", "model.num_heads=0"], "num_heads"),
     "queue": (["--queue", "gpu;reboot"], "invalid --queue"),
@@ -434,6 +436,12 @@ SLURM_BAD = ["injection", "seed outside 0-4", "unknown option", "missing data", 
 def test_bad_arguments_submit_nothing(case: str, script: Path, fake_scheduler, tiny_data: Path, tmp_path: Path):
     env, log = fake_scheduler
     args, message = BAD_ARGUMENTS[case]
+    if "NOPOS" in args:  # the tiny tables with every P of M-24's training table relabelled N
+        nopos = tmp_path / "nopos"
+        shutil.copytree(tiny_data, nopos)
+        table = nopos / "training_data_M_24.csv"
+        table.write_text(re.sub(r"^P,", "N,", table.read_text(), flags=re.MULTILINE))
+        args = [str(nopos) if a == "NOPOS" else a for a in args]
     defaults = {"--data-dir": str(tiny_data), "--output-dir": str(tmp_path / "out")}
     for option, value in defaults.items():
         if option not in args:

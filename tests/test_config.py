@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from everest.config import (
@@ -174,3 +176,14 @@ def test_presets_cap_the_budget_and_files_still_win(tmp_path):
     assert cfg.threshold.weights == {"tss": 1.0}  # a mapping value is replaced whole, not merged
     with pytest.raises(ConfigError, match="unknown preset 'fast'"):
         load_config(preset="fast")
+
+
+@pytest.mark.parametrize(("overrides", "epochs", "fragment"), [
+    (["train.epochs=abc"], 1, "invalid override train.epochs='abc': Input should be a valid integer"),
+    (["train.batch_size=0", "train.batch_size=4"], None, "invalid override train.batch_size=0"),
+    (["data.validation_fraction=2", "data.validation_fraction=0.3"], None, "data.validation_fraction=2"),
+])
+def test_every_override_is_checked_as_given_even_when_a_later_one_replaces_it(overrides, epochs, fragment):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        run_config(None, overrides, epochs=epochs)
+    assert run_config(None, ["model.embed_dim=16", "model.num_heads=2"]).model.num_heads == 2  # pairs still work

@@ -151,3 +151,47 @@ def test_summarise_in_process(synth, tmp_path):
     assert list(only["status"]) == ["ok"]
     with pytest.raises(DataError, match="no SHARP tables found"):
         summarise(tmp_path, cfg, 10)
+
+
+def _relabel(path: Path, keep_positives: int = 0) -> None:
+    """Relabel every positive row of ``path`` but the first ``keep_positives`` as N."""
+    df = pd.read_csv(path, dtype={"Flare": str})
+    positive = df.index[df.Flare == "P"]
+    df.loc[positive[keep_positives:], "Flare"] = "N"
+    df.to_csv(path, index=False)
+
+
+def test_targets_a_run_cannot_use_are_not_ok(synth, tmp_path):
+    """No training positives, or too few for the validation split to choose a threshold on: an error status
+    naming the file and the counts, exit 2; a test table without positives: a warning, exit 0."""
+    d = _copy(synth, tmp_path / "d", *M24, "training_data_M_48.csv", "testing_data_M_48.csv",
+              "training_data_C_24.csv", "testing_data_C_24.csv")
+    _relabel(d / "training_data_M_24.csv")
+    _relabel(d / "training_data_M_48.csv", keep_positives=5)
+    res = _check(str(d))
+    assert res.returncode == EXIT_USAGE
+    assert _row(res.stdout, "C-24").split()[-1] == "ok"
+    m24 = _row(res.stdout, "M-24")
+    assert m24.split()[2] == "0" and "training_data_M_24.csv: no positive samples: all 2323 samples" in m24
+    assert "the validation split" in _row(res.stdout, "M-48") and "holds 0 positive sample(s)" in res.stdout
+    assert "1 of 9 targets present and readable; with errors: M-24, M-48;" in res.stdout
+
+    _copy(synth, d, *M24, "training_data_M_48.csv")  # fixed again; now no positives in a test table
+    _relabel(d / "testing_data_C_24.csv")
+    res = _check(str(d))
+    assert res.returncode == 0, res.stderr
+    assert "warning: testing_data_C_24.csv holds no positive samples: test TSS, recall, F1 and ROC AUC will be " \
+           "undefined" in _row(res.stdout, "C-24")
+    assert "3 of 9 targets present and readable; with warnings: C-24; absent:" in res.stdout
+
+
+def test_validation_positives_column_counts_the_split_the_trainer_makes(synth):
+    from everest.data import load_samples, split_validation
+
+    cfg = load_config()
+    df = summarise(synth, cfg.data, cfg.model.seq_len, ["M5-24", "C-48"])
+    for target in ("M5-24", "C-48"):
+        t = Target.parse(target)
+        samples, _ = load_samples(synth / f"training_data_{t.flare_class}_{t.horizon}.csv", t, cfg.data, 10)
+        _, val = split_validation(samples, cfg.data, seed=0)
+        assert df.set_index("target").loc[target, "val_positives"] == val.n_positive >= 10

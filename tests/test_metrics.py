@@ -32,6 +32,7 @@ from everest.metrics import (
     recall,
     roc_auc,
     select_threshold,
+    shown,
     specificity,
     thin_sweep,
     threshold_grid,
@@ -502,3 +503,15 @@ def test_max_tss_is_the_best_tss_over_all_thresholds():
     brute = max(tss(yy, pp, t) for t in np.unique(pp))
     assert max_tss(yy, pp) == pytest.approx(brute)
     assert max_tss([0, 1], [0.9, 0.1]) == 0.0  # inverted ranking: never below the trivial forecaster
+
+
+def test_evaluate_reports_undefined_metrics_as_nan():
+    """A test split without positives: tp 0, fp 1, tn 2, fn 0 at threshold 0.5 (hand-counted)."""
+    with pytest.warns(UndefinedMetricWarning):
+        out = evaluate([0, 0, 0], [0.9, 0.2, 0.1], 0.5)
+    assert (out["tp"], out["fp"], out["tn"], out["fn"]) == (0, 1, 2, 0)
+    for name in ("recall", "tss", "roc_auc"):  # no positives: undefined, never a number
+        assert math.isnan(out[name]), name
+    assert out["precision"] == 0.0 and out["f1"] == 0.0  # 0 / 1: a false alarm, defined
+    assert out["specificity"] == pytest.approx(2 / 3) and out["accuracy"] == pytest.approx(2 / 3)
+    assert shown(out["tss"]) == "undefined" and shown(out["specificity"]) == "0.667"

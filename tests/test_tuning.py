@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -546,3 +547,20 @@ def test_prefect_yaml_deploys_the_tuning_flow_on_every_profile():
         deployment = tune[f"flows.tune:tune_{variant}"]
         assert deployment["name"] == variant and deployment["parameters"]["profile"] == variant
         assert deployment["work_pool"]["name"] == "everest" and deployment.get("description")
+
+
+def test_cli_refuses_a_training_table_without_positives_before_anything_runs(tiny_data, tmp_path):
+    """The same reader and the same rule as training: refused with exit 2 before a server, never a testing file."""
+    data = tmp_path / "d"
+    data.mkdir()
+    table = (tiny_data / "training_data_M5_24.csv").read_text()
+    (data / "training_data_M5_24.csv").write_text(re.sub(r"^P,", "N,", table, flags=re.MULTILINE))
+    out = tmp_path / "o"
+    env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"}  # nothing listens: a server call would fail
+    r = subprocess.run([sys.executable, "-m", "flows.tune", "--targets", "M5-24", "--data-dir", str(data),
+                        "--output-dir", str(out), "--trials", "2", "--folds", "2"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "training_data_M5_24.csv: no positive samples" in errors[0], r.stderr
+    assert "everest-tune: study" not in r.stdout and not out.exists()
