@@ -28,6 +28,7 @@ from everest.cli import add_run_arguments, positive_int, seed_number, target_nam
 from everest.config import EverestConfig, Target, TuningRecord, experiment_matrix, run_config
 from everest.data import data_file
 from everest.errors import EXIT_USAGE, ConfigError, DataError, describe_validation_error
+from everest.io import check_writable_dir
 from flows.production import (
     DEMO_DATA_DIR,
     TERMINAL,
@@ -157,6 +158,18 @@ def check_training_files(params: TuneParameters, base: EverestConfig) -> None:
                          params.seed)
 
 
+def preflight(params: TuneParameters, site: Profile) -> tuple[EverestConfig, tuning.SearchSpace]:
+    """Everything that can refuse a study before a server starts or a trial runs: the configuration and
+    search space, the output folder, the batch system, the training tables. Returns the base configuration
+    and the search space."""
+    base = params.base_config()
+    space = params.search_space(base)  # every problem of the space and the config at once
+    check_writable_dir(params.output_dir, "output folder")
+    site.check_site()
+    check_training_files(params, base)
+    return base, space
+
+
 def _open_study(params: TuneParameters, space: tuning.SearchSpace, base: EverestConfig) -> Any:
     """Create the study, or load it and refuse one made with another space, configuration or objective."""
     import optuna
@@ -189,9 +202,7 @@ def run_tuning(params: TuneParameters, site: Profile) -> dict[str, Any]:
     import optuna
 
     logger = get_run_logger()
-    base = params.base_config()
-    space = params.search_space(base)
-    check_training_files(params, base)
+    base, space = preflight(params, site)
     study = _open_study(params, space, base)
     finished_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     done = len(study.get_trials(deepcopy=False, states=finished_states))
@@ -422,8 +433,7 @@ def main(argv: list[str] | None = None) -> int:
                                 storage=args.storage, study=args.study, profile=args.profile, preset=args.preset,
                                 config_file=args.config, overrides=args.overrides, epochs=args.epochs, seed=args.seed)
         site = load_profile(args.profile)
-        params.search_space(params.base_config())  # every problem of the space and the config, before anything
-        check_training_files(params, params.base_config())
+        preflight(params, site)
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
