@@ -232,15 +232,26 @@ def test_same_seed_gives_identical_predictions(tiny_data, tmp_path, model):
 
 
 def test_one_class_training_data_fails_with_a_record(tiny_data, tmp_path):
+    def flaring(table: pd.DataFrame) -> pd.DataFrame:
+        table["Flare"] = table["Flare"].replace("N", "P")
+        return table
+
+    data = copy_m24(tiny_data, tmp_path / "data", {"training_data_M_24.csv": flaring})
+    with pytest.raises(DataError, match="one class only"):
+        B.fit_baseline("boosted", EXP0, EverestConfig(), data, tmp_path / "out")
+    rs = load_results(B.baseline_root(tmp_path / "out", "boosted") / "results", ["M-24"], [0])
+    assert [f.error_type for f in rs.failed] == ["DataError"]
+
+
+def test_training_data_without_positives_is_refused_before_anything_is_written(tiny_data, tmp_path):
     def quiet(table: pd.DataFrame) -> pd.DataFrame:
         table["Flare"] = table["Flare"].replace("P", "N")
         return table
 
     data = copy_m24(tiny_data, tmp_path / "data", {"training_data_M_24.csv": quiet})
-    with pytest.raises(DataError, match="one class only"):
+    with pytest.raises(DataError, match="training_data_M_24.csv: no positive samples"):
         B.fit_baseline("boosted", EXP0, EverestConfig(), data, tmp_path / "out")
-    rs = load_results(B.baseline_root(tmp_path / "out", "boosted") / "results", ["M-24"], [0])
-    assert [f.error_type for f in rs.failed] == ["DataError"]
+    assert not (tmp_path / "out").exists()
 
 
 def test_unknown_model_and_mismatched_params_are_refused(tiny_data, tmp_path):
