@@ -64,7 +64,9 @@ from everest.config import (
 from everest.data import data_file, file_hash
 from everest.errors import EXIT_USAGE, ConfigError, DataError, describe_validation_error
 from everest.metrics import shown
-from flows.profiles import Profile, clear_submission_failures, load_profile, submission_failures
+from flows import jobwatch
+from flows.jobwatch import clear_submission_failures, worker_job_failure
+from flows.profiles import Profile, load_profile
 from flows.server import is_loopback
 
 # The embedded default: synthetic tables made here when missing. No other folder is ever filled.
@@ -502,7 +504,9 @@ def _announce_run() -> None:
 
 
 def _bind_cluster_to_run(site: Profile, out: Path) -> None:
-    """Give the flow's Dask cluster this run's output folder (job logs, TLS certificates).
+    """Give the flow's Dask cluster this run's output folder (job logs, TLS certificates, the file holding the
+    Prefect API password), and make every task submitted from now on let go of its result on its worker as soon
+    as it ends (:func:`_release`), so that a worker retiring later never makes Dask run it again.
 
     DaskTaskRunner builds its cluster from ``cluster_kwargs`` at the first submission, after this.
     """
@@ -510,8 +514,18 @@ def _bind_cluster_to_run(site: Profile, out: Path) -> None:
     from prefect_dask import DaskTaskRunner
 
     runner = FlowRunContext.get().task_runner
+    if not isinstance(runner, DaskTaskRunner):
+        return
     if type(runner) is DaskTaskRunner and runner.cluster_kwargs:
         runner.cluster_kwargs = site.cluster_kwargs(out.resolve())
+    submit = runner.submit
+
+    def submit_and_release_when_done(*args: Any, **kwargs: Any) -> Any:
+        fut = submit(*args, **kwargs)
+        _release(fut, when_done=True)
+        return fut
+
+    runner.submit = submit_and_release_when_done  # this run's own copy of the task runner
 
 
 def _run_locked(params: ProductionParameters, site: Profile, cfg: EverestConfig) -> Any:
@@ -620,8 +634,8 @@ def _run_locked(params: ProductionParameters, site: Profile, cfg: EverestConfig)
     io.write_json(out / "analysis" / "flow_summary.json", result)
     publish_artifacts(summary, rows, failures + base_failures, len(experiments))
     if failures or base_failures:
-        refused = submission_failures()
-        cause = f"the batch system refused the worker jobs ({refused[-1]}); " if refused else ""
+        failure = worker_job_failure()  # a refused submission or a worker job that cannot start or died
+        cause = f"{failure}; " if failure else ""
         baseline_part = (f"; {len(base_failures)} of {len(baseline_futures)} baseline fits failed: "
                          f"{', '.join(f['experiment'] for f in base_failures)}" if base_failures else "")
         # A message, no data: a Failed state carrying a result makes Prefect log a TypeError traceback.
@@ -684,6 +698,7 @@ class Terminal:
 
 
 TERMINAL = Terminal()
+jobwatch.WAITING_LINES.append(TERMINAL.line)  # while no worker has connected, what the worker jobs wait for
 
 
 class RunProgress:
@@ -731,25 +746,70 @@ def baseline_models(params: ProductionParameters) -> tuple[str, ...]:
     return baselines.BASELINES if params.baselines else ()
 
 
-def _release(fut: Any) -> None:
-    """Drop the flow's hold on a settled Dask future: else a finished task is recomputed if its worker dies."""
-    release = getattr(fut.wrapped_future, "release", None)  # Dask futures only
-    if release is not None:
-        release()
+def _release(fut: Any, when_done: bool = False) -> None:
+    """Drop the flow's hold on a Dask future, keeping its task's final Prefect state in ``fut``.
+
+    While a client holds the future of a finished task, Dask keeps its result on the worker that ran it and
+    computes the task again when that worker goes away (its lifetime or walltime, a scale-down): an experiment
+    would train again, a baseline be refitted. ``when_done`` arranges the release for a future just submitted,
+    as soon as its task ends (from Dask's callback thread); the future's ``result`` and ``wait`` then serve the
+    kept state, under a lock, so the flow never reads a result while it is being released. A task that Dask
+    itself gave up on (``KilledWorker``) keeps its future until the flow has read the error.
+    """
+    dask_future = getattr(fut, "wrapped_future", None)
+    if getattr(dask_future, "release", None) is None:
+        return  # not a Dask future
+    if not when_done:
+        with getattr(fut, "_everest_release_lock", contextlib.nullcontext()):
+            dask_future.release()
+        return
+    import threading
+
+    lock = threading.RLock()
+    result, wait = fut.result, fut.wait
+
+    def locked_result(*args: Any, **kwargs: Any) -> Any:
+        with lock:
+            return result(*args, **kwargs)
+
+    def locked_wait(timeout: float | None = None) -> None:
+        with lock:
+            if fut._final_state is None:
+                wait(timeout)
+
+    def on_done(_: Any) -> None:
+        from prefect.states import State
+
+        with lock:
+            if fut._final_state is None and dask_future.status == "finished":
+                with contextlib.suppress(Exception):  # its worker lost it meanwhile: the flow reads the outcome
+                    state = dask_future.result()  # the final state: prefect-dask submits with return_type="state"
+                    if isinstance(state, State):
+                        fut._final_state = state
+            if fut._final_state is not None:
+                dask_future.release()
+
+    fut._everest_release_lock = lock
+    fut.result, fut.wait = locked_result, locked_wait
+    dask_future.add_done_callback(on_done)
 
 
 Key = TypeVar("Key")
 
 
 class SubmissionFailed(RuntimeError):
-    """The batch system refused a worker job: no experiment can start; the message quotes it."""
+    """No worker job can give a Dask worker: the batch system refused one, says one can never start, or one ended
+    (or outlived the profile's worker_start_deadline) before any worker connected; the message quotes the scheduler."""
 
 
 def next_settled(pending: dict[Key, Any], poll_seconds: float = 1.0) -> tuple[Key, Any, Any, BaseException | None]:
     """The next task that ended, in completion order: (its key in ``pending``, future, result, error).
 
-    A refused worker-job submission with no worker connected ends every wait with qsub's words.
+    With no worker connected, a refused submission or a worker job that cannot start or died (flows.jobwatch)
+    ends every wait with the scheduler's words.
     """
+    from flows.jobwatch import worker_job_failure
+
     while True:
         for key, fut in pending.items():
             if fut.wrapped_future.done():
@@ -757,32 +817,56 @@ def next_settled(pending: dict[Key, Any], poll_seconds: float = 1.0) -> tuple[Ke
                     return key, fut, fut.result(), None
                 except Exception as err:  # noqa: BLE001 - handed to the caller, which records it
                     return key, fut, None, err
-        if (failed := submission_failures()) and not _workers_connected():
+        if not _workers_connected() and (failed := worker_job_failure()):
             key, fut = next(iter(pending.items()))
-            return key, fut, None, SubmissionFailed(f"the batch system refused the worker job: {failed[-1]}")
+            return key, fut, None, SubmissionFailed(failed)
         time.sleep(poll_seconds)
 
 
 def _settle(fut: Any, poll_seconds: float = 2.0) -> Any:
-    """Wait for one experiment's result; a refused worker-job submission ends the wait with qsub's words.
+    """Wait for one experiment's result; with no worker connected, a refused submission or a worker job that
+    cannot start or died ends the wait with the scheduler's words.
 
     dask-jobqueue only logs a failed ``qsub``/``sbatch`` and waits for workers forever.
     """
+    from flows.jobwatch import worker_job_failure
+
     while not fut.wrapped_future.done():
         fut.wait(timeout=poll_seconds)
         # One refusal among running jobs may be a per-user limit or a blip that adaptive scaling retries;
         # refusals with no worker at all will not go away.
-        if (failed := submission_failures()) and not _workers_connected():
-            raise SubmissionFailed(f"the batch system refused the worker job: {failed[-1]}")
+        if not _workers_connected() and (failed := worker_job_failure()):
+            raise SubmissionFailed(failed)
     return fut.result()
 
 
 def _workers_connected() -> int:
-    """Dask workers connected to the flow's cluster (0 when the flow runs without Dask)."""
+    """Dask workers connected to the flow's cluster (0 when the flow runs without Dask).
+
+    Called while waiting: until a first worker connects, it also lets a batch cluster look at its worker jobs
+    (rate-limited, flows.jobwatch), which records a job that cannot start or died as a failure. Outside a flow
+    run it uses the default Dask client, if any.
+    """
+    from distributed import default_client
     from prefect.context import FlowRunContext
 
-    client = getattr(FlowRunContext.get().task_runner, "client", None)
-    return len(client.scheduler_info(n_workers=-1)["workers"]) if client is not None else 0
+    ctx = FlowRunContext.get()
+    if ctx is not None:
+        client = getattr(ctx.task_runner, "client", None)
+    else:
+        try:
+            client = default_client()
+        except ValueError:
+            client = None
+    if client is None:
+        return 0
+    cluster = getattr(client, "cluster", None)
+    if (watch := getattr(cluster, "watch_worker_jobs", None)) is not None:
+        watch()
+    info = getattr(cluster, "scheduler_info", None)
+    if isinstance(info, dict) and "workers" in info:  # the cluster's own copy: no round trip to the scheduler
+        return len(info["workers"])
+    return len(client.scheduler_info(n_workers=-1)["workers"])
 
 
 def make_flow(profile: str | Profile, name: str | None = None) -> Any:
@@ -951,21 +1035,34 @@ def _print_summary(state: Any, out: Path, browse: str) -> None:
     print(browse)
 
 
-def _cancel_run(name: str, message: str) -> None:
-    """Mark the named flow run Cancelled (Ctrl-C would otherwise leave it Running on the server)."""
+def _cancel_run(name: str, message: str) -> bool:
+    """Mark the named flow run Cancelled with ``message`` (Ctrl-C or a signal would otherwise leave it Running or
+    Crashed on the server); False when the API could not be told (the run is ending: that must not stop it)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
     from prefect.states import Cancelled
 
-    with get_client(sync_client=True) as client:
-        for run in client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name]))):
-            if not run.state or not (run.state.is_completed() or run.state.is_failed()):  # Running or Crashed
-                client.set_flow_run_state(run.id, Cancelled(message=message), force=True)
+    try:
+        with get_client(sync_client=True) as client:
+            for run in client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[name]))):
+                if not run.state or not (run.state.is_completed() or run.state.is_failed()):  # Running or Crashed
+                    client.set_flow_run_state(run.id, Cancelled(message=message), force=True)
+    except Exception as err:  # noqa: BLE001 - reported by the caller's message; the exit goes on
+        logging.getLogger(__name__).warning("could not mark flow run %s Cancelled: %s", name, err)
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: validate everything, make sure a Prefect API exists, run the flow, summarise."""
+    """Command line: validate everything, make sure a Prefect API exists, run the flow, summarise.
+
+    Ctrl-C, SIGTERM (``timeout``, a batch system) and SIGHUP (a closed login session) end a run alike: the
+    worker jobs are deleted (the Dask cluster closes), the flow run is marked Cancelled with the reason, the
+    private Prefect server stops, one line says so on stderr, and the exit status is 128 + the signal number.
+    """
     import uuid
+
+    from prefect.exceptions import TerminationSignal
 
     from everest.cli import setup_logging
     from flows.server import prefect_api
@@ -992,16 +1089,44 @@ def main(argv: list[str] | None = None) -> int:
     if params.embedded_demo:
         print("give --data-dir for your SHARP tables", flush=True)
     run_name = f"everest-{uuid.uuid4().hex[:12]}"
-    with prefect_api(host=host or "127.0.0.1"):
-        # Built inside: batch job scripts must carry this run's PREFECT_API_URL.
-        run = make_flow(site, name=args.profile).with_options(flow_run_name=run_name)
-        try:
-            state = run(**params.flow_parameters(), return_state=True)
-        except KeyboardInterrupt:
-            _cancel_run(run_name, "interrupted from the terminal (Ctrl-C)")
-            print(f"interrupted: flow run {run_name} marked Cancelled; rerun the same command to resume "
-                  "(finished experiments are kept, running ones resume from their checkpoints)", file=sys.stderr)
-            return 130
+
+    def ended_by(err: BaseException) -> tuple[str, int]:
+        """Why the run ends early, and its exit status (128 + the signal number; Ctrl-C is SIGINT)."""
+        if isinstance(err, KeyboardInterrupt):
+            return "interrupted from the terminal (Ctrl-C)", 128 + signal.SIGINT
+        return f"terminated by {signal.Signals(err.signal).name}", 128 + err.signal
+
+    received: list[int] = []
+
+    def terminate(signum: int, frame: Any) -> None:
+        # From here on there is something to clean up: unwind like Ctrl-C. Once: a repeated signal (Prefect
+        # re-sends SIGTERM to itself after its own handler) must not cut the cleanup short.
+        if not received:
+            received.append(signum)
+            raise TerminationSignal(signal=signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, terminate)
+    state = None
+    try:
+        with prefect_api(host=host or "127.0.0.1"):
+            # Built inside: batch job scripts must carry this run's PREFECT_API_URL.
+            run = make_flow(site, name=args.profile).with_options(flow_run_name=run_name)
+            try:
+                state = run(**params.flow_parameters(), return_state=True)
+            except (KeyboardInterrupt, TerminationSignal) as err:  # the cluster has closed: its jobs are deleted
+                why, status = ended_by(err)
+                marked = "marked Cancelled" if _cancel_run(run_name, why) else "could not be marked Cancelled"
+                with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+                    print(f"{why}: flow run {run_name} {marked}; rerun the same command to resume (finished "
+                          "experiments are kept, running ones resume from their checkpoints)", file=sys.stderr)
+                return status  # leaving the block stops the private server
+    except (KeyboardInterrupt, TerminationSignal) as err:  # while the server started or stopped
+        why, status = ended_by(err)
+        with contextlib.suppress(OSError):
+            print(f"{why}: {'no flow run began' if state is None else f'flow run {run_name} had ended'}; the "
+                  "private Prefect server is stopped", file=sys.stderr)
+        return status
     run_id = state.state_details.flow_run_id
     home = os.environ.get("PREFECT_HOME", "~/.prefect")
     browse = (f"run history: open {api_url.removesuffix('/api')}/runs/flow-run/{run_id}" if api_url else

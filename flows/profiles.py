@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from abc import abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,6 +54,9 @@ from pydantic import (
 
 from everest.errors import ConfigError, describe_validation_error
 from everest.io import load_mapping
+from flows import jobwatch
+from flows.jobwatch import WatchesWorkerJobs
+from flows.sitecheck import SINFO_NODE_FORMAT, JobRequest, pbs_node_problems, slurm_node_problems
 
 __all__ = [
     "BatchProfile",
@@ -264,11 +268,16 @@ class Profile(BaseModel):
         """Intra-op threads for torch in one worker (``torch_threads``, else a per-kind default)."""
         return self.torch_threads or 1
 
-    def worker_env(self) -> dict[str, str]:
-        """Environment of every worker: fixed entries, the file's ``env``, then ``pass_env`` values set here."""
+    def worker_env(self, secrets: bool = True) -> dict[str, str]:
+        """Environment of every worker: fixed entries, the file's ``env``, then ``pass_env`` values set here.
+
+        ``secrets=False`` leaves out the Prefect API credentials among them (``flows.server.API_SECRETS``):
+        batch jobs read those from a private file, never from their job script."""
+        from flows.server import API_SECRETS
+
         t = str(self.threads)
         out = {**BASE_WORKER_ENV, "OMP_NUM_THREADS": t, "MKL_NUM_THREADS": t, **self.env}
-        out.update({k: os.environ[k] for k in self.pass_env if k in os.environ})
+        out.update({k: os.environ[k] for k in self.pass_env if k in os.environ and (secrets or k not in API_SECRETS)})
         return out
 
     @abstractmethod
@@ -475,6 +484,10 @@ class BatchProfile(Profile):
     # Address of this machine that the compute nodes reach (the private Prefect server listens there);
     # null = the address of `interface` here.
     api_host: Token | None = None
+    # While no Dask worker has connected, a worker job still queued (or running without its worker) this long after
+    # its submission ends the run with the scheduler's reason; null = wait for ever. Jobs the scheduler says can
+    # never run, and jobs that end before their worker connects, end the run at once (flows.jobwatch).
+    worker_start_deadline: Walltime | None = "00:30:00"
 
     @model_validator(mode="after")
     def _consistent(self) -> BatchProfile:
@@ -545,7 +558,7 @@ class BatchProfile(Profile):
     def _request_kwargs(self) -> dict[str, Any]:
         """The scheduler-specific part of the job request (directives for CPUs, memory, GPU)."""
 
-    def job_script_prologue(self) -> list[str]:
+    def job_script_prologue(self, run_dir: Path | None = None, write_secrets: bool = False) -> list[str]:
         """Site lines (``module load``), the worker's environment first on PATH, the GPU claim, then the
         worker exports.
 
@@ -554,8 +567,25 @@ class BatchProfile(Profile):
         job on a node whose batch system sets no ``CUDA_VISIBLE_DEVICES`` (PBS Pro without its cgroup
         hook) claims a free GPU of the node (``everest_claim_gpu`` of ``cluster/lib.sh``, shared with
         the array scripts), so that jobs sharing a node do not all train on GPU 0.
+
+        The Prefect API credentials among ``pass_env`` (the private server's password) stay out of the
+        script, which the batch system keeps readable (PBS ``printjob -s``, the mom's spool, the server
+        database): the job reads each from ``<run_dir>/.secrets/<NAME>`` (mode 0600), which
+        ``write_secrets`` (re)writes with the value set here.
         """
-        exports = [f"export {k}={shlex.quote(v)}" for k, v in self.worker_env().items()]
+        from flows.server import API_SECRETS, write_private
+
+        exports = [f"export {k}={shlex.quote(v)}" for k, v in self.worker_env(secrets=False).items()]
+        for name in (k for k in self.pass_env if k in API_SECRETS and k in os.environ):
+            value = os.environ[name]
+            if _CONTROL.search(value):
+                raise ConfigError(f"{name} holds a newline or control character: it cannot be passed to the "
+                                  "worker jobs")
+            path = _run_path(run_dir, ".secrets") / name
+            if write_secrets:
+                write_private(path, value + "\n")
+            # `read` is a shell builtin: the value appears in no command line and not in the script.
+            exports.append(f"IFS= read -r {name} < {shlex.quote(str(path.absolute()))}; export {name}")
         python = Path(self.python or sys.executable)
         env = [] if "$" in str(python) else [f"export PATH={shlex.quote(str(python.parent))}:\"$PATH\""]
         claim = []
@@ -597,7 +627,12 @@ class BatchProfile(Profile):
         }
 
     def cluster_kwargs(self, run_dir: Path | None = None) -> dict[str, Any]:
-        kw = {**self._job_kwargs(run_dir), "scheduler_options": {"dashboard_address": self.dashboard_address}}
+        deadline = _seconds(self.worker_start_deadline) if self.worker_start_deadline is not None else None
+        # The prologue written for this run's folder, with its credential files (job_script() only renders).
+        kw = {**self._job_kwargs(run_dir), "job_script_prologue": self.job_script_prologue(run_dir, write_secrets=True),
+              "scheduler_options": {"dashboard_address": self.dashboard_address},
+              # Read by the cluster's job watch (flows.jobwatch.WatchesWorkerJobs), not passed to the jobs.
+              "worker_start_deadline": deadline, "profile_source": self.source}
         if self.tls:
             # The workers read the certificate from the shared output folder (mode 0600 files).
             kw["security"] = Security.temporary()
@@ -610,6 +645,11 @@ class BatchProfile(Profile):
     def capacity(self) -> int:
         """How many tasks the cluster runs at once: its largest number of jobs (one worker each)."""
         return self.maximum_jobs
+
+    def job_request(self) -> JobRequest:
+        """What one worker job asks of one node (the site checks compare it with what the nodes offer)."""
+        return JobRequest(cpus=self.job_cpus, memory_bytes=_bytes(self.job_memory), memory_text=self.job_memory,
+                          gpus=self.gpus_per_job, gpu_type=self.gpu_type)
 
     def job_script(self) -> str:
         """The batch script one worker job runs, rendered without starting a scheduler or submitting.
@@ -670,19 +710,8 @@ def _bytes(mem: str) -> int:
 # --------------------------------------------------------------------------------------------------
 # Submission failures. dask-jobqueue logs a failed qsub/sbatch and keeps waiting for workers that never
 # come; the flow instead ends the run with the batch system's own message. The clusters live in the flow
-# process, so their job objects report here and the flow polls.
-
-_submission_failures: list[str] = []
-
-
-def submission_failures() -> list[str]:
-    """Messages of worker-job submissions that failed in this process since the last clear."""
-    return list(_submission_failures)
-
-
-def clear_submission_failures() -> None:
-    """Forget earlier failures (at the start of a run)."""
-    _submission_failures.clear()
+# process, so their job objects report to flows.jobwatch (submission_failures) and the flow polls; the
+# clusters also watch their submitted jobs until a worker connects (jobs that cannot start or died).
 
 
 def _run_site_command(cmd: list[str]) -> subprocess.CompletedProcess[str]:
@@ -697,7 +726,11 @@ def _first_lines(text: str, n: int = 3) -> str:
 
 
 class _RecordsSubmissionFailures:
-    """Job mix-in: a failed submission is recorded with the submit command's own stderr, then re-raised."""
+    """Job mix-in: a failed submission is recorded with the submit command's own stderr, then re-raised; a
+    submitted job notes when (``submitted_at``), and one the cluster closes says so (``closing``), for the watch."""
+
+    submitted_at: float | None = None
+    closing: bool = False
 
     async def start(self) -> None:
         try:
@@ -707,10 +740,16 @@ class _RecordsSubmissionFailures:
             status = re.search(r"Exit code: (-?\d+)", text)
             stderr = text.partition("stderr:")[2].strip() or text.strip()
             command = self.submit_command.split()[0]  # type: ignore[attr-defined]
-            _submission_failures.append(
+            jobwatch.record_refusal(
                 f"{command} failed{f' with exit status {status.group(1)}' if status else ''}: {_first_lines(stderr)}")
             self.status = Status.failed  # type: ignore[attr-defined] # else closing the cluster asserts on it
             raise
+        self.submitted_at = time.monotonic()
+
+    async def close(self) -> None:
+        self.closing = True  # cancelled by the cluster itself: not a job that died
+        await super().close()  # type: ignore[misc]
+        self.status = Status.closed  # type: ignore[attr-defined] # as ProcessInterface.close would
 
 
 class _PBSJob(_RecordsSubmissionFailures, PBSJob):
@@ -721,16 +760,20 @@ class _SLURMJob(_RecordsSubmissionFailures, SLURMJob):
     pass
 
 
-class EverestPBSCluster(PBSCluster):
-    """PBSCluster whose failed job submissions reach :func:`submission_failures`."""
+class EverestPBSCluster(WatchesWorkerJobs, PBSCluster):
+    """PBSCluster whose failed job submissions, and jobs that cannot start or die before their worker connects
+    (``qstat -x -f``), reach :func:`flows.jobwatch.submission_failures`."""
 
     job_cls = _PBSJob
+    batch_system = "PBS"
 
 
-class EverestSLURMCluster(SLURMCluster):
-    """SLURMCluster whose failed job submissions reach :func:`submission_failures`."""
+class EverestSLURMCluster(WatchesWorkerJobs, SLURMCluster):
+    """SLURMCluster whose failed job submissions, and jobs that cannot start or die before their worker connects
+    (``squeue``, ``scontrol show job``), reach :func:`flows.jobwatch.submission_failures`."""
 
     job_cls = _SLURMJob
+    batch_system = "SLURM"
 
 
 class PBSProfile(BatchProfile):
@@ -740,7 +783,8 @@ class PBSProfile(BatchProfile):
     cluster_cls: ClassVar[type] = EverestPBSCluster
 
     def check_site(self) -> None:
-        """The queue exists (``qstat -Q``) and the nodes offer ``ngpus``/``gpu_type`` (``pbsnodes -a``)."""
+        """The queue exists (``qstat -Q``), the nodes define ``ngpus``/``gpu_type``, and some node offers what a
+        job asks (``pbsnodes -a`` values: ncpus, mem, ngpus, gpu_type): else PBS queues it for ever."""
         _require_command("qsub", self)
         if self.queue:
             res = _run_site_command(["qstat", "-Q", self.queue])
@@ -749,16 +793,22 @@ class PBSProfile(BatchProfile):
                                   f"(qstat -Q {self.queue}: {_first_lines(res.stderr or res.stdout)}); "
                                   "set `queue` to one that `qstat -Q` lists")
         wanted = (["ngpus"] if self.gpus_per_job else []) + (["gpu_type"] if self.gpu_type else [])
-        if wanted:
-            nodes = _run_site_command(["pbsnodes", "-a"])
-            missing = [r for r in wanted if f"resources_available.{r}" not in nodes.stdout]
-            if nodes.returncode == 0 and missing:
-                raise ConfigError(
-                    f"cluster profile {self.source}: no PBS node offers the resource(s) {missing} that the jobs "
-                    f"request ({self.resource_spec()}); ask the site admin to define them (qmgr -c \"create "
-                    "resource ngpus type=long, flag=nh\" and `ngpus` on the scheduler's resources: line), or set "
-                    "gpus_per_job: 0 / gpu_type: null"
-                )
+        if not wanted and shutil.which("pbsnodes") is None:
+            return  # nothing to compare with here: the job watch still reports a job that can never run
+        nodes = _run_site_command(["pbsnodes", "-a"])
+        if nodes.returncode:
+            return  # the listing may be restricted to admins: the job watch still reports a job that cannot run
+        missing = [r for r in wanted if f"resources_available.{r}" not in nodes.stdout]
+        if missing:
+            raise ConfigError(
+                f"cluster profile {self.source}: no PBS node offers the resource(s) {missing} that the jobs "
+                f"request ({self.resource_spec()}); ask the site admin to define them (qmgr -c \"create "
+                "resource ngpus type=long, flag=nh\" and `ngpus` on the scheduler's resources: line), or set "
+                "gpus_per_job: 0 / gpu_type: null"
+            )
+        if problems := pbs_node_problems(nodes.stdout, self.job_request(), self.resource_spec()):
+            raise ConfigError(f"cluster profile {self.source}: no PBS node can run a worker job (pbsnodes -a): "
+                              f"{'; '.join(problems)}; lower the request in the profile or ask the site admin")
 
     def resource_spec(self) -> str:
         """``select=1:ncpus=4:mem=32gb:ngpus=1`` (PBS writes binary units as kb/mb/gb/tb)."""
@@ -786,7 +836,8 @@ class SLURMProfile(BatchProfile):
     cluster_cls: ClassVar[type] = EverestSLURMCluster
 
     def check_site(self) -> None:
-        """The partition exists (``sinfo -p``) and offers the requested GPUs (its GRES)."""
+        """The partition exists (``sinfo -p``), offers the requested GPUs (its GRES), and some node of it has the
+        CPUs, memory (MB) and GPUs a job asks (``sinfo -N -o "%N|%c|%m|%G|%P"``)."""
         _require_command("sbatch", self)
         where = ["-p", self.queue] if self.queue else []
         res = _run_site_command(["sinfo", "-h", *where, "-o", "%P %G"])
@@ -798,6 +849,11 @@ class SLURMProfile(BatchProfile):
             if gpu not in res.stdout:
                 raise ConfigError(f"cluster profile {self.source}: partition {self.queue or '(default)'} offers no "
                                   f"GRES {gpu} (sinfo: {_first_lines(res.stdout)}); set gpu_type or gpus_per_job")
+        nodes = _run_site_command(["sinfo", "-h", "-N", *where, "-o", SINFO_NODE_FORMAT])
+        if nodes.returncode == 0 and (problems := slurm_node_problems(nodes.stdout, self.job_request(), self.queue)):
+            raise ConfigError(f"cluster profile {self.source}: no node of SLURM partition {self.queue or '(default)'} "
+                              f"can run a worker job (sinfo -N {shlex.join(where)}): {'; '.join(problems)}; lower "
+                              "the request in the profile or choose another partition")
 
     @model_validator(mode="before")
     @classmethod

@@ -29,6 +29,7 @@ from everest.config import EverestConfig, Target, TuningRecord, experiment_matri
 from everest.data import data_file
 from everest.errors import EXIT_USAGE, ConfigError, DataError, describe_validation_error
 from everest.io import check_writable_dir
+from flows.jobwatch import clear_submission_failures
 from flows.production import (
     DEMO_DATA_DIR,
     TERMINAL,
@@ -203,6 +204,7 @@ def run_tuning(params: TuneParameters, site: Profile) -> dict[str, Any]:
 
     logger = get_run_logger()
     base, space = preflight(params, site)
+    clear_submission_failures()  # refusals and dead worker jobs of an earlier run in this process are not this one's
     study = _open_study(params, space, base)
     finished_states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     done = len(study.get_trials(deepcopy=False, states=finished_states))

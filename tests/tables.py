@@ -43,3 +43,22 @@ def copy_with_bad_c48(source: Path, data: Path) -> tuple[Path, str]:
     lines[5] = lines[5].replace(lines[5].split(",")[4], "oops", 1)
     bad.write_text("\n".join(lines) + "\n")
     return bad, good_text
+
+
+def spoil_after_preflight(monkeypatch, bad: Path, good_text: str) -> None:
+    """The flow's preflight reads ``bad`` holding ``good_text``, and it turns bad again right after, before
+    any task reads it: a table rewritten on the shared file system while the run's jobs wait. (The preflight
+    refuses a bad table before anything starts; a task must still fail alone on one that changed since.)"""
+    from flows import production
+
+    check = production.check_tables
+
+    def check_then_spoil(params, cfg) -> None:
+        current = bad.read_text()
+        bad.write_text(good_text)
+        try:
+            check(params, cfg)
+        finally:
+            bad.write_text(current)
+
+    monkeypatch.setattr(production, "check_tables", check_then_spoil)

@@ -793,14 +793,24 @@ def _submit_to_real_slurm(tiny_data: Path, tmp_path: Path, corrupt: str, args: l
                     " start it with `tests/cluster/slurm.sh up`")
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
-    # Passes the submit-time check (the file exists) but the training cannot load it: exit status 2.
-    (data / corrupt).write_text("not,a,sharp,table\n1,2,3,4\n")
     small = {f"EVEREST_{job}_{what}": value for job in ("TRAIN", "ANALYSIS")
              for what, value in (("CPUS", "1"), ("MEM", "1G"), ("WALLTIME", "00:10:00"))}
     env = _job_env(**small)
-    res = _submit(SLURM_SUBMIT, [*args, "--data-dir", "data", "--output-dir", "out", *TINY_MODEL, "--device", "cpu"],
-                  env, tmp_path)
-    assert res.returncode == 0, res.stdout + res.stderr
+    # The jobs queue in a partition that is down while the table is rewritten (the submission read it intact
+    # and would refuse it broken): the training cannot load it, exit status 2.
+    hold = "everest-hold"
+    subprocess.run(["scontrol", "delete", f"PartitionName={hold}"], capture_output=True)
+    subprocess.run(["scontrol", "create", f"PartitionName={hold}", "Nodes=localhost", "Hidden=YES", "State=DOWN"],
+                   check=True, capture_output=True)
+    try:
+        res = _submit(SLURM_SUBMIT, [*args, "--data-dir", "data", "--output-dir", "out", "--queue", hold,
+                                     *TINY_MODEL, "--device", "cpu"], env, tmp_path)
+        assert res.returncode == 0, res.stdout + res.stderr
+        (data / corrupt).write_text("not,a,sharp,table\n1,2,3,4\n")
+        subprocess.run(["scontrol", "update", f"PartitionName={hold}", "State=UP"], check=True, capture_output=True)
+    except BaseException:
+        subprocess.run(["scontrol", "delete", f"PartitionName={hold}"], capture_output=True)
+        raise
     array_id = re.search(r"^training array: (\d+)$", res.stdout, flags=re.MULTILINE).group(1)
     analysis_id = re.search(r"^analysis job: (\d+) \(afterany on \d+\)$", res.stdout, flags=re.MULTILINE).group(1)
     try:
@@ -813,6 +823,7 @@ def _submit_to_real_slurm(tiny_data: Path, tmp_path: Path, corrupt: str, args: l
             time.sleep(1)
     finally:
         subprocess.run(["scancel", array_id, analysis_id], capture_output=True)
+        subprocess.run(["scontrol", "delete", f"PartitionName={hold}"], capture_output=True)
     return array_id, analysis_id
 
 

@@ -15,7 +15,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.task_runners import ThreadPoolTaskRunner
-from tables import copy_with_bad_c48
+from tables import copy_with_bad_c48, spoil_after_preflight
 from tiny import overrides
 
 from flows.production import ProductionParameters, make_flow
@@ -76,9 +76,10 @@ def test_command_line_rejects_bad_input_with_exit_2(args, fragment, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_failure_is_reported_and_rerun_retrains_only_it(prefect_server, tiny_data, tmp_path):
+def test_failure_is_reported_and_rerun_retrains_only_it(prefect_server, tiny_data, tmp_path, monkeypatch):
     data = tmp_path / "data"
     bad, good_text = copy_with_bad_c48(tiny_data, data)  # a non-numeric TOTUSJH value
+    spoil_after_preflight(monkeypatch, bad, good_text)
     out = tmp_path / "out"
     common = {"targets": ["M-24", "C-48"], "seeds": [0, 1], "data_dir": str(data), "output_dir": str(out),
               "overrides": TINY}

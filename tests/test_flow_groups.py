@@ -12,7 +12,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
-from tables import copy_with_bad_c48
+from tables import copy_with_bad_c48, spoil_after_preflight
 from test_flow import task_states
 from tiny import overrides
 
@@ -124,9 +124,10 @@ def test_groups_of_two_train_report_and_cache_each_experiment(prefect_server, ti
 
 
 def test_a_member_that_fails_alone_fails_only_itself_and_the_rerun_trains_only_it(prefect_server, tiny_data,
-                                                                                   tmp_path):
+                                                                                   tmp_path, monkeypatch):
     data = tmp_path / "data"
     bad, good_text = copy_with_bad_c48(tiny_data, data)  # a non-numeric TOTUSJH value
+    spoil_after_preflight(monkeypatch, bad, good_text)
     out = tmp_path / "out"
     params = {"targets": ["M-24", "C-48"], "seeds": [0], "data_dir": str(data), "output_dir": str(out)}
     profile = _profile(tmp_path, 2)

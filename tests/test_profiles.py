@@ -388,6 +388,7 @@ def test_slurm_site_check_against_the_real_scheduler():
     profile = load_profile("slurm")
     with pytest.raises(ConfigError, match="SLURM has no partition 'nosuch'"):
         profile.with_overrides(queue="nosuch").check_site()
-    profile.with_overrides(queue="debug").check_site()  # the CI node's partition offers gres gpu:2
+    # The CI node's partition offers gres gpu:2 (and a job of 1 CPU and 1 GB fits its node).
+    profile.with_overrides(queue="debug", job_cpus=1, job_memory="1G").check_site()
     with pytest.raises(ConfigError, match="offers no GRES gpu:h100"):
         profile.with_overrides(queue="debug", gpu_type="h100").check_site()

@@ -248,6 +248,54 @@ def test_flow_refuses_before_any_server_starts(case, spoil, output, fragments, s
     assert not out.is_dir() or not any(out.rglob("*")), "something was written"
 
 
+# Batch-system refusals, also before any server (PBS: canned replies of OpenPBS 23's qstat and pbsnodes, as PBS
+# itself cannot be installed here; SLURM: the real single-node scheduler). (case, profile, fake PBS commands
+# {name: shell body} or None for real SLURM, fragments)
+PBS_NODE = ("echo node1; echo '     resources_available.ncpus = 64'; echo '     resources_available.mem = {mem}';"
+            " echo '     resources_available.ngpus = {gpus}'")
+SITE_CASES = [
+    ("PBS queue that does not exist (mock PBS)", "kind: pbs\nqueue: gpux\n",
+     {"qstat": 'echo "qstat: Unknown queue destination $2" >&2; exit 170',
+      "pbsnodes": PBS_NODE.format(mem="256gb", gpus=4)},
+     ["queue 'gpux' is refused by the PBS server", "qstat: Unknown queue destination gpux"]),
+    ("PBS nodes without GPUs (ngpus = 0, mock PBS)", "kind: pbs\nqueue: gpu\n",
+     {"qstat": "exit 0", "pbsnodes": PBS_NODE.format(mem="256gb", gpus=0)},
+     ["gpus_per_job 1 asks ngpus=1, but the most any node offers is resources_available.ngpus = 0"]),
+    ("PBS nodes with less memory than a job asks (mock PBS)", "kind: pbs\nqueue: gpu\njob_memory: 512G\n",
+     {"qstat": "exit 0", "pbsnodes": PBS_NODE.format(mem="256gb", gpus=4)},
+     ["job_memory 512G asks mem=512gb, but the most any node offers is resources_available.mem = 256gb"]),
+    ("SLURM partition that does not exist", "kind: slurm\npartition: nosuch\ngpus_per_job: 0\n", None,
+     ["SLURM has no partition 'nosuch'"]),
+    ("SLURM job asking more cores than any node has", "kind: slurm\npartition: debug\ngpus_per_job: 0\n"
+     "job_cpus: 64\njob_memory: 1G\n", None, ["job_cpus 64 asks --cpus-per-task=64, but the most CPUs any node"]),
+]
+
+
+@pytest.mark.parametrize(("case", "profile", "commands", "fragments"), SITE_CASES, ids=[c[0] for c in SITE_CASES])
+def test_batch_site_refusals_come_before_any_server(case, profile, commands, fragments, tiny_data, tmp_path,
+                                                    monkeypatch, run_flow_cli):
+    if commands is None and shutil.which("sinfo") is None:
+        pytest.skip("SLURM is not installed (tests/cluster/slurm.sh up)")
+    if commands is not None:
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        for name, body in {"qsub": "exit 0", **commands}.items():
+            (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+            (bin_dir / name).chmod(0o755)
+        monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    site = tmp_path / "site.yaml"
+    site.write_text(profile + "interface: lo\ntls: false\n")  # loopback: no cluster network needed here
+    out = tmp_path / "out"
+    r = run_flow_cli(["--profile", str(site), "--targets", "C-24", "--seeds", "0", "--data-dir", str(tiny_data),
+                      "--output-dir", str(out)])
+    assert r.returncode == 2, (case, r.stdout, r.stderr)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and str(site) in errors[0] and "Traceback" not in r.stderr, r.stderr
+    for frag in fragments:
+        assert frag in errors[0], (frag, errors[0])
+    assert "Prefect server" not in r.stdout + r.stderr and not out.exists()
+
+
 def test_flow_checks_each_table_once_per_content(spoiled, tmp_path, monkeypatch):
     """The preflight reads each table once; a second check of the same content and settings reads nothing,
     and the samples it built are the cache the training reads."""
