@@ -3,8 +3,10 @@
 Without a real server every Dask worker process would start its own temporary server on the same
 SQLite file. It serves the UI while the run lasts and binds 127.0.0.1 unless told otherwise (batch runs
 bind the address the compute nodes reach, and then require a per-run password,
-``PREFECT_API_AUTH_STRING``, which the worker jobs receive). It keeps its database under
-``PREFECT_HOME``, so run history survives and can be browsed later with ``prefect server start``.
+``PREFECT_API_AUTH_STRING``, which the worker jobs read from a file only the user can read: never from
+their job script, which the batch system keeps readable to its administrators and tools). It keeps its
+database under ``PREFECT_HOME``, so run history survives and can be browsed later with ``prefect server start``.
+The server runs in its own session; :func:`stop_server` ends it with every process it started.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import ipaddress
 import logging
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -25,6 +29,29 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+# Credentials of the Prefect API. Batch jobs get them through a private file (:func:`write_private`), never in
+# their job script: PBS keeps a job's script readable (`printjob -s`, the mom's spool, the server database).
+API_SECRETS = ("PREFECT_API_AUTH_STRING", "PREFECT_API_KEY")
+
+
+def write_private(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` so that only this user can read it: created mode 0600 (never readable by
+    others, not even for a moment) as a temporary file in the same folder, then renamed over ``path``, so a
+    reader sees the old or the new content, never half of it. The folder is made (mode 0700) if missing."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # O_EXCL, mode 0600
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 def _free_port(host: str) -> int:
@@ -104,10 +131,24 @@ def prefect_api(host: str = "127.0.0.1", timeout: float = 90.0) -> Iterator[str]
         os.environ.pop("PREFECT_API_URL", None)
         if auth:
             os.environ.pop("PREFECT_API_AUTH_STRING", None)
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
         logfile.close()
+
+
+def stop_server(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    """End the server and every process it started (its own session's process group): SIGTERM, then
+    SIGKILL after ``timeout`` seconds. A second Ctrl-C or signal while it shuts down still leaves nothing
+    running: the group is killed before the interruption goes on."""
+
+    def signal_group(sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+
+    signal_group(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass  # killed below
+    finally:  # also after an interruption: whatever is left of the group, a child that outlived the server too
+        signal_group(signal.SIGKILL)
+        proc.wait()

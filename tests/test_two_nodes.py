@@ -103,6 +103,9 @@ def test_flow_on_login_host_trains_on_compute_host_mock_pbs_qsub(two_hosts, tiny
     assert results["provenance"]["batch_job_id"] is None  # the mock sets no PBS_JOBID
     scripts = [p.read_text() for p in jobs.glob("*.sh")]
     assert scripts, "qsub was never called"
-    assert all(f"PREFECT_API_URL=http://{SUBNET}.1:" in s and "PREFECT_API_AUTH_STRING=" in s for s in scripts)
+    # The private server's password reaches the job through a file of the user's, never its script.
+    password = (out / ".secrets" / "PREFECT_API_AUTH_STRING").read_text().strip()
+    assert all(f"PREFECT_API_URL=http://{SUBNET}.1:" in s and "read -r PREFECT_API_AUTH_STRING" in s
+               and password not in s for s in scripts)
     assert all(f"tls://{SUBNET}.1:" in s and "--tls-key" in s for s in scripts)
     assert "flow run ended Completed" in run.stdout

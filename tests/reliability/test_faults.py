@@ -6,10 +6,12 @@ model keep each case to seconds.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,6 +122,73 @@ def test_ctrl_c_marks_the_flow_run_cancelled_and_a_rerun_resumes(prefect_server,
     assert [r.state.name for r in runs] == ["Cancelled"]
 
 
+def _processes_with(marker: str) -> list[str]:
+    """``pid: command line`` of live processes whose environment or command line holds ``marker``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue  # a zombie has ended; only its parent's wait is missing
+            env, cmd = (proc / "environ").read_bytes(), (proc / "cmdline").read_bytes()
+        except OSError:  # ended while we looked
+            continue
+        if marker.encode() in env or marker.encode() in cmd:
+            found.append(f"{proc.name}: " + cmd.replace(b"\0", b" ").decode(errors="replace"))
+    return found
+
+
+def _flow_runs_in_database(home: Path) -> list[tuple[str, str, str]]:
+    """(name, state name, state message) of every flow run in a stopped private server's database."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(home / "prefect.db")) as db:
+        return db.execute("SELECT flow_run.name, flow_run.state_name, flow_run_state.message FROM flow_run "
+                          "JOIN flow_run_state ON flow_run_state.id = flow_run.state_id").fetchall()
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_sigterm_or_sighup_cancels_the_run_stops_its_server_and_workers_and_a_rerun_resumes(sig, tiny_data, tmp_path):
+    """``timeout``, a batch system (SIGTERM) or a closed login session (SIGHUP) ends a command-line run like
+    Ctrl-C: exit 128 + signal, the run Cancelled with the reason, its private Prefect server and Dask workers
+    gone; the same command then resumes the interrupted experiment from its checkpoint."""
+    out, home = tmp_path / "out", tmp_path / "prefect-home"
+    (tmp_path / "one.yaml").write_text("kind: local\ngpus: 0\nn_workers: 1\ntorch_threads: 1\n"
+                                       "dashboard_address: null\n")
+    args = [sys.executable, "-m", "flows.production", "--targets", "M-24", "--seeds", "0", "--data-dir",
+            str(tiny_data), "--output-dir", str(out), "--profile", str(tmp_path / "one.yaml"), "--epochs", "12",
+            "--no-baselines", *set_args([*SLOWER, "train.early_stopping_patience=20"])]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")} | {"PREFECT_HOME": str(home)}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoint = out / "checkpoints" / "everest_M_24h_seed0.pt"
+    try:
+        _wait_for_checkpoint(checkpoint, 1)
+        proc.send_signal(getattr(signal, sig))
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + getattr(signal, sig), stderr[-3000:]
+    message = [line for line in stderr.splitlines() if line.startswith(f"terminated by {sig}")]
+    assert len(message) == 1 and "marked Cancelled; rerun the same command to resume" in message[0], stderr[-3000:]
+    deadline, left = time.monotonic() + 15, _processes_with(str(home))
+    while left and time.monotonic() < deadline:  # the server and the workers have been told to go: give them a moment
+        time.sleep(0.2)
+        left = _processes_with(str(home))
+    assert not left, f"processes of the run left behind: {left}"
+    assert [(state, msg) for _, state, msg in _flow_runs_in_database(home)] == [("Cancelled", f"terminated by {sig}")]
+    assert not (out / "results" / "everest_M_24h_seed0" / "results.json").exists()
+
+    rerun = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    res = json.loads((out / "results" / "everest_M_24h_seed0" / "results.json").read_text())
+    assert res["training"]["resumed_after_epoch"] >= 1  # picked up from the checkpoint, not from epoch 0
+    assert [h["epoch"] for h in res["history"]] == list(range(1, 13))
+    assert sorted(state for _, state, _ in _flow_runs_in_database(home)) == ["Cancelled", "Completed"]
+    assert not _processes_with(str(home))
+
+
 def test_flow_process_killed_mid_study_then_rerun_finishes_only_what_was_missing(prefect_server, tiny_data,
                                                                                  tmp_path):
     out = tmp_path / "out"
@@ -153,6 +222,99 @@ def test_flow_process_killed_mid_study_then_rerun_finishes_only_what_was_missing
     assert resumed["training"]["resumed_after_epoch"] >= 1
     assert "everest_M_24h_seed0" in rerun.stdout
     assert "3 experiments finished (+6 baseline fits), 0 failed" in rerun.stdout
+
+
+@pytest.mark.parametrize("doing", ["nothing", "a task that is not training"])
+def test_worker_reaching_its_lifetime_exits_within_seconds_not_after_the_checkpoint_grace(doing):
+    """Idle, a worker at its lifetime closes at once; running a task that is not training (a baseline fit, an
+    experiment writing its results) it waits for that task to end, not a 60 s grace for a checkpoint that never
+    comes."""
+    from distributed import Client, LocalCluster
+
+    from flows.worker_setup import CHECKPOINT_GRACE_SECONDS
+
+    lifetime, task_seconds = 3.0, 6.0
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+                      preload=["flows.worker_setup"], lifetime=f"{lifetime}s", lifetime_restart=False,
+                      host="127.0.0.1") as cluster, Client(cluster) as client:
+        started = time.monotonic()
+        (pid,) = client.run(os.getpid).values()
+        busy = doing != "nothing"
+        if busy:
+            client.submit(time.sleep, task_seconds, pure=False)
+        while Path(f"/proc/{pid}").exists() and time.monotonic() - started < CHECKPOINT_GRACE_SECONDS + 30:
+            time.sleep(0.05)
+        took = time.monotonic() - started
+    assert took < (task_seconds if busy else lifetime) + 5, f"the worker took {took:.1f} s to exit"
+    assert not busy or took > task_seconds - 0.5  # it let the task finish
+
+
+def _log_seconds(line: str) -> float | None:
+    """Time of day in seconds of a job log line (Dask's ``2026-12-05 04:08:52,557 - ...``, Prefect's
+    ``04:08:52.557 | ...``), None for other lines."""
+    import re
+
+    if m := re.match(r"\d{4}-\d\d-\d\d (\d\d):(\d\d):(\d\d),(\d{3}) - ", line) or \
+            re.match(r"(\d\d):(\d\d):(\d\d)\.(\d{3}) \| ", line):
+        h, mi, sec, ms = (int(g) for g in m.groups())
+        return 3600 * h + 60 * mi + sec + ms / 1000
+    return None
+
+
+@pytest.mark.cluster
+@pytest.mark.skipif(not shutil.which("sinfo"), reason="no SLURM here (tests/cluster/slurm.sh up)")
+def test_batch_workers_retiring_at_their_lifetime_never_rerun_finished_work_and_leave_within_seconds(
+        prefect_server, tiny_data, tmp_path, monkeypatch):
+    """Two SLURM jobs whose workers retire after ~29 s: a short experiment and the baseline fits finish early on
+    one, which then idles to its lifetime holding their results; a three times longer experiment spans both
+    jobs' lifetimes and is handed back. No finished task runs again (every epoch and every task is logged
+    once), and every worker reaching its lifetime has left its job within seconds."""
+    import re
+    from collections import Counter
+
+    from everest import synthetic
+    from flows.profiles import load_profile
+
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    synthetic.generate(tmp_path / "bigger", size="demo", seed=0)  # three times the windows of "tiny"
+    for split in ("training", "testing"):
+        shutil.copy(tmp_path / "bigger" / f"{split}_data_M_48.csv", data)
+    logs = tmp_path / "logs"
+    site = load_profile("slurm").for_test_machine(minimum_jobs=2, maximum_jobs=2, walltime="00:01:30",
+                                                  worker_lifetime_margin="00:01:00",
+                                                  worker_lifetime_stagger="00:00:01", log_directory=str(logs))
+    epochs, out = 24, tmp_path / "out"
+    params = ProductionParameters(targets=["M-24", "M-48"], seeds=[0], data_dir=str(data), output_dir=str(out),
+                                  profile="slurm", overrides=[*SLOWER, "train.batch_size=64", f"train.epochs={epochs}",
+                                                              f"train.early_stopping_patience={epochs}"])
+    state = make_flow(site)(**params.flow_parameters(), return_state=True)
+    assert state.is_completed(), state.message
+
+    lines = {p.name: p.read_text().splitlines() for p in sorted(logs.glob("*.err"))}
+    logged = Counter(m.groups() for text in lines.values() for line in text
+                     if (m := re.search(r"Task run '([^']+)' - (epoch \d+|Finished in state)", line)))
+    runs = {task for task, _ in logged}
+    assert {"train-everest_M_24h_seed0", "train-everest_M_48h_seed0", "logistic-everest_M_24h_seed0",
+            "boosted-everest_M_48h_seed0"} <= runs, sorted(runs)
+    again = {k: n for k, n in logged.items() if n > 1}
+    assert not again, f"ran again: {again}"
+    for name in ("M_24h", "M_48h"):
+        res = json.loads((out / "results" / f"everest_{name}_seed0" / "results.json").read_text())
+        assert [h["epoch"] for h in res["history"]] == list(range(1, epochs + 1))
+    assert json.loads((out / "results" / "everest_M_48h_seed0" / "results.json").read_text()
+                      )["training"]["resumed_after_epoch"] >= 1  # handed back at a lifetime, resumed by a new job
+
+    retired = 0
+    for job, text in lines.items():
+        closing = [_log_seconds(ln) for ln in text if "Closing worker gracefully" in ln and "lifetime" in ln]
+        ended = [_log_seconds(ln) for ln in text if "End worker" in ln or "Nanny at" in ln and "closed" in ln]
+        if closing and ended:
+            retired += 1
+            assert ended[-1] - closing[0] < 10, f"{job}: left {ended[-1] - closing[0]:.1f} s after its lifetime"
+        assert not any("exiting anyway" in ln for ln in text), job
+    assert retired >= 2, f"fewer than two workers reached their lifetime: {sorted(lines)}"
 
 
 def test_walltime_sigterm_then_sigkill_checkpoints_and_the_retry_resumes(tiny_data, tmp_path):
