@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from everest import metrics as M
 from everest.analysis import ProductionAnalyzer
 from everest.config import experiment_matrix
+from everest.scoring import metrics as M
 
 
 def write_results(root: Path, rows_per_experiment: int, seed: int = 0) -> None:

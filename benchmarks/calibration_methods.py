@@ -2,7 +2,7 @@
 
 For every finished experiment under the given results roots (EVEREST's and the baselines' share a layout),
 the raw validation probabilities (``val_predictions.csv``) are split into region-disjoint folds; each method
-of :mod:`everest.calibration` is fitted on the other folds and scored on the held-out one. The test split is
+of :mod:`everest.scoring.calibration` is fitted on the other folds and scored on the held-out one. The test split is
 never read. Prints one row per experiment and method, then the mean per model and method and how often
 each method had the lowest out-of-fold Brier score.
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from everest.calibration import METHODS, choose_method, compare_methods
+from everest.scoring.calibration import METHODS, choose_method, compare_methods
 
 
 def measure(roots: list[Path], folds: int) -> pd.DataFrame:

@@ -3,8 +3,8 @@
     python -m benchmarks.evt_phase [--seeds 0,1,2] [--epochs 10] [--size tiny] [--evt-start 3]
                                    [--variants reference,no_evt,detach,bounded,detach_bounded]
 
-Synthetic data (``everest.synthetic``, target M-24) is generated into a temporary directory; each
-variant is trained with a minimal loop of its own (AdamW from ``everest.fast.make_optimizer``,
+Synthetic data (``everest.data.synthetic``, target M-24) is generated into a temporary directory; each
+variant is trained with a minimal loop of its own (AdamW from ``everest.training.fast.make_optimizer``,
 ``EverestLoss``, batch 256, the padding mask on) under a compressed copy of the reference loss schedule:
 EVT off until ``--evt-start`` (weight 0.1 from there, 0.2 from twice that; focal gamma warm-up over 2.5x,
 the reference's 20 / 40 / 50 epoch ratios). Only the validation split is scored, never the test split.
@@ -42,13 +42,13 @@ if __package__ in (None, ""):  # `python benchmarks/evt_phase.py`: make the chec
 import numpy as np
 import torch
 
-from everest import metrics as M
-from everest import synthetic
 from everest.config import EverestConfig, LossConfig, LossPhase, ModelConfig, Target
-from everest.data import ExperimentData, prepare_experiment
-from everest.fast import make_optimizer
-from everest.losses import EverestLoss
-from everest.model import EverestModel
+from everest.data import synthetic
+from everest.data.samples import ExperimentData, prepare_experiment
+from everest.model.losses import EverestLoss
+from everest.model.network import EverestModel
+from everest.scoring import metrics as M
+from everest.training.fast import make_optimizer
 
 BATCH = 256
 TARGET = "M-24"

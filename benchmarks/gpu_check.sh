@@ -133,7 +133,7 @@ import time
 
 from everest.config import EverestConfig, Experiment
 from everest.errors import Preempted
-from everest.group import train_group
+from everest.training.group import train_group
 
 data, device, out = sys.argv[1:4]
 exps = [Experiment.from_array_index(i) for i in range(1, 46)]

@@ -1,4 +1,4 @@
-"""How to batch K members: weights written batched (:class:`everest.batched.GroupedEverest`) against
+"""How to batch K members: weights written batched (:class:`everest.model.batched.GroupedEverest`) against
 ``torch.func.stack_module_state`` + ``vmap`` over the solo model, and against K separate solo models.
 
 One training pass (forward in training mode with dropout, backward of the summed logits) over the same
@@ -17,9 +17,9 @@ from collections.abc import Callable
 import torch
 from torch.func import functional_call, stack_module_state, vmap
 
-from everest.batched import GroupedEverest
 from everest.config import ModelConfig
-from everest.model import EverestModel
+from everest.model.batched import GroupedEverest
+from everest.model.network import EverestModel
 
 
 def layout_rates(k: int, batch: int, cfg: ModelConfig, device: torch.device, n_features: int = 9,

@@ -1,5 +1,5 @@
-"""Row 8: the grouped trainer (:func:`everest.group.train_group`) against the same experiments trained as
-solo runs (:class:`everest.train.ProductionTrainer`), side by side in one process, interleaved.
+"""Row 8: the grouped trainer (:func:`everest.training.group.train_group`) against the same experiments trained as
+solo runs (:class:`everest.training.trainer.ProductionTrainer`), side by side in one process, interleaved.
 
 Both sides run the real trainers on synthetic tables written to disk, with a fixed epoch count and early
 stopping off (patience = epochs). A side's rate is the sum over members of ``n_train x epochs run`` divided
@@ -84,7 +84,7 @@ def _run(how: str, results: Sequence[dict[str, Any]], wall: float) -> Run:
 def run_grouped(experiments: Sequence[Experiment], config: EverestConfig, data_dir: Path, output_dir: Path,
                 cache_dir: Path) -> Run:
     """Train ``experiments`` as one group; a member's failure fails the measurement."""
-    from everest.group import train_group
+    from everest.training.group import train_group
 
     t0 = time.perf_counter()
     out = train_group(experiments, config=config, data_dir=data_dir, output_dir=output_dir, cache_dir=cache_dir,
@@ -99,7 +99,7 @@ def run_grouped(experiments: Sequence[Experiment], config: EverestConfig, data_d
 def run_solo(experiments: Sequence[Experiment], config: EverestConfig, data_dir: Path, output_dir: Path,
              cache_dir: Path) -> Run:
     """Train ``experiments`` one after another, each a solo :class:`ProductionTrainer` run."""
-    from everest.train import ProductionTrainer
+    from everest.training.trainer import ProductionTrainer
 
     t0 = time.perf_counter()
     results = [ProductionTrainer(e, config=config, data_dir=data_dir, output_dir=output_dir, cache_dir=cache_dir,
@@ -109,7 +109,7 @@ def run_solo(experiments: Sequence[Experiment], config: EverestConfig, data_dir:
 
 def synthetic_data(size: str, root: Path) -> Path:
     """The 18 synthetic tables of ``size`` (seed 0) under ``root``, written once."""
-    from everest import synthetic
+    from everest.data import synthetic
 
     folder = root / f"data-{size}"
     if not (folder / "testing_data_M5_72.csv").is_file():
@@ -118,7 +118,7 @@ def synthetic_data(size: str, root: Path) -> Path:
 
 
 def _prepare(data_dir: Path, target: Target, data: DataConfig, seq_len: int, cache_dir: Path) -> None:
-    from everest.data import prepare_experiment
+    from everest.data.samples import prepare_experiment
 
     prepare_experiment(data_dir, target, 0, data, seq_len, cache_dir)
 

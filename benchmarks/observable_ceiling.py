@@ -19,9 +19,9 @@ import numpy as np
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.linear_model import LogisticRegression
 
-from everest import metrics as M
-from everest import synthetic as S
 from everest.config import EverestConfig, Target
+from everest.data import synthetic as S
+from everest.scoring import metrics as M
 
 
 def windows(split: S.SplitData, features: tuple[str, ...], seq_len: int = 10) -> tuple[np.ndarray, np.ndarray]:

@@ -213,8 +213,8 @@ class Suite:
     # ------------------------------------------------------------------ row 4
     def inference(self) -> None:
         """Latency per sample at batch 32 and 1; throughput at a large batch vs the old 8192-sample chunk."""
-        from everest.fast import eval_chunk
-        from everest.model import EverestModel
+        from everest.model.network import EverestModel
+        from everest.training.fast import eval_chunk
 
         torch.manual_seed(0)
         model = EverestModel(self.config.model, 9).to(self.device).eval()
@@ -381,16 +381,16 @@ WARMUP_STEPS = 5
 
 def measured_peak(device: torch.device) -> float:
     """The device's measured bf16 matmul rate (TFLOP/s)."""
-    from everest.fast import matmul_peak_tflops
+    from everest.training.fast import matmul_peak_tflops
 
     return matmul_peak_tflops(device)
 
 
 def study_counts(size: str = "full") -> dict[str, dict[str, int]]:
     """Training and validation samples per epoch of each target on synthetic data of ``size``."""
-    from everest import synthetic
     from everest.config import all_targets
-    from everest.data import LABELS
+    from everest.data import synthetic
+    from everest.data.tables import LABELS
 
     split = synthetic.simulate(size, 0)["training"]
     cfg = W.EverestConfig().data

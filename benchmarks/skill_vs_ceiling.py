@@ -24,11 +24,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from everest import metrics as M
 from everest.config import Experiment, Target, load_config
-from everest.data import data_file, prepare_experiment
-from everest.synthetic import generate, load_truth
-from everest.train import ProductionTrainer
+from everest.data.samples import prepare_experiment
+from everest.data.synthetic import generate, load_truth
+from everest.data.tables import data_file
+from everest.scoring import metrics as M
+from everest.training.trainer import ProductionTrainer
 
 
 def compare(target: str, seed: int, data_dir: Path, out: Path, preset: str, overrides: tuple[str, ...]) -> dict:

@@ -19,7 +19,8 @@ import pandas as pd
 import torch
 
 from everest.config import EverestConfig, Target
-from everest.data import LABELS, SampleSet, build_samples
+from everest.data.samples import SampleSet, build_samples
+from everest.data.tables import LABELS
 
 TRAIN_FLOP_PER_SAMPLE = 48e6  # forward ~16 MFLOP, training step ~3x forward
 FORWARD_FLOP_PER_SAMPLE = 16e6
@@ -28,7 +29,7 @@ FORWARD_FLOP_PER_SAMPLE = 16e6
 # ---------------------------------------------------------------------- data
 def synthetic_table(size: str = "full", target: str = "M-24", seed: int = 0) -> pd.DataFrame:
     """The validated-table form (``read_table``'s columns) of a synthetic training file, built in memory."""
-    from everest import synthetic
+    from everest.data import synthetic
 
     split = synthetic.simulate(size, seed)["training"]
     frame = split.frame(target)
@@ -99,7 +100,7 @@ def padding_mask(n: int, seq_len: int = 10, seed: int = 0) -> np.ndarray:
 
 def full_samples(table: pd.DataFrame, target: str = "M-24") -> SampleSet:
     """Vectorised, scaled samples of one full-size table (what training sees)."""
-    from everest.data import Scaler
+    from everest.data.samples import Scaler
 
     cfg = EverestConfig().data
     zero = cfg.c_zero_filter and Target.parse(target).flare_class == "C"
@@ -142,9 +143,9 @@ class Trainer:
     config: EverestConfig | None = None
 
     def __post_init__(self) -> None:
-        from everest.fast import TrainStep, make_optimizer
-        from everest.losses import EverestLoss
-        from everest.model import EverestModel
+        from everest.model.losses import EverestLoss
+        from everest.model.network import EverestModel
+        from everest.training.fast import TrainStep, make_optimizer
 
         torch.manual_seed(self.seed)
         cfg = self.config or EverestConfig()

@@ -25,8 +25,8 @@ from pathlib import Path
 from everest import results
 from everest.cli import add_run_arguments, config_from_args
 from everest.config import DEFAULT_SEEDS, Experiment, Target, all_targets
-from everest.data import data_file, file_hash
-from everest.datacheck import check_experiments
+from everest.data.check import check_experiments
+from everest.data.tables import data_file, file_hash
 from everest.errors import ConfigError, DataError
 
 

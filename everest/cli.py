@@ -2,7 +2,8 @@
 ``data check`` and ``results failure``.
 
 ``everest train`` trains one experiment, or several (``--array-index K K ...``, ``--seed S S ...``) as one
-group on one device (:func:`everest.group.train_group`); a group's exit status is defined in :func:`_train_group`.
+group on one device (:func:`everest.training.group.train_group`); a group's exit status is defined in
+:func:`_train_group`.
 
 Every command turns its known failures into one line on stderr and an exit status (``everest.errors``);
 the run options (``--config``, ``--preset``, ``--set``, ``--epochs``, ``--device``) are defined once here
@@ -30,7 +31,7 @@ from everest.errors import (
     TimeLimitReached,
     TrainingDiverged,
 )
-from everest.metrics import shown
+from everest.scoring.metrics import shown
 
 if TYPE_CHECKING:
     from everest.results import Identity
@@ -197,7 +198,7 @@ def _result_line(exp: Experiment, res: dict[str, Any], output_dir: str | Path) -
 def _train(args: argparse.Namespace) -> int:
     """One experiment (its failure is the command's), or several as one group (:func:`_train_group`)."""
     from everest.io import check_writable_dir
-    from everest.train import ProductionTrainer
+    from everest.training.trainer import ProductionTrainer
 
     cfg = config_from_args(args)
     experiments = experiments_from_args(args)
@@ -212,7 +213,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _member_identity(exp: Experiment, cfg: EverestConfig, data_dir: str | Path) -> Identity | None:
     """The identity a failed member was trained under, or None when its data files cannot be hashed."""
-    from everest.data import data_file, file_hash
+    from everest.data.tables import data_file, file_hash
     from everest.results import identity_for
 
     try:
@@ -230,8 +231,8 @@ def _train_group(experiments: list[Experiment], cfg: EverestConfig, args: argpar
     several kinds, the first of :data:`MEMBER_EXIT_PRIORITY`. Anything else (time limit, SIGTERM, a
     crash) propagates for the whole group, after every member checkpointed, as for one experiment.
     """
-    from everest.group import train_group
     from everest.results import FAILURE_FILE, experiment_dir, record_failure
+    from everest.training.group import train_group
 
     outcomes = train_group(experiments, config=cfg, data_dir=args.data_dir, output_dir=args.output_dir,
                            force=args.force)
@@ -258,8 +259,8 @@ def _train_group(experiments: list[Experiment], cfg: EverestConfig, args: argpar
 
 
 def _baselines(args: argparse.Namespace) -> None:
-    from everest.baselines import BASELINES, baseline_root, fit_baseline
     from everest.results import experiment_dir
+    from everest.scoring.baselines import BASELINES, baseline_root, fit_baseline
 
     experiment = experiment_from_args(args)
     cfg = config_from_args(args)
@@ -273,8 +274,8 @@ def _baselines(args: argparse.Namespace) -> None:
 
 def _ensemble(args: argparse.Namespace) -> None:
     """Build the ensembles asked for and print one line each; no ensemble at all is an error."""
-    from everest.ensemble import EnsembleError, build_ensembles, ensemble_root
     from everest.results import experiment_dir
+    from everest.scoring.ensemble import EnsembleError, build_ensembles, ensemble_root
 
     results_dir = Path(args.results_dir) if args.results_dir else Path(args.output_dir) / "results"
     targets = [Target.parse(t) for t in args.targets] if args.targets else None
@@ -294,7 +295,7 @@ def _ensemble(args: argparse.Namespace) -> None:
 
 
 def _synth(args: argparse.Namespace) -> None:
-    from everest import synthetic
+    from everest.data import synthetic
 
     paths = synthetic.generate(args.out, size=args.size, seed=args.seed)
     print(f"wrote {len(paths)} SHARP tables ({args.size}, seed {args.seed}) and their truth sidecars to {args.out}")
@@ -302,7 +303,7 @@ def _synth(args: argparse.Namespace) -> None:
 
 def _check(args: argparse.Namespace) -> None:
     """Summarise the targets whose files the folder holds; a DataError (exit EXIT_USAGE) if one is not ok."""
-    from everest.datacheck import check_folder
+    from everest.data.check import check_folder
 
     cfg = config_from_args(args)
     check_folder(args.dir, cfg.data, cfg.model.seq_len, args.targets)
@@ -336,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--force", action="store_true", help="retrain even if finished results exist")
     train.set_defaults(fn=_train)
 
-    from everest.baselines import BASELINES
+    from everest.scoring.baselines import BASELINES
 
     base = sub.add_parser("baselines", help="fit simple baselines on the windows EVEREST sees, in its results "
                           "layout under <output-dir>/baselines/<model>/results")

@@ -145,7 +145,7 @@ class ModelConfig(_Frozen):
     # have only a few). With the mask, padding steps are no attention keys and are left out of pooling,
     # so a forecast depends on real records only; it applies when forward() is given `valid`.
     padding_mask: bool = True
-    # EVT head (generalised-Pareto fit of the logits' tail; everest.losses.evt_loss). It reads the shared
+    # EVT head (generalised-Pareto fit of the logits' tail; everest.model.losses.evt_loss). It reads the shared
     # representation z detached, so the tail fit trains the EVT head alone and cannot change the forecast
     # logits. With gradients into z (the reference), switching the term on cut validation AUC averaged
     # over the EVT epochs from 0.938 to 0.906 over 3 seeds (one seed fell to 0.72; benchmarks/evt_phase.py).
@@ -228,7 +228,7 @@ class TrainConfig(_Frozen):
     device: str = "auto"
     num_threads: int | None = Field(None, ge=1)
     eval_batch_size: int = Field(8192, ge=1)
-    # CUDA-only speed options (everest.fast); ignored on CPU. Measured on an H200 (benchmarks/RESULTS.md):
+    # CUDA-only speed options (everest.training.fast); ignored on CPU. Measured on an H200 (benchmarks/RESULTS.md):
     # graph replay 6.5x the eager step with the same metrics, torch.compile 1.4x, so graphs are on.
     cuda_graphs: bool = True
     compile: bool = False

@@ -54,6 +54,6 @@ def model_card(res: dict[str, Any]) -> str:
         f"{' (at the edge of the searched grid)' if th['at_grid_edge'] else ''}.\n"
         f"* Test: TSS {m['tss']:.3f}, ROC AUC {m['roc_auc']:.3f}, Brier {m['brier']:.4f}, ECE {m['ece']:.4f}.\n"
         f"* Config hash {res['provenance']['config_hash']}; data {res['provenance']['data_hashes']}.\n"
-        f"* Load: `everest.inference.load_model(dir)` (weights_only=True); inputs scaled with `scaler.json`; "
-        f"calibrate its probabilities with `everest.inference.load_calibrator(dir).apply(p)`.\n"
+        f"* Load: `everest.scoring.inference.load_model(dir)` (weights_only=True); inputs scaled with `scaler.json`; "
+        f"calibrate its probabilities with `everest.scoring.inference.load_calibrator(dir).apply(p)`.\n"
     )

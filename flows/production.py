@@ -6,7 +6,7 @@ built from the cluster profiles in ``deployments/``.
 
 Grouping: the profile's ``experiments_per_gpu`` is the group width. The experiments, in array-index
 order (seeds inner), are cut into groups of that many, and each group is one task that trains them
-together on one device (:func:`everest.group.train_group`). Caching, failures and reporting stay per
+together on one device (:func:`everest.training.group.train_group`). Caching, failures and reporting stay per
 experiment: a group's cache key is made of its members' identities, finished members are skipped, and
 every member gets its own result row, progress card and failure record. Width 1 is one task per experiment.
 
@@ -49,7 +49,7 @@ from prefect.context import TaskRunContext
 from prefect.states import Completed, Failed
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from everest import baselines, io, results, stopping
+from everest import io, results
 from everest.cli import add_run_arguments, seed_number, target_name
 from everest.config import (
     DEFAULT_SEEDS,
@@ -61,9 +61,11 @@ from everest.config import (
     experiment_matrix,
     run_config,
 )
-from everest.data import data_file, file_hash
+from everest.data.tables import data_file, file_hash
 from everest.errors import EXIT_USAGE, ConfigError, DataError, describe_validation_error
-from everest.metrics import shown
+from everest.scoring import baselines
+from everest.scoring.metrics import shown
+from everest.training import stopping
 from flows import jobwatch
 from flows.jobwatch import clear_submission_failures, worker_job_failure
 from flows.profiles import Profile, load_profile
@@ -262,7 +264,7 @@ def train_experiments(job: GroupJob) -> list[dict[str, Any]]:
     import torch
 
     from everest.errors import Preempted
-    from everest.group import train_group
+    from everest.training.group import train_group
 
     if job.torch_threads:
         torch.set_num_threads(job.torch_threads)
@@ -465,7 +467,7 @@ def preflight(params: ProductionParameters, site: Profile, api_url: str | None) 
 def check_tables(params: ProductionParameters, cfg: EverestConfig) -> None:
     """Read and validate every table of the run's experiments with the reader training uses (columns, values,
     labels, enough positives), once per content; the embedded demo's tables are checked once generated."""
-    from everest.datacheck import check_experiments
+    from everest.data.check import check_experiments
 
     if params.embedded_demo and not demo_tables_present(params):
         return
@@ -534,7 +536,7 @@ def _run_locked(params: ProductionParameters, site: Profile, cfg: EverestConfig)
     experiments = params.experiments
     data_dir, out = params.data_path, Path(params.output_dir)
     if params.embedded_demo and not demo_tables_present(params):
-        from everest import synthetic
+        from everest.data import synthetic
 
         logger.info("embedded demo: generating synthetic SHARP tables in %s", data_dir)
         synthetic.generate(data_dir, size="demo", seed=0)

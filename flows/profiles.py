@@ -237,7 +237,7 @@ class Profile(BaseModel):
     description: str = ""
     torch_threads: int | None = Field(None, ge=1)
     # The group width: the flow trains its experiments (targets x seeds, seeds inner) in groups of this
-    # many, one task per group, each group one vectorised model (everest.group.train_group) in the single
+    # many, one task per group, each group one vectorised model (everest.training.group.train_group) in the single
     # worker process of its GPU, or of a CPU worker. 1: one task per experiment. Several processes on one
     # GPU measured 0.91x (benchmarks/RESULTS.md): a GPU has one worker process whatever the width.
     experiments_per_gpu: Annotated[int, PlainValidator(_experiments_per_gpu)] = 1

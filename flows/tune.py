@@ -1,6 +1,6 @@
 """Prefect flow ``everest-tune``: an Optuna study of EVEREST recipes, one trial per task on the cluster profile.
 
-Thin glue over :mod:`everest.tuning`: the flow asks the study (TPE, median pruning on the per-epoch
+Thin glue over :mod:`everest.training.tuning`: the flow asks the study (TPE, median pruning on the per-epoch
 validation score) for a trial, submits it as a task to the profile's Dask cluster, keeps up to the
 cluster's capacity in flight and tells the study each result. The study lives in a database the user keeps
 (``<output>/tuning/study.db``, or any SQLAlchemy URL), so a crashed or repeated run continues it: finished
@@ -23,12 +23,12 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from everest import tuning
 from everest.cli import add_run_arguments, positive_int, seed_number, target_name
 from everest.config import EverestConfig, Target, TuningRecord, experiment_matrix, run_config
-from everest.data import data_file
+from everest.data.tables import data_file
 from everest.errors import EXIT_USAGE, ConfigError, DataError, describe_validation_error
 from everest.io import check_writable_dir
+from everest.training import tuning
 from flows.jobwatch import clear_submission_failures
 from flows.production import (
     DEMO_DATA_DIR,
@@ -145,12 +145,12 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
 
 def check_training_files(params: TuneParameters, base: EverestConfig) -> None:
     """Only the training files are needed (and read): each must exist, be valid and learnable on every fold."""
-    from everest.datacheck import check_training_folds
+    from everest.data.check import check_training_folds
 
     missing = [str(data_file(params.data_path, t, "train")) for t in params.target_list
                if not data_file(params.data_path, t, "train").is_file()]
     if params.data_dir is None and missing:
-        from everest import synthetic
+        from everest.data import synthetic
 
         synthetic.generate(params.data_path, size="demo", seed=0)
     elif missing:

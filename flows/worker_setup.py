@@ -4,7 +4,7 @@ A batch system ends a job at its walltime with SIGTERM (PBS Pro, then SIGKILL af
 SLURM after ``KillWait``), and a worker that reaches its ``--lifetime`` closes itself. Either way the
 running experiment must checkpoint mid-epoch instead of losing the epoch. The trainer runs on a worker
 thread, where it cannot catch signals, so this preload catches SIGTERM (and SIGHUP, a closed terminal of a
-local run) on the worker's main thread and asks the trainer to stop (:func:`everest.stopping.request_stop`);
+local run) on the worker's main thread and asks the trainer to stop (:func:`everest.training.stopping.request_stop`);
 once the checkpoint is on disk the process exits, like SIGTERM's default action, and Dask gives the task to
 another worker (a restarted one on a local cluster), which resumes from the checkpoint.
 
@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Any
 
-from everest import stopping
+from everest.training import stopping
 
 log = logging.getLogger("everest")
 

@@ -60,7 +60,7 @@ def prefect_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """The 18 tables of the generator's ``tiny`` size (seed 0), written once per test run."""
-    from everest import synthetic
+    from everest.data import synthetic
 
     out = tmp_path_factory.mktemp("tiny-data")
     synthetic.generate(out, size="tiny", seed=0)

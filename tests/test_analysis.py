@@ -20,7 +20,6 @@ import pytest
 from scipy import stats as sps
 from tiny import ONE_THREAD, overrides
 
-from everest import metrics as M
 from everest.analysis import (
     AnalysisError,
     ProductionAnalyzer,
@@ -32,6 +31,7 @@ from everest.analysis import stats as st
 from everest.analysis.__main__ import main as cli_main
 from everest.config import ConfigError, EverestConfig, Experiment, Target
 from everest.results import CODE_VERSION
+from everest.scoring import metrics as M
 
 N_BOOT = 400  # enough for the assertions below; production default is 10,000
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def write_experiment(root: Path, target: str, seed: int, pred: pd.DataFrame | No
                      oracle: dict[str, float] | None = None, oracle_threshold: float | None = None,
                      latency: float = 0.1, data_hash: str = "d0", code_version: str = CODE_VERSION,
                      val_tss: float | None = None) -> Path:
-    """Write one finished experiment; metrics come from ``pred`` (via everest.metrics) or are given.
+    """Write one finished experiment; metrics come from ``pred`` (via everest.scoring.metrics) or are given.
     Validation metrics equal the test metrics unless ``val_tss`` replaces their TSS."""
     exp = Experiment(target=Target.parse(target), seed=seed)
     folder = root / exp.name
@@ -435,8 +435,8 @@ def test_analysis_of_45_constructed_experiments_is_fast(tmp_path):
 @pytest.fixture(scope="session")
 def real_results(tmp_path_factory) -> Path:
     """M-24 seeds 0-2 and C-24 seeds 0-1 trained for real, C-24 seed 2 failed, M5-24 never ran (3 missing)."""
-    from everest import synthetic
-    from everest.train import ProductionTrainer
+    from everest.data import synthetic
+    from everest.training.trainer import ProductionTrainer
 
     base = tmp_path_factory.mktemp("analysis-real")
     synthetic.generate(base / "data", size="tiny", seed=0)

@@ -13,13 +13,13 @@ import pandas as pd
 import pytest
 from tiny import ONE_THREAD, overrides
 
-from everest import baselines as B
 from everest import cli
-from everest import metrics as M
 from everest.analysis import ProductionAnalyzer, load_results
 from everest.config import ConfigError, EverestConfig, Experiment, Target
-from everest.data import DataError
+from everest.errors import DataError
 from everest.results import experiment_dir
+from everest.scoring import baselines as B
+from everest.scoring import metrics as M
 
 M24 = Target.parse("M-24")
 EXP0, EXP1 = Experiment(target=M24, seed=0), Experiment(target=M24, seed=1)
@@ -162,7 +162,7 @@ def test_analysis_reads_a_baseline_root_unchanged(fitted, tmp_path):
 
 
 def test_everest_compares_with_a_baseline_on_the_same_windows(tiny_data, tmp_path):
-    from everest.train import ProductionTrainer
+    from everest.training.trainer import ProductionTrainer
 
     cfg = EverestConfig().with_overrides(overrides("train.epochs=1", ONE_THREAD, "train.device=cpu"))
     everest = ProductionTrainer(Experiment.of("M-24", 0), config=cfg, data_dir=tiny_data, output_dir=tmp_path).train()

@@ -1,4 +1,4 @@
-"""Tests for everest.calibration and plots.plot_reliability: known distortions inverted, hand-computed isotonic,
+"""Tests for everest.scoring.calibration and plots.plot_reliability: known distortions inverted, hand-computed isotonic,
 JSON round trips, input validation, ECE-consistent reliability bins and group-disjoint out-of-fold comparison."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 from scipy.special import expit, logit
 
-import everest.calibration as cal
+import everest.scoring.calibration as cal
 from everest.analysis.plots import plot_reliability
-from everest.calibration import (
+from everest.scoring.calibration import (
     METHODS,
     Calibrator,
     choose_method,
@@ -23,7 +23,7 @@ from everest.calibration import (
     group_folds,
     reliability_table,
 )
-from everest.metrics import ECE_BINS, brier, ece
+from everest.scoring.metrics import ECE_BINS, brier, ece
 
 
 def _calibrated_sample(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -284,7 +284,7 @@ def test_plot_reliability_writes_png(tmp_path):
 
 
 def test_calibration_imports_no_orchestration():
-    code = ("import sys, everest.calibration; "
+    code = ("import sys, everest.scoring.calibration; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('prefect', 'dask', 'distributed', 'flows')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -33,9 +33,9 @@ from tiny import ONE_THREAD, overrides, set_args
 
 from everest import cli
 from everest.config import Experiment, Target, run_config
-from everest.data import data_file
+from everest.data.tables import data_file
 from everest.errors import EXIT_DIVERGED, EXIT_TIME_LIMIT, EXIT_USAGE, Preempted
-from everest.group import train_group
+from everest.training.group import train_group
 
 GROUP = ["1", "2", "21"]  # everest_C_24h_seed0, everest_C_24h_seed1, everest_M_48h_seed0
 NAMES = [Experiment.from_array_index(int(k)).name for k in GROUP]

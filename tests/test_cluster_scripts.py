@@ -130,7 +130,7 @@ def _line(out: str, start: str) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
-    from everest import synthetic
+    from everest.data import synthetic
 
     d = tmp_path_factory.mktemp("tiny_data")
     synthetic.generate(d, size="tiny", seed=0)
@@ -308,7 +308,7 @@ def test_pbs_submission_sequence(fake_scheduler, tiny_data: Path, tmp_path: Path
 def test_unfinished_leaves_out_finished_experiments(fake_scheduler, tiny_data: Path, tmp_path: Path):
     from everest import results
     from everest.config import Experiment, Target, load_config
-    from everest.data import file_hash
+    from everest.data.tables import file_hash
 
     env, log = fake_scheduler
     target = Target.parse("C-24")
@@ -665,8 +665,8 @@ def test_job_fails_loudly_when_the_environment_is_broken(script: Path, tiny_data
     assert "no bin/activate" in res.stderr and "activation failed" in res.stderr
 
 
-@pytest.mark.parametrize(("script", "module"), [(PBS_ARRAY, "everest.train"), (PBS_ANALYSIS, "everest.analysis")],
-                         ids=["array", "analysis"])
+@pytest.mark.parametrize(("script", "module"), [(PBS_ARRAY, "everest.training.trainer"),
+                                                (PBS_ANALYSIS, "everest.analysis")], ids=["array", "analysis"])
 def test_job_fails_loudly_when_everest_cannot_be_imported(script: Path, module: str, tiny_data: Path,
                                                           tmp_path: Path):
     """An environment whose python lacks the project: status 1 and a clear line, not a traceback later."""

@@ -7,8 +7,10 @@ import pandas as pd
 import pytest
 from tables import make_table
 
-from everest import data as D
 from everest.config import DataConfig, Target
+from everest.data import samples as S
+from everest.data import tables as T
+from everest.errors import DataError
 
 CFG = DataConfig()
 M24 = Target.parse("M-24")
@@ -18,7 +20,7 @@ def test_windows_follow_the_reference_rules(write_csv):
     # region 1: N(1), padding, P(3), N(7); region 2: N(4), P(5)
     path = write_csv(make_table([("N", 1, 1.0), ("padding", 1, 0.0), ("P", 1, 3.0), ("N", 1, 7.0),
                                  ("N", 2, 4.0), ("P", 2, 5.0)]))
-    s = D.build_samples(D.read_table(path, CFG), CFG.features, seq_len=3, zero_filter=False)
+    s = S.build_samples(T.read_table(path, CFG), CFG.features, seq_len=3, zero_filter=False)
     # one sample per non-padding row, current row last, history within the region only
     np.testing.assert_array_equal(s.row, [0, 2, 3, 4, 5])
     np.testing.assert_array_equal(s.y, [0, 1, 0, 0, 1])
@@ -31,7 +33,7 @@ def test_windows_follow_the_reference_rules(write_csv):
 def test_c_zero_filter_looks_at_the_current_row(write_csv):
     table = make_table([("N", 1, 0.0), ("P", 1, 2.0), ("N", 1, 3.0)])
     table.loc[2, "R_VALUE"] = 0.0  # current row of the third sample has one zero feature
-    s = D.build_samples(D.read_table(write_csv(table), CFG), CFG.features, seq_len=3, zero_filter=True)
+    s = S.build_samples(T.read_table(write_csv(table), CFG), CFG.features, seq_len=3, zero_filter=True)
     # row 0 (all zero) and row 2 (R_VALUE 0) are dropped as samples; row 0 is still history of row 1
     np.testing.assert_array_equal(s.row, [1])
     np.testing.assert_array_equal(s.valid, [[False, True, True]])
@@ -39,7 +41,7 @@ def test_c_zero_filter_looks_at_the_current_row(write_csv):
 
 def test_totbsq_is_an_alias_of_meanalp(write_csv):
     table = make_table([("N", 1, 1.0), ("P", 1, 2.0)]).rename(columns={"MEANALP": "TOTBSQ"})
-    t = D.read_table(write_csv(table), CFG)
+    t = T.read_table(write_csv(table), CFG)
     assert list(t.columns[3:]) == list(CFG.features)
     np.testing.assert_array_equal(t["MEANALP"], [1.0, 2.0])
 
@@ -47,7 +49,7 @@ def test_totbsq_is_an_alias_of_meanalp(write_csv):
 def test_other_feature_lists_and_extra_columns(write_csv):
     table = make_table([("N", 1, 1.0), ("P", 1, 2.0)]).assign(EXTRA="x", AREA=[5.0, 6.0])
     cfg = DataConfig(features=("USFLUX", "AREA", "R_VALUE"))
-    s = D.build_samples(D.read_table(write_csv(table), cfg), cfg.features, seq_len=2, zero_filter=False)
+    s = S.build_samples(T.read_table(write_csv(table), cfg), cfg.features, seq_len=2, zero_filter=False)
     np.testing.assert_array_equal(s.x[1], [[1.0, 5.0, 1.0], [2.0, 6.0, 2.0]])
 
 
@@ -83,8 +85,8 @@ BASE = make_table([("N", 1, 1.0), ("N", 1, 2.0), ("P", 1, 3.0), ("N", 2, 4.0)])
 )
 def test_bad_input_names_file_and_problem(write_csv, content, fragments):
     path = write_csv(content)
-    with pytest.raises(D.DataError) as err:
-        D.read_table(path, CFG)
+    with pytest.raises(DataError) as err:
+        T.read_table(path, CFG)
     msg = str(err.value)
     assert str(path) in msg
     for frag in fragments:
@@ -92,8 +94,8 @@ def test_bad_input_names_file_and_problem(write_csv, content, fragments):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(D.DataError, match="data file not found"):
-        D.load_samples(tmp_path / "nope.csv", M24, CFG, 10)
+    with pytest.raises(DataError, match="data file not found"):
+        S.load_samples(tmp_path / "nope.csv", M24, CFG, 10)
 
 
 def _many_regions(n_regions: int = 20, per_region: int = 6) -> pd.DataFrame:
@@ -105,35 +107,35 @@ def _many_regions(n_regions: int = 20, per_region: int = 6) -> pd.DataFrame:
 
 
 def test_region_split_is_disjoint_deterministic_and_stratified(write_csv):
-    s = D.build_samples(D.read_table(write_csv(_many_regions()), CFG), CFG.features, 10, False)
-    tr, va = D.split_validation(s, CFG, seed=3)
+    s = S.build_samples(T.read_table(write_csv(_many_regions()), CFG), CFG.features, 10, False)
+    tr, va = S.split_validation(s, CFG, seed=3)
     assert not set(tr.region) & set(va.region)
     assert len(tr) + len(va) == len(s)
     assert va.n_positive > 0 and tr.n_positive > 0  # flaring regions split separately
     assert len(set(va.region)) == 4  # round(0.2 * 5 flaring) + round(0.2 * 15 quiet) = 1 + 3
-    tr2, va2 = D.split_validation(s, CFG, seed=3)
+    tr2, va2 = S.split_validation(s, CFG, seed=3)
     np.testing.assert_array_equal(va.row, va2.row)
     # One split shared by every seed (data.split_seed, default 0) ...
-    _, va3 = D.split_validation(s, CFG, seed=4)
+    _, va3 = S.split_validation(s, CFG, seed=4)
     np.testing.assert_array_equal(va3.row, va.row)
     # ... or, with split_seed None, one per experiment seed
     per_seed = CFG.model_copy(update={"split_seed": None})
-    _, va4 = D.split_validation(s, per_seed, seed=3)
-    _, va5 = D.split_validation(s, per_seed, seed=4)
+    _, va4 = S.split_validation(s, per_seed, seed=3)
+    _, va5 = S.split_validation(s, per_seed, seed=4)
     assert set(va4.region) != set(va5.region)
 
 
 def test_time_split_takes_the_latest_regions(write_csv):
-    s = D.build_samples(D.read_table(write_csv(_many_regions()), CFG), CFG.features, 10, False)
-    tr, va = D.split_validation(s, DataConfig(validation_split="time"), seed=0)
+    s = S.build_samples(T.read_table(write_csv(_many_regions()), CFG), CFG.features, 10, False)
+    tr, va = S.split_validation(s, DataConfig(validation_split="time"), seed=0)
     assert va.time.min() > tr.time.min()
     assert not set(tr.region) & set(va.region)
 
 
 def test_scaler_fits_training_only_and_keeps_padding_zero(write_csv):
-    s = D.build_samples(D.read_table(write_csv(_many_regions()), CFG), CFG.features, 10, False)
-    tr, va = D.split_validation(s, CFG, seed=0)
-    sc = D.Scaler.fit(tr, CFG.features, CFG)
+    s = S.build_samples(T.read_table(write_csv(_many_regions()), CFG), CFG.features, 10, False)
+    tr, va = S.split_validation(s, CFG, seed=0)
+    sc = S.Scaler.fit(tr, CFG.features, CFG)
     assert sc.method == "log_standard"  # values up to 1e4.5 trigger the log scaling in auto mode
     cur = np.log10(1 + tr.x[:, -1, 0].astype(np.float64))
     assert sc.mean[0] == pytest.approx(cur.mean())
@@ -141,15 +143,15 @@ def test_scaler_fits_training_only_and_keeps_padding_zero(write_csv):
     out = sc.transform(tr)
     assert np.all(out.x[~tr.valid] == 0)
     np.testing.assert_allclose(out.x[:, -1, 0].mean(), 0, atol=1e-5)
-    again = D.Scaler.from_dict(sc.to_dict()).transform(va)
+    again = S.Scaler.from_dict(sc.to_dict()).transform(va)
     np.testing.assert_array_equal(again.x, sc.transform(va).x)
-    prescaled = D.Scaler.fit(D.SampleSet(**{**tr.__dict__, "x": np.clip(tr.x, -3, 3)}), CFG.features, CFG)
+    prescaled = S.Scaler.fit(S.SampleSet(**{**tr.__dict__, "x": np.clip(tr.x, -3, 3)}), CFG.features, CFG)
     assert prescaled.method == "none"
 
 
 def test_augmentation_duplicates_positives_with_noise_on_real_steps_only(write_csv):
-    s = D.build_samples(D.read_table(write_csv(_many_regions()), CFG), CFG.features, 10, False)
-    out = D.augment_positives(s, noise=0.05, seed=0)
+    s = S.build_samples(T.read_table(write_csv(_many_regions()), CFG), CFG.features, 10, False)
+    out = S.augment_positives(s, noise=0.05, seed=0)
     n_pos = s.n_positive
     assert len(out) == len(s) + n_pos and out.n_positive == 2 * n_pos
     copy = out.subset(np.arange(len(s), len(out)))
@@ -163,13 +165,13 @@ def test_augmentation_duplicates_positives_with_noise_on_real_steps_only(write_c
 
 
 def test_augmentation_copies_and_the_reference_default(write_csv):
-    s = D.build_samples(D.read_table(write_csv(_many_regions()), CFG), CFG.features, 10, False)
+    s = S.build_samples(T.read_table(write_csv(_many_regions()), CFG), CFG.features, 10, False)
     assert CFG.augment_copies == 1  # the reference: one noisy copy of each positive
-    three = D.augment_positives(s, noise=0.05, seed=0, copies=3)
+    three = S.augment_positives(s, noise=0.05, seed=0, copies=3)
     assert len(three) == len(s) + 3 * s.n_positive and three.n_positive == 4 * s.n_positive
     copies = three.x[len(s):].reshape(3, s.n_positive, *s.x.shape[1:])
     assert not np.array_equal(copies[0], copies[1])  # each copy draws its own noise
-    assert D.augment_positives(s, noise=0.05, seed=0, copies=0) is s
+    assert S.augment_positives(s, noise=0.05, seed=0, copies=0) is s
     with pytest.raises(ValueError, match="augment_copies"):
         DataConfig(augment_copies=-1)
 
@@ -177,17 +179,17 @@ def test_augmentation_copies_and_the_reference_default(write_csv):
 def test_cache_reuses_and_invalidates(write_csv, tmp_path, monkeypatch):
     path = write_csv(_many_regions())
     cache = tmp_path / "cache"
-    first, h1 = D.load_samples(path, M24, CFG, 10, cache)
+    first, h1 = S.load_samples(path, M24, CFG, 10, cache)
     assert len(list(cache.glob("*.npz"))) == 1
-    monkeypatch.setattr(D, "read_table", lambda *a, **k: pytest.fail("CSV parsed again despite the cache"))
-    again, h2 = D.load_samples(path, M24, CFG, 10, cache)
+    monkeypatch.setattr(S, "read_table", lambda *a, **k: pytest.fail("CSV parsed again despite the cache"))
+    again, h2 = S.load_samples(path, M24, CFG, 10, cache)
     assert h1 == h2
     np.testing.assert_array_equal(first.x, again.x)
     monkeypatch.undo()
     _many_regions(21).to_csv(path, index=False)  # changed content -> new key
-    changed, h3 = D.load_samples(path, M24, CFG, 10, cache)
+    changed, h3 = S.load_samples(path, M24, CFG, 10, cache)
     assert h3 != h1 and len(changed) > len(first)
-    D.load_samples(path, M24, DataConfig(features=("USFLUX", "TOTPOT")), 10, cache)  # changed config -> new key
+    S.load_samples(path, M24, DataConfig(features=("USFLUX", "TOTPOT")), 10, cache)  # changed config -> new key
     assert len(list(cache.glob("*.npz"))) == 3
 
 
@@ -217,12 +219,12 @@ def _quote_all(text: str) -> str:
          "index-column", "multiline-text-cell"],
 )
 def test_accepted_spellings_read_as_the_clean_file(write_csv, spell):
-    clean = D.read_table(write_csv(CLEAN, "clean.csv"), CFG)
+    clean = T.read_table(write_csv(CLEAN, "clean.csv"), CFG)
     path = write_csv("")
     path.write_bytes(spell(CLEAN).encode())
-    table = D.read_table(path, CFG)
+    table = T.read_table(path, CFG)
     pd.testing.assert_frame_equal(table, clean)
-    a, b = (D.build_samples(t, CFG.features, 3, False) for t in (table, clean))
+    a, b = (S.build_samples(t, CFG.features, 3, False) for t in (table, clean))
     for name in ("x", "valid", "y", "region", "row", "time"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
 
@@ -231,8 +233,8 @@ def test_bom_and_crlf_give_the_clean_files_arrays(tiny_data, tmp_path):
     src = tiny_data / "training_data_M_24.csv"
     bom_crlf = tmp_path / "training_data_M_24.csv"
     bom_crlf.write_bytes(b"\xef\xbb\xbf" + src.read_bytes().replace(b"\n", b"\r\n"))
-    a, _ = D.load_samples(src, M24, CFG, 10)
-    b, _ = D.load_samples(bom_crlf, M24, CFG, 10)
+    a, _ = S.load_samples(src, M24, CFG, 10)
+    b, _ = S.load_samples(bom_crlf, M24, CFG, 10)
     for name in ("x", "valid", "y", "region", "row", "time"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
 
@@ -240,7 +242,7 @@ def test_bom_and_crlf_give_the_clean_files_arrays(tiny_data, tmp_path):
 def test_time_offsets_are_converted_to_utc(write_csv):
     text = CLEAN.replace("2012-01-04T00:12:00", "2012-01-04T02:12:00+02:00", 1)
     assert text != CLEAN
-    pd.testing.assert_frame_equal(D.read_table(write_csv(text), CFG), D.read_table(write_csv(CLEAN, "c.csv"), CFG))
+    pd.testing.assert_frame_equal(T.read_table(write_csv(text), CFG), T.read_table(write_csv(CLEAN, "c.csv"), CFG))
 
 
 TRICKY = ('Flare,DATE__OBS,NOTE\r\n\r\nN,"2012-01-01",x\rP,2012,"a\r\nb ""c"", d"\n  \n'
@@ -250,13 +252,13 @@ TRICKY = ('Flare,DATE__OBS,NOTE\r\n\r\nN,"2012-01-01",x\rP,2012,"a\r\nb ""c"", d
 def test_scan_is_the_same_for_any_chunk_size(tmp_path, monkeypatch):
     path = tmp_path / "t.csv"
     path.write_text(TRICKY, newline="")
-    expect = D._scan(path)
+    expect = T._scan(path)
     np.testing.assert_array_equal(expect.line, [1, 3, 4, 7, 10, 11])  # as a text editor numbers the lines
     np.testing.assert_array_equal(expect.fields, [3] * 6)
-    assert D._split(TRICKY.encode()[expect.start[2]:expect.end[2]]) == ["P", "2012", 'a\r\nb "c", d']
+    assert T._split(TRICKY.encode()[expect.start[2]:expect.end[2]]) == ["P", "2012", 'a\r\nb "c", d']
     for chunk in (1, 2, 3, 5, 7, 64):
-        monkeypatch.setattr(D, "_CHUNK", chunk)
-        got = D._scan(path)
+        monkeypatch.setattr(T, "_CHUNK", chunk)
+        got = T._scan(path)
         for name in ("start", "end", "line", "fields"):
             np.testing.assert_array_equal(getattr(got, name), getattr(expect, name), err_msg=f"{name}, chunk {chunk}")
 
@@ -275,11 +277,11 @@ def test_scan_is_the_same_for_any_chunk_size(tmp_path, monkeypatch):
     ids=["latin-1", "truncated-utf8", "unterminated-quote", "stray-open-quote", "stray-close-quote", "nul"],
 )
 def test_scan_refuses_bad_bytes_naming_the_line(tmp_path, monkeypatch, chunk, content, fragment):
-    monkeypatch.setattr(D, "_CHUNK", chunk)
+    monkeypatch.setattr(T, "_CHUNK", chunk)
     path = tmp_path / "t.csv"
     path.write_bytes(content)
-    with pytest.raises(D.DataError, match="t.csv") as err:
-        D._scan(path, strict=True)  # what read_table runs when the fast scan finds a structure error
+    with pytest.raises(DataError, match="t.csv") as err:
+        T._scan(path, strict=True)  # what read_table runs when the fast scan finds a structure error
     assert fragment in str(err.value)
 
 
@@ -321,8 +323,8 @@ def _ragged_after_blank_lines() -> str:
 )
 def test_messages_quote_cells_as_written(write_csv, content, fragments):
     path = write_csv(content)
-    with pytest.raises(D.DataError) as err:
-        D.read_table(path, CFG)
+    with pytest.raises(DataError) as err:
+        T.read_table(path, CFG)
     msg = str(err.value)
     assert str(path) in msg and "\n" not in msg
     for frag in fragments:
@@ -331,5 +333,5 @@ def test_messages_quote_cells_as_written(write_csv, content, fragments):
 
 def test_directory_in_place_of_a_table(tmp_path):
     (tmp_path / "training_data_M_24.csv").mkdir()
-    with pytest.raises(D.DataError, match="is a directory; expected a SHARP table"):
-        D.load_samples(tmp_path / "training_data_M_24.csv", M24, CFG, 10)
+    with pytest.raises(DataError, match="is a directory; expected a SHARP table"):
+        S.load_samples(tmp_path / "training_data_M_24.csv", M24, CFG, 10)

@@ -12,8 +12,8 @@ import pytest
 
 from everest.cli import EXIT_USAGE
 from everest.config import EVEREST_FEATURES, ConfigError, Target, all_targets, load_config
-from everest.data import DataError
-from everest.datacheck import format_summary, summarise, summary_line
+from everest.data.check import format_summary, summarise, summary_line
+from everest.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 FOUR = ["USFLUX", "R_VALUE", "TOTPOT", "ABSNJZH"]  # four of the nine features the synthetic tables hold
@@ -24,7 +24,7 @@ OTHERS = [str(t) for t in all_targets() if str(t) != "M-24"]
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> Path:
     """The 18 tables of the ``tiny`` synthetic size (seed 0), written once for this module."""
-    from everest import synthetic
+    from everest.data import synthetic
 
     out = tmp_path_factory.mktemp("datacheck-synth")
     synthetic.generate(out, size="tiny", seed=0)
@@ -186,7 +186,7 @@ def test_targets_a_run_cannot_use_are_not_ok(synth, tmp_path):
 
 
 def test_validation_positives_column_counts_the_split_the_trainer_makes(synth):
-    from everest.data import load_samples, split_validation
+    from everest.data.samples import load_samples, split_validation
 
     cfg = load_config()
     df = summarise(synth, cfg.data, cfg.model.seq_len, ["M5-24", "C-48"])

@@ -1,4 +1,4 @@
-"""The seed ensemble (everest.ensemble): built from members' result files on disk, scored like any model."""
+"""The seed ensemble (everest.scoring.ensemble): built from members' result files on disk, scored like any model."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 
 from everest import io
 from everest.config import EverestConfig, Experiment, Target
-from everest.ensemble import EnsembleError, build_ensemble, ensemble_name, ensemble_root
-from everest.forecast import Predictions, final_metrics_row, score_forecast, write_forecast
 from everest.results import experiment_dir
+from everest.scoring.ensemble import EnsembleError, build_ensemble, ensemble_name, ensemble_root
+from everest.scoring.forecast import Predictions, final_metrics_row, score_forecast, write_forecast
 
 REPO = Path(__file__).resolve().parents[1]
 TARGET = Target.parse("M-24")

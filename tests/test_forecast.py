@@ -1,4 +1,5 @@
-"""The scoring path every model shares (everest.forecast): calibration and threshold on validation, test scored."""
+"""The scoring path every model shares (everest.scoring.forecast): calibration and threshold on validation, test
+scored."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from everest import metrics as M
 from everest.config import EverestConfig
-from everest.forecast import Predictions, final_metrics_row, score_forecast, write_forecast
+from everest.scoring import metrics as M
+from everest.scoring.forecast import Predictions, final_metrics_row, score_forecast, write_forecast
 
 CFG = EverestConfig()
 

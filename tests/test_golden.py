@@ -52,9 +52,9 @@ import pytest
 import torch
 from tiny import ONE_THREAD, overrides
 
-from everest import synthetic
 from everest.config import EverestConfig, Experiment
-from everest.train import ProductionTrainer
+from everest.data import synthetic
+from everest.training.trainer import ProductionTrainer
 
 DATA_SEED = 0
 CONFIG = overrides("train.epochs=2", ONE_THREAD, "train.device=cpu")

@@ -2,7 +2,7 @@
 and never run on the CPU-only CI machine. Every test here is marked ``gpu``: ``tests/conftest.py`` skips them
 ("needs a CUDA device") where ``torch.cuda.is_available()`` is false.
 
-* The CUDA-graph training step (:class:`everest.fast.TrainStep` with ``cuda_graphs=True``: three eager full
+* The CUDA-graph training step (:class:`everest.training.fast.TrainStep` with ``cuda_graphs=True``: three eager full
   batches per epoch, then one captured step replayed for the remaining full batches, the short last batch
   eager) gives the per-epoch loss sums of the eager step (``cuda_graphs=False``), with and without the
   padding mask. The loss schedule changes in every epoch (focal gamma 0 -> 1.4 -> 2.8; the EVT weight
@@ -12,10 +12,10 @@ and never run on the CPU-only CI machine. Every test here is marked ``gpu``: ``t
   reductions in CUDA kernels (both runs use the same fused AdamW kernel; the graph's is the capturable
   variant): ``rtol=1e-4, atol=1e-6`` on epoch means of about 10 steps each. (Not measured here: this
   machine has no GPU; the bound is the float32 reasoning above, a bug moves the focal term by percent.)
-* A 2-epoch tiny :class:`~everest.train.ProductionTrainer` run with ``train.device=cuda`` and the production
+* A 2-epoch tiny :class:`~everest.training.trainer.ProductionTrainer` run with ``train.device=cuda`` and the production
   defaults (CUDA graphs and bf16 autocast on) captures the step, finishes with finite history and test
   metrics, and records the device in its results.
-* Grouped training (:func:`everest.group.train_group`, three members of two targets): the group's captured
+* Grouped training (:func:`everest.training.group.train_group`, three members of two targets): the group's captured
   step gives the eager group's history (float32, dropout 0: ``rtol=1e-4``, as above); without dropout each
   member reproduces its solo CUDA run (the same initial weights and device shuffles; the kernels differ, batched
   matmuls against single ones, so ``rtol=1e-3`` on 2-epoch histories, a bound reasoned, not measured here);
@@ -32,11 +32,11 @@ import torch
 from tiny import BATCH_256, overrides
 
 from everest.config import EverestConfig, Experiment
-from everest.fast import TrainStep, device_stream, make_optimizer
-from everest.group import train_group
-from everest.losses import EverestLoss
-from everest.model import EverestModel
-from everest.train import ProductionTrainer
+from everest.model.losses import EverestLoss
+from everest.model.network import EverestModel
+from everest.training.fast import TrainStep, device_stream, make_optimizer
+from everest.training.group import train_group
+from everest.training.trainer import ProductionTrainer
 
 pytestmark = pytest.mark.gpu
 
@@ -107,9 +107,9 @@ def test_cuda_graph_step_matches_the_eager_step(masked):
 def test_production_trainer_on_cuda_finishes_and_records_the_device(tiny_data, tmp_path, caplog):
     cfg = EverestConfig().with_overrides(overrides(BATCH_256, "train.epochs=2", "train.device=cuda"))
     assert cfg.train.cuda_graphs and cfg.train.use_amp  # the production defaults under test
-    caplog.set_level(logging.DEBUG, logger="everest.fast")
+    caplog.set_level(logging.DEBUG, logger="everest.training.fast")
     res = ProductionTrainer(Experiment.of("M-24", 0), config=cfg, data_dir=tiny_data, output_dir=tmp_path).train()
-    fast_log = [r.getMessage() for r in caplog.records if r.name == "everest.fast"]
+    fast_log = [r.getMessage() for r in caplog.records if r.name == "everest.training.fast"]
     assert any("captured the training step" in m for m in fast_log), fast_log
     assert not any("failed" in m for m in fast_log), fast_log
     assert len(res["history"]) == 2
@@ -145,7 +145,7 @@ def _assert_histories_close(got: list[dict], want: list[dict], rtol: float) -> N
 
 def test_group_cuda_graph_step_matches_the_eager_group(tiny_data, tmp_path, caplog):
     exact = ("model.dropout=0.0", "train.use_amp=false")
-    caplog.set_level(logging.DEBUG, logger="everest.fast")
+    caplog.set_level(logging.DEBUG, logger="everest.training.fast")
     graphed = _group(tiny_data, tmp_path / "graphs", *exact)
     assert any(r.getMessage().startswith("group of 3: captured the training step") for r in caplog.records)
     eager = _group(tiny_data, tmp_path / "eager", *exact, "train.cuda_graphs=false")

@@ -25,14 +25,14 @@ import pytest
 import torch
 from tiny import ONE_THREAD, TINY_MODEL, overrides
 
-from everest.batched import GroupAdamW, GroupedEverest, MemberDraws
 from everest.config import EverestConfig, Experiment, ModelConfig
-from everest.data import data_file
+from everest.data.tables import data_file
 from everest.errors import Preempted, TrainingDiverged
-from everest.group import train_group
-from everest.losses import EverestLoss, batch_quantile
-from everest.model import EverestModel
-from everest.train import ProductionTrainer
+from everest.model.batched import GroupAdamW, GroupedEverest, MemberDraws
+from everest.model.losses import EverestLoss, batch_quantile
+from everest.model.network import EverestModel
+from everest.training.group import train_group
+from everest.training.trainer import ProductionTrainer
 
 REL = 1e-5  # measured 3.1e-7
 TSS_ABS = 0.01
@@ -267,7 +267,7 @@ def test_a_group_killed_by_sigkill_resumes_from_each_members_last_epoch(group_ru
     script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
               "from pathlib import Path\n"
               "from test_group import CONFIG, EXPERIMENTS\n"
-              "from everest.group import train_group\n"
+              "from everest.training.group import train_group\n"
               f"train_group(EXPERIMENTS, config=CONFIG, data_dir=Path({str(data_dir)!r}), "
               f"output_dir=Path({str(tmp_path)!r}))\n")
     child = subprocess.Popen([sys.executable, "-c", script])

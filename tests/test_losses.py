@@ -1,4 +1,5 @@
-"""Tests for everest.losses: hand-computed terms, the schedule, float32 EVT under bf16, finiteness, overfitting."""
+"""Tests for everest.model.losses: hand-computed terms, the schedule, float32 EVT under bf16, finiteness,
+overfitting."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from scipy import stats
 from torch import nn
 
 from everest.config import LossConfig, ModelConfig
-from everest.losses import (
+from everest.model.losses import (
     XI_ZERO,
     EverestLoss,
     evidential_loss,
@@ -24,7 +25,7 @@ from everest.losses import (
     nig_uncertainty,
     precursor_loss,
 )
-from everest.model import GPD, NIG, EverestModel, EverestOutput, EvidentialHead, EVTHead
+from everest.model.network import GPD, NIG, EverestModel, EverestOutput, EvidentialHead, EVTHead
 
 N_FEATURES = 9
 

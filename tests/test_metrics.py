@@ -1,4 +1,4 @@
-"""Tests for everest.metrics: hand-computed values, degenerate inputs, invariances over the whole registry."""
+"""Tests for everest.scoring.metrics: hand-computed values, degenerate inputs, invariances over the whole registry."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from everest.config import ThresholdConfig
-from everest.metrics import (
+from everest.scoring.metrics import (
     METRICS,
     PROBABILITY_METRICS,
     TABLE_COLUMNS,
@@ -494,7 +494,7 @@ def test_tss_threshold_of_a_calibrated_forecast_is_the_base_rate():
 
 def test_max_tss_is_the_best_tss_over_all_thresholds():
     # y = 0 0 1 0 1 1 with p = .1 .2 .3 .4 .5 .6: at t = .5, TPR 2/3, FPR 0 -> 0.667; at t = .3, TPR 1, FPR 1/3 -> 0.667
-    from everest.metrics import max_tss
+    from everest.scoring.metrics import max_tss
 
     y, p = [0, 0, 1, 0, 1, 1], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
     assert max_tss(y, p) == pytest.approx(2 / 3)

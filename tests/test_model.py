@@ -1,4 +1,4 @@
-"""Tests for everest.model: size, shapes under every head switch, determinism, positional encoding, EVT head."""
+"""Tests for everest.model.network: size, shapes under every head switch, determinism, positional encoding, EVT head."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from everest.config import ModelConfig
-from everest.model import GPD, NIG, EverestModel, EverestOutput, count_parameters
+from everest.model.network import GPD, NIG, EverestModel, EverestOutput, count_parameters
 
 N_FEATURES = 9
 FULL_SIZE = 814_090

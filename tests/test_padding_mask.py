@@ -10,9 +10,9 @@ import torch
 from torch import Tensor
 
 from everest.config import LossConfig, ModelConfig
-from everest.fast import TrainStep, make_optimizer
-from everest.losses import EverestLoss
-from everest.model import EverestModel, EverestOutput
+from everest.model.losses import EverestLoss
+from everest.model.network import EverestModel, EverestOutput
+from everest.training.fast import TrainStep, make_optimizer
 
 N_FEATURES = 9
 T = 10

@@ -16,12 +16,12 @@ from tiny import BATCH_256, ONE_THREAD, overrides
 
 from benchmarks import run as bench
 from benchmarks import workloads as W
-from everest import synthetic
 from everest.config import ConfigError, EverestConfig, Experiment
-from everest.fast import TrainStep, make_optimizer
-from everest.losses import EverestLoss
-from everest.model import EverestModel
-from everest.train import ProductionTrainer
+from everest.data import synthetic
+from everest.model.losses import EverestLoss
+from everest.model.network import EverestModel
+from everest.training.fast import TrainStep, make_optimizer
+from everest.training.trainer import ProductionTrainer
 from flows.profiles import PinnedGPUNanny, load_profile
 
 TINY = overrides(BATCH_256, ONE_THREAD, "train.epochs=2")

@@ -21,15 +21,15 @@ from PIL import Image
 from scipy import stats as sps
 from test_analysis import fixed, region_data, write_experiment
 
-from everest import baselines as B
 from everest.analysis import PLOT_FILES, ProductionAnalyzer, embed_figures, load_results
 from everest.analysis import plots as P
 from everest.analysis import stats as st
 from everest.analysis.report import interval_text
 from everest.analysis.stats import CLIPPED
-from everest.calibration import reliability_table
 from everest.config import Experiment
-from everest.metrics import ECE_BINS
+from everest.scoring import baselines as B
+from everest.scoring.calibration import reliability_table
+from everest.scoring.metrics import ECE_BINS
 
 PNG = b"\x89PNG\r\n\x1a\n"
 N_BOOT = 300

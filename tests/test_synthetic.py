@@ -11,8 +11,8 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_curve
 
-from everest import synthetic as syn
 from everest.config import EVEREST_FEATURES, Target, all_targets
+from everest.data import synthetic as syn
 
 SIZE_GROUP = ["TOTUSJH", "TOTUSJZ", "USFLUX", "TOTPOT", "AREA_ACR"]
 EXTENSIVE = SIZE_GROUP + ["SAVNCPP", "ABSNJZH"]

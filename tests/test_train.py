@@ -19,13 +19,14 @@ import pytest
 import torch
 from tiny import BATCH_256, ONE_THREAD, overrides, set_args
 
-from everest import results, synthetic
-from everest.calibration import fit_calibrator
+from everest import results
 from everest.config import EverestConfig, Experiment, Target
-from everest.data import prepare_experiment
-from everest.inference import load_calibrator, load_model
-from everest.metrics import best_threshold, evaluate, max_tss
-from everest.train import ProductionTrainer, TrainingDiverged
+from everest.data import synthetic
+from everest.data.samples import prepare_experiment
+from everest.scoring.calibration import fit_calibrator
+from everest.scoring.inference import load_calibrator, load_model
+from everest.scoring.metrics import best_threshold, evaluate, max_tss
+from everest.training.trainer import ProductionTrainer, TrainingDiverged
 
 TINY = overrides(BATCH_256, ONE_THREAD)
 

@@ -21,10 +21,10 @@ import pytest
 import yaml
 from tiny import overrides
 
-from everest import tuning
 from everest.config import EverestConfig, Target, TuningRecord, load_config
-from everest.data import SampleSet, region_folds
+from everest.data.samples import SampleSet, region_folds
 from everest.errors import ConfigError, DataError
+from everest.training import tuning
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_SPACE = ROOT / "deployments" / "tuning" / "search_space.yaml"
@@ -75,7 +75,7 @@ def test_region_folds_partition_the_regions_and_every_validation_sees_flares(n_r
 
 
 def test_region_folds_on_the_tiny_training_table(tiny_data):
-    from everest.data import load_samples
+    from everest.data.samples import load_samples
 
     target = Target.parse("M5-72")  # the rarest target of the tiny tables: 7 flaring regions of 80
     samples, _ = load_samples(tiny_data / "training_data_M5_72.csv", target, EverestConfig().data, 10)

@@ -1,7 +1,7 @@
 """The report's verdict against the simple baselines, on results roots written to disk without training.
 
 EVEREST's results go to ``<out>/results`` and each baseline's to ``<out>/baselines/<model>/results`` (the layout
-of :mod:`everest.baselines`); test predictions share labels and regions, so every comparison is paired. Expected
+of :mod:`everest.scoring.baselines`); test predictions share labels and regions, so every comparison is paired. Expected
 numbers are recomputed here from the predictions or the written tables.
 """
 
@@ -14,12 +14,12 @@ import pandas as pd
 import pytest
 from test_analysis import region_data, write_experiment
 
-from everest import baselines as B
-from everest import metrics as M
 from everest.analysis import ProductionAnalyzer
 from everest.analysis.__main__ import main as cli_main
 from everest.analysis.analyzer import VERDICT_COLUMNS
 from everest.analysis.report import _p
+from everest.scoring import baselines as B
+from everest.scoring import metrics as M
 
 N_BOOT = 1000
 SEEDS = [0, 1, 2]

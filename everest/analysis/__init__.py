@@ -6,7 +6,7 @@ results root holds), ``stats`` (seed statistics, region-block bootstrap, tests),
 :func:`embed_figures` turns the report (whose figures are links to ``../plots/*.png``) into self-contained
 Markdown for the Prefect UI.
 
-The report opens with the verdict against the simple baselines of :mod:`everest.baselines` (every
+The report opens with the verdict against the simple baselines of :mod:`everest.scoring.baselines` (every
 ``<out>/baselines/<model>/results`` found): per target, EVEREST against the baseline with the best validation
 TSS, paired on seeds and test samples, with Holm-corrected p-values (also ``analysis/verdict.csv`` and
 ``AnalysisSummary.verdict``).

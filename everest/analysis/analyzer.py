@@ -28,10 +28,10 @@ from everest.analysis.loading import (
     load_results,
     resampling_units,
 )
-from everest.calibration import reliability_table
 from everest.config import HORIZONS, ConfigError, Target, all_targets
-from everest.ensemble import build_ensembles, ensemble_name, ensemble_root
 from everest.results import experiment_dir
+from everest.scoring.calibration import reliability_table
+from everest.scoring.ensemble import build_ensembles, ensemble_name, ensemble_root
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ TEST_METRICS: tuple[str, ...] = ("tss", "accuracy", "precision", "recall", "spec
 SEED_STATS: tuple[str, ...] = ("n", "mean", "std", "min", "median", "max", "ci_low", "ci_high")
 # Bootstrapped metrics reported per experiment and pooled per target.
 REPORTED_BOOTSTRAP: tuple[str, ...] = ("tss", "f1", "recall", "specificity", "precision", "brier")
-# ``<out_dir>/baselines/<model>/results``: where everest.baselines writes (its ``baseline_root``).
+# ``<out_dir>/baselines/<model>/results``: where everest.scoring.baselines writes (its ``baseline_root``).
 BASELINES_FOLDER = "baselines"
 # Columns of every verdict row, in order; ``tss_<model>`` and ``val_tss_<model>`` per baseline follow "everest_brier".
 # ``n_units``: regions resampled for the ΔTSS interval; ``ensemble_brier_n_*``: baseline seeds and regions of the
@@ -171,7 +171,7 @@ class ProductionAnalyzer:
     defaults to the parent of ``results_dir`` (``output/results`` -> ``output``). ``baseline_dir``, if
     given, is a second results root compared target by target (paired on seeds and test samples), e.g.
     another EVEREST configuration. The verdict, the report's first section, compares EVEREST with the
-    simple baselines of :mod:`everest.baselines`: every ``out_dir/baselines/<model>/results`` found, plus
+    simple baselines of :mod:`everest.scoring.baselines`: every ``out_dir/baselines/<model>/results`` found, plus
     ``baseline_dirs`` (model name -> results root; it wins over a found folder of the same name).
     Stale results (another config, code version or data than the run's, see :func:`load_results`) are
     listed in the report and left out of the statistics. A run that makes plots leaves under ``plots/`` only
@@ -247,7 +247,7 @@ class ProductionAnalyzer:
 
     @cached_property
     def ensembles(self) -> dict[str, dict[str, Any] | str]:
-        """Each expected target's seed ensemble (:mod:`everest.ensemble`; built, or reused when its members are
+        """Each expected target's seed ensemble (:mod:`everest.scoring.ensemble`; built, or reused when its members are
         unchanged, under ``<out_dir>/ensemble``), or the reason there is none."""
         targets = list(dict.fromkeys(e.target for e in self.results.expected))
         members = {t: [r.path for r in runs] for t, runs in self.results.by_target().items()}

@@ -27,7 +27,7 @@ from everest import io
 from everest.analysis.loading import ExperimentResult
 from everest.analysis.stats import CLIPPED, MIN_T_SEEDS, Interval, clip_to_range, seed_interval, seed_summary
 from everest.config import FLARE_CLASSES, HORIZONS, Target
-from everest.metrics import ECE_BINS
+from everest.scoring.metrics import ECE_BINS
 
 CLASS_COLOURS = {"C": "tab:blue", "M": "tab:orange", "M5": "tab:red"}
 DETAIL_METRICS: tuple[str, ...] = ("tss", "accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "brier",
@@ -378,7 +378,7 @@ def training_figure(runs: Sequence[ExperimentResult]) -> Figure:
 
 
 def reliability_curves_figure(curves: Mapping[str, pd.DataFrame], title: str) -> Figure:
-    """Reliability curves from :func:`everest.calibration.reliability_table` on one panel, over a histogram of
+    """Reliability curves from :func:`everest.scoring.calibration.reliability_table` on one panel, over a histogram of
     each curve's samples per bin.
 
     One line per curve (label = key) through the bins' (mean probability, observed frequency), broken at empty

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from everest import metrics as M
+from everest.scoring import metrics as M
 
 # Sufficient statistics kept per resampling unit; totals of these determine every bootstrapped metric.
 UNIT_STATS: tuple[str, ...] = ("tp", "fp", "tn", "fn", "sq_err")
@@ -217,7 +217,7 @@ def bootstrap_totals(stacked: np.ndarray, n_boot: int, rng: np.random.Generator)
 
 
 def metric_from_totals(name: str, totals: np.ndarray) -> np.ndarray:
-    """A metric from totals (..., UNIT_STATS) using everest.metrics' count formulas; Brier = sq_err / n.
+    """A metric from totals (..., UNIT_STATS) using everest.scoring.metrics' count formulas; Brier = sq_err / n.
 
     Degenerate resamples (e.g. no positives drawn) get the metrics module's documented values, silently:
     they are counted by the caller, not warned about 10,000 times.

@@ -299,12 +299,13 @@ def test_batch_site_refusals_come_before_any_server(case, profile, commands, fra
 def test_flow_checks_each_table_once_per_content(spoiled, tmp_path, monkeypatch):
     """The preflight reads each table once; a second check of the same content and settings reads nothing,
     and the samples it built are the cache the training reads."""
-    from everest import data, datacheck
     from everest.config import EverestConfig, experiment_matrix
+    from everest.data import check as datacheck
+    from everest.data import samples
 
     reads: list[str] = []
-    real = data.read_table
-    monkeypatch.setattr(data, "read_table", lambda path, cfg: reads.append(Path(path).name) or real(path, cfg))
+    real = samples.read_table
+    monkeypatch.setattr(samples, "read_table", lambda path, cfg: reads.append(Path(path).name) or real(path, cfg))
     cfg, cache = EverestConfig(), tmp_path / "cache"
     experiments = experiment_matrix(["C-24", "M-24"], [0, 1, 2])
     datacheck.check_experiments(spoiled, experiments, cfg.data, cfg.model.seq_len, cache)

@@ -28,7 +28,7 @@ from tiny import overrides, set_args
 
 from everest import io
 from everest.config import EverestConfig, Experiment
-from everest.train import ProductionTrainer
+from everest.training.trainer import ProductionTrainer
 from flows.production import ProductionParameters, make_flow
 
 TINY = overrides()
@@ -272,7 +272,7 @@ def test_batch_workers_retiring_at_their_lifetime_never_rerun_finished_work_and_
     import re
     from collections import Counter
 
-    from everest import synthetic
+    from everest.data import synthetic
     from flows.profiles import load_profile
 
     monkeypatch.chdir(tmp_path)

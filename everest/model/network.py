@@ -3,7 +3,7 @@
 Layout (that of the published EVEREST implementation): embedding -> scaled sinusoidal positions ->
 ``num_blocks`` transformer blocks -> attention-bottleneck (or mean) pooling -> shared head -> heads.
 The ``logits`` head is the forecast; the evidential (Normal-Inverse-Gamma), EVT (generalised Pareto)
-and precursor heads feed auxiliary loss terms (:mod:`everest.losses`) and can each be switched off for
+and precursor heads feed auxiliary loss terms (:mod:`everest.model.losses`) and can each be switched off for
 ablations. With the default :class:`~everest.config.ModelConfig` and 9 features the model has 814,090
 parameters.
 

@@ -23,13 +23,10 @@ import torch
 
 from everest import io
 from everest.config import EverestConfig, Experiment
-from everest.data import ExperimentData, SampleSet, data_file, prepare_experiment
+from everest.data.samples import ExperimentData, SampleSet, prepare_experiment
+from everest.data.tables import data_file
 from everest.errors import ConfigError, TrainingDiverged
-from everest.fast import device_stream
-from everest.forecast import Predictions, ScoredForecast, final_metrics_row, score_forecast, write_forecast
-from everest.inference import measure_latency, predict
-from everest.loop import EpochReport, FitOutcome, Member, ProgressCallback, SoloEngine, fit_members
-from everest.model import EverestModel, count_parameters
+from everest.model.network import EverestModel, count_parameters
 from everest.provenance import environment_info, model_card
 from everest.results import (
     Identity,
@@ -40,7 +37,11 @@ from everest.results import (
     identity_for,
     link_trained_model,
 )
-from everest.stopping import StopOnSignal
+from everest.scoring.forecast import Predictions, ScoredForecast, final_metrics_row, score_forecast, write_forecast
+from everest.scoring.inference import measure_latency, predict
+from everest.training.fast import device_stream
+from everest.training.loop import EpochReport, FitOutcome, Member, ProgressCallback, SoloEngine, fit_members
+from everest.training.stopping import StopOnSignal
 
 __all__ = ["EpochReport", "FitOutcome", "Prepared", "ProductionTrainer", "ProgressCallback", "TrainingDiverged",
            "resolve_device", "seed_everything"]
@@ -225,7 +226,7 @@ class ProductionTrainer:
 
     def _synthetic_data(self) -> bool:
         """Whether both tables come from the synthetic generator (the report must say so)."""
-        from everest.synthetic import is_synthetic
+        from everest.data.synthetic import is_synthetic
 
         return all(is_synthetic(data_file(self.data_dir, self.experiment.target, s)) for s in ("train", "test"))
 

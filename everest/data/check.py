@@ -18,18 +18,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from everest import metrics as M
 from everest.config import FLARE_CLASSES, HORIZONS, DataConfig, Experiment, Target, all_targets
-from everest.data import (
-    DataError,
+from everest.data.samples import (
     SampleSet,
     check_learnable,
-    data_file,
     learnable_folds,
     read_samples,
     require_positives,
     split_validation,
 )
+from everest.data.tables import data_file
+from everest.errors import DataError
+from everest.scoring import metrics as M
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def summarise(data_dir: str | Path, cfg: DataConfig, seq_len: int,
 
 def _target_row(data_dir: Path, target: Target, cfg: DataConfig, seq_len: int, requested: bool) -> dict:
     """The summary row of one target; data errors become its status."""
-    from everest.synthetic import load_truth, truth_path
+    from everest.data.synthetic import load_truth, truth_path
 
     row: dict = {"target": str(target)}
     paths = {split: data_file(data_dir, target, split) for split in SPLITS}

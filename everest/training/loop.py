@@ -1,7 +1,7 @@
 """The epoch loop shared by a solo experiment and a group of them: early stopping, best weights, checkpoints.
 
 Each :class:`Member` is one experiment's training state (history, best weights and score, its checkpoint);
-an engine (:class:`SoloEngine` here, :class:`everest.group.GroupEngine` for K at once) runs the steps.
+an engine (:class:`SoloEngine` here, :class:`everest.training.group.GroupEngine` for K at once) runs the steps.
 Members advance epoch by epoch together; each is scored on its own validation split, keeps its own best
 weights, stops on its own patience and writes its own checkpoint after every epoch, in one format for
 both engines, so a member can resume alone or in any group.
@@ -23,16 +23,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from everest import io, stopping
-from everest import metrics as M
-from everest.calibration import log_loss
+from everest import io
 from everest.config import EverestConfig, ThresholdConfig, TrainConfig
-from everest.data import SampleSet
+from everest.data.samples import SampleSet
 from everest.errors import Preempted, TimeLimitReached, TrainingDiverged
-from everest.fast import TrainStep, make_optimizer
-from everest.inference import predict
-from everest.losses import EverestLoss
-from everest.model import EverestModel
+from everest.model.losses import EverestLoss
+from everest.model.network import EverestModel
+from everest.scoring import metrics as M
+from everest.scoring.calibration import log_loss
+from everest.scoring.inference import predict
+from everest.training import stopping
+from everest.training.fast import TrainStep, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +275,8 @@ def fit_members(members: Sequence[Member], engine: Engine, cfg: EverestConfig,
 
 
 class SoloEngine:
-    """One experiment's steps: :class:`everest.fast.TrainStep` over an :class:`EverestModel` and torch's AdamW."""
+    """One experiment's steps: :class:`everest.training.fast.TrainStep` over an :class:`EverestModel` and torch's
+    AdamW."""
 
     def __init__(self, model: EverestModel, member: Member, cfg: EverestConfig, device: torch.device) -> None:
         tc = cfg.train

@@ -412,7 +412,7 @@ def load_truth(csv_path: str | Path) -> np.ndarray:
     csv_path = Path(csv_path)
     side = truth_path(csv_path)
     if not side.is_file():
-        raise FileNotFoundError(f"no truth sidecar for {csv_path}: expected {side} (written by everest.synthetic)")
+        raise FileNotFoundError(f"no truth sidecar for {csv_path}: expected {side} (written by everest.data.synthetic)")
     truth = pd.read_csv(side)
     if list(truth.columns) != ["p_true"]:
         raise ValueError(f"{side}: expected exactly one column 'p_true', got {list(truth.columns)}")

@@ -1,6 +1,6 @@
 """K EVEREST networks as one: every weight gets a leading member dimension, every layer is a batched matmul.
 
-:class:`GroupedEverest` computes exactly what K :class:`~everest.model.EverestModel` instances compute,
+:class:`GroupedEverest` computes exactly what K :class:`~everest.model.network.EverestModel` instances compute,
 member by member, from inputs ``(K, B, T, F)``; its weights are named like theirs (``blocks.0.attn.in_proj_weight``
 with shape ``(K, 3D, D)``), so :meth:`GroupedEverest.member_state` is a solo model's state dict and a member
 can be evaluated, saved and loaded by everything that handles solo models. Attention folds the members
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from everest.config import ModelConfig
-from everest.model import (
+from everest.model.network import (
     EverestModel,
     EverestOutput,
     EvidentialHead,

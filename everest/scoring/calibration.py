@@ -4,7 +4,7 @@ Focal loss and class weighting distort the model's probabilities; a monotone map
 predictions (never test) repairs them without changing the ranking. A :class:`Calibrator` is a frozen record
 of plain floats, so it saves as JSON (:meth:`Calibrator.to_dict`) and needs no pickle. :func:`compare_methods`
 scores every method out of fold, with active regions kept whole, so the method to ship is chosen on validation
-data alone (:func:`choose_method`). :func:`reliability_table` gives the bins of :func:`everest.metrics.ece`.
+data alone (:func:`choose_method`). :func:`reliability_table` gives the bins of :func:`everest.scoring.metrics.ece`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from scipy.optimize import minimize, minimize_scalar
 from scipy.special import expit
 from sklearn.isotonic import IsotonicRegression
 
-from everest.metrics import ECE_BINS, brier, calibration_bins, check_inputs, ece
+from everest.scoring.metrics import ECE_BINS, brier, calibration_bins, check_inputs, ece
 
 __all__ = [
     "EPS",
@@ -67,7 +67,7 @@ def _probabilities(y_prob: Any, name: str = "y_prob") -> np.ndarray:
 
 
 def _check_xy(y_true: ArrayLike, y_prob: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    """Validated labels and probabilities (:func:`everest.metrics.check_inputs`) as float64 arrays."""
+    """Validated labels and probabilities (:func:`everest.scoring.metrics.check_inputs`) as float64 arrays."""
     y, p = check_inputs(y_true, y_prob)
     return y.astype(np.float64), p
 
@@ -294,7 +294,7 @@ def choose_method(table: pd.DataFrame) -> str:
 
 
 def reliability_table(y_true: ArrayLike, y_prob: ArrayLike, n_bins: int = ECE_BINS) -> pd.DataFrame:
-    """Per-bin count, mean probability and observed frequency, binned exactly as :func:`everest.metrics.ece`.
+    """Per-bin count, mean probability and observed frequency, binned exactly as :func:`everest.scoring.metrics.ece`.
 
     Bin k holds k/n <= p < (k+1)/n, the last bin closed; empty bins have n = 0 and NaN means.
     """

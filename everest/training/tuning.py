@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from everest import io
 from everest.config import EverestConfig, Experiment, Target, TuningRecord
-from everest.data import prepare_folds
+from everest.data.samples import prepare_folds
 from everest.errors import ConfigError, describe_validation_error
 
 METRICS = ("val_tss", "val_auc", "val_loss")  # what a trial can maximise (val_loss: its negative)
@@ -154,7 +154,7 @@ def cross_validate(config: EverestConfig, targets: list[Target], data_dir: str |
     it returns True the trial is pruned (:class:`Pruned`). ``val_loss`` is negated so higher is better.
     A fold trains in ``work_dir/fold<i>`` (its checkpoint), removed when the fold is done.
     """
-    from everest.train import ProductionTrainer
+    from everest.training.trainer import ProductionTrainer
 
     if metric not in METRICS:
         raise ConfigError(f"unknown tuning metric {metric!r}; choose one of {list(METRICS)}")

@@ -62,7 +62,7 @@ Terms (``y`` is the 0/1 flare label, ``z`` the forecast logit, ``p = sigmoid(z)`
 ``LossConfig.gamma_at(epoch)``.
 
 Shapes: every term reduces over the last dimension only, so ``(B,)`` inputs give one value and the
-``(K, B)`` inputs of a group of K experiments (:mod:`everest.group`) give one value per member. An optional
+``(K, B)`` inputs of a group of K experiments (:mod:`everest.training.group`) give one value per member. An optional
 ``weight`` of the same shape (1 for a sample, 0 for a padding row of a member's shorter batch) makes each
 mean, and the EVT quantile, cover the weighted rows only.
 """
@@ -76,7 +76,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from everest.config import LossConfig
-from everest.model import GPD, NIG, EverestOutput
+from everest.model.network import GPD, NIG, EverestOutput
 
 EPS = 1e-6  # floor for NIG v, beta, alpha - 1 and for the GPD support term 1 + xi e / sigma
 XI_ZERO = 1e-4  # below this |xi| the GPD NLL uses its exponential limit (the 1/xi form loses precision)

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from everest.calibration import Calibrator
 from everest.config import EverestConfig
-from everest.data import SampleSet
-from everest.fast import eval_chunk
-from everest.losses import nig_uncertainty
-from everest.model import EverestModel
+from everest.data.samples import SampleSet
+from everest.model.losses import nig_uncertainty
+from everest.model.network import EverestModel
+from everest.scoring.calibration import Calibrator
+from everest.training.fast import eval_chunk
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@ A claim that EVEREST forecasts well means little without strong simple models on
 baseline here uses, for one experiment (target, seed), the same :func:`everest.data.prepare_experiment`
 output as the transformer: the same training split (with the same M/M5 noisy positive copies), the same
 scaling fitted on the training split, the same ``seq_len`` windows, the same region-disjoint validation
-split for calibration and the threshold search (:func:`everest.forecast.score_forecast`) and the same test
+split for calibration and the threshold search (:func:`everest.scoring.forecast.score_forecast`) and the same test
 metrics. Results go to a results root of their own with EVEREST's layout and experiment names::
 
     <output>/baselines/<model>/results/everest_M_24h_seed0/{results.json, predictions.csv,
@@ -56,8 +56,9 @@ from threadpoolctl import threadpool_limits
 
 from everest import io
 from everest.config import RUN_CONTROL, ConfigError, EverestConfig, Experiment, Target
-from everest.data import DataError, ExperimentData, SampleSet, data_file, prepare_experiment
-from everest.forecast import Predictions, ScoredForecast, final_metrics_row, score_forecast, write_forecast
+from everest.data.samples import ExperimentData, SampleSet, prepare_experiment
+from everest.data.tables import data_file
+from everest.errors import DataError
 from everest.results import (
     CODE_VERSION,
     RESULTS_FILE,
@@ -68,6 +69,7 @@ from everest.results import (
     finished,
     record_failure,
 )
+from everest.scoring.forecast import Predictions, ScoredForecast, final_metrics_row, score_forecast, write_forecast
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +295,7 @@ def _n_parameters(est: Any) -> int:
 
 
 def _data_record(data: ExperimentData, data_dir: Path, target: Target, params: BaselineConfig) -> dict[str, Any]:
-    from everest.synthetic import is_synthetic
+    from everest.data.synthetic import is_synthetic
 
     splits = {"train": data.train, "val": data.val, "test": data.test}
     return {"data_dir": str(data_dir),

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from everest.losses import LOSS_KEYS
+from everest.model.losses import LOSS_KEYS
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ import numpy as np
 import pandas as pd
 
 from everest import io
-from everest import metrics as M
-from everest.calibration import Calibrator, fit_calibrator
 from everest.config import EverestConfig
-from everest.data import SampleSet
+from everest.data.samples import SampleSet
+from everest.scoring import metrics as M
+from everest.scoring.calibration import Calibrator, fit_calibrator
 
 ORACLE_NOTE = ("'oracle_test' is the threshold of the highest test TSS over all thresholds, i.e. tuned on the "
                "test set: an optimistic reference, never a result. Decisions are y_prob_raw >= selected_raw.")

@@ -2,7 +2,7 @@
 
 The members of an experiment share one validation split (``data.split_seed``; the seed controls
 initialisation, batch order, dropout and augmentation only), so the ensemble's calibration map and threshold
-are fitted, by :func:`everest.forecast.score_forecast`, on validation regions none of its members trained
+are fitted, by :func:`everest.scoring.forecast.score_forecast`, on validation regions none of its members trained
 on. Members that were validated on different samples (``data.split_seed = None``) are refused: their
 validation predictions cannot be averaged without leaking training regions into the ensemble's validation.
 
@@ -26,9 +26,9 @@ import numpy as np
 
 from everest import io
 from everest.config import EverestConfig, Experiment, Target, all_targets
-from everest.data import DataError
-from everest.forecast import Predictions, final_metrics_row, score_forecast, write_forecast
+from everest.errors import DataError
 from everest.results import RESULTS_FILE, experiment_dir
+from everest.scoring.forecast import Predictions, final_metrics_row, score_forecast, write_forecast
 
 log = logging.getLogger(__name__)
 

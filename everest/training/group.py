@@ -1,7 +1,7 @@
 """Several experiments trained at once as one vectorised model: the group.
 
 :func:`train_group` trains K experiments (any mix of targets and seeds sharing one configuration) as a
-single batched network (:class:`everest.batched.GroupedEverest`) on one device, with one optimizer step
+single batched network (:class:`everest.model.batched.GroupedEverest`) on one device, with one optimizer step
 and, on CUDA, one captured graph per step for all K. Each member keeps a solo run's semantics and outputs
 (its own shuffling, validation score, best weights, early stopping, checkpoint and result folder), so
 analysis, caching, resume and the report do not know the difference. Finished members are skipped, a
@@ -28,17 +28,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from everest.batched import GroupAdamW, GroupedEverest, MemberDraws
 from everest.config import EverestConfig, Experiment
-from everest.data import SampleSet
+from everest.data.samples import SampleSet
 from everest.errors import ConfigError, DataError, TrainingDiverged
-from everest.fast import N_SUMS, GraphedStep, device_stream, make_optimizer
-from everest.inference import predict
-from everest.loop import Member, SoloEngine, epoch_seed, fit_members, rng_state
-from everest.losses import LOSS_KEYS, EverestLoss
-from everest.model import EverestModel
-from everest.stopping import StopOnSignal
-from everest.train import Prepared, ProductionTrainer, ProgressCallback
+from everest.model.batched import GroupAdamW, GroupedEverest, MemberDraws
+from everest.model.losses import LOSS_KEYS, EverestLoss
+from everest.model.network import EverestModel
+from everest.scoring.inference import predict
+from everest.training.fast import N_SUMS, GraphedStep, device_stream, make_optimizer
+from everest.training.loop import Member, SoloEngine, epoch_seed, fit_members, rng_state
+from everest.training.stopping import StopOnSignal
+from everest.training.trainer import Prepared, ProductionTrainer, ProgressCallback
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class _Tables:
 
 
 class GroupEngine(GraphedStep):
-    """The steps of K members as one batched model; the engine :func:`everest.loop.fit_members` drives."""
+    """The steps of K members as one batched model; the engine :func:`everest.training.loop.fit_members` drives."""
 
     def __init__(self, models: Sequence[EverestModel], members: Sequence[Member], cfg: EverestConfig,
                  device: torch.device) -> None:

@@ -1,0 +1,1 @@
+"""Forecasts -> numbers: metrics, threshold and calibration, baselines, ensembles, inference."""

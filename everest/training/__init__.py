@@ -1,0 +1,1 @@
+"""Training one experiment or a group: the epoch loop, the compiled step, stopping, tuning."""
