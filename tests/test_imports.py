@@ -136,8 +136,8 @@ def test_relative_and_lazy_imports_resolve_and_type_checking_ones_do_not_count()
 from typing import TYPE_CHECKING
 from . import stats
 from .stats import bootstrap
-from .. import metrics
-from ..metrics import tss
+from ..scoring import metrics
+from ..scoring.metrics import tss
 if TYPE_CHECKING:
     from everest.data.samples import SampleSet
 else:
