@@ -1,5 +1,5 @@
 """Row 8: the grouped trainer (:func:`everest.training.group.train_group`) against the same experiments trained as
-solo runs (:class:`everest.training.trainer.ProductionTrainer`), side by side in one process, interleaved.
+solo runs (:class:`everest.training.train.ProductionTrainer`), side by side in one process, interleaved.
 
 Both sides run the real trainers on synthetic tables written to disk, with a fixed epoch count and early
 stopping off (patience = epochs). A side's rate is the sum over members of ``n_train x epochs run`` divided
@@ -99,7 +99,7 @@ def run_grouped(experiments: Sequence[Experiment], config: EverestConfig, data_d
 def run_solo(experiments: Sequence[Experiment], config: EverestConfig, data_dir: Path, output_dir: Path,
              cache_dir: Path) -> Run:
     """Train ``experiments`` one after another, each a solo :class:`ProductionTrainer` run."""
-    from everest.training.trainer import ProductionTrainer
+    from everest.training.train import ProductionTrainer
 
     t0 = time.perf_counter()
     results = [ProductionTrainer(e, config=config, data_dir=data_dir, output_dir=output_dir, cache_dir=cache_dir,

@@ -2,7 +2,7 @@
 
     python benchmarks/recipe_comparison.py --data-dir data/demo --targets C-24 M-24 M5-24 --seeds 0 1 2 --jobs 2
 
-Each variant trains the real trainer (:class:`everest.training.trainer.ProductionTrainer`, the ``demo`` budget unless
+Each variant trains the real trainer (:class:`everest.training.train.ProductionTrainer`, the ``demo`` budget unless
 ``--preset production``) on the same data, seeds and shared validation split, and is scored on the
 **validation** split only, with threshold-free numbers of its best-epoch weights: ROC AUC, the highest
 TSS over every threshold, and the log loss and Brier score of the raw probabilities. The test split is
@@ -54,7 +54,7 @@ def run_one(job: tuple[str, str, int, str, str, str]) -> dict:
     from everest.config import Experiment, Target, load_config
     from everest.scoring import metrics as M
     from everest.scoring.calibration import log_loss
-    from everest.training.trainer import ProductionTrainer
+    from everest.training.train import ProductionTrainer
 
     variant, target, seed, data_dir, out, preset = job
     torch.set_num_threads(1)

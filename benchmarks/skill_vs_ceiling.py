@@ -29,7 +29,7 @@ from everest.data.samples import prepare_experiment
 from everest.data.synthetic import generate, load_truth
 from everest.data.tables import data_file
 from everest.scoring import metrics as M
-from everest.training.trainer import ProductionTrainer
+from everest.training.train import ProductionTrainer
 
 
 def compare(target: str, seed: int, data_dir: Path, out: Path, preset: str, overrides: tuple[str, ...]) -> dict:

@@ -193,7 +193,7 @@ everest_train_task() {
     everest_slot_indices "$slot" || return
     n=${#TASK_INDICES[@]}
     ((n)) || return 0
-    everest_check_import everest.training.trainer || return 1
+    everest_check_import everest.training.train || return 1
     local got
     got=$("$EVEREST_PY" -c 'import sys; from everest.config import Experiment
 print(*(Experiment.from_array_index(int(k)).name for k in sys.argv[1:]))' "${TASK_INDICES[@]}") || {

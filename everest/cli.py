@@ -198,7 +198,7 @@ def _result_line(exp: Experiment, res: dict[str, Any], output_dir: str | Path) -
 def _train(args: argparse.Namespace) -> int:
     """One experiment (its failure is the command's), or several as one group (:func:`_train_group`)."""
     from everest.io import check_writable_dir
-    from everest.training.trainer import ProductionTrainer
+    from everest.training.train import ProductionTrainer
 
     cfg = config_from_args(args)
     experiments = experiments_from_args(args)

@@ -436,7 +436,7 @@ def test_analysis_of_45_constructed_experiments_is_fast(tmp_path):
 def real_results(tmp_path_factory) -> Path:
     """M-24 seeds 0-2 and C-24 seeds 0-1 trained for real, C-24 seed 2 failed, M5-24 never ran (3 missing)."""
     from everest.data import synthetic
-    from everest.training.trainer import ProductionTrainer
+    from everest.training.train import ProductionTrainer
 
     base = tmp_path_factory.mktemp("analysis-real")
     synthetic.generate(base / "data", size="tiny", seed=0)

@@ -162,7 +162,7 @@ def test_analysis_reads_a_baseline_root_unchanged(fitted, tmp_path):
 
 
 def test_everest_compares_with_a_baseline_on_the_same_windows(tiny_data, tmp_path):
-    from everest.training.trainer import ProductionTrainer
+    from everest.training.train import ProductionTrainer
 
     cfg = EverestConfig().with_overrides(overrides("train.epochs=1", ONE_THREAD, "train.device=cpu"))
     everest = ProductionTrainer(Experiment.of("M-24", 0), config=cfg, data_dir=tiny_data, output_dir=tmp_path).train()

@@ -665,7 +665,7 @@ def test_job_fails_loudly_when_the_environment_is_broken(script: Path, tiny_data
     assert "no bin/activate" in res.stderr and "activation failed" in res.stderr
 
 
-@pytest.mark.parametrize(("script", "module"), [(PBS_ARRAY, "everest.training.trainer"),
+@pytest.mark.parametrize(("script", "module"), [(PBS_ARRAY, "everest.training.train"),
                                                 (PBS_ANALYSIS, "everest.analysis")], ids=["array", "analysis"])
 def test_job_fails_loudly_when_everest_cannot_be_imported(script: Path, module: str, tiny_data: Path,
                                                           tmp_path: Path):

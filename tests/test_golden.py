@@ -54,7 +54,7 @@ from tiny import ONE_THREAD, overrides
 
 from everest.config import EverestConfig, Experiment
 from everest.data import synthetic
-from everest.training.trainer import ProductionTrainer
+from everest.training.train import ProductionTrainer
 
 DATA_SEED = 0
 CONFIG = overrides("train.epochs=2", ONE_THREAD, "train.device=cpu")

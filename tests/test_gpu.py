@@ -12,7 +12,7 @@ and never run on the CPU-only CI machine. Every test here is marked ``gpu``: ``t
   reductions in CUDA kernels (both runs use the same fused AdamW kernel; the graph's is the capturable
   variant): ``rtol=1e-4, atol=1e-6`` on epoch means of about 10 steps each. (Not measured here: this
   machine has no GPU; the bound is the float32 reasoning above, a bug moves the focal term by percent.)
-* A 2-epoch tiny :class:`~everest.training.trainer.ProductionTrainer` run with ``train.device=cuda`` and the production
+* A 2-epoch tiny :class:`~everest.training.train.ProductionTrainer` run with ``train.device=cuda`` and the production
   defaults (CUDA graphs and bf16 autocast on) captures the step, finishes with finite history and test
   metrics, and records the device in its results.
 * Grouped training (:func:`everest.training.group.train_group`, three members of two targets): the group's captured
@@ -36,7 +36,7 @@ from everest.model.losses import EverestLoss
 from everest.model.network import EverestModel
 from everest.training.fast import TrainStep, device_stream, make_optimizer
 from everest.training.group import train_group
-from everest.training.trainer import ProductionTrainer
+from everest.training.train import ProductionTrainer
 
 pytestmark = pytest.mark.gpu
 

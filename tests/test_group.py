@@ -32,7 +32,7 @@ from everest.model.batched import GroupAdamW, GroupedEverest, MemberDraws
 from everest.model.losses import EverestLoss, batch_quantile
 from everest.model.network import EverestModel
 from everest.training.group import train_group
-from everest.training.trainer import ProductionTrainer
+from everest.training.train import ProductionTrainer
 
 REL = 1e-5  # measured 3.1e-7
 TSS_ABS = 0.01

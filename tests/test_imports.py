@@ -121,10 +121,10 @@ def import_graph() -> dict[str, set[str]]:
 
 def test_the_import_graph_is_read():
     graph = import_graph()
-    assert {"everest.training.loop", "everest.model.network", "everest.config"} <= graph["everest.training.trainer"]
+    assert {"everest.training.loop", "everest.model.network", "everest.config"} <= graph["everest.training.train"]
     assert {"everest.training.fast", "everest.model.losses", "everest.model.network"} <= graph["everest.training.loop"]
     assert {"everest.model.batched", "everest.training.loop",
-            "everest.training.trainer"} <= graph["everest.training.group"]
+            "everest.training.train"} <= graph["everest.training.group"]
     assert "everest.cli" in graph["everest.__main__"]
     assert "everest.config" in graph["everest.model.losses"]
 

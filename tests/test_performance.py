@@ -21,7 +21,7 @@ from everest.data import synthetic
 from everest.model.losses import EverestLoss
 from everest.model.network import EverestModel
 from everest.training.fast import TrainStep, make_optimizer
-from everest.training.trainer import ProductionTrainer
+from everest.training.train import ProductionTrainer
 from flows.profiles import PinnedGPUNanny, load_profile
 
 TINY = overrides(BATCH_256, ONE_THREAD, "train.epochs=2")

@@ -26,7 +26,7 @@ from everest.data.samples import prepare_experiment
 from everest.scoring.calibration import fit_calibrator
 from everest.scoring.inference import load_calibrator, load_model
 from everest.scoring.metrics import best_threshold, evaluate, max_tss
-from everest.training.trainer import ProductionTrainer, TrainingDiverged
+from everest.training.train import ProductionTrainer, TrainingDiverged
 
 TINY = overrides(BATCH_256, ONE_THREAD)
 

@@ -38,7 +38,7 @@ from everest.scoring.inference import predict
 from everest.training.fast import N_SUMS, GraphedStep, device_stream, make_optimizer
 from everest.training.loop import Member, SoloEngine, epoch_seed, fit_members, rng_state
 from everest.training.stopping import StopOnSignal
-from everest.training.trainer import Prepared, ProductionTrainer, ProgressCallback
+from everest.training.train import Prepared, ProductionTrainer, ProgressCallback
 
 log = logging.getLogger(__name__)
 

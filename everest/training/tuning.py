@@ -154,7 +154,7 @@ def cross_validate(config: EverestConfig, targets: list[Target], data_dir: str |
     it returns True the trial is pruned (:class:`Pruned`). ``val_loss`` is negated so higher is better.
     A fold trains in ``work_dir/fold<i>`` (its checkpoint), removed when the fold is done.
     """
-    from everest.training.trainer import ProductionTrainer
+    from everest.training.train import ProductionTrainer
 
     if metric not in METRICS:
         raise ConfigError(f"unknown tuning metric {metric!r}; choose one of {list(METRICS)}")

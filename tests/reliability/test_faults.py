@@ -28,7 +28,7 @@ from tiny import overrides, set_args
 
 from everest import io
 from everest.config import EverestConfig, Experiment
-from everest.training.trainer import ProductionTrainer
+from everest.training.train import ProductionTrainer
 from flows.production import ProductionParameters, make_flow
 
 TINY = overrides()
