@@ -1,7 +1,8 @@
-"""Experiment identity and the results on disk: one owner of "is it finished" and of the failure record.
+"""Result identity and the results on disk: one owner of "is it finished", of the ``results.json`` schema and
+of the failure record.
 
-The trainer, the Prefect flow (cache key and cache validation), ``cluster/`` and the analysis loader all
-decide through this module. Layout under an output root::
+The trainer, the baselines, the seed ensemble, the Prefect flow (cache key and cache validation), ``cluster/``
+and the analysis loader all decide through this module. Layout under an output root::
 
     results/<name>/results.json    finished; written last; its provenance records the identity
     results/<name>/failure.json    the latest attempt failed; never beside results.json
@@ -9,8 +10,11 @@ decide through this module. Layout under an output root::
     results/.superseded/<name>/<UTC time>/   earlier results moved aside by a retrain or a failure
     checkpoints/<name>.pt          the running attempt's checkpoint
 
-An experiment's result is reused only when the identity it records (experiment, config hash, data file
-hashes, code version) equals the identity of the run asking for it.
+The baselines (``baselines/<model>/``) and the seed ensembles (``ensemble/``, whose results file is
+``ensemble.json``) are output roots of the same layout. A result is reused only when the identity it records
+(experiment, config hash, data file hashes, code version; for an ensemble also its members) equals the
+identity of the run asking for it. Every model's ``results.json`` is built by :func:`results_record` (the
+header: model, experiment block, provenance with the identity) and written by :func:`write_results`.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -38,6 +42,7 @@ log = logging.getLogger(__name__)
 CODE_VERSION = "everest-3"
 
 RESULTS_FILE = "results.json"
+ENSEMBLE_FILE = "ensemble.json"  # a seed ensemble's results file: named apart, an ensemble is no experiment
 FAILURE_FILE = "failure.json"
 SUPERSEDED_DIR = ".superseded"  # under results/; holds no results.json of its own, so the analysis skips it
 EXPERIMENT_NAME = re.compile(r"everest_(C|M5|M)_(24|48|72)h_seed(\d+)")
@@ -53,6 +58,7 @@ class Identity(BaseModel):
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+    results_file: ClassVar[str] = RESULTS_FILE  # the file whose presence, with this identity, means finished
 
     experiment: str  # e.g. everest_M5_72h_seed0
     config_hash: str  # EverestConfig.config_hash()
@@ -64,20 +70,40 @@ class Identity(BaseModel):
         data = hashlib.sha256(json.dumps(self.data_hashes, sort_keys=True).encode()).hexdigest()[:16]
         return f"{self.experiment}-{self.config_hash}-{data}-{self.code_version}"
 
+    def run_key(self) -> str:
+        """What the results of one run share, the identity without the experiment name, as canonical JSON:
+        the seed ensemble averages members of one run key."""
+        return json.dumps([self.config_hash, self.code_version, self.data_hashes], sort_keys=True)
+
     def provenance(self) -> dict[str, Any]:
         """The fields ``results.json`` records under ``provenance`` (the experiment is recorded by name)."""
-        return {"config_hash": self.config_hash, "data_hashes": dict(self.data_hashes),
-                "code_version": self.code_version}
+        return self.model_dump(exclude={"experiment"})
 
     @classmethod
     def of_results(cls, results: Mapping[str, Any]) -> Identity | None:
         """The identity a ``results.json`` content records; None if it records none (older code) or a bad one."""
-        prov = results.get("provenance") or {}
         try:
-            return cls(experiment=(results.get("experiment") or {}).get("name"), config_hash=prov.get("config_hash"),
-                       data_hashes=prov.get("data_hashes"), code_version=prov.get("code_version"))
+            prov = results.get("provenance") or {}
+            recorded = {name: prov.get(name) for name in cls.model_fields if name != "experiment"}
+            return cls(experiment=(results.get("experiment") or {}).get("name"), **recorded)
         except (ValidationError, AttributeError):
             return None
+
+
+class EnsembleIdentity(Identity):
+    """The identity of a seed ensemble: its members' shared configuration, data files and code version, the
+    ensemble code's version, and ``ensemble_identity``, a digest of which members it averages and of their
+    result files' content (:func:`ensemble_identity_for`), so a member retrained under the same identity (a
+    forced rerun) makes the ensemble stale too. Its results file is :data:`ENSEMBLE_FILE`."""
+
+    results_file: ClassVar[str] = ENSEMBLE_FILE
+
+    ensemble_version: str  # everest.scoring.ensemble.ENSEMBLE_VERSION of the code that built it
+    ensemble_identity: str  # 16 hex digits over the version, the members' run key, names and file contents
+
+    def key(self) -> str:
+        """:meth:`Identity.key` with the ensemble version and member digest appended."""
+        return f"{super().key()}-{self.ensemble_version}-{self.ensemble_identity}"
 
 
 def identity_for(experiment: Experiment, config: EverestConfig, data_hashes: Mapping[str, str]) -> Identity:
@@ -88,6 +114,46 @@ def identity_for(experiment: Experiment, config: EverestConfig, data_hashes: Map
     """
     return Identity(experiment=experiment.name, config_hash=config.config_hash(), data_hashes=dict(data_hashes),
                     code_version=CODE_VERSION)
+
+
+def model_identity(experiment: Experiment, recorded_config: Mapping[str, Any], data_hashes: Mapping[str, str],
+                   model_version: str) -> Identity:
+    """The identity of another model's result for ``experiment`` (a simple baseline): its config hash covers
+    ``recorded_config`` (what its ``results.json`` records under ``config``), its code version is
+    ``<CODE_VERSION>+<model_version>``, so a bump of either refits it."""
+    blob = json.dumps(recorded_config, sort_keys=True, separators=(",", ":"))
+    return Identity(experiment=experiment.name, config_hash=hashlib.sha256(blob.encode()).hexdigest()[:16],
+                    data_hashes=dict(data_hashes), code_version=f"{CODE_VERSION}+{model_version}")
+
+
+def ensemble_identity_for(name: str, member: Identity, version: str,
+                          contents: Mapping[str, str]) -> EnsembleIdentity:
+    """The identity of the ensemble ``name`` (e.g. ``everest_M5_72h_ensemble``) built by ensemble code
+    ``version`` from members that share ``member``'s run (:meth:`Identity.run_key`); ``contents`` maps each
+    member's folder name, in member order, to the sha256 of its result files."""
+    digest = hashlib.sha256(json.dumps([version, member.run_key(), list(contents), list(contents.values())])
+                            .encode()).hexdigest()[:16]
+    return EnsembleIdentity(experiment=name, config_hash=member.config_hash, data_hashes=dict(member.data_hashes),
+                            code_version=member.code_version, ensemble_version=version, ensemble_identity=digest)
+
+
+# ---------------------------------------------------------------------- the results.json schema
+def results_record(identity: Identity, model: str, target: Target, seed: int | None, sections: Mapping[str, Any],
+                   provenance: Mapping[str, Any] | None = None, **described: Any) -> dict[str, Any]:
+    """The ``results.json`` content of one model's result: the header every model's results carry around the
+    model's own ``sections`` (scores, training, data, config, ...), in one order.
+
+    Header: ``model``; ``experiment`` (name, flare class, horizon, target, seed, model, the array index of a
+    seed below 5, then ``described``, e.g. an ensemble's member seeds); last ``provenance``: the identity's
+    fields (:meth:`Identity.provenance`, what :func:`finished` compares) and ``provenance`` (environment,
+    versions). ``seed`` is None for a model of no seed (the ensemble), which then has no array index.
+    """
+    block: dict[str, Any] = {"name": identity.experiment, "flare_class": target.flare_class,
+                             "horizon_hours": target.horizon, "target": str(target), "seed": seed, "model": model}
+    if seed is not None:
+        block["array_index"] = Experiment(target=target, seed=seed).array_index if seed < 5 else None
+    return {"model": model, "experiment": {**block, **described}, **sections,
+            "provenance": {**identity.provenance(), **(provenance or {})}}
 
 
 # ---------------------------------------------------------------------- layout
@@ -165,20 +231,21 @@ def _read_object(path: Path) -> dict[str, Any]:
 
 
 def finished(output_dir: str | Path, identity: Identity) -> dict[str, Any] | None:
-    """The ``results.json`` content if this identity's experiment finished and its results are on disk;
-    None if they are absent (e.g. deleted), unreadable, from another identity, or the last attempt failed.
+    """The results content (``identity.results_file``) if this identity's result finished and is on disk;
+    None if it is absent (e.g. deleted), unreadable, from another identity, or the last attempt failed.
 
     Use it to skip finished work and to validate a cache hit before trusting it.
     """
     folder = experiment_dir(output_dir, identity.experiment)
-    if status(folder) != "finished":
+    path = folder / identity.results_file
+    if (folder / FAILURE_FILE).is_file() or not path.is_file():  # status(folder) for any results file
         return None
     try:
-        res = read_results(folder)
+        res = _read_object(path)
     except (OSError, ValueError) as err:
-        log.warning("%s: unreadable %s (%s); not finished", identity.experiment, folder / RESULTS_FILE, err)
+        log.warning("%s: unreadable %s (%s); not finished", identity.experiment, path, err)
         return None
-    return res if Identity.of_results(res) == identity else None
+    return res if type(identity).of_results(res) == identity else None
 
 
 def _failure_identity(folder: Path) -> Identity | None:
@@ -247,6 +314,18 @@ def record_failure(output_dir: str | Path, experiment: Experiment, error_type: s
 def clear_failure(output_dir: str | Path, name: str) -> None:
     """Remove a failure record: the attempt succeeded (call before writing ``results.json``)."""
     (experiment_dir(output_dir, name) / FAILURE_FILE).unlink(missing_ok=True)
+
+
+def write_results(output_dir: str | Path, identity: Identity, results: Mapping[str, Any]) -> Path:
+    """Mark ``identity``'s result finished: drop its failure record, then write ``results`` (atomically) as its
+    results file. Call it after every other file of the result is written: the file's presence means finished.
+
+    Raises ValueError if ``results`` records another identity (build it with :func:`results_record`).
+    """
+    if type(identity).of_results(results) != identity:
+        raise ValueError(f"{identity.experiment}: the results record another identity than {identity.key()}")
+    clear_failure(output_dir, identity.experiment)
+    return io.write_json(experiment_dir(output_dir, identity.experiment) / identity.results_file, results)
 
 
 def _clip(text: str) -> str:

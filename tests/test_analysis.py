@@ -32,6 +32,7 @@ from everest.analysis.__main__ import main as cli_main
 from everest.config import ConfigError, EverestConfig, Experiment, Target
 from everest.results import CODE_VERSION
 from everest.scoring import metrics as M
+from everest.scoring.ensemble import build_ensembles
 
 N_BOOT = 400  # enough for the assertions below; production default is 10,000
 REPO = Path(__file__).resolve().parents[1]
@@ -456,6 +457,7 @@ EXPECTED_PANELS = {"performance": 4, "detailed": 9, "threshold": 4, "latency": 2
 
 def test_end_to_end_on_real_results(real_results, tmp_path):
     out = tmp_path / "A"
+    build_ensembles(real_results, out, [Target.parse(t) for t in ("C-24", "M-24", "M5-24")])  # the step before
     summary = ProductionAnalyzer(real_results, out, targets=["C-24", "M-24", "M5-24"], seeds=[0, 1, 2],
                                  n_bootstrap=500).run_complete_analysis()
     assert (summary.n_completed, summary.n_failed, summary.n_missing) == (5, 1, 3)

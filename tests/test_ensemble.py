@@ -14,7 +14,14 @@ import pytest
 from everest import io
 from everest.config import EverestConfig, Experiment, Target
 from everest.results import experiment_dir
-from everest.scoring.ensemble import EnsembleError, build_ensemble, ensemble_name, ensemble_root
+from everest.scoring.ensemble import (
+    EnsembleError,
+    build_ensemble,
+    build_ensembles,
+    ensemble_name,
+    ensemble_root,
+    read_ensembles,
+)
 from everest.scoring.forecast import Predictions, final_metrics_row, score_forecast, write_forecast
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,3 +167,67 @@ def test_command_line(tmp_path, splits):
     assert empty.returncode == 2 and "no ensemble could be built" in empty.stderr
     asked = run("--output-dir", str(tmp_path), "--targets", "C-24")
     assert asked.returncode == 2 and "C-24: not built: C-24: no finished seed" in asked.stdout
+
+
+def test_an_ensemble_built_by_earlier_code_is_current(tmp_path, splits):
+    """The identity digest is the one ensemble.json recorded before EnsembleIdentity: no rebuild after the move."""
+    import hashlib
+
+    (yv, tv, rv), (yt, tt, rt) = splits
+    for s in (0, 1):
+        write_member(tmp_path / "results", s, _predictions(yv, tv, rv), _predictions(yt, tt, rt))
+    ens = build_ensemble(tmp_path / "results", TARGET, tmp_path)
+    folders = [tmp_path / "results" / f"everest_M_24h_seed{s}" for s in (0, 1)]
+    content = [hashlib.sha256(b"".join((f / n).read_bytes() for n in ("results.json", "val_predictions.csv",
+                                                                     "predictions.csv"))).hexdigest() for f in folders]
+    key = json.dumps(["c0", "v", {"f": "h"}], sort_keys=True)
+    earlier = hashlib.sha256(json.dumps(["ensemble-1", key, [f.name for f in folders], content]).encode()).hexdigest()
+    assert ens["provenance"]["ensemble_identity"] == earlier[:16]
+
+
+def test_the_analysis_reads_ensembles_and_never_builds_them(tmp_path, splits):
+    """Alone, the analysis writes nothing under ensemble/ and says the ensemble was not built; built first, it is
+    read; a member rewritten since makes it out of date, never silently rebuilt."""
+    from everest.analysis import ProductionAnalyzer
+
+    (yv, tv, rv), (yt, tt, rt) = splits
+    for s in (0, 1):
+        write_member(tmp_path / "results", s, _predictions(yv, _noisy(tv, s), rv), _predictions(yt, _noisy(tt, s), rt))
+
+    def analyse() -> pd.Series:
+        ProductionAnalyzer(tmp_path / "results", targets=["M-24"], seeds=[0, 1], n_bootstrap=100,
+                           make_plots=False).run_complete_analysis()
+        return pd.read_csv(tmp_path / "analysis" / "ensemble.csv").set_index("target").loc["M-24"]
+
+    row = analyse()
+    assert not ensemble_root(tmp_path).exists()
+    assert row["note"].startswith("not built: `everest ensemble --output-dir ")
+    assert "No ensemble: M-24: not built" in (tmp_path / "analysis" / "production_training_report.md").read_text()
+    assert build_ensembles(tmp_path / "results", tmp_path, [TARGET])["M-24"]["experiment"]["members"] == [0, 1]
+    row = analyse()
+    assert row["members"] == 2 and pd.isna(row["note"])
+    done = experiment_dir(ensemble_root(tmp_path), ensemble_name(TARGET)) / "ensemble.json"
+    stamp = done.stat().st_mtime_ns
+    write_member(tmp_path / "results", 1, _predictions(yv, _noisy(tv, 5), rv), _predictions(yt, _noisy(tt, 5), rt))
+    assert analyse()["note"].startswith("out of date") and done.stat().st_mtime_ns == stamp
+    assert isinstance(read_ensembles(tmp_path / "results", tmp_path, [TARGET])["M-24"], str)
+    write_member(tmp_path / "results", 1, _predictions(yv, tv, rv + 5000), _predictions(yt, tt, rt))
+    assert "different validation samples" in analyse()["note"]  # the reason it cannot be built, not "not built"
+
+
+def test_the_analysis_leaves_out_an_ensemble_of_stale_results(tmp_path, splits):
+    """M-24's seeds are of another configuration than the run's (C-24's five seeds): the analysis leaves them out
+    as stale, and their ensemble too."""
+    from test_analysis import write_experiment
+
+    from everest.analysis import ProductionAnalyzer
+
+    (yv, tv, rv), (yt, tt, rt) = splits
+    for s in (0, 1):
+        write_member(tmp_path / "results", s, _predictions(yv, tv, rv), _predictions(yt, tt, rt), config_hash="old")
+    for s in range(5):
+        write_experiment(tmp_path / "results", "C-24", s, metrics={"tss": 0.5}, config_hash="c0", code_version="v")
+    assert isinstance(build_ensembles(tmp_path / "results", tmp_path, [TARGET])["M-24"], dict)
+    a = ProductionAnalyzer(tmp_path / "results", targets=["C-24", "M-24"], n_bootstrap=100, make_plots=False)
+    assert a.ensembles["M-24"] == ("built from results this analysis leaves out as stale (everest_M_24h_seed0, "
+                                   "everest_M_24h_seed1)")

@@ -96,6 +96,57 @@ def test_deleted_results_folder_is_not_finished(tmp_path):
     assert R.finished(tmp_path, identity()) is None
 
 
+# ---------------------------------------------------------------------- the results.json schema
+def test_results_record_is_the_header_every_model_writes():
+    """One header for EVEREST, a baseline and an ensemble: model, experiment block, provenance (identity last)."""
+    ident = identity()
+    res = R.results_record(ident, "everest", EXP.target, EXP.seed, {"test_metrics": {"tss": 0.5}}, {"device": "cpu"})
+    assert list(res) == ["model", "experiment", "test_metrics", "provenance"] and res["model"] == "everest"
+    assert res["experiment"] == {"name": EXP.name, "flare_class": "M", "horizon_hours": 24, "target": "M-24",
+                                 "seed": 0, "model": "everest", "array_index": EXP.array_index}
+    assert res["provenance"] == {**ident.provenance(), "device": "cpu"}
+    assert R.Identity.of_results(res) == ident
+    assert R.results_record(identity(experiment="everest_M_24h_seed7"), "logistic", EXP.target, 7,
+                            {})["experiment"]["array_index"] is None  # only seeds 0-4 have an array index
+
+
+def test_write_results_marks_finished_and_refuses_another_identity(tmp_path):
+    ident = identity()
+    (R.experiment_dir(tmp_path, EXP.name)).mkdir(parents=True)
+    (R.experiment_dir(tmp_path, EXP.name) / R.FAILURE_FILE).write_text("{}")  # an earlier failed attempt
+    res = R.results_record(ident, "everest", EXP.target, EXP.seed, {})
+    with pytest.raises(ValueError, match="another identity"):
+        R.write_results(tmp_path, identity(config_hash="0" * 16), res)
+    R.write_results(tmp_path, ident, res)
+    assert R.status(R.experiment_dir(tmp_path, EXP.name)) == "finished" and R.finished(tmp_path, ident) == res
+
+
+def test_an_ensemble_identity_is_finished_by_its_own_file_and_members():
+    """The ensemble's identity adds its version and a digest of its members; finished() reads ensemble.json."""
+    member = identity()
+    a = R.ensemble_identity_for("everest_M_24h_ensemble", member, "ensemble-1", {"s0": "1", "s1": "2"})
+    assert a == R.ensemble_identity_for("everest_M_24h_ensemble", member.model_copy(update={"experiment": "x"}),
+                                        "ensemble-1", {"s0": "1", "s1": "2"})  # members' run, not their names
+    for other in (R.ensemble_identity_for("everest_M_24h_ensemble", member, "ensemble-1", {"s0": "1", "s1": "3"}),
+                  R.ensemble_identity_for("everest_M_24h_ensemble", member, "ensemble-1", {"s0": "1"}),
+                  R.ensemble_identity_for("everest_M_24h_ensemble", member, "ensemble-2", {"s0": "1", "s1": "2"}),
+                  R.ensemble_identity_for("everest_M_24h_ensemble", identity(code_version="next"), "ensemble-1",
+                                          {"s0": "1", "s1": "2"})):
+        assert other != a and other.key() != a.key()
+    res = R.results_record(a, "ensemble", EXP.target, None, {}, {"members_dir": "results"}, members=[0, 1])
+    assert res["experiment"]["seed"] is None and "array_index" not in res["experiment"]
+    assert R.EnsembleIdentity.of_results(res) == a and R.Identity.of_results(res) != a
+
+
+def test_finished_reads_an_ensemble_from_ensemble_json(tmp_path):
+    a = R.ensemble_identity_for("everest_M_24h_ensemble", identity(), "ensemble-1", {"s0": "1", "s1": "2"})
+    res = R.results_record(a, "ensemble", EXP.target, None, {})
+    assert R.finished(tmp_path, a) is None
+    assert R.write_results(tmp_path, a, res).name == R.ENSEMBLE_FILE
+    assert R.finished(tmp_path, a) == res
+    assert R.finished(tmp_path, a.model_copy(update={"ensemble_identity": "0" * 16})) is None
+
+
 # ---------------------------------------------------------------------- begin_attempt, record_failure
 def test_begin_attempt_moves_results_of_another_identity_aside(tmp_path):
     write_results(tmp_path, identity(config_hash="0" * 16), tss=0.1)

@@ -2,7 +2,11 @@
 
 Entry points: :class:`ProductionAnalyzer` (notebook), :func:`run_analysis` (returns a JSON-able summary: what
 a Prefect task wraps) and ``python -m everest.analysis`` (command line). Sub-modules: ``loading`` (what a
-results root holds), ``stats`` (seed statistics, region-block bootstrap, tests), ``plots``, ``report``.
+results root holds), ``stats`` (seed statistics, region-block bootstrap, tests), ``analyzer`` (computes every
+table and figure, writes nothing), ``plots``, ``report`` (the report's text), ``writing`` (writes the CSVs,
+plots, report and summary JSON). The seed ensembles are built before the analysis
+(:func:`everest.scoring.ensemble.build_ensembles`, ``everest ensemble``); the analysis reads them, and its
+report says which targets have none and why (e.g. not built).
 :func:`embed_figures` turns the report (whose figures are links to ``../plots/*.png``) into self-contained
 Markdown for the Prefect UI.
 
@@ -18,9 +22,7 @@ first in the report.
 """
 
 from everest.analysis.analyzer import (
-    PLOT_FILES,
     SUMMARY_METRICS,
-    AnalysisSummary,
     ProductionAnalyzer,
     compare_result_sets,
     run_analysis,
@@ -33,6 +35,7 @@ from everest.analysis.loading import (
     load_results,
 )
 from everest.analysis.report import embed_figures
+from everest.analysis.writing import PLOT_FILES, AnalysisSummary
 
 __all__ = [
     "PLOT_FILES",

@@ -1,17 +1,18 @@
-"""ProductionAnalyzer: statistics, plots and the report over a results root, callable from anywhere.
+"""ProductionAnalyzer: statistics, figures and the report over a results root, callable from anywhere.
 
 A notebook, the command line (``python -m everest.analysis``) and the Prefect flow (which only wraps
-:func:`run_analysis`) all run the same code. Nothing here knows its launcher.
+:func:`run_analysis`) all run the same code. Nothing here knows its launcher. The analyzer computes and reads:
+its tables, statistics and figures are cached properties and methods that write nothing (the seed ensembles
+are built before the analysis, by :func:`everest.scoring.ensemble.build_ensembles`); :mod:`everest.analysis.
+writing` writes them to disk.
 """
 
 from __future__ import annotations
 
 import logging
 import numbers
-import time
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from everest import io
 from everest.analysis import plots, report
 from everest.analysis import stats as st
 from everest.analysis.loading import (
@@ -28,10 +28,11 @@ from everest.analysis.loading import (
     load_results,
     resampling_units,
 )
+from everest.analysis.writing import AnalysisSummary, jsonable, write_analysis
 from everest.config import HORIZONS, ConfigError, Target, all_targets
 from everest.results import experiment_dir
 from everest.scoring.calibration import reliability_table
-from everest.scoring.ensemble import build_ensembles, ensemble_name, ensemble_root
+from everest.scoring.ensemble import ensemble_name, ensemble_root, read_ensembles
 
 log = logging.getLogger(__name__)
 
@@ -61,22 +62,6 @@ ENSEMBLE_COLUMNS: tuple[str, ...] = (
     "target", "members", "tss", "tss_boot_ci_low", "tss_boot_ci_high", "n_units", "threshold", "at_grid_edge",
     "roc_auc", "brier_raw", "brier", "ece_raw", "ece", "calibration", "seed_tss_mean", "seed_brier_raw_mean",
     "seed_brier_mean", "note")
-PLOT_FILES: dict[str, str] = {
-    "performance": "production_performance_analysis.png",
-    "detailed": "detailed_metrics_analysis.png",
-    "threshold": "threshold_analysis.png",
-    "latency": "latency_analysis.png",
-    "reliability": "reliability_diagrams.png",
-    "roc_pr": "roc_pr_curves.png",
-    "training": "training_curves.png",
-}
-# Per-target reliability diagrams (ensemble and baselines): ``reliability_<target>.png``.
-RELIABILITY_FILE = "reliability_{}.png"
-
-
-def owned_plot_files() -> set[str]:
-    """Every file name an analysis may write under ``plots/``: the only files it ever removes there."""
-    return set(PLOT_FILES.values()) | {RELIABILITY_FILE.format(t) for t in all_targets()}
 
 
 def _rng(seed: int, purpose: str, index: int = 0) -> np.random.Generator:
@@ -91,79 +76,6 @@ def _check_int(value: Any, name: str, minimum: int) -> int:
     return int(value)
 
 
-@dataclass
-class AnalysisSummary:
-    """What one analysis produced: file paths, coverage and the per-target headline numbers (JSON-able)."""
-
-    report: str
-    raw_results: str
-    summary_statistics: str
-    plots: dict[str, str]
-    plot_panels: dict[str, int]
-    n_expected: int
-    n_completed: int
-    n_failed: int
-    n_missing: int
-    n_stale: int
-    failed: list[str]
-    missing: list[str]
-    unexpected: list[str]
-    stale: dict[str, str]  # experiment name -> why it is not the run's result (left out of the statistics)
-    targets: list[dict[str, Any]]
-    comparisons: list[dict[str, Any]]
-    n_bootstrap: int
-    seed: int
-    seconds: float
-    warnings: list[str] = field(default_factory=list)
-    # The verdict against the simple baselines (the report's first section): one row per expected target
-    # (columns: :data:`VERDICT_COLUMNS` plus ``tss_<model>``/``val_tss_<model>`` per baseline); empty when
-    # no baseline results exist. ``baselines``: model name -> results root; ``verdict_file``: verdict.csv.
-    verdict: list[dict[str, Any]] = field(default_factory=list)
-    baselines: dict[str, str] = field(default_factory=dict)
-    verdict_file: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict (NaN as None) for Prefect artifacts and ``analysis_summary.json``, with the
-        verdict's display rows (``verdict_rows``)."""
-        return {**_jsonable(asdict(self)), "verdict_rows": self.verdict_table()}
-
-    def table(self) -> list[dict[str, Any]]:
-        """Per-target means as rows of a table (e.g. a Prefect table artifact)."""
-        return _jsonable(self.targets)
-
-    def verdict_table(self) -> list[dict[str, Any]]:
-        """The verdict as display rows (3 decimals, p-values to 2 significant digits below 0.001): the table
-        to publish first, e.g. as a Prefect table artifact. Empty when no baseline results exist."""
-        rows = []
-        for row in _jsonable(self.verdict):
-            low, high = row.get("everest_tss_t_ci_low"), row.get("everest_tss_t_ci_high")
-            if low is not None and high is not None:  # shown within TSS's range, as the report does
-                low, high, clipped = st.clip_to_range("tss", low, high)
-                row.update(everest_tss_t_ci_low=low, everest_tss_t_ci_high=high, everest_tss_t_ci_clipped=clipped)
-            rows.append({k: _rounded(k, v) for k, v in row.items()})
-        return rows
-
-
-def _rounded(key: str, value: Any) -> Any:
-    if not isinstance(value, float):
-        return value
-    if (key.startswith("p_") or key.endswith("_p_holm")) and 0 < value < 0.001:
-        return float(f"{value:.2g}")
-    return round(value, 4 if "brier" in key else 3)  # Brier scores differ in the fourth decimal
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
-
-
 class ProductionAnalyzer:
     """Analyse the 45 (or any expected subset of) experiments under ``results_dir`` into ``out_dir``.
 
@@ -174,8 +86,9 @@ class ProductionAnalyzer:
     simple baselines of :mod:`everest.scoring.baselines`: every ``out_dir/baselines/<model>/results`` found, plus
     ``baseline_dirs`` (model name -> results root; it wins over a found folder of the same name).
     Stale results (another config, code version or data than the run's, see :func:`load_results`) are
-    listed in the report and left out of the statistics. A run that makes plots leaves under ``plots/`` only
-    its own figures: those of an earlier analysis it does not remake are deleted (:meth:`remove_stale_plots`).
+    listed in the report and left out of the statistics. The seed ensembles are read as built before the
+    analysis (:attr:`ensembles`). Nothing is written until :meth:`run_complete_analysis`; a run that makes plots
+    leaves under ``plots/`` only its own figures (:func:`everest.analysis.writing.remove_stale_plots`).
     """
 
     def __init__(self, results_dir: str | Path = "output/results", out_dir: str | Path | None = None, *,
@@ -247,11 +160,17 @@ class ProductionAnalyzer:
 
     @cached_property
     def ensembles(self) -> dict[str, dict[str, Any] | str]:
-        """Each expected target's seed ensemble (:mod:`everest.scoring.ensemble`; built, or reused when its members are
-        unchanged, under ``<out_dir>/ensemble``), or the reason there is none."""
+        """Each expected target's seed ensemble as built before the analysis, under ``<out_dir>/ensemble`` and
+        current for the finished seeds under ``results_dir`` (:func:`everest.scoring.ensemble.read_ensembles`),
+        or the reason there is none (e.g. not built). Reads only. An ensemble of results this analysis calls
+        stale is left out, with that reason: the statistics never mix configurations."""
         targets = list(dict.fromkeys(e.target for e in self.results.expected))
-        members = {t: [r.path for r in runs] for t, runs in self.results.by_target().items()}
-        return build_ensembles(self.results_dir, self.out_dir, targets, members)
+        found = read_ensembles(self.results_dir, self.out_dir, targets)
+        for t, res in found.items():
+            members = [m["name"] for m in res["members"]] if isinstance(res, dict) else []
+            if stale := [name for name in members if name in self.results.stale]:
+                found[t] = f"built from results this analysis leaves out as stale ({', '.join(stale)})"
+        return found
 
     def _ensemble_predictions(self, target: str) -> pd.DataFrame:
         folder = experiment_dir(ensemble_root(self.out_dir), ensemble_name(Target.parse(target)))
@@ -297,10 +216,10 @@ class ProductionAnalyzer:
         runs = self.results.by_target().get(Target.parse(target), [])
         return st.seed_summary([r.results.get("test_metrics", {}).get(metric, np.nan) for r in runs])["mean"]
 
-    def save_reliability_plots(self) -> dict[str, str]:
-        """One reliability diagram per target with an ensemble: the ensemble raw and calibrated, and each
-        baseline's first seed (calibrated), on the test split. Paths by ``reliability_<target>`` key."""
-        paths = {}
+    def reliability_curves(self) -> dict[str, dict[str, pd.DataFrame]]:
+        """Per target with an ensemble, the reliability tables of one diagram on the test split: the ensemble raw
+        and calibrated, and each baseline's first seed (calibrated), by curve label."""
+        out = {}
         for t, res in self.ensembles.items():
             if not isinstance(res, dict):
                 continue
@@ -314,9 +233,8 @@ class ProductionAnalyzer:
                     p = runs[0].predictions
                     curves[f"{model} (seed {runs[0].seed})"] = reliability_table(p["y_true"].to_numpy(),
                                                                                  p["y_prob"].to_numpy(float))
-            path = self.plots_dir / RELIABILITY_FILE.format(t)
-            paths[f"reliability_{t}"] = str(plots.plot_reliability(curves, path, f"{t}: reliability on test"))
-        return paths
+            out[t] = curves
+        return out
 
     @cached_property
     def raw_results(self) -> pd.DataFrame:
@@ -555,63 +473,11 @@ class ProductionAnalyzer:
                 "reliability": plots.reliability_figure(runs), "roc_pr": plots.roc_pr_figure(runs),
                 "training": plots.training_figure(runs)}
 
-    def save_plots(self) -> tuple[dict[str, str], dict[str, int]]:
-        """Render and write every figure (PNG, atomically); return paths and panel counts by key."""
-        paths, panels = {}, {}
-        for key, fig in self.figures().items():
-            path = self.plots_dir / PLOT_FILES[key]
-            io.atomic_write(path, lambda p, f=fig: f.savefig(p, format="png", dpi=100))
-            paths[key], panels[key] = str(path), len(fig.axes)
-        return paths, panels
-
-    def remove_stale_plots(self, written: Sequence[str | Path]) -> list[Path]:
-        """Delete the plots an earlier analysis left under ``plots/`` that this one did not write (e.g. the
-        reliability diagram of a target no longer analysed), so every figure there is this analysis'.
-        Only :func:`owned_plot_files` names are touched; returns the deleted paths."""
-        keep = {Path(p).name for p in written}
-        stale = sorted(self.plots_dir / name for name in owned_plot_files() - keep if (self.plots_dir / name).is_file())
-        for path in stale:
-            path.unlink()
-            log.info("removed %s: a plot of an earlier analysis", path)
-        return stale
-
     # ------------------------------------------------------------------ everything
     def run_complete_analysis(self) -> AnalysisSummary:
-        """Load, compute every statistic, write the CSVs, plots, report and summary JSON; return the summary."""
-        started = time.perf_counter()
-        rs = self.results
-        plot_paths, panels = self.save_plots() if self.make_plots else ({}, {})
-        if self.make_plots:
-            plot_paths.update(self.save_reliability_plots())
-            self.remove_stale_plots(plot_paths.values())
-        io.write_csv(self.analysis_dir / "ensemble.csv", self.ensemble_table)
-        raw_path = io.write_csv(self.analysis_dir / "raw_results.csv", self.raw_results)
-        summary_path = io.write_csv(self.analysis_dir / "summary_statistics.csv", self.summary_statistics)
-        comparisons = pd.concat([self.horizon_comparisons, self.baseline_comparisons], ignore_index=True)
-        if len(comparisons):
-            io.write_csv(self.analysis_dir / "significance_tests.csv", comparisons)
-        if len(self.threshold_stability):
-            io.write_csv(self.analysis_dir / "threshold_stability.csv", self.threshold_stability)
-            io.write_csv(self.analysis_dir / "threshold_protocol_comparison.csv", self.protocol_inflation)
-        verdict_path = io.write_csv(self.analysis_dir / "verdict.csv", self.verdict) if len(self.verdict) else None
-        report_path = self.analysis_dir / "production_training_report.md"
-        rel_plots = {k: str(Path("..") / "plots" / Path(p).name) for k, p in plot_paths.items()}
-        io.write_text(report_path, report.render(self, rel_plots))
-        warn = [f"{name}: stale, not in the statistics ({why})" for name, why in rs.stale.items()]
-        summary = AnalysisSummary(
-            report=str(report_path), raw_results=str(raw_path), summary_statistics=str(summary_path),
-            plots=plot_paths, plot_panels=panels, n_expected=len(rs.expected), n_completed=len(rs.analysed),
-            n_failed=sum(f.expected for f in rs.failed), n_missing=len(rs.missing), n_stale=len(rs.stale),
-            failed=[f.name for f in rs.failed], missing=[e.name for e in rs.missing],
-            unexpected=[r.name for r in rs.unexpected], stale=rs.stale, targets=self.target_table(),
-            comparisons=comparisons.to_dict("records") if len(comparisons) else [],
-            n_bootstrap=self.n_bootstrap, seed=self.seed, seconds=time.perf_counter() - started, warnings=warn,
-            verdict=self.verdict.to_dict("records"), baselines={m: str(p) for m, p in self.baseline_models.items()},
-            verdict_file=str(verdict_path) if verdict_path else None)
-        io.write_json(self.analysis_dir / "analysis_summary.json", summary.to_dict())
-        log.info("analysis of %d/%d experiments written to %s in %.1f s", summary.n_completed, summary.n_expected,
-                 report_path, summary.seconds)
-        return summary
+        """Compute every statistic and write the CSVs, plots, report and summary JSON
+        (:func:`everest.analysis.writing.write_analysis`); return the summary."""
+        return write_analysis(self)
 
     def target_table(self) -> list[dict[str, Any]]:
         """Per-target headline numbers (small, JSON-able): n, TSS mean/std/CIs, F1, ROC AUC, threshold."""
@@ -621,7 +487,7 @@ class ProductionAnalyzer:
                 "pooled_boot_tss_high": "tss_boot_ci_high", "f1_mean": "f1_mean", "roc_auc_mean": "roc_auc_mean",
                 "threshold_mean": "threshold_mean"}
         s = self.summary_statistics
-        return _jsonable([{new: row[old] for old, new in cols.items()} for row in s.to_dict("records")])
+        return jsonable([{new: row[old] for old, new in cols.items()} for row in s.to_dict("records")])
 
 
 def _unit_stats(r: ExperimentResult) -> st.UnitStats:

@@ -34,14 +34,12 @@ touch the validation or test split anyway.
 
 Reruns skip finished results of the same identity (:mod:`everest.results`): experiment, hyper-parameters
 plus the EverestConfig parts that shape windows and thresholds (``data``, ``threshold``,
-``model.seq_len``), data file hashes and code version (:data:`CODE_VERSION` with this module's version).
-Each experiment takes seconds on a CPU.
+``model.seq_len``), data file hashes and code version (:data:`everest.results.CODE_VERSION` with this
+module's version). Each experiment takes seconds on a CPU.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -54,20 +52,19 @@ from sklearn.ensemble import HistGradientBoostingClassifier  # at import: thread
 from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
-from everest import io
 from everest.config import RUN_CONTROL, ConfigError, EverestConfig, Experiment, Target
 from everest.data.samples import ExperimentData, SampleSet, prepare_experiment
 from everest.data.tables import data_file
 from everest.errors import DataError
 from everest.results import (
-    CODE_VERSION,
-    RESULTS_FILE,
     Identity,
     begin_attempt,
-    clear_failure,
     experiment_dir,
     finished,
+    model_identity,
     record_failure,
+    results_record,
+    write_results,
 )
 from everest.scoring.forecast import Predictions, ScoredForecast, final_metrics_row, score_forecast, write_forecast
 
@@ -186,10 +183,9 @@ def recorded_config(params: BaselineConfig, config: EverestConfig) -> dict[str, 
 
 def baseline_identity(experiment: Experiment, params: BaselineConfig, config: EverestConfig,
                       data_hashes: dict[str, str]) -> Identity:
-    """The identity of a baseline result; its config hash covers :func:`recorded_config`."""
-    blob = json.dumps(recorded_config(params, config), sort_keys=True, separators=(",", ":"))
-    return Identity(experiment=experiment.name, config_hash=hashlib.sha256(blob.encode()).hexdigest()[:16],
-                    data_hashes=dict(data_hashes), code_version=f"{CODE_VERSION}+{BASELINE_VERSION}")
+    """The identity of a baseline result (:func:`everest.results.model_identity`): its config hash covers
+    :func:`recorded_config`, its code version carries :data:`BASELINE_VERSION`."""
+    return model_identity(experiment, recorded_config(params, config), data_hashes, BASELINE_VERSION)
 
 
 # ---------------------------------------------------------------------- layout
@@ -227,7 +223,7 @@ def fit_baseline(model: str, experiment: Experiment, config: EverestConfig | Non
         with threadpool_limits(threads):
             results, scored, val, test = _fit_evaluate(params, experiment, cfg, data, identity, Path(data_dir))
         results["training"]["threads"] = threads
-        _write(root, results, scored, val, test)
+        _write(root, identity, results, scored, val, test)
     except Exception as err:  # recorded so the analysis lists the experiment as failed, then re-raised
         record_failure(root, experiment, type(err).__name__, str(err), identity)
         raise
@@ -254,20 +250,15 @@ def _fit_evaluate(params: BaselineConfig, experiment: Experiment, cfg: EverestCo
     scored = score_forecast(val, test, cfg)
     scored.sections["test_metrics"].update(_latency(lambda w: predict(w, data.test.valid[:len(w)]), data.test.x))
     t = experiment.target
-    results = {
-        "model": params.model,
-        "experiment": {"name": experiment.name, "flare_class": t.flare_class, "horizon_hours": t.horizon,
-                       "target": str(t), "seed": seed, "model": params.model,
-                       "array_index": experiment.array_index if seed < 5 else None},
+    sections = {
         **scored.sections,
         "training": {"best_epoch": None, "epochs_run": 1, "stop_reason": "fitted", "seconds": seconds,
                      "n_parameters": _n_parameters(est), "n_iter": int(np.max(est.n_iter_))},
         "data": _data_record(data, data_dir, t, params),
         "history": [],
         "config": recorded_config(params, cfg),
-        "provenance": {**identity.provenance(), **_environment()},
     }
-    return results, scored, val, test
+    return results_record(identity, params.model, t, seed, sections, _environment()), scored, val, test
 
 
 def _latency(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray, repeats: int = 30) -> dict[str, float]:
@@ -316,10 +307,9 @@ def _environment() -> dict[str, Any]:
     return environment_info(torch.device("cpu"))
 
 
-def _write(root: Path, results: dict[str, Any], scored: ScoredForecast, val: Predictions, test: Predictions) -> None:
+def _write(root: Path, identity: Identity, results: dict[str, Any], scored: ScoredForecast, val: Predictions,
+           test: Predictions) -> None:
     """Write EVEREST's result files into ``<root>/results/<name>/``; ``results.json`` last (it marks done)."""
-    name = results["experiment"]["name"]
-    folder = experiment_dir(root, name)
-    write_forecast(folder, scored, val, test, final_metrics_row(results, model=results["model"], best_epoch=None))
-    clear_failure(root, name)
-    io.write_json(folder / RESULTS_FILE, results)
+    write_forecast(experiment_dir(root, identity.experiment), scored, val, test,
+                   final_metrics_row(results, model=results["model"], best_epoch=None))
+    write_results(root, identity, results)

@@ -31,11 +31,12 @@ from everest.provenance import environment_info, model_card
 from everest.results import (
     Identity,
     begin_attempt,
-    clear_failure,
     experiment_dirs,
     finished,
     identity_for,
     link_trained_model,
+    results_record,
+    write_results,
 )
 from everest.scoring.forecast import Predictions, ScoredForecast, final_metrics_row, score_forecast, write_forecast
 from everest.scoring.inference import measure_latency, predict
@@ -200,12 +201,7 @@ class ProductionTrainer:
         test_metrics = scored.sections["test_metrics"]
         latency = measure_latency(model, data.test, device)
         test_metrics.update(latency)
-        env = environment_info(device)
-        t = self.experiment.target
-        results = {
-            "experiment": {"name": self.experiment.name, "flare_class": t.flare_class, "horizon_hours": t.horizon,
-                           "target": str(t), "seed": self.experiment.seed,
-                           "array_index": self.experiment.array_index if self.experiment.seed < 5 else None},
+        sections = {
             **scored.sections,
             "training": {"best_epoch": fit.best_epoch, "epochs_run": len(history), "stop_reason": fit.stop_reason,
                          "resumed_after_epoch": fit.resumed_after_epoch,
@@ -219,8 +215,9 @@ class ProductionTrainer:
                      "n_val_regions": int(len(np.unique(data.val.region)))},
             "history": history,
             "config": cfg.model_dump(mode="json"),
-            "provenance": {**self.identity.provenance(), **env},
         }
+        results = results_record(self.identity, "everest", self.experiment.target, self.experiment.seed, sections,
+                                 environment_info(device))
         self._write_outputs(results, history, scored, val, test, data, model)
         return results
 
@@ -241,7 +238,6 @@ class ProductionTrainer:
         io.write_json(md / "config.json", results["config"])
         io.write_text(md / "MODEL_CARD.md", model_card(results))
         link_trained_model(self.output_dir, self.experiment, md)
-        clear_failure(self.output_dir, self.experiment.name)  # this attempt succeeded: no failure beside results
-        io.write_json(rd / "results.json", results)  # last: its presence marks the experiment finished
+        write_results(self.output_dir, self.identity, results)  # last: its presence marks the experiment finished
         self.checkpoint_path.unlink(missing_ok=True)
 
