@@ -9,9 +9,6 @@
 everest_log() { printf 'everest: %s\n' "$*" >&2; }
 everest_err() { printf 'everest: error: %s\n' "$*" >&2; }
 
-# Experiment indices 1..45 (9 targets x seeds 0-4, everest.config's array index).
-EVEREST_N_EXPERIMENTS=45
-
 # ====================================================================== job side
 
 # Enter the submission directory, read site.sh and activate the environment (non-zero on failure).
@@ -134,16 +131,13 @@ everest_write_failure() {
 # The experiment indices of array slot SLOT, into TASK_INDICES (empty: nothing to train). With
 # EVEREST_INDEX_FILE, line SLOT of it: the indices of that sub-job's group, space-separated, or `skip`.
 # Without it, the slot itself (EVEREST_GROUP_WIDTH=1), or, for an array submitted by hand with a group
-# width W, experiments (SLOT-1)*W+1 .. SLOT*W of 1..45. Non-zero (status 2) when the slot is unusable.
+# width W, sub-job SLOT's group of 1..45 as cluster/plan.py cuts the study (it checks W and says why it is
+# refused). Non-zero (status 2) when the slot is unusable.
 everest_slot_indices() {
-    local slot=$1 width=${EVEREST_GROUP_WIDTH:-1} line k
+    local slot=$1 width=${EVEREST_GROUP_WIDTH:-1} line k listed
     TASK_INDICES=()
     if [[ ! $slot =~ ^[0-9]+$ ]]; then
         everest_err "no array index (got '${slot}'): run this script as an array job via cluster/submit_jobs.sh, or set PBS_ARRAY_INDEX / SLURM_ARRAY_TASK_ID"
-        return 2
-    fi
-    if [[ ! $width =~ ^[1-9][0-9]*$ ]]; then
-        everest_err "invalid EVEREST_GROUP_WIDTH '$width': expected a positive integer (cluster/site.sh)"
         return 2
     fi
     if [[ -n ${EVEREST_INDEX_FILE:-} ]]; then
@@ -162,16 +156,11 @@ everest_slot_indices() {
             TASK_INDICES=()
             return 2
         fi
-    elif ((width == 1)); then
+    elif [[ $width == 1 ]]; then
         TASK_INDICES=("$slot")
     else
-        local first=$(((slot - 1) * width + 1)) last=$((slot * width))
-        if ((slot >= 1 && first > EVEREST_N_EXPERIMENTS)); then
-            everest_log "array slot $slot is past the last group: the $EVEREST_N_EXPERIMENTS experiments in groups of $width need slots 1-$(((EVEREST_N_EXPERIMENTS + width - 1) / width)); nothing to train"
-            return 0
-        fi
-        ((last > EVEREST_N_EXPERIMENTS)) && last=$EVEREST_N_EXPERIMENTS
-        for ((k = first; k <= last; k++)); do TASK_INDICES+=("$k"); done
+        listed=$("$EVEREST_PY" "$EVEREST_CLUSTER_DIR/plan.py" --slot "$slot" --group-width "$width") || return 2
+        read -r -a TASK_INDICES <<<"$listed"
     fi
 }
 
@@ -335,8 +324,8 @@ Training:
   --device DEV          auto, cpu, cuda, cuda:N (train.device)
   --config FILE         TOML/YAML configuration file
   --set KEY=VALUE       configuration override, repeatable (e.g. --set train.batch_size=256)
-  --group-width W       experiments per sub-job, trained as one batched model on its GPU (default:
-                        \$EVEREST_GROUP_WIDTH or 1): ceil(n/W) sub-jobs; GPU memory grows with W
+  --group-width W       experiments per sub-job (1..45), trained as one batched model on its GPU
+                        (default: \$EVEREST_GROUP_WIDTH or 1): ceil(n/W) sub-jobs; GPU memory grows with W
   Keep these the same when you resubmit: finished experiments are skipped and interrupted ones
   resume from their checkpoint only under the same configuration and data.
 

@@ -2,9 +2,11 @@
 
 Prints one line per experiment, ``<array index 1..45><TAB><experiment name><TAB><sub-job>``, in array-index
 order (target-major, seeds inner); prints nothing when every selected experiment has already finished and
-``--unfinished`` was given. ``--group-width W`` (default 1) trains W experiments per sub-job as one group:
-the experiment at position p (0-based) of the list goes to sub-job ``p // W + 1``, so there are
-``ceil(n / W)`` sub-jobs and sub-job k (1-based) trains positions ``(k-1)*W .. k*W-1``.
+``--unfinished`` was given. ``--group-width W`` (default 1, at most 45) trains W experiments per sub-job as one
+group: the list is cut into groups of W (:func:`everest.config.experiment_groups`, as the flow cuts its tasks),
+so there are ``ceil(n / W)`` sub-jobs and sub-job k (1-based) trains positions ``(k-1)*W .. k*W-1``.
+``--slot K --group-width W`` prints the experiment indices of sub-job K of the whole study instead (an array
+submitted by hand, without an index list), or nothing after the last group.
 Every problem with the values is reported at once on stderr, and the exit status is then 2 (nothing may
 be submitted); a malformed option (``--epochs abc``) stops argument parsing first, also with status 2. The
 tables of the selected experiments are read and validated as the trainer reads them (a table without
@@ -20,25 +22,48 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from pathlib import Path
+from collections.abc import Callable
+from typing import Any
 
 from everest import results
-from everest.cli import add_run_arguments, config_from_args
-from everest.config import DEFAULT_SEEDS, Experiment, Target, all_targets
+from everest.cli import add_option, add_run_arguments, config_from_args, seed_number, target_name
+from everest.config import (
+    DEFAULT_SEEDS,
+    N_EXPERIMENTS,
+    Experiment,
+    Target,
+    check_group_width,
+    experiment_groups,
+    experiment_matrix,
+)
 from everest.data.check import check_experiments
 from everest.data.tables import data_file, file_hash
-from everest.errors import ConfigError, DataError
+from everest.errors import EXIT_USAGE, ConfigError, DataError
 
 
-def build_parser() -> argparse.ArgumentParser:
+def collecting(check: Callable[[str], Any], option: str, errors: list[str]) -> Callable[[str], Any]:
+    """An argument type that checks each value with ``check`` (the shared option's own type) but records a bad
+    one in ``errors`` instead of stopping the parse, so every problem is reported at once."""
+    def convert(text: str) -> Any:
+        try:
+            return check(text)
+        except argparse.ArgumentTypeError as err:
+            errors.append(f"{option}: {err}")
+            return None
+    return convert
+
+
+def build_parser(errors: list[str]) -> argparse.ArgumentParser:
+    """The planner's options; bad targets and seeds go to ``errors`` (all reported together)."""
     p = argparse.ArgumentParser(prog="cluster/plan.py", description=__doc__)
-    p.add_argument("--targets", nargs="+", default=[])
-    p.add_argument("--seeds", nargs="+", default=[])
+    add_option(p, "targets", type=collecting(target_name, "--targets", errors))
+    add_option(p, "seeds", type=collecting(seed_number, "--seeds", errors))
     p.add_argument("--indices", nargs="+", default=[])
     p.add_argument("--unfinished", action="store_true")
     p.add_argument("--group-width", default="1", help="experiments per sub-job, trained as one group (default 1)")
-    p.add_argument("--output-dir", type=Path, required=True)
-    p.add_argument("--data-dir", type=Path, required=True)
+    p.add_argument("--slot", type=int, help="print the experiment indices of this sub-job of the whole study")
+    add_option(p, "output_dir", default=None)
+    add_option(p, "data_dir", default=None)
     add_run_arguments(p)
     p.add_argument("--missing-data-ok", action="store_true", help="report missing data files as a warning")
     return p
@@ -53,33 +78,31 @@ def _int_or_error(text: str, what: str, errors: list[str]) -> int | None:
 
 
 def group_width(text: str, errors: list[str]) -> int:
-    """The group width W, a positive integer; 1 after an error, which goes to ``errors``."""
-    width = int(text) if re.fullmatch(r"[0-9]{1,6}", text) else 0
-    if width < 1:
-        errors.append(f"invalid group width {text!r} (--group-width or EVEREST_GROUP_WIDTH): "
-                      "expected a positive integer")
-    return max(width, 1)
+    """The group width W (:func:`everest.config.check_group_width`); 1 after an error, which goes to ``errors``."""
+    try:
+        return check_group_width(int(text) if re.fullmatch(r"[0-9]{1,6}", text) else None)
+    except ConfigError as err:
+        errors.append(f"invalid group width {text!r} (--group-width or EVEREST_GROUP_WIDTH): {err}")
+        return 1
 
 
-def plan(args: argparse.Namespace) -> tuple[list[Experiment], list[str], list[str]]:
-    """(experiments to train, errors, warnings)."""
-    errors: list[str] = []
+def plan(args: argparse.Namespace, errors: list[str]) -> tuple[list[Experiment], list[str], list[str]]:
+    """(experiments to train, errors, warnings); ``errors`` holds those found while parsing."""
     warnings: list[str] = []
     group_width(args.group_width, errors)
+    for option in ("output_dir", "data_dir"):
+        if getattr(args, option) is None:
+            errors.append(f"--{option.replace('_', '-')} is required")
+    if errors and (args.output_dir is None or args.data_dir is None):
+        return [], errors, warnings
 
     targets: list[Target] = []
-    for text in args.targets or [str(t) for t in all_targets()]:
-        try:
-            t = Target.parse(text)
-        except ConfigError as err:
-            errors.append(f"--targets: {err}")
-            continue
-        if t not in targets:
+    for text in args.targets:
+        if text is not None and (t := Target.parse(text)) not in targets:
             targets.append(t)
 
     seeds: list[int] = []
-    for text in args.seeds or [str(s) for s in DEFAULT_SEEDS]:
-        s = _int_or_error(text, "seed", errors)
+    for s in args.seeds:
         if s is None:
             continue
         if s not in DEFAULT_SEEDS:
@@ -143,18 +166,44 @@ def plan(args: argparse.Namespace) -> tuple[list[Experiment], list[str], list[st
     return experiments, errors, warnings
 
 
+def slot_indices(slot: int, width: int) -> list[int]:
+    """The experiment indices that sub-job ``slot`` (1-based) trains when the whole study is cut into groups of
+    ``width``; none after the last group."""
+    groups = experiment_groups(experiment_matrix(), width)
+    return [e.array_index for e in groups[slot - 1]] if 1 <= slot <= len(groups) else []
+
+
+def _print_slot(slot: int, width_text: str) -> int:
+    """``--slot``: the indices of one sub-job of the whole study, or why there are none."""
+    errors: list[str] = [] if slot >= 1 else [f"invalid array slot {slot}: slots count from 1"]
+    width = group_width(width_text, errors)
+    if errors:
+        print(f"everest: error: {errors[0]}", file=sys.stderr)
+        return EXIT_USAGE
+    indices = slot_indices(slot, width)
+    if not indices:
+        n = len(experiment_groups(experiment_matrix(), width))
+        print(f"everest: array slot {slot} is past the last group: the {N_EXPERIMENTS} experiments in groups of "
+              f"{width} need slots 1-{n}; nothing to train", file=sys.stderr)
+    print(*indices)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    experiments, errors, warnings = plan(args)
-    width = group_width(args.group_width, [])
+    errors: list[str] = []
+    args = build_parser(errors).parse_args(argv)
+    if args.slot is not None:
+        return _print_slot(args.slot, args.group_width)
+    experiments, errors, warnings = plan(args, errors)
     for w in warnings:
         print(f"everest: warning: {w}", file=sys.stderr)
     if errors:
         for e in errors:
             print(f"everest: error: {e}", file=sys.stderr)
-        return 2
-    for position, e in enumerate(experiments):
-        print(f"{e.array_index}\t{e.name}\t{position // width + 1}")
+        return EXIT_USAGE
+    for k, group in enumerate(experiment_groups(experiments, group_width(args.group_width, [])), start=1):
+        for e in group:
+            print(f"{e.array_index}\t{e.name}\t{k}")
     return 0
 
 

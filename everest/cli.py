@@ -5,9 +5,10 @@
 group on one device (:func:`everest.training.group.train_group`); a group's exit status is defined in
 :func:`_train_group`.
 
-Every command turns its known failures into one line on stderr and an exit status (``everest.errors``);
-the run options (``--config``, ``--preset``, ``--set``, ``--epochs``, ``--device``) are defined once here
-and turned into a configuration by :func:`everest.config.run_config`, as the flow and the batch planner do.
+Every command turns its known failures into one line on stderr and an exit status (``everest.errors``).
+The options the project's command lines share (:data:`OPTIONS`: the selection, the folders, the cluster profile
+and the run options) are declared once here, for these commands, both flows and ``cluster/plan.py``; the run
+options become a configuration in :func:`everest.config.run_config`, as the flow and the batch planner do.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from everest.config import PRESETS, EverestConfig, Experiment, Target, run_config
+from everest.config import DEFAULT_SEEDS, PRESETS, EverestConfig, Experiment, Target, all_targets, run_config
 from everest.errors import (
     EXIT_DIVERGED,
+    EXIT_INTERRUPTED,
     EXIT_IO,
     EXIT_TIME_LIMIT,
     EXIT_USAGE,
@@ -65,7 +68,7 @@ def run_guarded(fn: Callable[[], Any]) -> int:
         return EXIT_TIME_LIMIT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except OSError as err:  # after the specific errors: a full disk or a permission problem, not a bug
         where = f" {err.filename}" if err.filename else ""
         print(f"error: cannot read or write{where}: {err.strerror or err}; files written before are intact "
@@ -87,15 +90,22 @@ MEMBER_EXIT_PRIORITY = (EXIT_USAGE, EXIT_DIVERGED)
 # ---------------------------------------------------------------------- shared options
 # Argument types: each value is checked as it is given, so a value that a later option overrides (a second
 # --epochs, --targets given twice) is still refused when it is wrong.
-def positive_int(text: str) -> int:
-    """An integer >= 1 (``--epochs``, ``--trials``)."""
+def whole_number(text: str, ge: int | None = None, le: int | None = None) -> int:
+    """An integer, at least ``ge`` and at most ``le`` when given (the bounds of a flow parameter's field)."""
     try:
         value = int(text, 10)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"Input should be greater than or equal to 1 (got {value})")
+    if ge is not None and value < ge:
+        raise argparse.ArgumentTypeError(f"Input should be greater than or equal to {ge} (got {value})")
+    if le is not None and value > le:
+        raise argparse.ArgumentTypeError(f"Input should be less than or equal to {le} (got {value})")
     return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (``--epochs``, ``--trials``)."""
+    return whole_number(text, ge=1)
 
 
 def seed_number(text: str) -> int:
@@ -115,6 +125,50 @@ def target_name(text: str) -> str:
         return str(Target.parse(text))
     except ConfigError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+# The options the project's command lines share, declared once: the selection (--targets, --seeds), the folders
+# (--data-dir, --output-dir), the cluster profile, and the run options that make a configuration (--config,
+# --set, --preset, --epochs, --device). Keyed by the name a run's parameters use (``args.<name>``); a parser
+# adds the ones it takes with :func:`add_option`, with the same flag, type and metavar everywhere, and may
+# give the default and help that are its own (``everest train`` reads EVEREST_DATA_DIR; a flow's help is its
+# parameter's description).
+@dataclass(frozen=True)
+class Option:
+    """One shared option: its flags and the ``add_argument`` keywords (default, help, type, ...)."""
+
+    flags: tuple[str, ...]
+    kwargs: dict[str, Any]
+
+
+OPTIONS: dict[str, Option] = {
+    "targets": Option(("--targets",), {"nargs": "+", "type": target_name, "metavar": "TARGET",
+                                       "default": [str(t) for t in all_targets()],
+                                       "help": "targets such as C-24 M-48 M5-72 (default: all 9)"}),
+    "seeds": Option(("--seeds",), {"nargs": "+", "type": seed_number, "metavar": "SEED",
+                                   "default": list(DEFAULT_SEEDS), "help": "seeds (default 0 1 2 3 4)"}),
+    "data_dir": Option(("--data-dir",), {"metavar": "DIR", "default": "data",
+                                         "help": "folder of the SHARP CSV tables (default data)"}),
+    "output_dir": Option(("--output-dir",), {"metavar": "DIR", "default": "output",
+                                             "help": "output root: results, models, logs (default output)"}),
+    "profile": Option(("--profile",), {"default": "local",
+                                       "help": "cluster profile: local, pbs, slurm or a YAML file (default local)"}),
+    "config_file": Option(("--config",), {"metavar": "FILE", "help": "TOML or YAML configuration file"}),
+    "overrides": Option(("--set",), {"action": "append", "default": [], "metavar": "KEY=VALUE",
+                                     "help": "configuration override, e.g. --set train.batch_size=256 (repeatable)"}),
+    "preset": Option(("--preset",), {"choices": sorted(PRESETS), "default": "production",
+                                     "help": "training budget: production (the design document's recipe) or demo "
+                                     "(the same recipe, capped epochs)"}),
+    "epochs": Option(("--epochs",), {"type": positive_int, "metavar": "N", "help": "epoch cap (train.epochs)"}),
+    "device": Option(("--device",), {"help": "auto, cpu, cuda, cuda:N or mps (train.device)"}),
+}
+
+
+def add_option(p: argparse.ArgumentParser, name: str, **changes: Any) -> argparse.Action:
+    """Add the shared option ``name`` of :data:`OPTIONS` (``args.<name>`` holds its value); ``changes`` replace
+    its keywords, e.g. ``default=`` or ``help=``."""
+    option = OPTIONS[name]
+    return p.add_argument(*option.flags, dest=name, **(option.kwargs | changes))
 
 
 def add_experiment_arguments(p: argparse.ArgumentParser, *, several: bool = False) -> None:
@@ -160,9 +214,8 @@ def experiment_from_args(args: argparse.Namespace) -> Experiment:
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
     """``--config FILE`` and repeatable ``--set KEY=VALUE``."""
-    p.add_argument("--config", help="TOML or YAML configuration file")
-    p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
-                   help="configuration override, e.g. --set train.batch_size=256 (repeatable)")
+    add_option(p, "config_file")
+    add_option(p, "overrides")
 
 
 def add_run_arguments(p: argparse.ArgumentParser, *, preset_default: str | None = "production",
@@ -170,18 +223,17 @@ def add_run_arguments(p: argparse.ArgumentParser, *, preset_default: str | None 
     """The options that make a run's configuration: ``--config``, ``--set``, ``--preset``, ``--epochs`` and
     (``device``) ``--device``; :func:`config_from_args` reads them."""
     add_config_arguments(p)
-    p.add_argument("--preset", default=preset_default, choices=sorted(PRESETS),
-                   help="training budget: production (the design document's recipe) or demo (the same recipe, "
-                   "capped epochs)" + ("" if preset_default else "; default: demo for the embedded demo data, "
-                                       "production with --data-dir"))
-    p.add_argument("--epochs", type=positive_int, help="epoch cap (train.epochs)")
+    help_ = OPTIONS["preset"].kwargs["help"]
+    add_option(p, "preset", default=preset_default, help=help_ + ("" if preset_default else "; default: demo for "
+                                                                "the embedded demo data, production with --data-dir"))
+    add_option(p, "epochs")
     if device:
-        p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (train.device)")
+        add_option(p, "device")
 
 
 def config_from_args(args: argparse.Namespace) -> EverestConfig:
     """The configuration that :func:`add_run_arguments` (or :func:`add_config_arguments`) options name."""
-    return run_config(args.config, args.overrides, preset=getattr(args, "preset", None) or "production",
+    return run_config(args.config_file, args.overrides, preset=getattr(args, "preset", None) or "production",
                       epochs=getattr(args, "epochs", None), device=getattr(args, "device", None))
 
 
@@ -331,8 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train one experiment, or several as one group (one batched model)")
     add_experiment_arguments(train, several=True)
-    train.add_argument("--data-dir", default=data_dir, help="folder of the 18 CSVs")
-    train.add_argument("--output-dir", default=output_dir, help="output root")
+    add_option(train, "data_dir", default=data_dir, help="folder of the SHARP CSV tables (default $EVEREST_DATA_DIR "
+               "or data)")
+    add_option(train, "output_dir", default=output_dir, help="output root (default $EVEREST_OUTPUT_DIR or output)")
     add_run_arguments(train)
     train.add_argument("--force", action="store_true", help="retrain even if finished results exist")
     train.set_defaults(fn=_train)
@@ -343,16 +396,16 @@ def build_parser() -> argparse.ArgumentParser:
                           "layout under <output-dir>/baselines/<model>/results")
     base.add_argument("--model", default="all", choices=[*BASELINES, "all"], help="baseline to fit (default all)")
     add_experiment_arguments(base)
-    base.add_argument("--data-dir", default="data", help="folder of the SHARP CSVs (default data)")
-    base.add_argument("--output-dir", default="output", help="EVEREST output root (default output)")
+    add_option(base, "data_dir")
+    add_option(base, "output_dir")
     add_config_arguments(base)  # the experiment's data and threshold sections
     base.add_argument("--force", action="store_true", help="refit even if finished results exist")
     base.set_defaults(fn=_baselines)
 
     ensemble = sub.add_parser("ensemble", help="build the seed ensembles of a run's finished experiments")
-    ensemble.add_argument("--output-dir", default="output", help="the run's output root (default output)")
+    add_option(ensemble, "output_dir", help="the run's output root (default output)")
     ensemble.add_argument("--results-dir", help="EVEREST results root (default <output-dir>/results)")
-    ensemble.add_argument("--targets", nargs="+", help="targets to build (default every target with finished seeds)")
+    add_option(ensemble, "targets", default=None, help="targets to build (default every target with finished seeds)")
     ensemble.set_defaults(fn=_ensemble)
 
     data = sub.add_parser("data", help="synthesise or inspect SHARP tables").add_subparsers(dest="data_cmd",
@@ -365,14 +418,14 @@ def build_parser() -> argparse.ArgumentParser:
     check = data.add_parser("check", help="per-target samples, positives, regions and the Bayes ceiling")
     check.add_argument("dir", help="folder holding the CSVs (all 18, or those of some targets)")
     add_config_arguments(check)  # the data section
-    check.add_argument("--targets", nargs="+", metavar="TARGET",
-                       help="check only these targets, e.g. C-24 M-48 (then a missing file is an error)")
+    add_option(check, "targets", default=None,
+               help="check only these targets, e.g. C-24 M-48 (then a missing file is an error)")
     check.set_defaults(fn=_check)
 
     results = sub.add_parser("results", help="experiment results on disk").add_subparsers(dest="results_cmd",
                                                                                         required=True)
     fail = results.add_parser("failure", help="write results/<experiment>/failure.json for a failed attempt")
-    fail.add_argument("--output-dir", required=True, type=Path, help="output root (holds results/)")
+    add_option(fail, "output_dir", default=None, required=True, help="output root (holds results/)")
     which = fail.add_mutually_exclusive_group(required=True)
     which.add_argument("--array-index", type=int, nargs="+", metavar="K",
                        help="1..45: the experiment(s) of these array indices")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -74,6 +75,13 @@ def all_targets() -> list[Target]:
     return [Target(flare_class=c, horizon=h) for c in FLARE_CLASSES for h in HORIZONS]
 
 
+# The 9 targets' canonical spellings (``str(t)`` of :func:`all_targets`) as a type: the choices a deployment
+# form offers.
+TargetName = Literal[tuple(f"{c}-{h}" for c in FLARE_CLASSES for h in HORIZONS)]  # type: ignore[valid-type]
+# The study: 9 targets x seeds 0-4, array indices 1..45.
+N_EXPERIMENTS = len(FLARE_CLASSES) * len(HORIZONS) * len(DEFAULT_SEEDS)
+
+
 class Experiment(_Frozen):
     """One training run: a target and a seed."""
 
@@ -126,6 +134,23 @@ def experiment_matrix(
         raise ConfigError(f"seeds must be distinct non-negative integers, got {ss}")
     order = {t: i for i, t in enumerate(all_targets())}
     return [Experiment(target=t, seed=s) for t in sorted(ts, key=order.__getitem__) for s in ss]
+
+
+def check_group_width(width: Any) -> int:
+    """The group width, validated: how many experiments one task (or batch sub-job) trains together as one group
+    on one device, an integer in 1..45 (the whole study as one group). The one rule of the flow's profile key
+    ``experiments_per_gpu`` and the batch scripts' ``--group-width``; the ConfigError says what is allowed, the
+    caller names the key and the value."""
+    if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= N_EXPERIMENTS:
+        raise ConfigError(f"must be an integer in 1..{N_EXPERIMENTS}: the number of experiments one task trains "
+                          "together on one GPU or CPU worker (1: one task per experiment)")
+    return width
+
+
+def experiment_groups(experiments: Sequence[Experiment], width: int) -> list[tuple[Experiment, ...]]:
+    """``experiments`` in order, cut into groups of ``width`` (the last may be smaller): group k (1-based) holds
+    positions (k-1)*width .. k*width-1. One task of the flow, or one sub-job of a batch array, per group."""
+    return [tuple(experiments[i:i + width]) for i in range(0, len(experiments), width)]
 
 
 class ModelConfig(_Frozen):

@@ -25,6 +25,7 @@ import threading
 import time
 from typing import Any
 
+from everest.errors import EXIT_SIGTERM
 from everest.training import stopping
 
 log = logging.getLogger("everest")
@@ -32,7 +33,6 @@ log = logging.getLogger("everest")
 # Longest wait for the running task: a training loop's checkpoint (one batch and one file write), or the end of
 # a task that is not training.
 CHECKPOINT_GRACE_SECONDS = 60.0
-EXIT_STATUS_SIGTERM = 128 + signal.SIGTERM
 _POLL_SECONDS = 0.05
 
 
@@ -42,7 +42,7 @@ def task_running(worker: Any) -> bool:
         return bool(worker.active_threads)
 
 
-def _stop_then_exit(worker: Any, reason: str, status: int = EXIT_STATUS_SIGTERM) -> None:
+def _stop_then_exit(worker: Any, reason: str, status: int = EXIT_SIGTERM) -> None:
     """Ask training to checkpoint, wait until the running task is checkpointed (or ended), then exit."""
     stopping.request_stop(reason)
     started = time.monotonic()

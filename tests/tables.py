@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -49,9 +50,9 @@ def spoil_after_preflight(monkeypatch, bad: Path, good_text: str) -> None:
     """The flow's preflight reads ``bad`` holding ``good_text``, and it turns bad again right after, before
     any task reads it: a table rewritten on the shared file system while the run's jobs wait. (The preflight
     refuses a bad table before anything starts; a task must still fail alone on one that changed since.)"""
-    from flows import production
+    from flows import preflight
 
-    check = production.check_tables
+    check = preflight.check_tables
 
     def check_then_spoil(params, cfg) -> None:
         current = bad.read_text()
@@ -61,4 +62,42 @@ def spoil_after_preflight(monkeypatch, bad: Path, good_text: str) -> None:
         finally:
             bad.write_text(current)
 
-    monkeypatch.setattr(production, "check_tables", check_then_spoil)
+    monkeypatch.setattr(preflight, "check_tables", check_then_spoil)
+
+
+# Loaded by a Python process started with spoil_in_flow_process's environment (sitecustomize runs first).
+_SPOIL_HOOK = """
+import os
+
+if os.environ.get("EVEREST_TEST_SPOIL"):
+    from pathlib import Path
+
+    from prefect.context import FlowRunContext
+
+    from flows import preflight
+
+    table, bad, marker = (Path(p) for p in os.environ["EVEREST_TEST_SPOIL"].split(os.pathsep))
+    check = preflight.check_tables
+
+    def check_then_spoil(params, cfg):
+        check(params, cfg)
+        if FlowRunContext.get() is not None and marker.exists():  # the flow's own preflight, the last check
+            table.write_bytes(bad.read_bytes())
+
+    preflight.check_tables = check_then_spoil
+"""
+
+
+def spoil_in_flow_process(tmp: Path, table: Path, bad_text: str, env: dict[str, str]) -> tuple[dict[str, str], Path]:
+    """:func:`spoil_after_preflight` for a flow that runs in another process (a command line, a deployment's
+    worker): ``table`` is read good by every preflight, and becomes ``bad_text`` once the flow run's own preflight
+    has read it, before a task reads it, while the returned marker file exists. Returns ``env`` with the hook that
+    does it (a ``sitecustomize`` module on PYTHONPATH), and the marker."""
+    (tmp / "spoil-hook").mkdir()
+    (tmp / "spoil-hook" / "sitecustomize.py").write_text(_SPOIL_HOOK)
+    (tmp / "spoil-bad.csv").write_text(bad_text)
+    marker = tmp / "spoiling"
+    marker.touch()
+    path = os.pathsep.join(filter(None, (str(tmp / "spoil-hook"), env.get("PYTHONPATH"))))
+    spoil = os.pathsep.join(map(str, (table, tmp / "spoil-bad.csv", marker)))
+    return {**env, "PYTHONPATH": path, "EVEREST_TEST_SPOIL": spoil}, marker

@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 from tiny import set_pairs
 
+pytestmark = pytest.mark.slow  # the job scripts run as processes, most of them training
+
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
 PBS_SUBMIT = CLUSTER / "submit_jobs.sh"
@@ -514,6 +516,27 @@ def test_pbs_sub_job_failure_exits_non_zero_and_writes_failure_json(tiny_data: P
     assert "0/45 experiments analysed (1 failed, 44 missing)" in log
     report = (out / "analysis" / "production_training_report.md").read_text()
     assert "everest_C_48h_seed1" in report and "ExitStatus2" in report
+
+
+@pytest.mark.parametrize("script", [PBS_ANALYSIS, SLURM_ANALYSIS], ids=["pbs", "slurm"])
+def test_analysis_job_builds_the_seed_ensembles_before_the_analysis(script: Path, tiny_data: Path, tmp_path: Path):
+    """`everest ensemble` runs first; the analysis, which only reads ensembles, then reports the one it built."""
+    import numpy as np
+    import pandas as pd
+    from test_ensemble import _predictions, _split, write_member
+
+    out = tmp_path / "out"
+    rng = np.random.default_rng(0)
+    (yv, tv, rv), (yt, tt, rt) = _split(rng, 400, 100), _split(rng, 300, 900)
+    for seed in (0, 1):
+        write_member(out / "results", seed, _predictions(yv, tv, rv), _predictions(yt, tt, rt))
+    res = _run_pbs_job(script, out, tiny_data, {"PBS_JOBID": "81.server", "SLURM_JOB_ID": "81"},
+                       ["--no-plots", "--targets", "M-24", "--seeds", "0", "1"], tmp_path)
+    text = res.stdout + res.stderr + "".join(p.read_text() for p in (out / "logs").glob("*.log"))
+    assert res.returncode == 0, text
+    assert "M-24: ensemble of seeds [0, 1]" in text
+    assert (out / "ensemble" / "results" / "everest_M_24h_ensemble" / "ensemble.json").is_file()
+    assert pd.read_csv(out / "analysis" / "ensemble.csv").set_index("target").loc["M-24", "members"] == 2
 
 
 def test_pbs_sub_job_forwards_sigterm_to_the_training(tiny_data: Path, tmp_path: Path):

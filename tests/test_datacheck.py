@@ -50,6 +50,7 @@ def _row(stdout: str, target: str) -> str:
 M24 = ("training_data_M_24.csv", "testing_data_M_24.csv")
 
 
+@pytest.mark.slow
 def test_only_one_target_present_passes(synth, tmp_path):
     res = _check(str(_copy(synth, tmp_path / "d", *M24)))
     assert res.returncode == 0, res.stderr
@@ -59,6 +60,7 @@ def test_only_one_target_present_passes(synth, tmp_path):
     assert lines[-1] == "1 of 9 targets present and readable; absent: " + ", ".join(OTHERS)
 
 
+@pytest.mark.slow
 def test_one_file_of_a_target_is_an_error_naming_the_missing_file(synth, tmp_path):
     folder = _copy(synth, tmp_path / "d", M24[0])
     res = _check(str(folder))
@@ -68,6 +70,7 @@ def test_one_file_of_a_target_is_an_error_naming_the_missing_file(synth, tmp_pat
     assert f"error: {folder}:" in res.stderr and "M-24: missing testing_data_M_24.csv" in res.stderr
 
 
+@pytest.mark.slow
 def test_empty_or_absent_folder_is_an_error_naming_it(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -80,6 +83,7 @@ def test_empty_or_absent_folder_is_an_error_naming_it(tmp_path):
     assert gone.returncode == EXIT_USAGE and f"{tmp_path / 'nowhere'}: folder not found" in gone.stderr
 
 
+@pytest.mark.slow
 def test_a_malformed_file_does_not_hide_the_other_targets(synth, tmp_path):
     folder = _copy(synth, tmp_path / "d", *M24, "training_data_M_48.csv", "testing_data_M_48.csv")
     bad = folder / "testing_data_M_48.csv"
@@ -93,6 +97,7 @@ def test_a_malformed_file_does_not_hide_the_other_targets(synth, tmp_path):
     assert "M-48:" in res.stderr and "M-24" not in res.stderr
 
 
+@pytest.mark.slow
 def test_set_features_changes_what_is_read(synth, tmp_path):
     folder = tmp_path / "four"
     folder.mkdir()
@@ -108,6 +113,7 @@ def test_set_features_changes_what_is_read(synth, tmp_path):
     assert _row(res.stdout, "M-24").split()[-1] == "ok" and "1 of 9 targets present and readable" in res.stdout
 
 
+@pytest.mark.slow
 def test_bad_set_gives_the_config_error(synth, tmp_path):
     folder = str(_copy(synth, tmp_path / "d", *M24))
     for override in ("nosuch.key=1", "data.features=[]", "data"):
@@ -118,6 +124,7 @@ def test_bad_set_gives_the_config_error(synth, tmp_path):
         assert res.stderr.strip() == f"error: {err.value}"
 
 
+@pytest.mark.slow
 def test_targets_restrict_the_check(synth, tmp_path):
     res = _check(str(synth), "--targets", "M-24", "c-72", "M-24")
     assert res.returncode == 0, res.stderr
@@ -161,6 +168,7 @@ def _relabel(path: Path, keep_positives: int = 0) -> None:
     df.to_csv(path, index=False)
 
 
+@pytest.mark.slow
 def test_targets_a_run_cannot_use_are_not_ok(synth, tmp_path):
     """No training positives, or too few for the validation split to choose a threshold on: an error status
     naming the file and the counts, exit 2; a test table without positives: a warning, exit 0."""

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from tables import spoil_in_flow_process
 from tiny import overrides
 
 from everest.data import synthetic
@@ -63,7 +64,6 @@ def test_deployment_run_then_retry_reruns_only_failures(prefect_server, tmp_path
     good = bad.read_text()
     lines = good.splitlines()
     lines[3] = lines[3].replace(lines[3].split(",")[6], "not-a-number", 1)
-    bad.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
 
     env = {**os.environ, "PREFECT_API_URL": prefect_server, "EVEREST_PROJECT_DIR": str(ROOT),
@@ -72,8 +72,11 @@ def test_deployment_run_then_retry_reruns_only_failures(prefect_server, tmp_path
     deployed = _cli(["deploy", "--all", "--no-prompt"], env)
     for name in ("everest-production/local", "everest-production/pbs", "everest-production/slurm"):
         assert name in deployed
-    worker = subprocess.Popen([*PREFECT, "worker", "start", "--pool", "everest", "--limit", "1"], cwd=ROOT, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # The flow's preflight refuses a bad table before anything starts: it turns bad once the preflight read it.
+    worker_env, spoiling = spoil_in_flow_process(tmp_path, bad, "\n".join(lines) + "\n", env)
+    worker = subprocess.Popen([*PREFECT, "worker", "start", "--pool", "everest", "--limit", "1"], cwd=ROOT,
+                              env=worker_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
     try:
         params = {"targets": ["M-24", "C-48"], "seeds": [0], "data_dir": str(data), "output_dir": str(out),
                   "overrides": TINY}
@@ -90,6 +93,7 @@ def test_deployment_run_then_retry_reruns_only_failures(prefect_server, tmp_path
         assert states["train-everest_M_24h_seed0"] == "Completed"
         assert states["train-everest_C_48h_seed0"] == "Failed"
 
+        spoiling.unlink()
         bad.write_text(good)
         t_retry = time.time()
         _cli(["flow-run", "retry", str(flow_run_id)], env)
@@ -123,20 +127,23 @@ def test_deployment_entrypoints_load_as_modules(entrypoint):
     assert {"targets", "seeds", "data_dir", "output_dir", "profile", "force"} <= set(flow.parameters.properties)
 
 
-def test_deployment_form_describes_every_parameter_with_safe_identical_defaults():
-    """Every parameter of every deployment is described, typed without null choices, targets are a choice of
-    the 9, and the defaults are the command line's: the embedded demo on the demo preset, all 45 experiments."""
+def test_deployment_form_offers_the_command_lines_defaults():
+    """The form and the command line come from one parameter model: the form's defaults are the command line's (the
+    embedded demo on the demo preset, all 45 experiments), the targets a choice of the 9, nothing required (a run
+    with some parameters keeps the others), and a parameter that may be unset an empty input, not a null choice."""
     from prefect.flows import load_flow_from_entrypoint
 
     from everest.config import all_targets
-    from flows.production import _parse_args, parameters_from_args
+    from flows.production import ProductionParameters
+    from flows.run import command_line
 
-    cli = parameters_from_args(_parse_args([])).flow_parameters()
+    parser = command_line(ProductionParameters, "python -m flows.production", "")
+    cli = ProductionParameters.from_args(parser.parse_args([])).flow_parameters()
     for variant in ("local", "pbs", "slurm"):
         schema = load_flow_from_entrypoint(f"flows.production:everest_{variant}").parameters.model_dump()
         props = schema["properties"]
+        assert schema["required"] == [], variant
         for name, prop in props.items():
-            assert prop.get("description"), f"{variant}: parameter {name} has no description"
             assert "anyOf" not in prop, f"{variant}: parameter {name} offers a null choice: {prop}"
         assert props["targets"]["items"]["enum"] == [str(t) for t in all_targets()]
         defaults = {name: prop.get("default") for name, prop in props.items()}

@@ -15,10 +15,13 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.task_runners import ThreadPoolTaskRunner
+from profiles_for_tests import for_test_machine
 from tables import copy_with_bad_c48, spoil_after_preflight
 from tiny import overrides
 
 from flows.production import ProductionParameters, make_flow
+
+pytestmark = pytest.mark.slow  # end-to-end flow runs and command-line processes of the flow
 
 TINY = overrides("train.epochs=2")
 
@@ -201,7 +204,7 @@ def test_refused_worker_job_ends_the_run_failed_with_qsubs_words_mock_pbs_qsub(p
     (fake / "qsub").write_text("#!/bin/sh\necho 'qsub: Unknown queue' >&2\nexit 170\n")
     (fake / "qsub").chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
-    site = load_profile("pbs").for_test_machine(gpus_per_job=0)
+    site = for_test_machine(load_profile("pbs"), gpus_per_job=0)
     params = ProductionParameters(targets=["C-24"], seeds=[0], data_dir=str(tiny_data),
                                   output_dir=str(tmp_path / "out"), profile="pbs", overrides=TINY)
     state = make_flow(site)(**params.flow_parameters(), return_state=True)

@@ -11,6 +11,7 @@ import subprocess
 import time
 
 import pytest
+from profiles_for_tests import for_test_machine
 from tiny import overrides
 
 from flows.production import ProductionParameters, make_flow
@@ -25,7 +26,7 @@ TINY = overrides("train.epochs=1")
 @pytest.mark.parametrize("kind", ["slurm", "pbs"])
 def test_tiny_flow_runs_on_batch_jobs(kind, prefect_server, tiny_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # slurm-wlm-torque's qsub writes job logs into the submit directory
-    site = load_profile(kind).for_test_machine(maximum_jobs=2)
+    site = for_test_machine(load_profile(kind), maximum_jobs=2)
     out = tmp_path / "out"
     params = ProductionParameters(targets=["M-24"], seeds=[0, 1], data_dir=str(tiny_data), output_dir=str(out),
                                   profile=kind, overrides=TINY)
@@ -53,9 +54,8 @@ def test_worker_job_retires_before_its_walltime_and_the_next_job_resumes(prefect
     experiment is checkpointed and handed back, adaptive scaling submits a new job, which resumes it;
     the experiment outlives several jobs and finishes with its whole history."""
     monkeypatch.chdir(tmp_path)
-    site = load_profile("slurm").for_test_machine(maximum_jobs=1, walltime="00:01:00",
-                                                  worker_lifetime_margin="00:00:40",
-                                                  worker_lifetime_stagger="00:00:01")
+    site = for_test_machine(load_profile("slurm"), maximum_jobs=1, walltime="00:01:00",
+                            worker_lifetime_margin="00:00:40", worker_lifetime_stagger="00:00:01")
     out = tmp_path / "out"
     epochs = 120  # ~0.3 s each in a job here (~35 per 19 s job): about 4 jobs; 2 on a machine twice as fast
     params = ProductionParameters(

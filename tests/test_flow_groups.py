@@ -17,8 +17,9 @@ from test_flow import task_states
 from tiny import overrides
 
 from everest import results
-from everest.config import EverestConfig
-from flows.production import GroupJob, ProductionParameters, experiment_groups, make_flow
+from everest.config import EverestConfig, experiment_groups
+from flows.production import ProductionParameters, make_flow
+from flows.tasks import GroupJob
 
 TINY = overrides("train.epochs=2")
 

@@ -18,19 +18,21 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from tiny import ONE_THREAD, TINY_MODEL, overrides
+from torch import nn
 
 from everest.config import EverestConfig, Experiment, ModelConfig
 from everest.data.tables import data_file
 from everest.errors import Preempted, TrainingDiverged
 from everest.model.batched import GroupAdamW, GroupedEverest, MemberDraws
 from everest.model.losses import EverestLoss, batch_quantile
-from everest.model.network import EverestModel
+from everest.model.network import Block, EverestModel
 from everest.training.group import train_group
 from everest.training.train import ProductionTrainer
 
@@ -75,6 +77,7 @@ def _assert_same_run(got: dict, want: dict, rel: float = REL) -> None:
     assert math.isclose(got["threshold"]["selected_raw"], want["threshold"]["selected_raw"], abs_tol=1e-4)
 
 
+@pytest.mark.slow
 def test_each_member_of_a_group_reproduces_its_solo_run(solo_runs, group_run):
     _, grouped = group_run
     for got, want in zip(grouped, solo_runs, strict=True):
@@ -86,6 +89,7 @@ def test_each_member_of_a_group_reproduces_its_solo_run(solo_runs, group_run):
     assert grouped[2]["data"]["n_train"] < grouped[0]["data"]["n_train"]  # C-24 sits the last steps out
 
 
+@pytest.mark.slow
 def test_group_outputs_have_the_solo_layout(solo_runs, group_run, data_dir):
     out, grouped = group_run
     for res in grouped:
@@ -98,6 +102,7 @@ def test_group_outputs_have_the_solo_layout(solo_runs, group_run, data_dir):
     assert again["history"] == grouped[2]["history"]
 
 
+@pytest.mark.slow
 def test_a_rerun_of_the_same_group_is_bit_identical(group_run, data_dir, tmp_path):
     _, first = group_run
     second = train_group(EXPERIMENTS, config=CONFIG, data_dir=data_dir, output_dir=tmp_path)
@@ -107,6 +112,7 @@ def test_a_rerun_of_the_same_group_is_bit_identical(group_run, data_dir, tmp_pat
         assert a["test_metrics"]["tss"] == b.results["test_metrics"]["tss"]
 
 
+@pytest.mark.slow
 def test_a_group_stopped_by_sigterm_resumes_every_member_exactly(group_run, data_dir, tmp_path):
     """SIGTERM mid-epoch: every member checkpoints; the rerun (two members as a group, one alone) continues."""
     _, uninterrupted = group_run
@@ -127,6 +133,7 @@ def _stop_after_epoch_one(report) -> None:
         os.kill(os.getpid(), signal.SIGTERM)  # recorded by the trainer's handler, acted on at the next step
 
 
+@pytest.mark.slow
 def test_a_member_that_fails_alone_does_not_stop_the_others(group_run, data_dir, tmp_path):
     """NaN weights in one member's checkpoint make it diverge inside the group; a broken file fails another's
     data before training. The others finish as if alone."""
@@ -209,6 +216,46 @@ def test_member_state_round_trip_and_select():
                                               models[2].state_dict()["logit_head.weight"])
 
 
+def _with_ff(monkeypatch: pytest.MonkeyPatch, make: Callable[[nn.Sequential], nn.Module]) -> None:
+    """Every Block's feed-forward becomes ``make(the network's own ff)``, in solo and grouped models alike."""
+    init = Block.__init__
+
+    def patched(self: Block, cfg: ModelConfig) -> None:
+        init(self, cfg)
+        self.ff = make(self.ff)
+
+    monkeypatch.setattr(Block, "__init__", patched)
+
+
+def test_a_reordered_sequential_changes_both_engines(monkeypatch):
+    """Dropout moved before a swapped activation: the grouped forward follows the solo network's Sequential."""
+    _with_ff(monkeypatch, lambda ff: nn.Sequential(ff[0], ff[2], nn.Tanh(), ff[3]))
+    models = _models(2)
+    group = GroupedEverest.stack(models).train()
+    x, valid = _batch(2)
+    generators = [torch.Generator().manual_seed(10 + k) for k in range(2)]
+    out = group(x, valid, MemberDraws(generators, [6, 6]))
+    for k, model in enumerate(models):
+        torch.manual_seed(10 + k)
+        torch.testing.assert_close(out.logits[k], model.train()(x[k], valid[k]).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_a_network_the_group_cannot_compute_is_refused_with_the_names(monkeypatch):
+    _with_ff(monkeypatch, lambda ff: nn.Sequential(*ff, nn.Softmax(dim=-1)))
+    with pytest.raises(TypeError, match=r"no batched form of blocks\.0\.ff\.4 \(Softmax\)"):
+        GroupedEverest(TINY, n_features=9, members=2)
+    monkeypatch.undo()
+
+    def gated(ff: nn.Sequential) -> nn.Module:
+        ff.gate = nn.Parameter(torch.ones(()))  # a weight outside the layers the Sequential applies
+        return ff
+
+    _with_ff(monkeypatch, gated)
+    with pytest.raises(TypeError, match=r"solo parameters it never reads: \['blocks\.0\.ff\.gate'\]; names it reads "
+                                        r"that the solo model lacks: none"):
+        GroupedEverest(TINY, n_features=9, members=2)
+
+
 def test_group_adamw_is_torch_adamw_per_member_and_leaves_inactive_members_alone():
     torch.manual_seed(0)
     start = torch.randn(3, 4, 5)
@@ -261,6 +308,7 @@ def test_weighted_loss_is_the_loss_of_the_weighted_rows():
     assert torch.equal(none_total, torch.zeros(2)) and all(np.isfinite(v.numpy()).all() for v in none_terms.values())
 
 
+@pytest.mark.slow
 def test_a_group_killed_by_sigkill_resumes_from_each_members_last_epoch(group_run, data_dir, tmp_path):
     """SIGKILL (a lost node) mid-training: each member resumes after its last checkpointed epoch, exactly."""
     _, uninterrupted = group_run

@@ -21,12 +21,15 @@ from pathlib import Path
 import pytest
 from distributed import Client
 from distributed import wait as dask_wait
+from profiles_for_tests import for_test_machine
 from tiny import overrides
 
 from everest.errors import ConfigError
 from flows import jobwatch
-from flows.production import ProductionParameters, SubmissionFailed, _settle, make_flow, next_settled
-from flows.profiles import BatchProfile, load_profile
+from flows.batch import BatchProfile
+from flows.production import ProductionParameters, make_flow
+from flows.profiles import load_profile
+from flows.run import SubmissionFailed, next_settled, settle
 
 HAS_SLURM = shutil.which("sinfo") is not None
 slurm_only = [pytest.mark.cluster, pytest.mark.skipif(not HAS_SLURM, reason="SLURM is not installed (no sinfo)")]
@@ -45,7 +48,7 @@ def _fast_watch(monkeypatch):
 
 
 class DaskFuture:
-    """The slice of a Prefect future that ``next_settled``/``_settle`` use, around a real Dask future."""
+    """The slice of a Prefect future that ``next_settled``/``settle`` use, around a real Dask future."""
 
     def __init__(self, future):
         self.wrapped_future = future
@@ -74,7 +77,7 @@ def _wait_for_verdict(profile: BatchProfile, use_settle: bool = False, timeout: 
         while True:  # next_settled returns at once with a verdict, else when the task ends; bound the test
             if use_settle:
                 with pytest.raises(SubmissionFailed) as err:
-                    _settle(fut, poll_seconds=0.5)
+                    settle(fut, poll_seconds=0.5)
                 return str(err.value), time.monotonic() - t0
             key, _, result, error = next_settled({"only": fut}, poll_seconds=0.2)
             assert time.monotonic() < deadline, "no verdict in time"
@@ -109,8 +112,8 @@ def never_partitions():
 
 
 def _slurm_profile(tmp_path: Path, **changes) -> BatchProfile:
-    profile = load_profile("slurm").for_test_machine(**({"log_directory": str(tmp_path / "logs"),
-                                                        "job_name": JOB_NAME, "queue": "debug"} | changes))
+    profile = for_test_machine(load_profile("slurm"), **({"log_directory": str(tmp_path / "logs"),
+                                                           "job_name": JOB_NAME, "queue": "debug"} | changes))
     assert isinstance(profile, BatchProfile)
     return profile
 
@@ -160,7 +163,7 @@ def test_slurm_job_that_dies_before_its_worker_connects_is_reported_with_its_err
 @pytest.mark.skipif(not HAS_SLURM, reason="SLURM is not installed (no sinfo)")
 def test_slurm_job_still_queued_at_the_deadline_ends_the_wait_with_its_reason(tmp_path, caplog):
     """A reason that clears by itself (here BeginTime: the job may start in an hour) waits for the deadline,
-    logging what it waits for meanwhile; _settle (the baselines' wait) ends the same way."""
+    logging what it waits for meanwhile; settle (the baselines' wait) ends the same way."""
     caplog.set_level(logging.INFO, logger="everest.jobwatch")
     profile = _slurm_profile(tmp_path, extra_directives=["--begin=now+3600"], worker_start_deadline="00:00:04")
     message, seconds = _wait_for_verdict(profile, use_settle=True)
@@ -303,7 +306,7 @@ def _fake_pbs(tmp_path: Path, monkeypatch, qstat: str, qstat_status: int = 0, jo
 
 
 def _pbs_profile(tmp_path: Path, **changes) -> BatchProfile:
-    profile = load_profile("pbs").for_test_machine(log_directory=str(tmp_path / "logs"), **changes)
+    profile = for_test_machine(load_profile("pbs"), log_directory=str(tmp_path / "logs"), **changes)
     assert isinstance(profile, BatchProfile)
     return profile
 

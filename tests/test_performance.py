@@ -60,6 +60,7 @@ def test_per_row_builder_matches_the_vectorised_one():
     assert len(bigger) == 2 * len(table) + 7 and bigger["region"].is_monotonic_increasing
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("row", [1, 2, 3, 4, 6, 7])
 def test_suite_rows_compute_ratios(suite, row):
     before = len(suite.rows)
@@ -73,6 +74,7 @@ def test_suite_rows_compute_ratios(suite, row):
         assert sorted(suite.shared["packing"]) == [1, 2]
 
 
+@pytest.mark.slow
 def test_grouped_row_measures_a_group_against_its_solo_runs(suite):
     """Row 8 trains the same members as one group and as solo runs; row 9 compares the batching layouts."""
     suite.group_ks, suite.group_epochs, suite.group_reps = [2], 1, 1
@@ -135,6 +137,7 @@ def _run_packed(jobs: list[dict], experiments_per_device: int) -> list[dict]:
         return [f.result() for f in [pool.submit(_train_in_this_process, **job) for job in jobs]]
 
 
+@pytest.mark.slow
 def test_packed_experiments_match_their_solo_runs(data_dir, tmp_path):
     cfg = EverestConfig().with_overrides(TINY)
     jobs = [{"experiment": Experiment.of("M-24", s), "config": cfg, "data_dir": str(data_dir),

@@ -13,14 +13,14 @@ import pytest
 import yaml
 from distributed import Client
 from prefect_dask import DaskTaskRunner
+from profiles_for_tests import for_test_machine
 
 from everest.config import ConfigError
+from flows.batch import PBSProfile, SLURMProfile
 from flows.profiles import (
     SCHEDULER_PLACEHOLDER,
     LocalProfile,
-    PBSProfile,
     Profile,
-    SLURMProfile,
     available_profiles,
     load_profile,
     profile_dirs,
@@ -149,7 +149,7 @@ def test_slurm_job_script_has_the_site_request(tmp_path, monkeypatch):
 def test_job_script_is_what_the_cluster_submits(tmp_path):
     """The rendered script equals the dask_jobqueue cluster's own, but for the scheduler address."""
     for name in ("pbs", "slurm"):
-        profile = load_profile(name).for_test_machine(log_directory=str(tmp_path))
+        profile = for_test_machine(load_profile(name), log_directory=str(tmp_path))
         with profile.make_cluster() as cluster:  # starts a scheduler on lo, submits nothing
             real = cluster.job_script()
             address = cluster.scheduler_address
@@ -305,7 +305,7 @@ def _worker_view() -> tuple[str | None, str | None]:
 )
 def test_local_profile_builds_a_real_local_cluster(monkeypatch, changes, gpus):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    profile: Profile = load_profile("local").for_test_machine(**changes)
+    profile: Profile = for_test_machine(load_profile("local"), **changes)
     assert profile.uses_gpus == bool(gpus)
     with profile.make_cluster() as cluster, Client(cluster) as client:
         workers = client.scheduler_info()["workers"].values()
@@ -341,7 +341,7 @@ def test_experiments_per_gpu_is_the_group_width_with_one_worker_process_per_gpu(
 def test_batch_scheduler_speaks_tls_only_to_holders_of_the_run_certificate(tmp_path):
     from distributed.security import Security
 
-    profile = load_profile("pbs").for_test_machine(gpus_per_job=0)
+    profile = for_test_machine(load_profile("pbs"), gpus_per_job=0)
     with profile.make_cluster(run_dir=tmp_path) as cluster:
         assert cluster.scheduler_address.startswith("tls://127.0.0.1:")
         with Client(cluster, timeout="20s") as client:  # the flow's client: the cluster's own certificate
@@ -356,7 +356,7 @@ def test_batch_scheduler_speaks_tls_only_to_holders_of_the_run_certificate(tmp_p
 
 
 def test_local_cluster_listens_on_loopback_only():
-    with load_profile("local").for_test_machine(n_workers=1).make_cluster() as cluster:
+    with for_test_machine(load_profile("local"), n_workers=1).make_cluster() as cluster:
         assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
         assert all(w["host"] == "127.0.0.1" for w in cluster.scheduler_info["workers"].values())
 

@@ -20,10 +20,12 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from profiles_for_tests import for_test_machine
 from tiny import overrides, set_args
 
 from everest.errors import ConfigError
-from flows.profiles import BatchProfile, load_profile
+from flows.batch import BatchProfile
+from flows.profiles import load_profile
 from flows.server import write_private
 
 SECRET = "everest:s3cr3t-Zq8w"  # what the private server's password looks like (token_urlsafe after the user)
@@ -42,7 +44,7 @@ def password(monkeypatch) -> str:
 
 @pytest.mark.parametrize("kind", ["pbs", "slurm"])
 def test_job_script_of_a_real_cluster_reads_the_password_from_a_private_file(kind, password, tmp_path):
-    profile = load_profile(kind).for_test_machine(log_directory=str(tmp_path / "logs"))
+    profile = for_test_machine(load_profile(kind), log_directory=str(tmp_path / "logs"))
     assert isinstance(profile, BatchProfile)
     run_dir = tmp_path / "out"
     old_umask = os.umask(0)  # the most permissive: the file must still be private
@@ -72,7 +74,7 @@ def test_job_script_of_a_real_cluster_reads_the_password_from_a_private_file(kin
 
 
 def test_rendered_job_script_and_batch_env_hold_no_password(password):
-    profile = load_profile("pbs").for_test_machine()
+    profile = for_test_machine(load_profile("pbs"))
     assert password not in profile.job_script()
     assert "PREFECT_API_AUTH_STRING" not in profile.worker_env(secrets=False)
     assert profile.worker_env()["PREFECT_API_AUTH_STRING"] == password  # local worker processes: no script involved
@@ -81,7 +83,7 @@ def test_rendered_job_script_and_batch_env_hold_no_password(password):
 def test_a_password_with_a_newline_is_refused_by_name_without_showing_it(monkeypatch, tmp_path):
     monkeypatch.setenv("PREFECT_API_AUTH_STRING", "one\ntwo")
     with pytest.raises(ConfigError, match="PREFECT_API_AUTH_STRING holds a newline") as err:
-        load_profile("slurm").for_test_machine().cluster_kwargs(tmp_path)
+        for_test_machine(load_profile("slurm")).cluster_kwargs(tmp_path)
     assert "one" not in str(err.value)
 
 

@@ -17,8 +17,10 @@ from pathlib import Path
 import dask
 import pytest
 from distributed import Client, wait
+from profiles_for_tests import for_test_machine
 
-from flows.profiles import BatchProfile, load_profile
+from flows.batch import BatchProfile
+from flows.profiles import load_profile
 
 pytestmark = [
     pytest.mark.cluster,
@@ -50,7 +52,7 @@ def slurm_node() -> None:
 def batch_profile(request, slurm_node, tmp_path, monkeypatch) -> BatchProfile:
     """A shipped batch profile shrunk for this machine: lo interface, 1 core, 1 GB, 10 minutes."""
     monkeypatch.chdir(tmp_path)  # qsub (torque wrapper) drops the job logs into the working directory
-    profile = load_profile(request.param).for_test_machine(log_directory=str(tmp_path / "logs"))
+    profile = for_test_machine(load_profile(request.param), log_directory=str(tmp_path / "logs"))
     assert isinstance(profile, BatchProfile)
     return profile
 

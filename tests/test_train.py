@@ -28,6 +28,8 @@ from everest.scoring.inference import load_calibrator, load_model
 from everest.scoring.metrics import best_threshold, evaluate, max_tss
 from everest.training.train import ProductionTrainer, TrainingDiverged
 
+pytestmark = pytest.mark.slow  # real training runs, killed and resumed, and command-line processes
+
 TINY = overrides(BATCH_256, ONE_THREAD)
 
 

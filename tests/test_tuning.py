@@ -19,6 +19,7 @@ import numpy as np
 import optuna
 import pytest
 import yaml
+from profiles_for_tests import for_test_machine
 from tiny import overrides
 
 from everest.config import EverestConfig, Target, TuningRecord, load_config
@@ -356,7 +357,7 @@ def tune_run(tiny_data, tmp_path):
     study = f"ci_tune_{uuid.uuid4().hex[:8]}"
     common = {"targets": ["M-24"], "folds": 2, "space_file": str(space), "data_dir": str(data),
               "output_dir": str(tmp_path / "out"), "study": study, "overrides": list(TINY), "seed": 0}
-    flow = make_flow(load_profile("local").for_test_machine())
+    flow = make_flow(for_test_machine(load_profile("local")))
 
     def run(trials: int, **changes):
         return flow(**(common | {"trials": trials} | changes), return_state=True)
@@ -480,7 +481,7 @@ def test_refused_worker_job_ends_the_study_with_qsubs_words_mock_pbs_qsub(prefec
     (fake / "qsub").write_text("#!/bin/sh\necho 'qsub: Unknown queue' >&2\nexit 170\n")
     (fake / "qsub").chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
-    site = load_profile("pbs").for_test_machine(gpus_per_job=0)
+    site = for_test_machine(load_profile("pbs"), gpus_per_job=0)
     space = _write(tmp_path / "s.yaml", SMALL_SPACE)
     state = make_flow(site)(targets=["M-24"], trials=2, folds=2, space_file=str(space), data_dir=str(tiny_data),
                             output_dir=str(tmp_path / "out"), profile="pbs", overrides=list(TINY), return_state=True)
@@ -564,3 +565,39 @@ def test_cli_refuses_a_training_table_without_positives_before_anything_runs(tin
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "training_data_M5_24.csv: no positive samples" in errors[0], r.stderr
     assert "everest-tune: study" not in r.stdout and not out.exists()
+
+
+@pytest.mark.slow
+def test_cli_sigterm_cancels_the_study_run_and_stops_its_server(tiny_data, tmp_path):
+    """``python -m flows.tune`` ends on SIGTERM as ``flows.production`` does (one command-line wrapper): exit
+    128 + 15, the flow run Cancelled with the reason, one line on stderr, no traceback; the study is kept."""
+    import signal
+    import sqlite3
+    import time
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(tiny_data / "training_data_M_24.csv", data)
+    space, out, home = _write(tmp_path / "space.yaml", SMALL_SPACE), tmp_path / "out", tmp_path / "prefect-home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")} | {"PREFECT_HOME": str(home)}
+    args = [sys.executable, "-m", "flows.tune", "--targets", "M-24", "--trials", "50", "--folds", "2", "--space",
+            str(space), "--data-dir", str(data), "--output-dir", str(out), "--profile", "local",
+            *[f"--set={o}" for o in TINY]]
+    proc = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "tuning" / "study.db").is_file() and time.monotonic() < deadline:  # the flow is running
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("terminated by SIGTERM")]
+    assert len(lines) == 1 and "marked Cancelled; rerun the same command to resume" in lines[0], stderr[-3000:]
+    assert "Traceback" not in stderr
+    with sqlite3.connect(home / "prefect.db") as db:
+        states = db.execute("SELECT state_name FROM flow_run").fetchall()
+    assert states == [("Cancelled",)]
+    assert (out / "tuning" / "study.db").is_file()

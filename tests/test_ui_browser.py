@@ -21,7 +21,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from tables import spoil_in_flow_process
 from tiny import overrides
+
+pytestmark = pytest.mark.slow  # a real Prefect server, a command-line study and Chromium
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 SHOTS = Path(os.environ.get("EVEREST_TEST_OUTPUT", Path(__file__).resolve().parent.parent / "test-output")) / "ui"
@@ -62,11 +65,12 @@ def failed_cli_run(prefect_server, tiny_data, tmp_path_factory):
     table = data / "training_data_M_24.csv"
     lines = table.read_text().splitlines(keepends=True)
     lines[2] = re.sub(r",[-0-9.eE]*(\r?\n)$", r",not-a-number\1", lines[2])
-    table.write_text("".join(lines))
+    # The preflight refuses a bad table before anything starts: it turns bad once the flow's preflight read it.
+    env, _ = spoil_in_flow_process(base, table, "".join(lines), {**os.environ, "COLUMNS": "120"})
     argv = [sys.executable, "-m", "flows.production", "--targets", "C-24", "M-24", "--seeds", "0", "--data-dir",
             str(data), "--output-dir", str(base / "out"), *[f"--set={o}" for o in overrides("train.epochs=1")]]
     started = time.time()
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=900, env={**os.environ, "COLUMNS": "120"})
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=900, env=env)
     runs = _post(prefect_server, "/flow_runs/filter", {"sort": "START_TIME_DESC", "limit": 1})
     assert runs and runs[0]["start_time"], proc.stdout + proc.stderr
     assert time.mktime(time.strptime(runs[0]["start_time"][:19], "%Y-%m-%dT%H:%M:%S")) > started - 3600

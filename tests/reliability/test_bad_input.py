@@ -6,6 +6,7 @@ flows.production``'s ``main`` (refused before any server, cluster or job starts)
 columns, a one-row region, a split without positives) must train. File-format cases (bytes, encoding,
 structure, values) run the real ``everest data check`` command in a subprocess, and a few the trainer's:
 refused ones end in exactly one ``error:`` line and exit status 2, tolerated ones read as the clean file.
+Those processes share nothing, so the ``matrix`` fixture starts them side by side, one per core.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 import pytest
@@ -134,11 +137,13 @@ def test_bad_data_is_refused(case, spoil, fragments, spoiled, tmp_path, run_trai
 
 
 # Inputs that are unusual but valid: they must train, and say what happened.
+@pytest.mark.slow
 def test_extra_columns_are_fine(spoiled, tmp_path, run_train):
     _edit(TRAIN, lambda df: df.assign(NOTES="x", EXTRA=1.0))(spoiled)
     assert run_train(spoiled, tmp_path / "out").returncode == 0
 
 
+@pytest.mark.slow
 def test_region_with_a_single_row_is_fine(spoiled, tmp_path, run_train):
     def one_row_region(df: pd.DataFrame) -> pd.DataFrame:
         rows = _first_region_rows(df)
@@ -437,23 +442,81 @@ def _assert_one_line_error(r: subprocess.CompletedProcess, fragments: list[str],
         assert frag in errors[0], (frag, errors[0])
 
 
+class Run(NamedTuple):
+    """One matrix case's command-line process and the spoiled data folder it read."""
+
+    process: subprocess.CompletedProcess
+    data: Path
+
+
+def _data_check(data: Path) -> list[str]:
+    return [*EVEREST, "data", "check", str(data)]
+
+
+def _trainer(data: Path) -> list[str]:
+    return [sys.executable, "-m", "everest", "train", "--flare_class", "C", "--time_window", "24", "--seed", "0",
+            "--data-dir", str(data), "--output-dir", str(_out(data)), *TINY]
+
+
+def _out(data: Path) -> Path:
+    """The trainer's output folder for ``data``: beside it, so a refused run can be seen to write nothing."""
+    return data.parent / "out"
+
+
+def _runs(command: Callable[[Path], list[str]]) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Mark a matrix test: each of its cases runs ``command`` on its own spoiled copy, started by ``matrix``."""
+    def mark(test: Callable[..., None]) -> Callable[..., None]:
+        test.command = command  # type: ignore[attr-defined]
+        return test
+    return mark
+
+
+def _spoil_and_run(source: Path, case_dir: Path, spoil: Callable[[Path], None],
+                   command: Callable[[Path], list[str]]) -> Run:
+    data = case_dir / "data"
+    shutil.copytree(source, data)
+    spoil(data)
+    return Run(_run(command(data), case_dir), data)
+
+
+@pytest.fixture(scope="module")
+def matrix(request: pytest.FixtureRequest, tiny_data: Path,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[tuple[str, str], Future[Run]]]:
+    """The command-line run of every selected matrix case, keyed by (test name, case), all started at once.
+
+    Why: each case is a fresh process that spends seconds importing the stack before it reads a table; the
+    cases share nothing, so running one per core side by side shortens the suite, while each test still
+    asserts on its own process's exit status and output. Only the cases this session selected are run.
+    """
+    root = tmp_path_factory.mktemp("matrix")
+    cases = [item for item in request.session.items
+             if isinstance(item, pytest.Function) and item.module is request.module
+             and hasattr(item.function, "command")]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        yield {(item.originalname, item.callspec.params["case"]):
+               pool.submit(_spoil_and_run, tiny_data, root / str(i), item.callspec.params["spoil"],
+                           item.function.command)
+               for i, item in enumerate(cases)}
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(("case", "spoil", "fragments"), FORMAT_CASES, ids=[c[0] for c in FORMAT_CASES])
-def test_malformed_table_is_one_line_error_from_data_check(case, spoil, fragments, spoiled, tmp_path):
-    spoil(spoiled)
-    _assert_one_line_error(_run([*EVEREST, "data", "check", str(spoiled)], tmp_path), fragments)
+@_runs(_data_check)
+def test_malformed_table_is_one_line_error_from_data_check(case, spoil, fragments, matrix, request):
+    _assert_one_line_error(matrix[request.node.originalname, case].result().process, fragments)
 
 
 TRAINER_CASES = [c for c in FORMAT_CASES if c[0] in ("Windows-1252 quotes in a row", "unterminated quote",
                                                      "row with too many fields", "1e400 (overflows to inf)")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("case", "spoil", "fragments"), TRAINER_CASES, ids=[c[0] for c in TRAINER_CASES])
-def test_malformed_table_is_one_line_error_from_the_trainer(case, spoil, fragments, spoiled, tmp_path):
-    spoil(spoiled)
-    out = tmp_path / "out"
-    r = _run([sys.executable, "-m", "everest", "train", "--flare_class", "C", "--time_window", "24", "--seed", "0",
-              "--data-dir", str(spoiled), "--output-dir", str(out), *TINY], tmp_path)
-    _assert_one_line_error(r, fragments, exact=False)
+@_runs(_trainer)
+def test_malformed_table_is_one_line_error_from_the_trainer(case, spoil, fragments, matrix, request):
+    run = matrix[request.node.originalname, case].result()
+    _assert_one_line_error(run.process, fragments, exact=False)
+    out = _out(run.data)
     assert not out.exists() or not any(p.is_file() for p in out.rglob("*")), "something was written"
 
 
@@ -483,9 +546,10 @@ def clean_check(tiny_data, tmp_path_factory) -> str:
     return r.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("case", "spoil"), TOLERATED_CASES, ids=[c[0] for c in TOLERATED_CASES])
-def test_tolerated_table_variant_reads_as_the_clean_file(case, spoil, spoiled, tmp_path, clean_check):
-    spoil(spoiled)
-    r = _run([*EVEREST, "data", "check", str(spoiled)], tmp_path)
+@_runs(_data_check)
+def test_tolerated_table_variant_reads_as_the_clean_file(case, spoil, matrix, request, clean_check):
+    r = matrix[request.node.originalname, case].result().process
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert r.stdout == clean_check

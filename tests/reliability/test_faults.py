@@ -24,12 +24,15 @@ import torch
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.task_runners import ThreadPoolTaskRunner
+from profiles_for_tests import for_test_machine
 from tiny import overrides, set_args
 
 from everest import io
 from everest.config import EverestConfig, Experiment
 from everest.training.train import ProductionTrainer
 from flows.production import ProductionParameters, make_flow
+
+pytestmark = pytest.mark.slow  # faults injected into real training runs, flows and worker processes
 
 TINY = overrides()
 SLOWER = ["model.embed_dim=32", "model.ff_dim=64", "model.num_blocks=2", "model.num_heads=2"]
@@ -282,9 +285,9 @@ def test_batch_workers_retiring_at_their_lifetime_never_rerun_finished_work_and_
     for split in ("training", "testing"):
         shutil.copy(tmp_path / "bigger" / f"{split}_data_M_48.csv", data)
     logs = tmp_path / "logs"
-    site = load_profile("slurm").for_test_machine(minimum_jobs=2, maximum_jobs=2, walltime="00:01:30",
-                                                  worker_lifetime_margin="00:01:00",
-                                                  worker_lifetime_stagger="00:00:01", log_directory=str(logs))
+    site = for_test_machine(load_profile("slurm"), minimum_jobs=2, maximum_jobs=2, walltime="00:01:30",
+                            worker_lifetime_margin="00:01:00", worker_lifetime_stagger="00:00:01",
+                            log_directory=str(logs))
     epochs, out = 24, tmp_path / "out"
     params = ProductionParameters(targets=["M-24", "M-48"], seeds=[0], data_dir=str(data), output_dir=str(out),
                                   profile="slurm", overrides=[*SLOWER, "train.batch_size=64", f"train.epochs={epochs}",

@@ -26,6 +26,7 @@ def _train_cli(data: Path, out: Path, seed: int = 0) -> Path:
     return out / "results" / f"everest_C_48h_seed{seed}"
 
 
+@pytest.mark.slow
 def test_same_seed_same_machine_gives_identical_metrics_and_predictions(tiny_data, tmp_path):
     a, b = _train_cli(tiny_data, tmp_path / "a"), _train_cli(tiny_data, tmp_path / "b")
     assert (a / "predictions.csv").read_bytes() == (b / "predictions.csv").read_bytes()
@@ -36,6 +37,7 @@ def test_same_seed_same_machine_gives_identical_metrics_and_predictions(tiny_dat
     assert [h["val_loss"] for h in ra["history"]] == [h["val_loss"] for h in rb["history"]]
 
 
+@pytest.mark.slow
 def test_every_result_records_its_provenance(tiny_data, tmp_path):
     res = json.loads((_train_cli(tiny_data, tmp_path) / "results.json").read_text())
     prov = res["provenance"]
@@ -48,6 +50,7 @@ def test_every_result_records_its_provenance(tiny_data, tmp_path):
     assert res["config"]["train"]["epochs"] == 2  # the full effective configuration travels with the result
 
 
+@pytest.mark.slow
 def test_analysis_never_mixes_configs_within_a_target_without_saying_so(tiny_data, tmp_path):
     from everest.analysis import ProductionAnalyzer
 
@@ -106,6 +109,7 @@ def test_job_scripts_carry_no_credentials(kind, monkeypatch):
     assert "http://127.0.0.1:4200/api" in script  # only the API address is passed on
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("value", ["C-24; rm -rf ~", "$(touch /tmp/pwned)", "`id`", "C-24\nM-48"])
 def test_shell_text_never_reaches_a_command_or_job_script(value, tmp_path):
     canary = tmp_path / "canary"
