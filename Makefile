@@ -1,10 +1,12 @@
 # Two entry points for a fresh machine: `make demo` (the main job) and `make test`.
+# Tests in tiers: `make test` is ruff and the whole suite (what CI runs); `make test-fast` is ruff and the
+# unit and golden tiers (`pytest -m "not slow"`), the loop while developing (under 3 minutes on 2 cores).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint install clean reliability-doc
+.PHONY: demo test test-fast lint install clean reliability-doc
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +24,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -m "not slow"
 
 reliability-doc: $(STAMP)
 	EVEREST_WRITE_RELIABILITY_DOC=1 $(PY) -m pytest -q tests/reliability

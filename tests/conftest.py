@@ -1,4 +1,4 @@
-"""Shared fixtures: files on disk, tiny synthetic data, one real Prefect server per test run."""
+"""Shared fixtures (files on disk, tiny synthetic data, one real Prefect server per test run) and the tier rules."""
 
 from __future__ import annotations
 
@@ -7,9 +7,21 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+SLOW_FIXTURES = frozenset({"prefect_server"})
+"""Fixtures whose set-up alone takes many seconds (a real Prefect server): a test that uses one is ``slow``."""
 
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own hook deselects by ``-m``, so the added marks count
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark ``gpu`` tests skipped where torch has no CUDA device (torch is imported only if such a test exists)."""
+    """Put tests that start a Prefect server or batch jobs in the ``slow`` tier; skip ``gpu`` tests without CUDA.
+
+    The two ``slow`` rules follow from what a test uses, so a new test of that kind cannot land in
+    ``make test-fast`` by a forgotten decorator: every ``cluster`` test starts SLURM or PBS jobs, and every
+    user of :data:`SLOW_FIXTURES` waits for a server. Torch is imported only if a ``gpu`` test exists.
+    """
+    for item in items:
+        if item.get_closest_marker("cluster") is not None or SLOW_FIXTURES.intersection(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
     gpu = [item for item in items if item.get_closest_marker("gpu") is not None]
     if not gpu:
         return

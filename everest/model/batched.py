@@ -6,6 +6,16 @@ with shape ``(K, 3D, D)``), so :meth:`GroupedEverest.member_state` is a solo mod
 can be evaluated, saved and loaded by everything that handles solo models. Attention folds the members
 into the batch (one ``scaled_dot_product_attention`` call for all K).
 
+The tie to the solo network is its structure, read once at construction (:func:`layout_of`): the layers come
+from a solo model's attributes (``block.attn``, ``block.ff``, ``model.shared``...), their weight names from
+that model's own module names, and the layers of every ``nn.Sequential`` (``block.ff``, ``model.shared``) are
+applied in the Sequential's order. Reordering or swapping layers inside a Sequential therefore changes both
+engines alike; a layer this module cannot batch, a renamed attribute, or a parameter of the solo model that
+the grouped forward would not read is refused when a :class:`GroupedEverest` is built, with the names.
+What is written out here, not read, is the order inside the modules with their own ``forward`` (the post-norm
+block, the embedding, attention, pooling, the heads): a change there is caught by the member-equals-solo
+tests of ``tests/test_group.py``.
+
 Dropout has two sources. With :class:`MemberDraws` (CPU) each member draws its masks from its own
 generator in the order and shapes a solo model draws them from the global one, so a member trained in a
 group sees the dropout of the same experiment trained alone. Without it (CUDA) the whole group's masks come
@@ -21,6 +31,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,15 +39,17 @@ from torch import Tensor, nn
 
 from everest.config import ModelConfig
 from everest.model.network import (
+    AttentionPool,
     EverestModel,
     EverestOutput,
-    EvidentialHead,
+    MeanPool,
     attention_pool,
     check_valid,
     mean_pool,
 )
 
-LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, as the solo model uses
+# Parameter-free element-wise layers: applied to (K, ..., D) as they are to (..., D).
+POINTWISE: tuple[type[nn.Module], ...] = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Identity)
 
 
 @dataclass(frozen=True)
@@ -56,6 +69,133 @@ class MemberDraws:
         return masks.div_(1 - p)
 
 
+# ---------------------------------------------------------------------- the solo network's layout
+@dataclass(frozen=True)
+class Layer:
+    """One layer of the solo network as the grouped forward applies it.
+
+    ``name`` is the layer's module name in the solo model (its weights are ``{name}.weight``/``.bias``);
+    ``p`` is a dropout probability, ``eps`` a layer norm's epsilon, ``fn`` a :data:`POINTWISE` module.
+    """
+
+    kind: Literal["linear", "norm", "dropout", "pointwise"]
+    name: str
+    p: float = 0.0
+    eps: float = 0.0
+    fn: nn.Module | None = None
+
+    def parameters(self) -> list[str]:
+        """The solo parameter names this layer reads."""
+        return [f"{self.name}.weight", f"{self.name}.bias"] if self.kind in ("linear", "norm") else []
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """A transformer block: attention ``attn`` (its module name) with ``heads`` heads and attention dropout
+    ``attn_dropout``, then ``norm1``, the feed-forward layers ``ff`` in order, ``norm2``."""
+
+    attn: str
+    heads: int
+    attn_dropout: float
+    norm1: Layer
+    ff: tuple[Layer, ...]
+    norm2: Layer
+
+    def parameters(self) -> list[str]:
+        attn = [f"{self.attn}.{w}" for w in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")]
+        return attn + [n for layer in (self.norm1, *self.ff, self.norm2) for n in layer.parameters()]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The solo network's layers, in forward order, as :func:`layout_of` reads them from a model.
+
+    ``pool_score`` is None for mean pooling; a head switched off in the config is None.
+    """
+
+    embed: tuple[Layer, Layer, Layer]  # projection, norm, dropout: Embedding.forward's order
+    pos_scale: str
+    blocks: tuple[BlockLayout, ...]
+    pool_score: Layer | None
+    shared: tuple[Layer, ...]
+    logit: Layer
+    evidential: Layer | None
+    evt: Layer | None
+    precursor: Layer | None
+
+    def parameters(self) -> list[str]:
+        """Every solo parameter name the grouped forward reads."""
+        layers = [*self.embed, self.pool_score, *self.shared, self.logit, self.evidential, self.evt, self.precursor]
+        return ([self.pos_scale] + [n for b in self.blocks for n in b.parameters()]
+                + [n for layer in layers if layer is not None for n in layer.parameters()])
+
+
+def layout_of(model: EverestModel) -> Layout:
+    """Read ``model``'s layers by attribute and its module names; raise TypeError on a layer with no batched form.
+
+    Why: the grouped forward must follow the solo network; reading the network (instead of spelling its
+    ``nn.Sequential`` positions here) makes a reorder inside a Sequential change both engines, and anything
+    else surface here rather than as a silently different member.
+    """
+    names = {module: name for name, module in model.named_modules()}
+
+    def layer(module: nn.Module) -> Layer:
+        name = names[module]
+        if isinstance(module, nn.Linear):
+            return Layer("linear", name)
+        if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
+            return Layer("norm", name, eps=module.eps)
+        if isinstance(module, nn.Dropout):
+            return Layer("dropout", name, p=module.p)
+        if isinstance(module, POINTWISE):
+            return Layer("pointwise", name, fn=module)
+        raise TypeError(f"grouped training has no batched form of {name} ({type(module).__name__}); "
+                        f"it batches {', '.join(t.__name__ for t in (nn.Linear, nn.LayerNorm, nn.Dropout, *POINTWISE))}"
+                        " (add it to everest/model/batched.py)")
+
+    def block(b: nn.Module) -> BlockLayout:
+        attn = b.attn
+        if not isinstance(attn, nn.MultiheadAttention) or not attn.batch_first or not attn._qkv_same_embed_dim:
+            raise TypeError(f"grouped training batches {names[attn]} only as nn.MultiheadAttention(batch_first=True) "
+                            f"with one in-projection, got {attn!r}")
+        return BlockLayout(names[attn], attn.num_heads, attn.dropout, layer(b.norm1),
+                           tuple(layer(m) for m in b.ff), layer(b.norm2))
+
+    if isinstance(model.pool, AttentionPool):
+        pool_score = layer(model.pool.score)
+    elif isinstance(model.pool, MeanPool):
+        pool_score = None
+    else:
+        raise TypeError(f"grouped training has no batched form of the pool {type(model.pool).__name__}")
+    return Layout(
+        embed=(layer(model.embed.proj), layer(model.embed.norm), layer(model.embed.drop)),
+        pos_scale=f"{names[model.pos]}.scale",
+        blocks=tuple(block(b) for b in model.blocks),
+        pool_score=pool_score,
+        shared=tuple(layer(m) for m in model.shared),
+        logit=layer(model.logit_head),
+        evidential=layer(model.evidential_head.proj) if model.evidential_head is not None else None,
+        evt=layer(model.evt_head.proj) if model.evt_head is not None else None,
+        precursor=layer(model.precursor_head) if model.precursor_head is not None else None,
+    )
+
+
+def check_layout(layout: Layout, model: EverestModel) -> None:
+    """Refuse a layout that does not read exactly ``model``'s parameters, naming the missing and extra ones.
+
+    Why: a parameter the grouped forward never reads (a new layer outside the Sequentials) would train in
+    the solo model only; one it reads that the solo model lacks would fail mid-epoch.
+    """
+    solo = [name for name, _ in model.named_parameters()]
+    read = layout.parameters()
+    missing, extra = sorted(set(solo) - set(read)), sorted(set(read) - set(solo))
+    if missing or extra:
+        raise TypeError("the grouped forward (everest/model/batched.py) does not compute the EVEREST network as "
+                        f"built: solo parameters it never reads: {missing or 'none'}; "
+                        f"names it reads that the solo model lacks: {extra or 'none'}")
+
+
+# ---------------------------------------------------------------------- batched maths
 def _linear(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
     """Member-wise ``x @ w.T + b``: x (K, ..., in), w (K, out, in), b (K, out) -> (K, ..., out)."""
     flat = x.reshape(x.shape[0], -1, x.shape[-1])  # (K, M, in)
@@ -69,19 +209,25 @@ def _member(v: Tensor, like: Tensor) -> Tensor:
 
 
 class GroupedEverest(nn.Module):
-    """K EVEREST transformers with stacked weights: (K, B, T, F) windows -> :class:`EverestOutput` of (K, B)."""
+    """K EVEREST transformers with stacked weights: (K, B, T, F) windows -> :class:`EverestOutput` of (K, B).
+
+    Raises TypeError at construction when the solo network holds a layer or parameter this module would not
+    compute (see :func:`layout_of`).
+    """
 
     def __init__(self, cfg: ModelConfig, n_features: int, members: int) -> None:
         super().__init__()
         self.cfg, self.n_features, self.members = cfg, n_features, members
-        template = EverestModel(cfg, n_features)  # names and shapes of one member's weights
+        template = EverestModel(cfg, n_features)  # names, shapes and layers of one member
+        self.layout = layout_of(template)
+        check_layout(self.layout, template)
         self.names = [name for name, _ in template.named_parameters()]
         # An OrderedDict keeps the solo model's parameter order (a plain dict would be sorted), so optimizer
         # state indices mean the same parameters as in a solo optimizer.
         self.weights = nn.ParameterDict(OrderedDict(
             (_key(name), nn.Parameter(torch.zeros(members, *p.shape))) for name, p in template.named_parameters()))
         self.register_buffer("table", template.pos.table.clone(), persistent=False)  # (T, D) sinusoids
-        self.evidential = EvidentialHead.parameters_of
+        self.evidential = template.evidential_head.parameters_of if template.evidential_head is not None else None
         self.evt = template.evt_head.parameters_of if template.evt_head is not None else None
 
     @classmethod
@@ -135,41 +281,45 @@ class GroupedEverest(nn.Module):
         def weight(name: str) -> Tensor:
             return self.w(name) if index is None else self.w(name).index_select(0, index)
 
+        lay = self.layout
         pad = None
         if valid is not None:
             check_valid(x, valid)
             if self.cfg.padding_mask:
                 pad = ~valid & valid.any(dim=-1, keepdim=True)  # (K, B, T); a window without real steps: unmasked
-        h = self._drop(_norm(_lin(x, "embed.proj", weight), "embed.norm", weight), draws)  # (K, B, T, D)
+        h = self._layers(x, lay.embed, weight, draws)  # (K, B, T, F) -> (K, B, T, D)
         t = x.shape[2]
-        h = h + weight("pos.scale").reshape(-1, 1, 1, 1) * self.table[:t]
-        for i in range(self.cfg.num_blocks):
-            h = self._block(h, pad, f"blocks.{i}", draws, weight)
-        if self.cfg.use_attention_bottleneck:
-            scores = _lin(h, "pool.score", weight).squeeze(-1)  # (K, B, T)
+        h = h + weight(lay.pos_scale).reshape(-1, 1, 1, 1) * self.table[:t]
+        for block in lay.blocks:
+            h = self._block(h, pad, block, draws, weight)
+        if lay.pool_score is not None:
+            scores = self._layer(h, lay.pool_score, weight, draws).squeeze(-1)  # (K, B, T, 1) -> (K, B, T)
             pooled = attention_pool(h, scores, pad)  # (K, B, D)
         else:
             pooled = mean_pool(h, pad)
-        z = self._drop(pooled, draws)
-        z = self._drop(F.gelu(_lin(z, "shared.1", weight)), draws)  # (K, B, D)
+        z = self._layers(pooled, lay.shared, weight, draws)  # (K, B, D)
+
+        def head(layer: Layer, z: Tensor = z) -> Tensor:
+            return self._layer(z, layer, weight, draws)
+
         return EverestOutput(
-            logits=_lin(z, "logit_head", weight).squeeze(-1),  # (K, B)
-            nig=self.evidential(_lin(z, "evidential_head.proj", weight)) if self.cfg.use_evidential else None,
-            gpd=(self.evt(_lin(z.detach() if self.cfg.evt_detach_trunk else z, "evt_head.proj", weight))
-                 if self.evt is not None else None),
-            precursor=_lin(z, "precursor_head", weight).squeeze(-1) if self.cfg.use_precursor else None,
+            logits=head(lay.logit).squeeze(-1),  # (K, B, 1) -> (K, B)
+            nig=self.evidential(head(lay.evidential)) if lay.evidential is not None else None,
+            gpd=(self.evt(head(lay.evt, z.detach() if self.cfg.evt_detach_trunk else z))
+                 if lay.evt is not None else None),
+            precursor=head(lay.precursor).squeeze(-1) if lay.precursor is not None else None,  # (K, B)
         )
 
-    def _block(self, h: Tensor, pad: Tensor | None, name: str, draws: MemberDraws | None,
+    def _block(self, h: Tensor, pad: Tensor | None, block: BlockLayout, draws: MemberDraws | None,
                weight: Callable[[str], Tensor]) -> Tensor:
         """Post-norm block: self-attention, add & norm, feed-forward, add & norm (nn.MultiheadAttention's maths)."""
         k, b, t, d = h.shape
-        heads = self.cfg.num_heads
-        q, key, v = _linear(h, weight(f"{name}.attn.in_proj_weight"),
-                            weight(f"{name}.attn.in_proj_bias")).chunk(3, dim=-1)  # 3 x (K, B, T, D)
+        heads = block.heads
+        q, key, v = _linear(h, weight(f"{block.attn}.in_proj_weight"),
+                            weight(f"{block.attn}.in_proj_bias")).chunk(3, dim=-1)  # 3 x (K, B, T, D)
         q, key, v = (u.reshape(k * b, t, heads, d // heads).transpose(1, 2) for u in (q, key, v))  # (KB, H, T, dh)
         keys = None if pad is None else ~pad.reshape(k * b, 1, 1, t)  # True = may be attended to
-        p = self.cfg.dropout if self.training else 0.0
+        p = block.attn_dropout if self.training else 0.0
         if h.device.type != "cpu" and draws is None:
             attended = F.scaled_dot_product_attention(q, key, v, attn_mask=keys, dropout_p=p)
         else:  # written out: for 10 steps 2.8x faster than the CPU's fused kernel, and dropout per member
@@ -182,28 +332,35 @@ class GroupedEverest(nn.Module):
                         else F.dropout(torch.ones_like(weights), p))
                 weights = weights * mask
             attended = weights @ v
-        attended = attended.transpose(1, 2).reshape(k, b, t, d)  # (K, B, T, D)
-        h = _norm(h + _lin(attended, f"{name}.attn.out_proj", weight), f"{name}.norm1", weight)
-        ff = self._drop(F.gelu(_lin(h, f"{name}.ff.0", weight)), draws)
-        return _norm(h + _lin(ff, f"{name}.ff.3", weight), f"{name}.norm2", weight)
+        attended = attended.transpose(1, 2).reshape(k, b, t, d)  # (KB, H, T, dh) -> (K, B, T, D)
+        out_proj = _linear(attended, weight(f"{block.attn}.out_proj.weight"), weight(f"{block.attn}.out_proj.bias"))
+        h = self._layer(h + out_proj, block.norm1, weight, draws)
+        return self._layer(h + self._layers(h, block.ff, weight, draws), block.norm2, weight, draws)
 
-    def _drop(self, x: Tensor, draws: MemberDraws | None) -> Tensor:
-        p = self.cfg.dropout
+    def _layers(self, x: Tensor, layers: Sequence[Layer], weight: Callable[[str], Tensor],
+                draws: MemberDraws | None) -> Tensor:
+        for layer in layers:
+            x = self._layer(x, layer, weight, draws)
+        return x
+
+    def _layer(self, x: Tensor, layer: Layer, weight: Callable[[str], Tensor], draws: MemberDraws | None) -> Tensor:
+        """``layer`` applied member-wise to ``x`` (K, ..., in) -> (K, ..., out)."""
+        if layer.kind == "linear":
+            return _linear(x, weight(f"{layer.name}.weight"), weight(f"{layer.name}.bias"))
+        if layer.kind == "norm":  # each member's scale and shift
+            x = F.layer_norm(x, x.shape[-1:], eps=layer.eps)
+            scale, shift = weight(f"{layer.name}.weight"), weight(f"{layer.name}.bias")
+            return torch.addcmul(_member(shift, x), x, _member(scale, x))
+        if layer.kind == "dropout":
+            return self._drop(x, layer.p, draws)
+        return layer.fn(x)
+
+    def _drop(self, x: Tensor, p: float, draws: MemberDraws | None) -> Tensor:
         if not self.training or p == 0.0:
             return x
         if draws is None:
             return F.dropout(x, p, training=True)
         return x * draws.mask(tuple(x.shape), p, x)
-
-
-def _lin(x: Tensor, name: str, weight: Callable[[str], Tensor]) -> Tensor:
-    return _linear(x, weight(f"{name}.weight"), weight(f"{name}.bias"))
-
-
-def _norm(x: Tensor, name: str, weight: Callable[[str], Tensor]) -> Tensor:
-    """Layer norm with each member's scale and shift."""
-    x = F.layer_norm(x, x.shape[-1:], eps=LAYER_NORM_EPS)
-    return torch.addcmul(_member(weight(f"{name}.bias"), x), x, _member(weight(f"{name}.weight"), x))
 
 
 def _key(name: str) -> str:

@@ -97,6 +97,8 @@ class Block(nn.Module):
         super().__init__()
         self.attn = nn.MultiheadAttention(cfg.embed_dim, cfg.num_heads, dropout=cfg.dropout, batch_first=True)
         self.norm1 = nn.LayerNorm(cfg.embed_dim)
+        # Grouped training (everest.model.batched.layout_of) applies this Sequential's layers in this order too,
+        # so an edit here reaches both engines, and a layer it cannot batch is refused when a group is built.
         self.ff = nn.Sequential(
             nn.Linear(cfg.embed_dim, cfg.ff_dim),
             nn.GELU(),
@@ -202,7 +204,7 @@ class EverestModel(nn.Module):
         self.pos = ScaledPositionalEncoding(cfg)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_blocks))
         self.pool = AttentionPool(cfg) if cfg.use_attention_bottleneck else MeanPool()
-        self.shared = nn.Sequential(
+        self.shared = nn.Sequential(  # read layer by layer by grouped training too, as Block.ff
             nn.Dropout(cfg.dropout),
             nn.Linear(cfg.embed_dim, cfg.embed_dim),
             nn.GELU(),
