@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -62,3 +64,21 @@ def spoil_after_preflight(monkeypatch, bad: Path, good_text: str) -> None:
             bad.write_text(current)
 
     monkeypatch.setattr(production, "check_tables", check_then_spoil)
+
+
+def spoil_once_checked(out: Path, table: Path, spoiled: str, timeout: float = 900.0) -> threading.Thread:
+    """Rewrite ``table`` with ``spoiled`` as soon as a run started in another process has checked it and
+    begun its work: the flow makes its result store (``<out>/.prefect-results``) after its preflight read
+    every table and before it submits a task. For runs whose preflight cannot be reached in-process (a
+    command line, a deployment); see :func:`spoil_after_preflight`."""
+    def watch() -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if (out / ".prefect-results").is_dir():
+                table.write_text(spoiled)
+                return
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=watch, name=f"spoil {table.name}", daemon=True)
+    thread.start()
+    return thread

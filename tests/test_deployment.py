@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from tables import spoil_once_checked
 from tiny import overrides
 
 from everest import synthetic
@@ -63,8 +64,8 @@ def test_deployment_run_then_retry_reruns_only_failures(prefect_server, tmp_path
     good = bad.read_text()
     lines = good.splitlines()
     lines[3] = lines[3].replace(lines[3].split(",")[6], "not-a-number", 1)
-    bad.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
+    spoil_once_checked(out, bad, "\n".join(lines) + "\n")  # corrupt once the run has checked it: its task fails
 
     env = {**os.environ, "PREFECT_API_URL": prefect_server, "EVEREST_PROJECT_DIR": str(ROOT),
            "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1"}

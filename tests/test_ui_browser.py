@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from tables import spoil_once_checked
 from tiny import overrides
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -62,7 +63,7 @@ def failed_cli_run(prefect_server, tiny_data, tmp_path_factory):
     table = data / "training_data_M_24.csv"
     lines = table.read_text().splitlines(keepends=True)
     lines[2] = re.sub(r",[-0-9.eE]*(\r?\n)$", r",not-a-number\1", lines[2])
-    table.write_text("".join(lines))
+    spoil_once_checked(base / "out", table, "".join(lines))  # corrupt once the run has checked it: its task fails
     argv = [sys.executable, "-m", "flows.production", "--targets", "C-24", "M-24", "--seeds", "0", "--data-dir",
             str(data), "--output-dir", str(base / "out"), *[f"--set={o}" for o in overrides("train.epochs=1")]]
     started = time.time()
