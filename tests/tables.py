@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -65,39 +66,19 @@ def spoil_after_preflight(monkeypatch, bad: Path, good_text: str) -> None:
     monkeypatch.setattr(preflight, "check_tables", check_then_spoil)
 
 
-# Loaded by a Python process started with spoil_in_flow_process's environment (sitecustomize runs first).
-_SPOIL_HOOK = """
-import os
+def spoil_once_checked(out: Path, table: Path, spoiled: str, timeout: float = 900.0) -> threading.Thread:
+    """Rewrite ``table`` with ``spoiled`` as soon as a run started in another process has checked it and
+    begun its work: the flow makes its result store (``<out>/.prefect-results``) after its preflight read
+    every table and before it submits a task. For runs whose preflight cannot be reached in-process (a
+    command line, a deployment); see :func:`spoil_after_preflight`."""
+    def watch() -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if (out / ".prefect-results").is_dir():
+                table.write_text(spoiled)
+                return
+            time.sleep(0.005)
 
-if os.environ.get("EVEREST_TEST_SPOIL"):
-    from pathlib import Path
-
-    from prefect.context import FlowRunContext
-
-    from flows import preflight
-
-    table, bad, marker = (Path(p) for p in os.environ["EVEREST_TEST_SPOIL"].split(os.pathsep))
-    check = preflight.check_tables
-
-    def check_then_spoil(params, cfg):
-        check(params, cfg)
-        if FlowRunContext.get() is not None and marker.exists():  # the flow's own preflight, the last check
-            table.write_bytes(bad.read_bytes())
-
-    preflight.check_tables = check_then_spoil
-"""
-
-
-def spoil_in_flow_process(tmp: Path, table: Path, bad_text: str, env: dict[str, str]) -> tuple[dict[str, str], Path]:
-    """:func:`spoil_after_preflight` for a flow that runs in another process (a command line, a deployment's
-    worker): ``table`` is read good by every preflight, and becomes ``bad_text`` once the flow run's own preflight
-    has read it, before a task reads it, while the returned marker file exists. Returns ``env`` with the hook that
-    does it (a ``sitecustomize`` module on PYTHONPATH), and the marker."""
-    (tmp / "spoil-hook").mkdir()
-    (tmp / "spoil-hook" / "sitecustomize.py").write_text(_SPOIL_HOOK)
-    (tmp / "spoil-bad.csv").write_text(bad_text)
-    marker = tmp / "spoiling"
-    marker.touch()
-    path = os.pathsep.join(filter(None, (str(tmp / "spoil-hook"), env.get("PYTHONPATH"))))
-    spoil = os.pathsep.join(map(str, (table, tmp / "spoil-bad.csv", marker)))
-    return {**env, "PYTHONPATH": path, "EVEREST_TEST_SPOIL": spoil}, marker
+    thread = threading.Thread(target=watch, name=f"spoil {table.name}", daemon=True)
+    thread.start()
+    return thread

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-from tables import spoil_in_flow_process
+from tables import spoil_once_checked
 from tiny import overrides
 
 from everest.data import synthetic
@@ -65,6 +65,7 @@ def test_deployment_run_then_retry_reruns_only_failures(prefect_server, tmp_path
     lines = good.splitlines()
     lines[3] = lines[3].replace(lines[3].split(",")[6], "not-a-number", 1)
     out = tmp_path / "out"
+    spoil_once_checked(out, bad, "\n".join(lines) + "\n")  # corrupt once the run has checked it: its task fails
 
     env = {**os.environ, "PREFECT_API_URL": prefect_server, "EVEREST_PROJECT_DIR": str(ROOT),
            "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
@@ -72,11 +73,8 @@ def test_deployment_run_then_retry_reruns_only_failures(prefect_server, tmp_path
     deployed = _cli(["deploy", "--all", "--no-prompt"], env)
     for name in ("everest-production/local", "everest-production/pbs", "everest-production/slurm"):
         assert name in deployed
-    # The flow's preflight refuses a bad table before anything starts: it turns bad once the preflight read it.
-    worker_env, spoiling = spoil_in_flow_process(tmp_path, bad, "\n".join(lines) + "\n", env)
-    worker = subprocess.Popen([*PREFECT, "worker", "start", "--pool", "everest", "--limit", "1"], cwd=ROOT,
-                              env=worker_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+    worker = subprocess.Popen([*PREFECT, "worker", "start", "--pool", "everest", "--limit", "1"], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         params = {"targets": ["M-24", "C-48"], "seeds": [0], "data_dir": str(data), "output_dir": str(out),
                   "overrides": TINY}
@@ -93,7 +91,6 @@ def test_deployment_run_then_retry_reruns_only_failures(prefect_server, tmp_path
         assert states["train-everest_M_24h_seed0"] == "Completed"
         assert states["train-everest_C_48h_seed0"] == "Failed"
 
-        spoiling.unlink()
         bad.write_text(good)
         t_retry = time.time()
         _cli(["flow-run", "retry", str(flow_run_id)], env)
@@ -144,6 +141,7 @@ def test_deployment_form_offers_the_command_lines_defaults():
         props = schema["properties"]
         assert schema["required"] == [], variant
         for name, prop in props.items():
+            assert prop.get("description"), f"{variant}: parameter {name} has no description"
             assert "anyOf" not in prop, f"{variant}: parameter {name} offers a null choice: {prop}"
         assert props["targets"]["items"]["enum"] == [str(t) for t in all_targets()]
         defaults = {name: prop.get("default") for name, prop in props.items()}

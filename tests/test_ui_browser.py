@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from tables import spoil_in_flow_process
+from tables import spoil_once_checked
 from tiny import overrides
 
 pytestmark = pytest.mark.slow  # a real Prefect server, a command-line study and Chromium
@@ -65,12 +65,11 @@ def failed_cli_run(prefect_server, tiny_data, tmp_path_factory):
     table = data / "training_data_M_24.csv"
     lines = table.read_text().splitlines(keepends=True)
     lines[2] = re.sub(r",[-0-9.eE]*(\r?\n)$", r",not-a-number\1", lines[2])
-    # The preflight refuses a bad table before anything starts: it turns bad once the flow's preflight read it.
-    env, _ = spoil_in_flow_process(base, table, "".join(lines), {**os.environ, "COLUMNS": "120"})
+    spoil_once_checked(base / "out", table, "".join(lines))  # corrupt once the run has checked it: its task fails
     argv = [sys.executable, "-m", "flows.production", "--targets", "C-24", "M-24", "--seeds", "0", "--data-dir",
             str(data), "--output-dir", str(base / "out"), *[f"--set={o}" for o in overrides("train.epochs=1")]]
     started = time.time()
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=900, env=env)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=900, env={**os.environ, "COLUMNS": "120"})
     runs = _post(prefect_server, "/flow_runs/filter", {"sort": "START_TIME_DESC", "limit": 1})
     assert runs and runs[0]["start_time"], proc.stdout + proc.stderr
     assert time.mktime(time.strptime(runs[0]["start_time"][:19], "%Y-%m-%dT%H:%M:%S")) > started - 3600

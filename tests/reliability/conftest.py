@@ -16,6 +16,7 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "reliability.md"
 SECTIONS = {
     "test_faults.py": "Faults survived",
     "test_bad_input.py": "Inputs rejected (or tolerated)",
+    "test_worker_jobs.py": "Batch worker jobs that never give a worker, and site checks by value",
     "test_provenance_security.py": "Determinism, provenance and safe defaults",
 }
 _items: dict[str, pytest.Item] = {}

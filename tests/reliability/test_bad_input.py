@@ -120,8 +120,27 @@ def run_train(capsys):
 
 
 @pytest.fixture
-def run_flow_cli(capsys):
-    return lambda argv: _call(production.main, argv, capsys)
+def run_flow_cli(capsys, monkeypatch):
+    """``python -m flows.production``'s main, in-process. It quiets Prefect's and Dask's console logs through
+    the environment (its worker processes read it): restored after each call, so later runs of this test
+    process still log to their job files."""
+    import dask
+
+    quieted = ("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "DASK_LOGGING__DISTRIBUTED")
+    monkeypatch.setattr(production.TERMINAL, "active", False)
+
+    def run(argv: list[str]) -> Result:
+        saved = {name: os.environ.get(name) for name in quieted}
+        try:
+            return _call(production.main, argv, capsys)
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+            dask.config.refresh()
+    return run
 
 
 @pytest.mark.parametrize(("case", "spoil", "fragments"), DATA_CASES, ids=[c[0] for c in DATA_CASES])
