@@ -383,6 +383,7 @@ def test_pbs_site_check_names_an_unknown_queue_and_undefined_gpu_resources_mock_
     profile.with_overrides(gpus_per_job=0).check_site()  # queue known, no GPU resource asked: fine
 
 
+@pytest.mark.cluster
 @pytest.mark.skipif(shutil.which("sinfo") is None, reason="SLURM is not installed (tests/cluster/slurm.sh up)")
 def test_slurm_site_check_against_the_real_scheduler():
     profile = load_profile("slurm")

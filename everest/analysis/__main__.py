@@ -9,6 +9,7 @@ from pathlib import Path
 
 from everest.analysis.analyzer import ProductionAnalyzer
 from everest.analysis.loading import AnalysisError
+from everest.cli import add_option
 from everest.config import ConfigError
 from everest.errors import EXIT_FAILED, EXIT_USAGE
 
@@ -23,8 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", default=10_000, type=int, help="bootstrap resamples (default 10000)")
     p.add_argument("--seed", default=0, type=int, help="random seed of the bootstrap (default 0)")
     p.add_argument("--confidence", default=0.95, type=float, help="confidence level of intervals (default 0.95)")
-    p.add_argument("--targets", nargs="+", default=None, help="expected targets, e.g. C-24 M5-72 (default: all 9)")
-    p.add_argument("--seeds", nargs="+", default=None, type=int, help="expected seeds (default: 0 1 2 3 4)")
+    add_option(p, "targets", default=None, help="expected targets, e.g. C-24 M5-72 (default: all 9)")
+    add_option(p, "seeds", default=None, help="expected seeds (default: 0 1 2 3 4)")
     p.add_argument("--baseline", default=None, type=Path,
                    help="a baseline results root to compare with (paired on seeds and test samples)")
     p.add_argument("--baseline-model", action="append", default=[], metavar="NAME=DIR",

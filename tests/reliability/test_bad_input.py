@@ -27,7 +27,7 @@ import pytest
 from tiny import TINY_MODEL, set_args
 
 from everest import cli
-from flows import production
+from flows import production, terminal
 
 TINY = [*set_args(TINY_MODEL), "--epochs", "1"]
 TRAIN = "training_data_M_24.csv"
@@ -127,7 +127,7 @@ def run_flow_cli(capsys, monkeypatch):
     import dask
 
     quieted = ("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "DASK_LOGGING__DISTRIBUTED")
-    monkeypatch.setattr(production.TERMINAL, "active", False)
+    monkeypatch.setattr(terminal.TERMINAL, "active", False)
 
     def run(argv: list[str]) -> Result:
         saved = {name: os.environ.get(name) for name in quieted}
