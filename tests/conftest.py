@@ -20,8 +20,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     user of :data:`SLOW_FIXTURES` waits for a server. Torch is imported only if a ``gpu`` test exists.
     """
     for item in items:
-        if item.get_closest_marker("cluster") is not None or SLOW_FIXTURES.intersection(item.fixturenames):
+        cluster = item.get_closest_marker("cluster") is not None
+        if cluster or SLOW_FIXTURES.intersection(item.fixturenames):
             item.add_marker(pytest.mark.slow)
+        if cluster:  # one SLURM for all: under pytest-xdist (make test) these run one at a time, in one process
+            item.add_marker(pytest.mark.xdist_group("slurm"))
     gpu = [item for item in items if item.get_closest_marker("gpu") is not None]
     if not gpu:
         return

@@ -822,7 +822,12 @@ def _submit_to_real_slurm(tiny_data: Path, tmp_path: Path, corrupt: str, args: l
     # The jobs queue in a partition that is down while the table is rewritten (the submission read it intact
     # and would refuse it broken): the training cannot load it, exit status 2.
     hold = "everest-hold"
-    subprocess.run(["scontrol", "delete", f"PartitionName={hold}"], capture_output=True)
+    deadline = time.monotonic() + 60  # a previous test's cancelled jobs may still be leaving the partition
+    while subprocess.run(["scontrol", "show", "partition", hold], capture_output=True).returncode == 0:
+        subprocess.run(["scontrol", "delete", f"PartitionName={hold}"], capture_output=True)
+        left = subprocess.run(["squeue", "-h", "-p", hold], capture_output=True, text=True).stdout
+        assert time.monotonic() < deadline, f"partition {hold} cannot be deleted; its jobs: {left}"
+        time.sleep(0.5)
     subprocess.run(["scontrol", "create", f"PartitionName={hold}", "Nodes=localhost", "Hidden=YES", "State=DOWN"],
                    check=True, capture_output=True)
     try:

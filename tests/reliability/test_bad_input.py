@@ -445,9 +445,14 @@ FORMAT_CASES = [
 ]
 
 
-def _run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "default"}
-    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+def _environment() -> dict[str, str]:
+    """The commands' environment. Read it in the main thread: copying os.environ while pytest rewrites
+    PYTEST_CURRENT_TEST in another thread can fail."""
+    return {**os.environ, "PYTHONWARNINGS": "default"}
+
+
+def _run(argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, cwd=cwd, env=env or _environment(), capture_output=True, text=True, timeout=300)
 
 
 def _assert_one_line_error(r: subprocess.CompletedProcess, fragments: list[str], exact: bool = True) -> None:
@@ -491,11 +496,11 @@ def _runs(command: Callable[[Path], list[str]]) -> Callable[[Callable[..., None]
 
 
 def _spoil_and_run(source: Path, case_dir: Path, spoil: Callable[[Path], None],
-                   command: Callable[[Path], list[str]]) -> Run:
+                   command: Callable[[Path], list[str]], env: dict[str, str]) -> Run:
     data = case_dir / "data"
     shutil.copytree(source, data)
     spoil(data)
-    return Run(_run(command(data), case_dir), data)
+    return Run(_run(command(data), case_dir, env), data)
 
 
 @pytest.fixture(scope="module")
@@ -511,10 +516,11 @@ def matrix(request: pytest.FixtureRequest, tiny_data: Path,
     cases = [item for item in request.session.items
              if isinstance(item, pytest.Function) and item.module is request.module
              and hasattr(item.function, "command")]
+    env = _environment()
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         yield {(item.originalname, item.callspec.params["case"]):
                pool.submit(_spoil_and_run, tiny_data, root / str(i), item.callspec.params["spoil"],
-                           item.function.command)
+                           item.function.command, env)
                for i, item in enumerate(cases)}
 
 
