@@ -20,6 +20,7 @@ from everest.errors import DataError
 from everest.results import experiment_dir
 from everest.scoring import baselines as B
 from everest.scoring import metrics as M
+from everest.scoring import portable as P
 
 M24 = Target.parse("M-24")
 EXP0, EXP1 = Experiment(target=M24, seed=0), Experiment(target=M24, seed=1)
@@ -74,8 +75,8 @@ def test_window_features_by_hand():
         [5, -1, 0, 0, 0, 0, 1],
         [7, 9, 5, 5, 6, 8, 3],
     ], dtype=np.float32)
-    np.testing.assert_array_equal(B.window_features(x, valid), expected)
-    np.testing.assert_array_equal(B.last_step(x, valid), x[:, -1])
+    np.testing.assert_array_equal(P.window_features(x, valid), expected)
+    np.testing.assert_array_equal(P.last_step(x, valid), x[:, -1])
     assert B.DEFAULTS["logistic"].features(x, valid).shape == (3, 2)
     assert B.DEFAULTS["boosted"].features(x, valid).shape == (3, 7)
 

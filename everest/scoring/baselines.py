@@ -67,44 +67,14 @@ from everest.results import (
     write_results,
 )
 from everest.scoring.forecast import Predictions, ScoredForecast, final_metrics_row, score_forecast, write_forecast
+from everest.scoring.portable import FEATURES, PortableBaseline
 
 log = logging.getLogger(__name__)
 
 BASELINES: tuple[str, ...] = ("logistic", "boosted")
 # Bump when a baseline's results change (features, estimator, outputs); a CODE_VERSION bump also refits.
-BASELINE_VERSION = "baselines-2"
+BASELINE_VERSION = "baselines-3"
 LATENCY_BATCH = 32  # the trainer's latency protocol: ms per sample at batch 32, after warm-up
-
-
-# ---------------------------------------------------------------------- features
-def _step_indices(valid: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per window: index of the last real step, of the real step before it (-1: none), of the oldest real step."""
-    steps = np.arange(valid.shape[1])
-    last = np.where(valid, steps, -1).max(axis=1)
-    previous = np.where(valid & (steps < last[:, None]), steps, -1).max(axis=1)
-    oldest = np.where(valid, steps, valid.shape[1]).min(axis=1)
-    return last, previous, oldest
-
-
-def last_step(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """(N, F): the features of each window's last real step (the current record: always the final step)."""
-    last, _, _ = _step_indices(valid)
-    return x[np.arange(len(x)), np.maximum(last, 0)]
-
-
-def window_features(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """(N, 3F + 1): ``[last, last - previous real step, last - oldest real step, number of real steps]``.
-
-    Padding steps (front padding and ``padding`` rows inside a window) are skipped; a delta is 0 when the
-    window has no earlier real step, so a window with one real step has both deltas 0 and count 1.
-    """
-    n = np.arange(len(x))
-    last_i, prev_i, old_i = _step_indices(valid)
-    last = x[n, np.maximum(last_i, 0)]
-    d_prev = np.where((prev_i >= 0)[:, None], last - x[n, np.maximum(prev_i, 0)], 0.0)
-    d_old = np.where((old_i < last_i)[:, None], last - x[n, np.minimum(old_i, x.shape[1] - 1)], 0.0)
-    count = valid.sum(axis=1, keepdims=True)
-    return np.concatenate([last, d_prev, d_old, count], axis=1).astype(np.float32)
 
 
 # ---------------------------------------------------------------------- hyper-parameters
@@ -113,10 +83,11 @@ class BaselineConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     model: ClassVar[str]
+    feature_set: ClassVar[str]  # a key of everest.scoring.portable.FEATURES
 
     def features(self, x: np.ndarray, valid: np.ndarray) -> np.ndarray:
         """The model's (N, k) inputs from scaled windows ``x`` (N, T, F) and their real-step mask (N, T)."""
-        raise NotImplementedError
+        return FEATURES[self.feature_set](x, valid)
 
     def estimator(self, seed: int) -> Any:
         """An unfitted scikit-learn classifier seeded by the experiment seed."""
@@ -127,13 +98,11 @@ class LogisticConfig(BaselineConfig):
     """L2 logistic regression on the last step; lbfgs converged in 15-38 iterations on the demo targets."""
 
     model: ClassVar[str] = "logistic"
+    feature_set: ClassVar[str] = "last_step"
     C: float = Field(1.0, gt=0.0)
     max_iter: int = Field(1000, ge=1)
     tol: float = Field(1e-6, gt=0.0)
     class_weight: Literal["balanced"] | None = None
-
-    def features(self, x: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        return last_step(x, valid)
 
     def estimator(self, seed: int) -> Any:
         return LogisticRegression(C=self.C, solver="lbfgs", max_iter=self.max_iter, tol=self.tol,
@@ -144,6 +113,7 @@ class BoostedConfig(BaselineConfig):
     """Histogram gradient boosting on :func:`window_features`, without early stopping."""
 
     model: ClassVar[str] = "boosted"
+    feature_set: ClassVar[str] = "window_features"
     learning_rate: float = Field(0.05, gt=0.0)
     max_iter: int = Field(100, ge=1)
     max_depth: int | None = Field(3, ge=1)
@@ -151,9 +121,6 @@ class BoostedConfig(BaselineConfig):
     min_samples_leaf: int = Field(100, ge=1)
     l2_regularization: float = Field(1.0, ge=0.0)
     class_weight: Literal["balanced"] | None = None
-
-    def features(self, x: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        return window_features(x, valid)
 
     def estimator(self, seed: int) -> Any:
         params = self.model_dump()
@@ -221,9 +188,10 @@ def fit_baseline(model: str, experiment: Experiment, config: EverestConfig | Non
     begin_attempt(root, identity, force=force)
     try:
         with threadpool_limits(threads):
-            results, scored, val, test = _fit_evaluate(params, experiment, cfg, data, identity, Path(data_dir))
+            results, scored, val, test, model = _fit_evaluate(params, experiment, cfg, data, identity,
+                                                              Path(data_dir))
         results["training"]["threads"] = threads
-        _write(root, identity, results, scored, val, test)
+        _write(root, identity, results, scored, val, test, model)
     except Exception as err:  # recorded so the analysis lists the experiment as failed, then re-raised
         record_failure(root, experiment, type(err).__name__, str(err), identity)
         raise
@@ -232,8 +200,9 @@ def fit_baseline(model: str, experiment: Experiment, config: EverestConfig | Non
 
 def _fit_evaluate(params: BaselineConfig, experiment: Experiment, cfg: EverestConfig, data: ExperimentData,
                   identity: Identity, data_dir: Path) -> tuple[dict[str, Any], ScoredForecast, Predictions,
-                                                               Predictions]:
-    """Fit on the training windows, calibrate and choose the threshold on validation, score the test split."""
+                                                               Predictions, PortableBaseline]:
+    """Fit on the training windows, calibrate and choose the threshold on validation, score the test split; the
+    fitted model is returned as plain arrays (:class:`~everest.scoring.portable.PortableBaseline`)."""
     if len(np.unique(data.train.y)) < 2:
         raise DataError(f"{experiment.name}: the training windows hold one class only; a classifier needs both")
     seed = experiment.seed
@@ -258,7 +227,8 @@ def _fit_evaluate(params: BaselineConfig, experiment: Experiment, cfg: EverestCo
         "history": [],
         "config": recorded_config(params, cfg),
     }
-    return results_record(identity, params.model, t, seed, sections, _environment()), scored, val, test
+    model = PortableBaseline.from_estimator(params.model, params.feature_set, est)
+    return results_record(identity, params.model, t, seed, sections, _environment()), scored, val, test, model
 
 
 def _latency(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray, repeats: int = 30) -> dict[str, float]:
@@ -308,8 +278,10 @@ def _environment() -> dict[str, Any]:
 
 
 def _write(root: Path, identity: Identity, results: dict[str, Any], scored: ScoredForecast, val: Predictions,
-           test: Predictions) -> None:
-    """Write EVEREST's result files into ``<root>/results/<name>/``; ``results.json`` last (it marks done)."""
-    write_forecast(experiment_dir(root, identity.experiment), scored, val, test,
-                   final_metrics_row(results, model=results["model"], best_epoch=None))
+           test: Predictions, model: PortableBaseline) -> None:
+    """Write EVEREST's result files and the fitted model (``model/baseline.{json,npz}``, what a model bundle
+    ships) into ``<root>/results/<name>/``; ``results.json`` last (it marks done)."""
+    folder = experiment_dir(root, identity.experiment)
+    write_forecast(folder, scored, val, test, final_metrics_row(results, model=results["model"], best_epoch=None))
+    model.save(folder / "model")
     write_results(root, identity, results)
