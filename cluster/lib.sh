@@ -268,8 +268,11 @@ print(*(Experiment.from_array_index(int(k)).name for k in sys.argv[1:]))' "${TAS
     return "$status"
 }
 
-# The analysis job: analyse $EVEREST_OUTPUT_DIR/results; returns the analysis' exit status
-# (0 ok, 1 nothing had finished, 2 bad input).
+# The analysis job: build the seed ensembles, analyse $EVEREST_OUTPUT_DIR/results, then bundle the trained
+# models with the analysis' findings; returns the analysis' exit status (0 ok, 1 nothing had finished,
+# 2 bad input). The ensembles are a step of their own before the analysis, which only reads them, and the
+# bundle comes after it, whose verdict it carries; a target without an ensemble (fewer than two finished
+# seeds) stops neither: the report says why it has none, and the bundle leaves it out.
 #   everest_analysis_task pbs|slurm JOB_ID [extra everest.analysis arguments...]
 everest_analysis_task() {
     local backend=$1 job=$2
@@ -287,6 +290,8 @@ everest_analysis_task() {
     fi
     local -a cmd=("$EVEREST_PY" -m everest.analysis --results-dir "$EVEREST_OUTPUT_DIR/results"
                   --out "$EVEREST_OUTPUT_DIR" "${extra[@]}" "$@")
+    "$EVEREST_PY" -m everest ensemble --output-dir "$EVEREST_OUTPUT_DIR" \
+        || everest_log "seed ensembles: exit status $? (the analysis report says which were not built and why)"
     everest_log "analysis (job $job) on $(hostname), $(date -Is)"
     everest_log "running: $(printf '%q ' "${cmd[@]}")"
     local status
@@ -297,6 +302,8 @@ everest_analysis_task() {
         1) everest_err "analysis: no experiment has finished (see $EVEREST_OUTPUT_DIR/analysis and the training logs)" ;;
         *) everest_err "analysis FAILED with exit status $status" ;;
     esac
+    "$EVEREST_PY" -m everest bundle --output-dir "$EVEREST_OUTPUT_DIR" \
+        || everest_log "model bundle: exit status $? (no bundle; \`everest bundle\` can be rerun on its own)"
     return "$status"
 }
 

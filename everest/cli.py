@@ -1,5 +1,5 @@
-"""The ``everest`` command (also ``python -m everest``): ``train``, ``baselines``, ``ensemble``, ``data synth``,
-``data check`` and ``results failure``.
+"""The ``everest`` command (also ``python -m everest``): ``train``, ``baselines``, ``ensemble``, ``bundle``,
+``predict``, ``data synth``, ``data check`` and ``results failure``.
 
 ``everest train`` trains one experiment, or several (``--array-index K K ...``, ``--seed S S ...``) as one
 group on one device (:func:`everest.training.group.train_group`); a group's exit status is defined in
@@ -346,6 +346,34 @@ def _ensemble(args: argparse.Namespace) -> None:
                             f"no ensemble could be built from {results_dir}")
 
 
+def _bundle(args: argparse.Namespace) -> None:
+    """Bundle a study's ensembles (every target that has one, or those asked for) into one verified folder."""
+    from everest.serving.bundle import write_bundle
+
+    summary = write_bundle(args.output_dir, args.out, [Target.parse(t) for t in args.targets] if args.targets
+                           else None)
+    for t in summary.targets:
+        print(f"bundled {t}")
+    for t, why in summary.skipped.items():
+        print(f"{t}: left out: {why}")
+    print(f"bundle: {summary.path} (forecast with `everest predict --bundle {summary.path} --input TABLE.csv`)")
+
+
+def _predict(args: argparse.Namespace) -> None:
+    """Forecast from a bundle; a table on the terminal, most probable first, or a CSV/JSON file."""
+    from everest.serving.forecaster import Forecaster, check_output, read_input, terminal_table, write_forecasts
+
+    out = check_output(args.out) if args.out else None  # before any work
+    forecaster = Forecaster.load(args.bundle)
+    forecasts = forecaster.predict(read_input(args.input), args.targets, args.all_times, args.model)
+    if out is None:
+        print(terminal_table(forecasts))
+        return
+    write_forecasts(forecasts, out, {"bundle": str(args.bundle), "input": str(args.input), "model": args.model})
+    print(f"{len(forecasts)} forecast(s) of {forecasts['noaa_ar'].nunique()} region(s) x "
+          f"{forecasts['target'].nunique()} target(s) written to {out}")
+
+
 def _synth(args: argparse.Namespace) -> None:
     from everest.data import synthetic
 
@@ -407,6 +435,25 @@ def build_parser() -> argparse.ArgumentParser:
     ensemble.add_argument("--results-dir", help="EVEREST results root (default <output-dir>/results)")
     add_option(ensemble, "targets", default=None, help="targets to build (default every target with finished seeds)")
     ensemble.set_defaults(fn=_ensemble)
+
+    bundle = sub.add_parser("bundle", help="bundle a study's trained ensembles, baselines and findings into one "
+                            "verified folder (default <output-dir>/bundle)")
+    add_option(bundle, "output_dir", help="the study's output root (default output)")
+    bundle.add_argument("--out", help="bundle folder (default <output-dir>/bundle; an older bundle there is replaced)")
+    add_option(bundle, "targets", default=None, help="targets to bundle (default every target with an ensemble)")
+    bundle.set_defaults(fn=_bundle)
+
+    predict = sub.add_parser("predict", help="forecast from a bundle for SHARP records in the tables' layout")
+    predict.add_argument("--bundle", required=True, help="bundle folder (everest bundle)")
+    predict.add_argument("--input", required=True, help="CSV table of SHARP records (the label column optional)")
+    add_option(predict, "targets", default=None, help="targets to forecast (default every target in the bundle)")
+    predict.add_argument("--all-times", action="store_true",
+                         help="a forecast for every record (default: each region's latest record)")
+    predict.add_argument("--model", default="ensemble", choices=["ensemble", "baseline", "best"],
+                         help="the seed ensemble (default), the bundled baseline, or best: the one with the higher "
+                         "validation TSS in the study")
+    predict.add_argument("--out", help="write FILE.csv or FILE.json (default: a table on the terminal)")
+    predict.set_defaults(fn=_predict)
 
     data = sub.add_parser("data", help="synthesise or inspect SHARP tables").add_subparsers(dest="data_cmd",
                                                                                          required=True)

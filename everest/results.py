@@ -9,6 +9,7 @@ and the analysis loader all decide through this module. Layout under an output r
     results/<name>/model/          weights, scaler, config, model card (trained_models/<name> links here)
     results/.superseded/<name>/<UTC time>/   earlier results moved aside by a retrain or a failure
     checkpoints/<name>.pt          the running attempt's checkpoint
+    bundle/                        the study's model bundle (everest.serving.bundle), written after the analysis
 
 The baselines (``baselines/<model>/``) and the seed ensembles (``ensemble/``, whose results file is
 ``ensemble.json``) are output roots of the same layout. A result is reused only when the identity it records
@@ -157,6 +158,14 @@ def results_record(identity: Identity, model: str, target: Target, seed: int | N
 
 
 # ---------------------------------------------------------------------- layout
+BUNDLE_FOLDER = "bundle"
+
+
+def bundle_dir(output_dir: str | Path) -> Path:
+    """``<output>/bundle``: where a study's model bundle goes unless told otherwise."""
+    return Path(output_dir) / BUNDLE_FOLDER
+
+
 def experiment_dir(output_dir: str | Path, name: str) -> Path:
     """``<output_dir>/results/<name>``: everything about one experiment."""
     return Path(output_dir) / "results" / name

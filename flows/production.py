@@ -67,6 +67,7 @@ from flows.tasks import (
     analyse,
     api_unreachable,
     build_seed_ensembles,
+    bundle_models,
     fit_baseline,
     group_name,
     member_error,
@@ -294,10 +295,11 @@ class ProductionRun:
         built = build_seed_ensembles(results_dir, str(self.out), self.params.targets, wait_for=waited,
                                      return_state=True)
         summary = analyse(results_dir, str(self.out), self.params.targets, self.params.seeds, wait_for=waited)
+        bundle = bundle_models(str(self.out), self.params.targets)
         n_everest = sum(r["model"] == "everest" for r in self.rows)
         failed = self.failures + self.base_failures
         result = {"completed": n_everest, "baselines_fitted": len(self.rows) - n_everest,
-                  "failed": [f["experiment"] for f in failed], "report": summary.get("report"),
+                  "failed": [f["experiment"] for f in failed], "report": summary.get("report"), "bundle": bundle,
                   "plots": str(self.out / "plots"), "results": self.rows}
         io.write_json(self.out / "analysis" / "flow_summary.json", result)
         publish_artifacts(summary, self.rows, failed, len(self.experiments))

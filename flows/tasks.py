@@ -271,3 +271,15 @@ def analyse(results_dir: str, out_dir: str, targets: list[str], seeds: list[int]
     from everest.analysis import run_analysis
 
     return run_analysis(results_dir, out_dir, targets=targets, seeds=seeds)
+
+
+@task(name="bundle-models", log_prints=True)
+def bundle_models(out_dir: str, targets: list[str]) -> str:
+    """After the analysis, whose verdict it carries: bundle every target's seed ensemble (``everest bundle``);
+    returns the bundle's folder, or why there is none (no target has an ensemble)."""
+    from everest.serving.bundle import BundleError, write_bundle
+
+    try:
+        return str(write_bundle(out_dir, targets=[Target.parse(t) for t in targets]).path)
+    except BundleError as err:
+        return f"no bundle: {err}"

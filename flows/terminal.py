@@ -146,4 +146,6 @@ def print_summary(state: Any, out: Path, browse: str) -> None:
           f"(+{data.get('baselines_fitted', 0)} baseline fits), {len(data.get('failed', []))} failed")
     print(f"report: {data.get('report')}")
     print(f"plots:  {data.get('plots', out / 'plots')}")
+    if data.get("bundle"):  # the trained ensembles, ready for `everest predict` (or why there is no bundle)
+        print(f"bundle: {data['bundle']}")
     print(browse)

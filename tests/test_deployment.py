@@ -71,8 +71,12 @@ def test_deployment_run_then_retry_reruns_only_failures(prefect_server, tmp_path
            "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
     _cli(["work-pool", "create", "everest", "--type", "process", "--overwrite"], env)
     deployed = _cli(["deploy", "--all", "--no-prompt"], env)
-    for name in ("everest-production/local", "everest-production/pbs", "everest-production/slurm"):
+    for name in ("everest-production/local", "everest-production/pbs", "everest-production/slurm",
+                 "everest-forecast/local"):
         assert name in deployed
+    with get_client(sync_client=True) as client:  # the forecast's schedule is written, but paused
+        (schedule,) = client.read_deployment_by_name("everest-forecast/local").schedules
+    assert not schedule.active and schedule.schedule.interval.total_seconds() == 720
     worker = subprocess.Popen([*PREFECT, "worker", "start", "--pool", "everest", "--limit", "1"], cwd=ROOT, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:

@@ -25,6 +25,7 @@ import pandas as pd
 
 from everest import __version__
 from everest.analysis.stats import CLIPPED, MIN_T_SEEDS, Interval, ShownInterval, seed_interval
+from everest.results import bundle_dir
 
 if TYPE_CHECKING:
     from everest.analysis.analyzer import ProductionAnalyzer
@@ -468,6 +469,10 @@ def _provenance(a: ProductionAnalyzer) -> list[str]:
     for r in runs:
         by_hash.setdefault(r.config_hash, []).append(r.name)
     out.append("Config hashes (experiments): " + "; ".join(f"`{h}`: {len(v)}" for h, v in by_hash.items()) + "\n")
+    bundle = bundle_dir(a.out_dir)
+    out.append(f"Trained models: the study's model bundle `{bundle}` (written after this report, or by `everest bundle "
+               f"--output-dir {a.out_dir}`) carries each target's seed ensemble, its best baseline and this verdict; "
+               f"forecast with `everest predict --bundle {bundle} --input TABLE.csv`.\n")
     tuned = {json.dumps(t, sort_keys=True) for r in runs if (t := r.results.get("config", {}).get("tuning"))}
     for record in map(json.loads, sorted(tuned)):
         out.append(f"Recipe tuned by study `{record['study']}` ({record['storage']}): {record['trials']} trials on "
