@@ -4,7 +4,7 @@
 
 Rows: 1 data build, 2 training throughput, 3 packing, 4 inference, 5 orchestration,
 6 analysis, 7 study projection, 8 grouped trainer vs solo runs (and its study projection), 9 how a group
-is batched (weights written batched vs ``torch.func.vmap`` vs separate models).
+is batched (weights written batched vs ``torch.func.vmap`` vs separate models), 10 forecasting from a bundle.
 Writes ``DIR/benchmarks.json`` after every row and prints the table last. A row whose
 dependencies are missing (e.g. prefect on a bare GPU machine) is recorded as skipped, not failed.
 """
@@ -375,6 +375,24 @@ class Suite:
             self.add(9, f"group layout, K={k}: batched modules vs {other}", rates["batched modules"], rates[other],
                      "samples/s", note=note, layout=rates)
 
+    # ------------------------------------------------------------------ row 10
+    def forecasting(self) -> None:
+        """Forecasts from a bundle on the CPU (``everest predict``'s path), ms per forecast of one region and
+        target, for 1 and 1,000 regions x 9 targets x 5 members, beside the study's per-sample latency x 5."""
+        from benchmarks import forecast_latency as F
+
+        cfg, members = self.config, len(DEFAULT_SEEDS)
+        forecaster = F.in_memory_forecaster(cfg, members)
+        n_targets = len(forecaster.targets)
+        model_ms = F.study_latency_ms(cfg) * members  # the members' network time of one window, batch 32
+        for regions in (1, 1000):
+            table = F.records(cfg, regions, cfg.model.seq_len)
+            call_ms = F.forecast_ms(forecaster, table, repeats=3 if self.quick else 10)
+            per = call_ms / (regions * n_targets)
+            self.add(10, f"forecast, {regions:,} region(s) x {n_targets} targets x {members} members (CPU)", per,
+                     model_ms, "ms/sample", note=f"{call_ms:.1f} ms per call; baseline: the study's latency_ms x "
+                     f"{members} members (network only, batch 32); ratio < 1: validation, windows and scaling cost")
+
 
 WARMUP_STEPS = 5
 
@@ -412,7 +430,8 @@ def study_counts(size: str = "full") -> dict[str, dict[str, int]]:
 
 ROWS: dict[int, Callable[[Suite], None]] = {1: Suite.data_build, 2: Suite.training, 3: Suite.packing,
                                             4: Suite.inference, 5: Suite.orchestration, 6: Suite.analysis,
-                                            7: Suite.projection, 8: Suite.grouped, 9: Suite.layout}
+                                            7: Suite.projection, 8: Suite.grouped, 9: Suite.layout,
+                                            10: Suite.forecasting}
 
 
 def environment(device: torch.device) -> dict[str, Any]:

@@ -61,7 +61,7 @@ def test_per_row_builder_matches_the_vectorised_one():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("row", [1, 2, 3, 4, 6, 7])
+@pytest.mark.parametrize("row", [1, 2, 3, 4, 6, 7, 10])
 def test_suite_rows_compute_ratios(suite, row):
     before = len(suite.rows)
     bench.ROWS[row](suite)
