@@ -491,7 +491,8 @@ def _runs(command: Callable[[Path], list[str]]) -> Callable[[Callable[..., None]
     """Mark a matrix test: each of its cases runs ``command`` on its own spoiled copy, started by ``matrix``."""
     def mark(test: Callable[..., None]) -> Callable[..., None]:
         test.command = command  # type: ignore[attr-defined]
-        return test
+        # Under pytest-xdist every process that runs a matrix test would start the whole matrix: keep them in one.
+        return pytest.mark.xdist_group("bad-input-matrix")(test)
     return mark
 
 
