@@ -42,9 +42,11 @@ def publish_artifacts(summary: dict[str, Any], rows: list[dict[str, Any]], failu
                               description=f"test metrics per experiment and baseline ({status})")
     report = Path(summary["report"]) if summary.get("report") else None
     text = embed_figures(report.read_text(), report.parent) if report and report.is_file() else "(no report)"
-    if failures:
-        text = "## Failed experiments\n\n" + "\n".join(f"* {f['experiment']}: {f['error_type']}: {f['error']}"
-                                                        for f in failures) + "\n\n" + text
+    if failures:  # after the report's first screen, which stays first as in the Markdown file
+        first, sep, rest = text.partition("\n## ")
+        failed = "## Failed experiments\n\n" + "\n".join(f"* {f['experiment']}: {f['error_type']}: {f['error']}"
+                                                          for f in failures)
+        text = f"{first}\n{failed}\n{sep}{rest}" if sep else f"{failed}\n\n{text}"
     create_markdown_artifact(markdown=text, key=f"everest-report{suffix}",
                              description=f"EVEREST production report ({status})")
 

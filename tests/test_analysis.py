@@ -368,7 +368,7 @@ def test_partial_retrain_reports_the_stale_experiments(tmp_path):
     status = Path(summary.report).read_text().split("## Overall statistics")[0]
     assert "3 of 5 expected experiments finished; 0 failed; 0 missing; 2 stale." in status
     assert "### Stale results (2; listed, not in the statistics)" in status
-    assert all(f"| {name} | config aaaa (the run's: bbbb) |" in status for name in stale)
+    assert all(f"* `{name}`: config aaaa (the run's: bbbb)" in status for name in stale)
     raw = pd.read_csv(summary.raw_results).set_index("experiment")
     assert list(raw["status"]) == ["completed"] * 3 + ["stale"] * 2
     assert a.summary_statistics.iloc[0]["config_hashes"] == "bbbb"

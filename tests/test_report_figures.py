@@ -102,17 +102,26 @@ def _row(text: str, section: str, target: str) -> str:
     return next(line for line in part.splitlines() if line.startswith(f"| {target} |"))
 
 
+def _interval(text: str, section: str, target: str, quantity: str) -> str:
+    """The cell of an interval table row ``| target | quantity | interval |`` in ``section``."""
+    part = (text.split(section)[1] if section else text).split("\n## ")[0]
+    return next(line for line in part.splitlines() if line.startswith(f"| {target} | {quantity} |")
+                ).split(" | ")[2].removesuffix(" |")
+
+
 def test_report_intervals_are_clipped_replaced_and_carry_n(mixed):
     a, text = mixed
     detailed = "## Per-target results with confidence intervals"
     half = T_975_2 * 0.4 / np.sqrt(3)  # C-24 TSS: mean 0.5, sd 0.4
-    assert f"| [{0.5 - half:.3f}, 1.000] (t, n=3 seeds, {CLIPPED}) |" in _row(text, detailed, "C-24")
+    assert _interval(text, detailed, "C-24", "TSS (t)") == f"[{0.5 - half:.3f}, 1.000] (t, n=3 seeds, {CLIPPED})"
     m = a.bootstrap["M-24"].pooled["tss"]
-    assert (f"| [{m.low:.3f}, {m.high:.3f}] (bootstrap, n=30 regions, instead of t with n=2 seeds) | "
-            f"[{m.low:.3f}, {m.high:.3f}] (bootstrap, n=30 regions) |") in _row(text, detailed, "M-24")
+    assert _interval(text, detailed, "M-24", "TSS (t)") == (f"[{m.low:.3f}, {m.high:.3f}] (bootstrap, n=30 regions, "
+                                                            "instead of t with n=2 seeds)")
+    boot = _interval(text, detailed, "M-24", "TSS (bootstrap)")
+    assert boot == f"[{m.low:.3f}, {m.high:.3f}] (bootstrap, n=30 regions)"
     v = [0.6, 0.7, 0.8, 0.75, 0.65]
     lo, hi = sps.t.interval(0.95, df=4, loc=np.mean(v), scale=sps.sem(v))
-    assert f"| [{lo:.3f}, {hi:.3f}] (t, n=5 seeds) |" in _row(text, detailed, "M5-24")
+    assert _interval(text, detailed, "M5-24", "TSS (t)") == f"[{lo:.3f}, {hi:.3f}] (t, n=5 seeds)"
     lat_half = T_975_2 * 1.0 / np.sqrt(3)  # latency: mean 1.1, sd 1.0
     assert f"| [0.000, {1.1 + lat_half:.3f}] (t, n=3 seeds, {CLIPPED}) |" in _row(text, "## Latency", "C-24")
     # The summary table keeps the t-interval as computed.
@@ -138,9 +147,9 @@ def test_verdict_intervals_carry_n(mixed):
     [row] = [r for r in a.verdict.to_dict("records") if r["target"] == "M-24"]
     assert (row["n_pairs"], row["n_units"]) == (2, 30)
     verdict = text.split("## Verdict: EVEREST against simple baselines\n")[1].split("\n## ")[0]
-    line = _row(verdict, "| target |", "M-24")
-    assert f"| [{row['ci_low']:.3f}, {row['ci_high']:.3f}] (bootstrap, n=30 regions, 2 seed pairs) |" in line
-    assert "(bootstrap, n=30 regions, instead of t with n=2 seeds)" in line
+    assert _interval(verdict, "", "M-24", "ΔTSS") == (f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}] (bootstrap, "
+                                                     "n=30 regions, 2 seed pairs)")
+    assert "(bootstrap, n=30 regions, instead of t with n=2 seeds)" in _interval(verdict, "", "M-24", "EVEREST TSS (t)")
     assert f"* {row['sentence']} (CI: paired region bootstrap, n=30 regions, 2 seed pairs.)" in verdict
 
 
@@ -237,7 +246,8 @@ def test_plots_of_an_earlier_larger_analysis_are_removed(tmp_path):
         write_experiment(tmp_path / "results", "M-24", s, region_data(np.random.default_rng(s)))
     summary = ProductionAnalyzer(tmp_path / "results", targets=["M-24"], seeds=[0, 1],
                                  n_bootstrap=100).run_complete_analysis()
-    assert sorted(p.name for p in plots.iterdir()) == sorted([*PLOT_FILES.values(), *unrelated])
+    figures = [name for key, name in PLOT_FILES.items() if key != "verdict"]  # no baselines: no verdict figure
+    assert sorted(p.name for p in plots.iterdir()) == sorted([*figures, *unrelated])
     assert all(Path(p).read_bytes()[:8] == PNG for p in summary.plots.values())  # rewritten, not the old bytes
     assert all((plots / name).read_bytes() == b"old" for name in unrelated)
 

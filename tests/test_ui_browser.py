@@ -133,6 +133,37 @@ def test_report_figures_load_in_the_browser(browser, failed_cli_run, prefect_ser
     assert "Failed experiments" in browser.find_element("tag name", "body").text
 
 
+def test_report_artifact_answers_on_its_first_screen(browser, failed_cli_run, prefect_server):
+    """At 1400 x 1000 px, before any scrolling: every target's line (C-24 with its verdict word, M-24, which
+    failed, with why it has none) and the verdict figure, above the first table; screenshot of that screen."""
+    _, run = failed_cli_run
+    arts = _post(prefect_server, "/artifacts/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}})
+    (report,) = [a for a in arts if a["type"] == "markdown" and a["key"].startswith("everest-report")]
+    browser.set_window_size(1400, 1000)
+    try:
+        browser.get(prefect_server.removesuffix("/api") + f"/artifacts/artifact/{report['id']}")
+        figure = "Array.from(document.images).find(i => i.alt.startsWith('Verdict'))"
+        assert _wait_for(browser, f"{figure} && {figure}.complete && {figure}.naturalWidth > 0")
+        time.sleep(1.0)
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(SHOTS / "report-first-screen.png"))
+        screen = browser.execute_script(f"""
+            const top = e => e ? e.getBoundingClientRect().top : Infinity;
+            const lines = Array.from(document.querySelectorAll('li')).filter(li => /^(C|M)-24:/.test(li.innerText));
+            return {{height: window.innerHeight, figure: top({figure}),
+                     figureBottom: {figure}.getBoundingClientRect().bottom, table: top(document.querySelector('table')),
+                     lines: lines.map(li => [li.innerText, top(li)])}};""")
+    finally:
+        browser.set_window_size(1400, 1800)
+    lines: dict[str, tuple[str, float]] = {}
+    for text, y in screen["lines"]:  # the first line of each target: the first screen's (sentences follow)
+        lines.setdefault(text.split(":")[0], (text, y))
+    assert set(lines) == {"C-24", "M-24"}, screen
+    assert re.search(r"→ (beats|ties|trails)$", lines["C-24"][0]) and "no verdict" in lines["M-24"][0], lines
+    assert all(y < screen["height"] for _, y in lines.values()), screen
+    assert screen["figure"] < screen["height"] and screen["figureBottom"] <= screen["table"], screen
+
+
 def test_metrics_table_shows_rounded_numbers(browser, failed_cli_run, prefect_server):
     _, run = failed_cli_run
     arts = _post(prefect_server, "/artifacts/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}})

@@ -95,7 +95,8 @@ def test_best_baseline_is_chosen_on_validation_and_equal_skill_ties(tie_root):
     assert headings[:3] == ["## Verdict: EVEREST against simple baselines",
                             "## The seed ensemble and calibrated probabilities", "## Status of the run"]
     section = verdict_section(report)
-    assert "highest mean **validation** TSS" in section and f"* {row['sentence']}" in section
+    assert f"* {row['sentence']}" in section and "(#how-to-read-this-report)" in section
+    assert "highest mean **validation** TSS" in report.split("## How to read this report\n")[1]  # the method, last
     # The same table, first, for a Prefect artifact: verdict.csv and the summary rows.
     csv = pd.read_csv(summary.verdict_file)
     assert summary.verdict_file == str(tie_root / "analysis" / "verdict.csv")
@@ -137,8 +138,8 @@ def test_clearly_worse_candidate_trails(tmp_path):
                                f"(95 % CI {-row['ci_high']:.3f}-{-row['ci_low']:.3f}, "
                                f"Holm p = {_p(row['p_holm'])}).")
     section = verdict_section(Path(summary.report).read_text())
-    line = next(x for x in section.splitlines() if x.startswith("| M-24 |"))
-    assert f"| {row['everest_tss']:.3f} (3) |" in line and f"| {base:.3f} |" in line
+    line, baselines = [x for x in section.splitlines() if x.startswith("| M-24 |")][:2]
+    assert f"| {row['everest_tss']:.3f} (3) |" in line and f"| {base:.3f} |" in baselines
     assert f"| logistic ({row['best_baseline_val_tss']:.3f}) | {row['delta']:.3f} |" in line
     assert line.endswith("| **trails** |")
     table = summary.verdict_table()[0]

@@ -27,6 +27,7 @@ from everest.analysis.analyzer import (
     compare_result_sets,
     run_analysis,
 )
+from everest.analysis.inline import embed_figures
 from everest.analysis.loading import (
     AnalysisError,
     ExperimentResult,
@@ -34,7 +35,6 @@ from everest.analysis.loading import (
     ResultSet,
     load_results,
 )
-from everest.analysis.report import embed_figures
 from everest.analysis.writing import PLOT_FILES, AnalysisSummary
 
 __all__ = [

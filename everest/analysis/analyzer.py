@@ -468,7 +468,10 @@ class ProductionAnalyzer:
             return {}
         runs = self.results.analysed
         boot = {t: b.pooled["tss"] for t, b in self.bootstrap.items()}
-        return {"performance": plots.performance_figure(a, boot), "detailed": plots.detailed_metrics_figure(a),
+        verdict = plots.verdict_figure(self.verdict, 1 - self.confidence, self.confidence) \
+            if self.baseline_models else None
+        return {**({"verdict": verdict} if verdict is not None else {}),
+                "performance": plots.performance_figure(a, boot), "detailed": plots.detailed_metrics_figure(a),
                 "threshold": plots.threshold_figure(a, runs), "latency": plots.latency_figure(a),
                 "reliability": plots.reliability_figure(runs), "roc_pr": plots.roc_pr_figure(runs),
                 "training": plots.training_figure(runs)}

@@ -417,3 +417,47 @@ def plot_reliability(curves: Mapping[str, pd.DataFrame], path: str | Path, title
     """:func:`reliability_curves_figure` written as PNG (atomically); returns the path."""
     fig = reliability_curves_figure(curves, title)
     return io.atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
+
+
+def verdict_figure(verdict: pd.DataFrame, alpha: float, confidence: float) -> Figure | None:
+    """The verdict at a glance: per target, ΔTSS (EVEREST's seed mean minus the best baseline, test) with its
+    paired region-bootstrap interval, the seed ensemble's ΔTSS beside it (a point: the ensemble is one model),
+    a line at zero; filled markers are Holm-significant (Holm p < ``alpha``). None when no target has a ΔTSS."""
+    rows = [r for r in verdict.to_dict("records") if _finite(r.get("delta"))]
+    if not rows:
+        return None
+    order = {t: i for i, t in enumerate(f"{c}-{h}" for c in FLARE_CLASSES for h in HORIZONS)}
+    rows.sort(key=lambda r: order.get(r["target"], len(order)))
+    fig = Figure(figsize=(7.5, 0.55 * len(rows) + 1.7), layout="constrained")
+    ax = fig.subplots()
+    ys = np.arange(len(rows))[::-1].astype(float)
+    for y, r in zip(ys, rows, strict=True):
+        colour, delta = _colour(r["target"]), float(r["delta"])
+        filled = _finite(r.get("p_holm")) and float(r["p_holm"]) < alpha
+        lo, hi = (float(r[k]) if _finite(r.get(k)) else delta for k in ("ci_low", "ci_high"))
+        ax.errorbar(delta, y + 0.12, xerr=[[delta - lo], [hi - delta]], fmt="o", color=colour, capsize=3,
+                    markerfacecolor=colour if filled else "white", markersize=7)
+        if _finite(r.get("ensemble_tss")) and _finite(r.get("best_baseline_tss")):
+            ax.plot(float(r["ensemble_tss"]) - float(r["best_baseline_tss"]), y - 0.18, marker="D", linestyle="none",
+                    color=colour, markerfacecolor="none", markersize=6)
+        ax.annotate(str(r.get("verdict", "")), (1.01, y), xycoords=("axes fraction", "data"), va="center",
+                    fontsize=9, fontweight="bold")
+    ax.axvline(0.0, color="0.3", linewidth=1, linestyle="--")
+    ax.set_yticks(ys, [r["target"] for r in rows])
+    ax.set_ylim(-0.7, len(rows) - 0.3)
+    ax.set_xlabel("ΔTSS on test: EVEREST minus the best baseline (right of 0: EVEREST better)")
+    conf = int(round(confidence * 100))
+    handles = [ax.plot([], [], "o", color="0.3", markerfacecolor="0.3")[0],
+               ax.plot([], [], "o", color="0.3", markerfacecolor="white")[0],
+               ax.plot([], [], "D", color="0.3", markerfacecolor="none")[0]]
+    ax.legend(handles, [f"seed mean, {conf} % paired bootstrap CI, Holm p < {alpha:.2g}", "seed mean, not significant",
+                        "seed ensemble (point)"], loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, fontsize=8,
+              frameon=False)
+    return fig
+
+
+def _finite(value: object) -> bool:
+    try:
+        return math.isfinite(float(value))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False

@@ -1,36 +1,37 @@
 """The Markdown report: every number in it is read from the analyzer's computed tables, none is typed.
 
+Its first screen answers: what was run, one line per target with EVEREST against the best baseline and the
+verdict word, and the verdict figure. Then the tables, none wider than :data:`MAX_COLUMNS` columns or
+:data:`MAX_WIDTH` characters (wide ones are split; an interval that needs its words gets a row of its own in
+an interval table); the method text comes last (:mod:`everest.analysis.guide`).
+
 Every interval is printed with what it is and its n (seeds, or resampled regions), e.g. ``[0.470, 0.550] (t,
 n=5 seeds)``; seed t-intervals go through :func:`everest.analysis.stats.seed_interval` (clipped to the metric's
-range, said where it happened; the region bootstrap instead below 3 seeds). :func:`embed_figures` makes the
-report self-contained (figures inlined) for places where its relative image links resolve nowhere.
+range, said where it happened; the region bootstrap instead below 3 seeds).
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import math
-import mimetypes
-import re
 from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from io import BytesIO
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from everest import __version__
-from everest.analysis.stats import CLIPPED, MIN_T_SEEDS, Interval, ShownInterval, seed_interval
+from everest.analysis.guide import how_to_read
+from everest.analysis.stats import CLIPPED, Interval, ShownInterval, seed_interval
 from everest.results import bundle_dir
 
 if TYPE_CHECKING:
     from everest.analysis.analyzer import ProductionAnalyzer
 
 PLOT_CAPTIONS = {
+    "verdict": "Verdict: ΔTSS (EVEREST minus the best baseline) per target with its paired region-bootstrap interval",
     "performance": "TSS, F1 and ROC AUC by class and horizon (mean ± std over seeds); TSS by horizon with "
                    "95 % t-intervals over seeds (clipped to the TSS range; region bootstrap below 3 seeds)",
     "detailed": "Every metric across seeds, per target (each dot is one seed)",
@@ -66,8 +67,19 @@ def _p(x: Any) -> str:
     return "n/a" if not math.isfinite(v) else (f"{v:.2g}" if v < 0.001 else f"{v:.3f}")
 
 
+MAX_COLUMNS = 8  # a report table's most columns, and its most characters when rendered with aligned columns
+MAX_WIDTH = 110
+
+
+def rendered_width(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> int:
+    """Characters a table takes rendered with aligned columns: ``| `` + cells + `` | `` separators + `` |``."""
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=True)]
+    return sum(widths) + 3 * len(widths) + 1
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A Markdown table; cells are formatted with :func:`fmt` unless already strings."""
+    """A Markdown table; cells are formatted with :func:`fmt` unless already strings. Fits the report's limits
+    (:data:`MAX_COLUMNS`, :data:`MAX_WIDTH`): the layout of every table is chosen so, and a test reads them."""
     def cell(v: Any) -> str:
         return (v if isinstance(v, str) else fmt(v)).replace("|", "\\|").replace("\n", " ")
 
@@ -109,6 +121,12 @@ def interval_text(iv: ShownInterval) -> str:
     return _ci(iv.low, iv.high, f"{how}, {CLIPPED}" if iv.clipped else how)
 
 
+def interval_table(rows: Sequence[tuple[str, str, str]]) -> str:
+    """Intervals one per row, (target or comparison, quantity, interval with what it is and its n): the form
+    that keeps each interval's words and the table narrow."""
+    return table(["target", "interval of", "interval"], [list(r) for r in rows if r[2] != "n/a"] or [["-", "-", "-"]])
+
+
 def _pooled(a: ProductionAnalyzer, target: str, metric: str = "tss") -> Interval | None:
     """The target's region-bootstrap interval of the seed mean of ``metric``, if it has one."""
     boot = a.bootstrap.get(target)
@@ -126,17 +144,6 @@ def _seed_ci(a: ProductionAnalyzer, row: dict[str, Any], metric: str) -> str:
     iv = seed_interval(metric, int(row[f"{metric}_n"]), row[f"{metric}_ci_low"], row[f"{metric}_ci_high"],
                        _pooled(a, row["target"], metric))
     return interval_text(iv)
-
-
-def _intervals_note(a: ProductionAnalyzer) -> str:
-    """How the report's intervals are shown: one paragraph before the tables that print them."""
-    return (f"Every interval is a {int(round(a.confidence * 100))} % interval printed with what it is and its n: "
-            "*t* is the Student-t interval of the seed mean over n seeds (training randomness), *bootstrap* the "
-            "percentile interval from a region-block bootstrap of the test set over n active regions (or day-long "
-            "row blocks where no region is recorded). A t-interval is cut to the metric's range (TSS in [-1, 1]; "
-            f"rates, AUC, Brier and ECE in [0, 1]; times ≥ 0), marked *{CLIPPED}* where that happened; with fewer "
-            f"than {MIN_T_SEEDS} seeds it says nothing, and the bootstrap interval is shown instead where one "
-            "exists.\n")
 
 
 def _pm(mean: Any, std: Any) -> str:
@@ -187,46 +194,44 @@ def _verdict(a: ProductionAnalyzer) -> list[str]:
         return out + [f"No baseline results under `{a.out_dir / 'baselines'}`: fit them with `python -m "
                       f"everest baselines --array-index K --output-dir {a.out_dir}` (K = 1..45) and rerun the "
                       "analysis.\n"]
-    v = a.verdict
     models = list(a.baseline_models)
-    conf = int(round(a.confidence * 100))
-    alpha = fmt(1 - a.confidence, 2)
-    out.append("Baselines: " + ", ".join(f"`{m}` (`{p}`)" for m, p in a.baseline_models.items()) + ".\n")
-    out.append("**Best baseline** of a target: the baseline with the highest mean **validation** TSS over its seeds "
-               "(ties: model name), so the choice never sees test data. Test TSS and Brier: means over seeds. "
-               f"EVEREST's t-CI: {conf} % Student-t interval over seeds; bootstrap CI: region-block bootstrap of the "
-               "seed mean. **ΔTSS**: EVEREST minus the best baseline, mean over the seeds both have, paired on test "
-               f"samples; its CI: paired region bootstrap; p: paired region permutation test, Holm-corrected over "
-               f"the targets. **Verdict**: *beats* when the CI lies above 0 and the Holm p is below {alpha}, "
-               f"*trails* when it lies below 0 and the Holm p is below {alpha}, else *ties*.\n")
-    out.append(_intervals_note(a))
-    records = v.to_dict("records")
-    rows = [[r["target"], f"{fmt(r['everest_tss'])} ({r['everest_seeds']})",
-             interval_text(seed_interval("tss", r["everest_seeds"], r["everest_tss_t_ci_low"],
-                                         r["everest_tss_t_ci_high"], _pooled(a, r["target"]))),
-             _boot(r["everest_tss_boot_ci_low"], r["everest_tss_boot_ci_high"], _regions(a, r["target"])),
-             *[r[f"tss_{m}"] for m in models],
-             f"{r['best_baseline']} ({fmt(r['best_baseline_val_tss'])})" if isinstance(r["best_baseline"], str)
-             else "none",
-             r["delta"], _boot(r["ci_low"], r["ci_high"], r["n_units"], _count(r["n_pairs"], "seed pair")),
-             _p(r["p_value"]), _p(r["p_holm"]), r["everest_brier"], r["best_baseline_brier"], f"**{r['verdict']}**"]
-            for r in records]
-    out.append(table(["target", "EVEREST TSS (seeds)", "t-CI", "bootstrap CI", *[f"{m} TSS" for m in models],
-                      "best baseline (val. TSS)", "ΔTSS", "ΔTSS CI", "p", "p (Holm)", "Brier EVEREST",
-                      "Brier best baseline", "verdict"], rows))
+    out.append("Baselines: " + ", ".join(f"`{m}` (`{p}`)" for m, p in a.baseline_models.items()) + ". How the best "
+               "baseline, ΔTSS, p and the verdict are defined: [How to read this report](#how-to-read-this-report).\n")
+    records = a.verdict.to_dict("records")
+    out.append(table(["target", "EVEREST TSS (seeds)", "best baseline (val. TSS)", "ΔTSS", "p", "p (Holm)",
+                      "verdict"],
+                     [[r["target"], f"{fmt(r['everest_tss'])} ({r['everest_seeds']})",
+                       f"{r['best_baseline']} ({fmt(r['best_baseline_val_tss'])})"
+                       if isinstance(r["best_baseline"], str) else "none",
+                       r["delta"], _p(r["p_value"]), _p(r["p_holm"]), f"**{r['verdict']}**"] for r in records]))
     out += [f"* {r['sentence']}{_pairs_note(r)}" for r in records]
     out.append("")
+    out.append("Test TSS of every baseline and Brier scores (calibrated), means over seeds:\n")
+    out.append(table(["target", *[f"{m} TSS" for m in models], "Brier EVEREST", "Brier best baseline"],
+                     [[r["target"], *[r[f"tss_{m}"] for m in models], r["everest_brier"], r["best_baseline_brier"]]
+                      for r in records]))
+    out.append(interval_table([row for r in records for row in (
+        (r["target"], "EVEREST TSS (t)", interval_text(seed_interval("tss", r["everest_seeds"],
+                                                                     r["everest_tss_t_ci_low"],
+                                                                     r["everest_tss_t_ci_high"],
+                                                                     _pooled(a, r["target"])))),
+        (r["target"], "EVEREST TSS (bootstrap)", _boot(r["everest_tss_boot_ci_low"], r["everest_tss_boot_ci_high"],
+                                                      _regions(a, r["target"]))),
+        (r["target"], "ΔTSS", _boot(r["ci_low"], r["ci_high"], r["n_units"], _count(r["n_pairs"], "seed pair"))))]))
     ensemble_regions = dict(zip(a.ensemble_table["target"], a.ensemble_table["n_units"], strict=True))
     out.append("The seed ensemble (mean of the seeds' probabilities, its own calibration and threshold on validation) "
-               "against the best baseline; Brier scores on the calibrated scale (raw model scores in brackets):\n")
-    out.append(table(["target", "ensemble TSS (seeds)", "bootstrap CI", "best baseline TSS", "Brier ensemble",
-                      "Brier EVEREST (seed mean)", "Brier best baseline"],
-                     [[r["target"], f"{fmt(r['ensemble_tss'])} ({r['ensemble_seeds']})",
-                       _boot(r["ensemble_tss_boot_ci_low"], r["ensemble_tss_boot_ci_high"],
-                             ensemble_regions.get(r["target"])), r["best_baseline_tss"],
-                       f"{fmt(r['ensemble_brier'], 4)} ({fmt(r['ensemble_brier_raw'], 4)})",
+               "against the best baseline:\n")
+    out.append(table(["target", "ensemble TSS (seeds)", "best baseline TSS"],
+                     [[r["target"], f"{fmt(r['ensemble_tss'])} ({r['ensemble_seeds']})", r["best_baseline_tss"]]
+                      for r in records]))
+    out.append("Brier scores on the calibrated scale (raw model scores in brackets):\n")
+    out.append(table(["target", "ensemble", "EVEREST (seed mean)", "best baseline"],
+                     [[r["target"], f"{fmt(r['ensemble_brier'], 4)} ({fmt(r['ensemble_brier_raw'], 4)})",
                        f"{fmt(r['everest_brier'], 4)} ({fmt(r['everest_brier_raw'], 4)})",
                        fmt(r["best_baseline_brier"], 4)] for r in records]))
+    out.append(interval_table([(r["target"], "ensemble TSS (bootstrap)",
+                                _boot(r["ensemble_tss_boot_ci_low"], r["ensemble_tss_boot_ci_high"],
+                                      ensemble_regions.get(r["target"]))) for r in records]))
     out += [f"* {r['ensemble_sentence']}" for r in records]
     out.append("")
     return out
@@ -247,23 +252,19 @@ def _ensemble(a: ProductionAnalyzer) -> list[str]:
     if not len(built):
         reasons = "; ".join(f"{r['target']}: {r['note']}" for r in e.to_dict("records")) or "no expected target"
         return out + [f"No ensemble: {reasons}.\n"]
-    conf = int(round(a.confidence * 100))
-    methods = ", ".join(sorted(set(built["calibration"])))
-    out.append("Every model's probabilities are **calibrated** on the validation split before the threshold search "
-               f"({methods}); Brier score and ECE are shown raw and calibrated, on test. The **ensemble** averages "
-               "its seeds' raw probabilities; the seeds share one validation split, so its calibration and "
-               "threshold are fitted on regions none of its members trained on (and the seed intervals above "
-               "describe training randomness only, not the choice of validation regions). Thresholds are searched "
-               "on the raw scores and shown on the calibrated scale. TSS CI: region-block bootstrap "
-               f"({conf} %). A threshold at the edge of the design grid is marked *edge*.\n")
-    rows = [[r["target"], _int(r["members"]), fmt(r["tss"]), _boot(r["tss_boot_ci_low"], r["tss_boot_ci_high"],
-                                                                 r["n_units"]),
-             fmt(r["seed_tss_mean"]), f"{fmt(r['threshold'], 4)}{' (edge)' if r['at_grid_edge'] is True else ''}",
-             fmt(r["roc_auc"]), f"{fmt(r['brier_raw'], 4)} → {fmt(r['brier'], 4)}",
-             f"{fmt(r['ece_raw'], 4)} → {fmt(r['ece'], 4)}",
-             f"{fmt(r['seed_brier_raw_mean'], 4)} → {fmt(r['seed_brier_mean'], 4)}"] for r in built.to_dict("records")]
-    out.append(table(["target", "seeds", "ensemble TSS", "bootstrap CI", "mean seed TSS", "threshold", "ROC AUC",
-                      "Brier raw → calibrated", "ECE raw → calibrated", "seeds' Brier raw → calibrated"], rows))
+    rows = built.to_dict("records")
+    out.append("Calibration, thresholds and the ensemble: [How to read this report](#how-to-read-this-report). A "
+               "threshold at the edge of the design grid is marked *edge*.\n")
+    out.append(table(["target", "seeds", "ensemble TSS", "mean seed TSS", "threshold", "ROC AUC"],
+                     [[r["target"], _int(r["members"]), fmt(r["tss"]), fmt(r["seed_tss_mean"]),
+                       f"{fmt(r['threshold'], 4)}{' (edge)' if r['at_grid_edge'] is True else ''}", fmt(r["roc_auc"])]
+                      for r in rows]))
+    out.append(table(["target", "Brier raw → calibrated", "ECE raw → calibrated", "seeds' Brier raw → calibrated"],
+                     [[r["target"], f"{fmt(r['brier_raw'], 4)} → {fmt(r['brier'], 4)}",
+                       f"{fmt(r['ece_raw'], 4)} → {fmt(r['ece'], 4)}",
+                       f"{fmt(r['seed_brier_raw_mean'], 4)} → {fmt(r['seed_brier_mean'], 4)}"] for r in rows]))
+    out.append(interval_table([(r["target"], "ensemble TSS", _boot(r["tss_boot_ci_low"], r["tss_boot_ci_high"],
+                                                                   r["n_units"])) for r in rows]))
     missing = [f"{r['target']} ({r['note']})" for r in e.to_dict("records") if r["note"]]
     if missing:
         out.append("No ensemble for: " + "; ".join(missing) + ".\n")
@@ -290,11 +291,13 @@ def _status(a: ProductionAnalyzer) -> list[str]:
         out.append(f"### Stale results ({len(rs.stale)}; listed, not in the statistics)\n")
         out.append("Finished with another configuration, code version or data than the run's (the one most "
                    "results share): averaging them in would describe no single configuration. Rerun them.\n")
-        out.append(table(["experiment", "why"], [[name, why] for name, why in rs.stale.items()]))
+        out += [f"* `{name}`: {why}" for name, why in rs.stale.items()]
+        out.append("")
     if rs.failed:
         out.append(f"### Failed experiments ({len(rs.failed)})\n")
-        out.append(table(["experiment", "target", "seed", "error type", "error", "time"],
-                         [[f.name, f.target, str(f.seed), f.error_type, f.error[:200], f.time] for f in rs.failed]))
+        out += [f"* `{f.name}` ({f.target}, seed {f.seed}, {f.time}): {f.error_type}: {f.error[:200]}"
+                for f in rs.failed]
+        out.append("")
     if rs.missing:
         out.append(f"### Missing experiments ({len(rs.missing)})\n")
         out.append("Expected but with neither `results.json` nor `failure.json`: "
@@ -340,69 +343,68 @@ def _overall(a: ProductionAnalyzer) -> list[str]:
 
 def _detailed(a: ProductionAnalyzer) -> list[str]:
     s = a.summary_statistics
-    conf = int(round(a.confidence * 100))
     out = ["## Per-target results with confidence intervals\n",
-           f"Mean ± sample std (ddof = 1) over seeds; **t-CI**: {conf} % Student-t confidence interval of the seed "
-           "mean (training randomness; undefined for one seed). **Bootstrap CI**: "
-           f"{conf} % percentile interval of the seed-mean score from a region-block bootstrap of the test set "
-           f"({a.n_bootstrap:,} resamples of whole active regions, seed {a.seed}): how much the score depends on "
-           "which regions fell in the test period. Rows of one region are near-duplicates (9 of 10 time steps "
-           "shared), so regions, not rows, are the independent units.\n", _intervals_note(a)]
-    rows = [[r["target"], 0, f"{r['n_failed']}/{r['n_missing']}", "no finished seed", *[""] * 8]
-            if r["n_seeds"] == 0 else
-            [r["target"], r["n_seeds"], f"{r['n_failed']}/{r['n_missing']}", _pm(r["tss_mean"], r["tss_std"]),
-             _seed_ci(a, r, "tss"), _boot(r["pooled_boot_tss_low"], r["pooled_boot_tss_high"], r["n_units"]),
-             _pm(r["f1_mean"], r["f1_std"]), _boot(r["pooled_boot_f1_low"], r["pooled_boot_f1_high"], r["n_units"]),
-             _pm(r["roc_auc_mean"], r["roc_auc_std"]), _pm(r["brier_mean"], r["brier_std"]),
-             _pm(r["ece_mean"], r["ece_std"]), _pm(r["threshold_mean"], r["threshold_std"])]
-            for r in s.to_dict("records")]
-    out.append(table(["target", "seeds", "failed/missing", "TSS", "TSS t-CI", "TSS bootstrap CI", "F1",
-                      "F1 bootstrap CI", "ROC AUC", "Brier", "ECE", "threshold"], rows))
+           "Mean ± sample std (ddof = 1) over seeds; the intervals: [How to read this report]"
+           "(#how-to-read-this-report).\n"]
+    records = s.to_dict("records")
+    finished = [r for r in records if r["n_seeds"] > 0]
+    out.append(table(["target", "seeds", "failed/missing", "TSS", "F1", "ROC AUC"],
+                     [[r["target"], r["n_seeds"], f"{r['n_failed']}/{r['n_missing']}",
+                       *([_pm(r["tss_mean"], r["tss_std"]), _pm(r["f1_mean"], r["f1_std"]),
+                          _pm(r["roc_auc_mean"], r["roc_auc_std"])] if r["n_seeds"] else ["no finished seed", "", ""])]
+                      for r in records]))
+    out.append(table(["target", "Brier", "ECE", "threshold"],
+                     [[r["target"], _pm(r["brier_mean"], r["brier_std"]), _pm(r["ece_mean"], r["ece_std"]),
+                       _pm(r["threshold_mean"], r["threshold_std"])] for r in finished]))
+    out.append(interval_table([row for r in finished for row in (
+        (r["target"], "TSS (t)", _seed_ci(a, r, "tss")),
+        (r["target"], "TSS (bootstrap)", _boot(r["pooled_boot_tss_low"], r["pooled_boot_tss_high"], r["n_units"])),
+        (r["target"], "F1 (bootstrap)", _boot(r["pooled_boot_f1_low"], r["pooled_boot_f1_high"], r["n_units"])))]))
     out.append("\nFull statistics (n, mean, std, min, median, max, t-CI of every metric, as computed: not clipped) "
                "are in `summary_statistics.csv`.\n")
     d = a.analysed_frame
     if len(d) and "boot_tss_low" in d:
         out.append("### Every experiment (test TSS with its region-bootstrap confidence interval)\n")
-        out.append(table(["experiment", "TSS", "bootstrap CI", "F1", "ROC AUC", "threshold", "best epoch"],
+        rows = d.to_dict("records")
+        out.append(table(["experiment", "TSS", "bootstrap CI"],
                          [[r["experiment"], r["tss"], _boot(r.get("boot_tss_low"), r.get("boot_tss_high"),
-                                                             r.get("n_units")), r["f1"],
-                           r["roc_auc"], r["threshold"], _int(r.get("best_epoch"))] for r in d.to_dict("records")]))
+                                                             r.get("n_units"))] for r in rows]))
+        out.append(table(["experiment", "F1", "ROC AUC", "threshold", "best epoch"],
+                         [[r["experiment"], r["f1"], r["roc_auc"], r["threshold"], _int(r.get("best_epoch"))]
+                          for r in rows]))
     return out
 
 
 def _significance(a: ProductionAnalyzer) -> list[str]:
-    out = ["## Significance tests\n"]
-    alpha = 1 - a.confidence
+    out = ["## Significance tests\n", "How each test works: [How to read this report](#how-to-read-this-report).\n"]
     h = a.horizon_comparisons
-    out.append("**Horizon comparisons** (difference of seed-mean test TSS, A minus B; positive: A better). Two-level "
-               f"bootstrap, {a.n_bootstrap:,} resamples: active regions drawn once from the union of both test sets "
-               "and applied to both (they share regions), seeds resampled within each arm. p: two-sided bootstrap "
-               "p-value for a zero difference; Holm-corrected over all horizon comparisons (family-wise "
-               f"α = {fmt(alpha, 2)}). Effect sizes: the TSS difference and Hedges' g over the seeds' scores.\n")
+    out.append("**Horizon comparisons** (difference of seed-mean test TSS, A minus B; positive: A better):\n")
     if h.empty:
         out.append("No class has results at two horizons.\n")
     else:
-        out.append(table(["comparison", "ΔTSS", "CI", "Hedges' g", "p", "p (Holm)", "significant"],
-                         [[r["comparison"], r["delta"], _boot(r["ci_low"], r["ci_high"], r["n_units"],
-                                                              f"{_int(r['n_a'])}/{_int(r['n_b'])} seeds"),
-                           r["hedges_g"], _p(r["p_value"]), _p(r["p_holm"]), r["significant"]]
-                          for r in h.to_dict("records")]))
+        rows = h.to_dict("records")
+        out.append(table(["comparison", "ΔTSS", "Hedges' g", "p", "p (Holm)", "significant"],
+                         [[r["comparison"], r["delta"], r["hedges_g"], _p(r["p_value"]), _p(r["p_holm"]),
+                           r["significant"]] for r in rows]))
+        out.append(interval_table([(r["comparison"], "ΔTSS", _boot(r["ci_low"], r["ci_high"], r["n_units"],
+                                                                   f"{_int(r['n_a'])}/{_int(r['n_b'])} seeds"))
+                                   for r in rows]))
     b = a.baseline_comparisons
     if a.baseline_dir is not None:
         out.append(f"\n**Candidate vs baseline** (baseline: `{a.baseline_dir}`; candidate minus baseline seed-mean "
-                   "TSS, seeds paired by number, same test samples). CI: paired region bootstrap; p: paired region "
-                   "permutation test (each region's predictions swapped between the models at random); Holm over "
-                   "targets. Effect sizes: ΔTSS and Cohen's d_z over the per-seed differences.\n")
+                   "TSS, seeds paired by number, same test samples):\n")
         if b.empty:
             out.append("No target has results in both.\n")
         else:
-            out.append(table(["target", "baseline", "candidate", "ΔTSS", "CI", "d_z", "p", "p (Holm)",
-                              "significant", "note"],
+            rows = b.to_dict("records")
+            out.append(table(["target", "baseline", "candidate", "ΔTSS", "d_z", "p", "p (Holm)", "significant"],
                              [[r["a"], r.get("baseline_mean"), r.get("candidate_mean"), r.get("delta"),
-                               _boot(r.get("ci_low"), r.get("ci_high"), r.get("n_units"),
-                                     _count(r.get("n_pairs"), "seed pair")), r.get("cohens_dz"),
-                               _p(r.get("p_value")), _p(r.get("p_holm")), r.get("significant"), r.get("note", "") or ""]
-                              for r in b.to_dict("records")]))
+                               r.get("cohens_dz"), _p(r.get("p_value")), _p(r.get("p_holm")), r.get("significant")]
+                              for r in rows]))
+            out.append(interval_table([(r["a"], "ΔTSS", _boot(r.get("ci_low"), r.get("ci_high"), r.get("n_units"),
+                                                              _count(r.get("n_pairs"), "seed pair"))) for r in rows]))
+            out += [f"* {r['a']}: {r['note']}" for r in rows if r.get("note")]
+            out.append("")
     else:
         out.append("\nNo baseline given (`--baseline DIR` compares another results root, paired on seeds and test "
                    "samples).\n")
@@ -425,15 +427,15 @@ def _thresholds(a: ProductionAnalyzer) -> list[str]:
                f"(p = {_p(c['p_value'])}); within targets (target means removed) r = {fmt(c['within_target_r'])} "
                f"(p = {_p(c['within_target_p'])}). Per-target r needs 3 or more seeds.\n")
     out.append("### Validation-chosen vs test-oracle threshold (protocol inflation)\n")
-    out.append("Our protocol picks the threshold on the validation split. The first implementation tuned it on the "
-               "test set (the *oracle*); the difference (oracle minus validation-chosen, mean over seeds) is how much "
-               "that protocol inflates each reported metric.\n")
-    p = a.protocol_inflation
-    out.append(table(["target", "TSS (val-chosen)", "TSS (oracle)", "TSS inflation", "F1 inflation",
-                      "precision infl.", "recall infl.", "specificity infl."],
-                     [[r["target"], r["tss_validation"], r["tss_oracle"], _pm(r["tss_inflation_mean"],
-                       r["tss_inflation_std"]), r["f1_inflation_mean"], r["precision_inflation_mean"],
-                       r["recall_inflation_mean"], r["specificity_inflation_mean"]] for r in p.to_dict("records")]))
+    out.append("Oracle minus validation-chosen, mean over seeds ([How to read this report]"
+               "(#how-to-read-this-report)):\n")
+    rows = a.protocol_inflation.to_dict("records")
+    out.append(table(["target", "TSS (val-chosen)", "TSS (oracle)", "TSS inflation"],
+                     [[r["target"], r["tss_validation"], r["tss_oracle"],
+                       _pm(r["tss_inflation_mean"], r["tss_inflation_std"])] for r in rows]))
+    out.append(table(["target", "F1 inflation", "precision infl.", "recall infl.", "specificity infl."],
+                     [[r["target"], r["f1_inflation_mean"], r["precision_inflation_mean"], r["recall_inflation_mean"],
+                       r["specificity_inflation_mean"]] for r in rows]))
     return out
 
 
@@ -462,7 +464,7 @@ def _counted(values: Sequence[Any]) -> str:
 
 def _provenance(a: ProductionAnalyzer) -> list[str]:
     runs = a.results.completed
-    out = ["## Provenance\n"]
+    out = ["## Provenance\n", f"Generated {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} from `{a.results_dir}`.\n"]
     if not runs:
         return out + ["No finished experiment.\n"]
     by_hash: dict[str, list[str]] = {}
@@ -484,13 +486,13 @@ def _provenance(a: ProductionAnalyzer) -> list[str]:
         for f, h in r.data_hashes.items():
             files.setdefault(f, set()).add(h)
     out.append("Data files (sha256):\n")
-    out.append(table(["file", "sha256"], [[f, ", ".join(sorted(h))] for f, h in sorted(files.items())]))
+    out.append(table(["file", "sha256"], [[f, h] for f, hs in sorted(files.items()) for h in sorted(hs)]))
     prov = pd.DataFrame([r.results.get("provenance", {}) for r in runs])
     rows = [[k, _counted(prov[k].tolist())] for k in ("code_version", "everest", "git_commit", "python", "torch",
                                                        "numpy", "pandas", "scipy", "device", "device_name", "host")
             if k in prov]
     out.append("\nVersions and devices (experiments per value):\n")
-    out.append(table(["item", "values"], rows))
+    out += [f"* {k}: {v}" for k, v in rows]
     import numpy
     import scipy
 
@@ -500,62 +502,55 @@ def _provenance(a: ProductionAnalyzer) -> list[str]:
 
 
 def render(a: ProductionAnalyzer, rel_plots: dict[str, str]) -> str:
-    """The whole report as Markdown (the verdict against the baselines first, then status and failures,
-    statistics, tests, plots, provenance)."""
-    head = ["# EVEREST production training report\n",
-            f"Generated {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} from `{a.results_dir}`. Decision thresholds "
-            "are chosen on the validation split; test-oracle values are shown only as a labelled reference.\n"]
-    parts = head + _verdict(a) + _ensemble(a) + _status(a) + _overall(a) + _detailed(a) + _significance(a)
-    parts += _thresholds(a) + _latency(a) + _plots(rel_plots) + _provenance(a)
+    """The whole report as Markdown: the first screen (what was run, one line per target with its verdict, the
+    verdict figure), the verdict's tables, the ensemble, status and failures, statistics, tests, plots,
+    provenance, and last how to read it."""
+    figures = {k: v for k, v in rel_plots.items() if k != "verdict"}
+    parts = ["# EVEREST production training report\n", *first_screen(a, rel_plots.get("verdict"))]
+    parts += _verdict(a) + _ensemble(a) + _status(a) + _overall(a) + _detailed(a) + _significance(a)
+    parts += _thresholds(a) + _latency(a) + _plots(figures) + _provenance(a) + how_to_read(a)
     return "\n".join(parts).rstrip() + "\n"
 
 
-# A Markdown image ``![alt](path)`` (alt text may hold balanced brackets; a path without spaces or title).
-_IMAGE = re.compile(r"!\[(?P<alt>(?:[^\[\]]|\[[^\[\]]*\])*)\]\((?P<target>[^)\s]+)\)")
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")  # http:, data:, ...: nothing to embed
+def first_screen(a: ProductionAnalyzer, figure: str | None) -> list[str]:
+    """What was run in one line, one line per target (EVEREST and its ensemble against the best baseline, ΔTSS
+    with its interval, the verdict word), then the verdict figure: what a reader needs before any table."""
+    rs = a.results
+    targets = sorted({str(e.target) for e in rs.expected}, key=_target_key)
+    seeds = sorted({e.seed for e in rs.expected})
+    runs = rs.analysed
+    data = ("synthetic data (the project's generator)" if runs and all(r.results.get("data", {}).get("synthetic")
+                                                                       for r in runs) else
+            "SHARP data" if runs and not any(r.results.get("data", {}).get("synthetic") for r in runs) else
+            "synthetic and SHARP data" if runs else "no finished experiment")
+    code = _counted([r.code_version for r in runs]) or "n/a"
+    config = _counted([r.config_hash for r in runs]) or "n/a"
+    out = [f"**Run:** {len(targets)} target(s) × seeds {', '.join(map(str, seeds))} = {len(rs.expected)} experiments, "
+           f"{len(runs)} finished; {data}; code {code}; config {config}. "
+           "[How to read this report](#how-to-read-this-report)\n"]
+    verdicts = {r["target"]: r for r in a.verdict.to_dict("records")} if a.baseline_models else {}
+    stats = {r["target"]: r for r in a.summary_statistics.to_dict("records")}
+    for t in targets:
+        out.append(_target_line(t, verdicts.get(t), stats.get(t)))
+    out.append("")
+    if figure:
+        out.append(f"![Verdict: ΔTSS, EVEREST minus the best baseline, per target]({figure})\n")
+    return out
 
 
-def embed_figures(markdown: str, base_dir: Path, max_width_px: int | None = 1600) -> str:
-    """``markdown`` with every local image inlined as a base64 data URI, for viewers where the report's relative
-    links resolve nowhere (the Prefect UI).
-
-    Image paths are relative to ``base_dir`` (the report's folder); a missing file becomes the text
-    '(figure <name> not found)' instead of a broken image; URLs are left alone, and so is all other text.
-    PNGs are embedded scaled down to at most ``max_width_px`` wide with a 256-colour palette (a full 9-target
-    report's figures shrink from about 2.4 to 1 MB of base64 at 1600 px); ``None`` embeds the files byte for
-    byte. The files themselves are never changed.
-    """
-    if max_width_px is not None and (isinstance(max_width_px, bool) or not isinstance(max_width_px, int)
-                                     or max_width_px < 1):
-        raise ValueError(f"max_width_px must be a positive integer or None, got {max_width_px!r}")
-
-    def inline(m: re.Match[str]) -> str:
-        if _URL.match(m["target"]):
-            return m[0]
-        path = Path(base_dir) / m["target"]
-        if not path.is_file():
-            return f"(figure {path.name} not found)"
-        mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        data = path.read_bytes()
-        if max_width_px is not None and mime == "image/png":
-            data = _smaller_png(data, max_width_px)
-        return f"![{m['alt']}](data:{mime};base64,{base64.b64encode(data).decode('ascii')})"
-
-    return _IMAGE.sub(inline, markdown)
+def _target_line(target: str, v: dict[str, Any] | None, s: dict[str, Any] | None) -> str:
+    if v is None:
+        everest = fmt(s["tss_mean"]) if s and s.get("n_seeds") else "no finished seed"
+        return f"* **{target}**: EVEREST TSS {everest} (seed mean); no verdict: no baseline results"
+    head = (f"* **{target}**: EVEREST TSS {fmt(v['everest_tss'])} (seed mean of {_int(v['everest_seeds'])}), "
+            f"ensemble {fmt(v['ensemble_tss'])}")
+    if v["verdict"] not in ("beats", "ties", "trails"):
+        return f"{head}; no verdict ({v.get('note') or 'no paired comparison'})"
+    interval = _boot(v["ci_low"], v["ci_high"], v["n_units"], _count(v["n_pairs"], "seed pair"))
+    return (f"{head}; best baseline {v['best_baseline']} {fmt(v['best_baseline_tss'])}; ΔTSS "
+            f"{float(v['delta']):+.3f} {interval} → **{v['verdict']}**")
 
 
-def _smaller_png(png: bytes, max_width_px: int) -> bytes:
-    """The PNG scaled down to at most ``max_width_px`` wide (aspect kept) and re-encoded with a 256-colour
-    palette: plots have few colours, so it looks the same at a third of the bytes (scaling alone saves little:
-    smoothed pixels compress worse)."""
-    from PIL import Image  # matplotlib's own dependency
-
-    with Image.open(BytesIO(png)) as source:
-        image = source.convert("RGB")
-    if image.width > max_width_px:
-        height = max(1, round(image.height * max_width_px / image.width))
-        image = image.resize((max_width_px, height), Image.Resampling.LANCZOS)
-    out = BytesIO()
-    image.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(out, format="PNG",
-                                                                                          optimize=True)
-    return out.getvalue()
+def _target_key(target: str) -> tuple[int, int]:
+    cls, horizon = target.split("-")
+    return ("C", "M", "M5").index(cls), int(horizon)

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PLOT_FILES: dict[str, str] = {
+    "verdict": "verdict_forest.png",
     "performance": "production_performance_analysis.png",
     "detailed": "detailed_metrics_analysis.png",
     "threshold": "threshold_analysis.png",
