@@ -6,9 +6,10 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-# pytest-xdist processes for `make test`: most of the slow tier waits (batch jobs, servers, lifetimes), so
-# three processes finish the suite sooner even on 2 cores; the SLURM tests run one at a time in one of them.
-TEST_WORKERS ?= 3
+# pytest-xdist processes for `make test`: most of the slow tier waits (batch jobs, servers, lifetimes), so two
+# processes finish the suite sooner on 2 cores; the SLURM tests run first, one at a time, in one of them.
+# (Three loaded 2 cores enough to make SLURM worker jobs miss their walltimes.)
+TEST_WORKERS ?= 2
 
 .PHONY: demo test test-fast lint install clean reliability-doc
 

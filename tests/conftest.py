@@ -25,6 +25,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.slow)
         if cluster:  # one SLURM for all: under pytest-xdist (make test) these run one at a time, in one process
             item.add_marker(pytest.mark.xdist_group("slurm"))
+    # The SLURM tests first: the longest chain (one process, one at a time) starts while the others share the rest.
+    items.sort(key=lambda item: item.get_closest_marker("cluster") is None)
     gpu = [item for item in items if item.get_closest_marker("gpu") is not None]
     if not gpu:
         return

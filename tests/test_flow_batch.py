@@ -5,10 +5,13 @@ profile (PBSCluster through Debian's slurm-wlm-torque ``qsub``/``qdel``) on the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import signal
 import subprocess
 import time
+from collections.abc import Iterator
 
 import pytest
 from profiles_for_tests import for_test_machine
@@ -21,6 +24,22 @@ pytestmark = [pytest.mark.cluster,
               pytest.mark.skipif(shutil.which("sinfo") is None, reason="no SLURM here (tests/cluster/slurm.sh up)")]
 
 TINY = overrides("train.epochs=1")
+
+
+@contextlib.contextmanager
+def deadline(seconds: float, what: str) -> Iterator[None]:
+    """Raise TimeoutError in the test's (main) thread if ``what`` is not done in ``seconds``: a flow whose
+    replacement worker job never gives a worker would otherwise wait, and hang the suite."""
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError(f"{what} did not finish within {seconds:.0f} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.mark.parametrize("kind", ["slurm", "pbs"])
@@ -62,7 +81,8 @@ def test_worker_job_retires_before_its_walltime_and_the_next_job_resumes(prefect
         targets=["M-24"], seeds=[0], data_dir=str(tiny_data), output_dir=str(out), profile="slurm",
         overrides=["model.embed_dim=32", "model.ff_dim=64", "model.num_blocks=2", "model.num_heads=2",
                    "train.batch_size=64", f"train.epochs={epochs}", f"train.early_stopping_patience={epochs}"])
-    state = make_flow(site)(**params.flow_parameters(), return_state=True)
+    with deadline(900, "the flow over several worker jobs (about 3 minutes here)"):
+        state = make_flow(site)(**params.flow_parameters(), return_state=True)
     assert state.is_completed(), state.message
     res = json.loads((out / "results" / "everest_M_24h_seed0" / "results.json").read_text())
     assert res["training"]["resumed_after_epoch"] >= 1  # the last job picked up a predecessor's checkpoint
