@@ -166,6 +166,11 @@ def bundle_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / BUNDLE_FOLDER
 
 
+def verdict_file(output_dir: str | Path) -> Path:
+    """``<output>/analysis/verdict.csv``: the analysis's verdict per target, which a model bundle quotes."""
+    return Path(output_dir) / "analysis" / "verdict.csv"
+
+
 def experiment_dir(output_dir: str | Path, name: str) -> Path:
     """``<output_dir>/results/<name>``: everything about one experiment."""
     return Path(output_dir) / "results" / name

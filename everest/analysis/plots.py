@@ -426,8 +426,8 @@ def verdict_figure(verdict: pd.DataFrame, alpha: float, confidence: float) -> Fi
     rows = [r for r in verdict.to_dict("records") if _finite(r.get("delta"))]
     if not rows:
         return None
-    order = {t: i for i, t in enumerate(f"{c}-{h}" for c in FLARE_CLASSES for h in HORIZONS)}
-    rows.sort(key=lambda r: order.get(r["target"], len(order)))
+    order = _target_order(verdict)
+    rows.sort(key=lambda r: order.index(r["target"]))
     fig = Figure(figsize=(7.5, 0.55 * len(rows) + 1.7), layout="constrained")
     ax = fig.subplots()
     ys = np.arange(len(rows))[::-1].astype(float)

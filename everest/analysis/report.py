@@ -25,6 +25,7 @@ import pandas as pd
 from everest import __version__
 from everest.analysis.guide import how_to_read
 from everest.analysis.stats import CLIPPED, Interval, ShownInterval, seed_interval
+from everest.config import all_targets
 from everest.results import bundle_dir
 
 if TYPE_CHECKING:
@@ -516,7 +517,8 @@ def first_screen(a: ProductionAnalyzer, figure: str | None) -> list[str]:
     """What was run in one line, one line per target (EVEREST and its ensemble against the best baseline, ΔTSS
     with its interval, the verdict word), then the verdict figure: what a reader needs before any table."""
     rs = a.results
-    targets = sorted({str(e.target) for e in rs.expected}, key=_target_key)
+    expected = {str(e.target) for e in rs.expected}
+    targets = [str(t) for t in all_targets() if str(t) in expected]
     seeds = sorted({e.seed for e in rs.expected})
     runs = rs.analysed
     data = ("synthetic data (the project's generator)" if runs and all(r.results.get("data", {}).get("synthetic")
@@ -549,8 +551,3 @@ def _target_line(target: str, v: dict[str, Any] | None, s: dict[str, Any] | None
     interval = _boot(v["ci_low"], v["ci_high"], v["n_units"], _count(v["n_pairs"], "seed pair"))
     return (f"{head}; best baseline {v['best_baseline']} {fmt(v['best_baseline_tss'])}; ΔTSS "
             f"{float(v['delta']):+.3f} {interval} → **{v['verdict']}**")
-
-
-def _target_key(target: str) -> tuple[int, int]:
-    cls, horizon = target.split("-")
-    return ("C", "M", "M5").index(cls), int(horizon)

@@ -23,6 +23,7 @@ from everest import io
 from everest.analysis import plots, report
 from everest.analysis import stats as st
 from everest.config import all_targets
+from everest.results import verdict_file
 
 if TYPE_CHECKING:
     from everest.analysis.analyzer import ProductionAnalyzer
@@ -175,7 +176,7 @@ def write_analysis(a: ProductionAnalyzer) -> AnalysisSummary:
     if len(a.threshold_stability):
         io.write_csv(a.analysis_dir / "threshold_stability.csv", a.threshold_stability)
         io.write_csv(a.analysis_dir / "threshold_protocol_comparison.csv", a.protocol_inflation)
-    verdict_path = io.write_csv(a.analysis_dir / "verdict.csv", a.verdict) if len(a.verdict) else None
+    verdict_path = io.write_csv(verdict_file(a.out_dir), a.verdict) if len(a.verdict) else None
     report_path = a.analysis_dir / "production_training_report.md"
     rel_plots = {k: str(Path("..") / "plots" / Path(p).name) for k, p in plot_paths.items()}
     io.write_text(report_path, report.render(a, rel_plots))

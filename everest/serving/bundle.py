@@ -34,7 +34,14 @@ from everest import io
 from everest.config import EverestConfig, Target, all_targets
 from everest.data.samples import Scaler
 from everest.errors import DataError
-from everest.results import CODE_VERSION, RESULTS_FILE, bundle_dir, experiment_dirs, experiment_from_name
+from everest.results import (
+    CODE_VERSION,
+    RESULTS_FILE,
+    bundle_dir,
+    experiment_dirs,
+    experiment_from_name,
+    verdict_file,
+)
 from everest.scoring.calibration import Calibrator
 from everest.scoring.ensemble import ensemble_name, plan_ensemble, read_ensembles
 from everest.scoring.portable import PortableBaseline
@@ -260,7 +267,7 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 
 def _verdicts(output_dir: Path) -> dict[str, dict[str, Any]]:
     """The analysis's verdict row per target (``analysis/verdict.csv``), if the analysis ran."""
-    path = output_dir / "analysis" / "verdict.csv"
+    path = verdict_file(output_dir)
     if not path.is_file():
         return {}
     table = pd.read_csv(path)
