@@ -16,7 +16,7 @@ import torch
 
 from everest.config import DEFAULT_SEEDS, EverestConfig, all_targets
 from everest.data.samples import Scaler
-from everest.data.tables import REGION_COLUMN, TIME_COLUMN
+from everest.data.tables import TIME_COLUMN
 from everest.model.network import EverestModel
 from everest.scoring.calibration import Calibrator
 from everest.serving.bundle import Bundle, Member, TargetBundle
@@ -44,7 +44,8 @@ def records(config: EverestConfig, regions: int, per_region: int, seed: int = 0)
     rng = np.random.default_rng(seed)
     n = regions * per_region
     times = pd.Timestamp("2024-05-01") + pd.to_timedelta(np.tile(np.arange(per_region) * 12, regions), unit="min")
-    table = {TIME_COLUMN: times.strftime("%Y-%m-%dT%H:%M:%S"), REGION_COLUMN: np.repeat(np.arange(regions), per_region)}
+    table = {TIME_COLUMN: times.strftime("%Y-%m-%dT%H:%M:%S"),
+             config.data.region_column: np.repeat(np.arange(regions), per_region)}
     table.update({f: rng.normal(size=n).astype(str) for f in config.data.features})
     return pd.DataFrame(table).astype(str)
 

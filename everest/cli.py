@@ -1,5 +1,5 @@
 """The ``everest`` command (also ``python -m everest``): ``train``, ``baselines``, ``ensemble``, ``bundle``,
-``predict``, ``data synth``, ``data check`` and ``results failure``.
+``predict``, ``data synth``, ``data import``, ``data check`` and ``results failure``.
 
 ``everest train`` trains one experiment, or several (``--array-index K K ...``, ``--seed S S ...``) as one
 group on one device (:func:`everest.training.group.train_group`); a group's exit status is defined in
@@ -370,7 +370,7 @@ def _predict(args: argparse.Namespace) -> None:
         print(terminal_table(forecasts))
         return
     write_forecasts(forecasts, out, {"bundle": str(args.bundle), "input": str(args.input), "model": args.model})
-    print(f"{len(forecasts)} forecast(s) of {forecasts['noaa_ar'].nunique()} region(s) x "
+    print(f"{len(forecasts)} forecast(s) of {len(forecasts[['noaa_ar', 'harpnum']].drop_duplicates())} region(s) x "
           f"{forecasts['target'].nunique()} target(s) written to {out}")
 
 
@@ -379,6 +379,12 @@ def _synth(args: argparse.Namespace) -> None:
 
     paths = synthetic.generate(args.out, size=args.size, seed=args.seed)
     print(f"wrote {len(paths)} SHARP tables ({args.size}, seed {args.seed}) and their truth sidecars to {args.out}")
+
+
+def _import(args: argparse.Namespace) -> None:
+    from everest.data.published import import_published, summary_text
+
+    print(summary_text(import_published(args.source, args.src, args.out, args.fold)))
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -462,6 +468,13 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--out", default="data", help="output folder (default data)")
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(fn=_synth)
+    imp = data.add_parser("import", help="turn published fold tables (Sun et al. 2022: SMARP or SHARP) into one "
+                          "data folder per test fold")
+    imp.add_argument("source", choices=["smarp", "sharp"], help="which tables: smarp (smarp_0.csv ..) or sharp")
+    imp.add_argument("src", help="folder holding the fold tables")
+    imp.add_argument("--out", required=True, help="output folder: fold_K/ for each test fold K")
+    imp.add_argument("--fold", type=int, nargs="+", metavar="K", help="test fold(s) to write (default: every fold)")
+    imp.set_defaults(fn=_import)
     check = data.add_parser("check", help="per-target samples, positives, regions and the Bayes ceiling")
     check.add_argument("dir", help="folder holding the CSVs (all 18, or those of some targets)")
     add_config_arguments(check)  # the data section

@@ -322,6 +322,9 @@ class DataConfig(_Frozen):
     feature_aliases: dict[str, str] = Field(default_factory=lambda: {"TOTBSQ": "MEANALP"})
     log_features: tuple[str, ...] = EXTENSIVE_FEATURES
     scaling: Literal["auto", "log_standard", "standard", "none"] = "auto"
+    # The column naming a table's regions: NOAA_AR in SolarFlareNet tables; HARPNUM in tables keyed by the
+    # active-region patch (HARP, or TARP in SMARP tables), which carry no NOAA number.
+    region_column: Literal["NOAA_AR", "HARPNUM"] = "NOAA_AR"
     validation_split: Literal["region", "time"] = "region"
     validation_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     # Seed of the region shuffle that carves the validation split. One split shared by an experiment's

@@ -7,6 +7,7 @@ import contextlib
 import datetime
 import json
 import os
+import shutil
 import tempfile
 import tomllib
 from collections.abc import Callable, Iterator
@@ -42,6 +43,26 @@ def atomic_write(path: str | Path, writer: Callable[[Path], Any]) -> Path:
     with _atomic_path(Path(path)) as tmp:
         writer(tmp)
     return Path(path)
+
+
+@contextlib.contextmanager
+def staged_dir(out: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``out`` to fill; on success it replaces ``out`` by renames (an older
+    ``out`` is moved aside, then removed), so a reader sees the old folder or the new one, never half of one."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_writable_dir(path: str | Path, what: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+import pandas as pd
 from prefect import flow, task
 from pydantic import Field
 
@@ -62,12 +63,18 @@ def forecast_regions(params: ForecastParameters) -> dict[str, Any]:
     out = Path(params.output_dir)
     files = [str(write_forecasts(forecasts, out / f"{name}{suffix}", meta)) for suffix in (".csv", ".json")]
     shown = forecasts.sort_values("probability", ascending=False, kind="stable")
-    rows = [{"target": r.target, "noaa_ar": int(r.noaa_ar), "time": r.time, "probability": round(r.probability, 4),
+    rows = [{"target": r.target, "noaa_ar": _number(r.noaa_ar), "harpnum": _number(r.harpnum), "time": r.time,
+             "probability": round(r.probability, 4),
              "decision": "FLARE" if r.decision else "-", "threshold": round(r.threshold, 4),
              "n_records": int(r.n_records), "stale": "stale" if r.stale else "", "model": r.model}
             for r in shown.itertuples()]
     verdicts = {t: forecaster.bundle.targets[t].verdict for t in forecasts["target"].unique()}
     return {"input": str(table), "files": files, "rows": rows, "verdicts": verdicts}
+
+
+def _number(value: Any) -> int | None:
+    """A region number for the artifact's table; None where the input lacks its column."""
+    return None if pd.isna(value) else int(value)
 
 
 def publish_forecasts(result: dict[str, Any]) -> None:

@@ -96,6 +96,7 @@ def _cache_key(file_digest: str, target: Target, cfg: DataConfig) -> str:
         "class": target.flare_class,
         "features": cfg.features,
         "aliases": sorted(cfg.feature_aliases.items()),
+        "region": cfg.region_column,
         "zero_filter": cfg.c_zero_filter and target.flare_class == "C",
         "builder": BUILDER_VERSION,
     }

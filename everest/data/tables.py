@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,6 @@ from everest.errors import DataError
 
 LABEL_COLUMN = "Flare"
 TIME_COLUMN = "DATE__OBS"
-REGION_COLUMN = "NOAA_AR"
 LABELS = {"N": 0, "P": 1, "padding": -1}
 # Largest magnitude accepted: samples are float32 (max 3.4e38); real SHARP values stay below ~1e25.
 MAX_ABS_VALUE = 1e37
@@ -243,7 +243,7 @@ def _record(path: Path, layout: _Layout, index: int) -> bytes:
         return fh.read(int(layout.end[index] - layout.start[index]))
 
 
-def _show(text: str) -> str:
+def show_cell(text: str) -> str:
     """A cell's text for a message: quoted as written, shortened when huge."""
     if text == "":
         return "'' (an empty cell)"
@@ -251,7 +251,7 @@ def _show(text: str) -> str:
 
 
 @dataclass(frozen=True)
-class _Source:
+class CsvSource:
     """A CSV file being read: its layout and header, to name lines and quote cells in error messages."""
 
     path: Path
@@ -275,13 +275,20 @@ class _Source:
         return _split(self.record(row + 1))[self.header.index(column)]
 
 
-def _resolve_columns(path: Path, header: list[str], cfg: DataConfig) -> dict[str, str]:
-    """Map each configured feature to the column that holds it (honouring aliases such as TOTBSQ)."""
-    missing_base = [c for c in (LABEL_COLUMN, TIME_COLUMN, REGION_COLUMN) if c not in header]
+def region_meaning(column: str) -> str:
+    """What a region column holds, for messages."""
+    return "a NOAA active-region number" if column == "NOAA_AR" else "an active-region patch number (HARP or TARP)"
+
+
+def _resolve_columns(path: Path, header: list[str], required: Sequence[str], features: Sequence[str],
+                     aliases: Mapping[str, str]) -> dict[str, str]:
+    """Check the ``required`` columns and map each feature to the column that holds it (honouring ``aliases``
+    such as TOTBSQ for MEANALP)."""
+    missing_base = [c for c in required if c not in header]
     found: dict[str, str] = {}
     missing: list[str] = []
-    for feat in cfg.features:
-        names = [feat] + [alias for alias, canon in cfg.feature_aliases.items() if canon == feat]
+    for feat in features:
+        names = [feat] + [alias for alias, canon in aliases.items() if canon == feat]
         hit = next((n for n in names if n in header), None)
         if hit is None:
             missing.append(feat if len(names) == 1 else f"{feat} (or {' / '.join(names[1:])})")
@@ -295,17 +302,23 @@ def _resolve_columns(path: Path, header: list[str], cfg: DataConfig) -> dict[str
     return found
 
 
-def _read_header(path: Path, layout: _Layout, cfg: DataConfig) -> tuple[_Source, dict[str, str]]:
-    """Parse and check the header; the file's structure (one field per column on every line) is checked too."""
+def open_csv(path: str | Path, required: Sequence[str], features: Sequence[str] = (),
+             aliases: Mapping[str, str] | None = None) -> tuple[CsvSource, dict[str, str]]:
+    """A CSV file checked for its kind, encoding, quoting and field counts, with its ``required`` columns and
+    features present once each; returns the file and the column of each feature (see :func:`_resolve_columns`)."""
+    path = Path(path)
+    require_file(path)
+    _check_signature(path)
+    layout = _scan(path)
     if len(layout.fields) == 0:
         raise DataError(f"{path}: file is empty (expected a CSV header and data rows)")
     header = [h.strip() for h in _split(_record(path, layout, 0).removeprefix(codecs.BOM_UTF8))]
-    src = _Source(path, layout, header)
+    src = CsvSource(path, layout, header)
     if len(header) == 1 and (delim := next((d for d in ";\t|" if d in header[0]), None)):
         raise DataError(f"{path}: fields are separated by {delim!r} (line {layout.line[0]}); "
                         "expected commas (a comma-separated .csv file)")
-    columns = _resolve_columns(path, header, cfg)
-    for name in dict.fromkeys([LABEL_COLUMN, TIME_COLUMN, REGION_COLUMN, *columns.values()]):
+    columns = _resolve_columns(path, header, required, features, aliases or {})
+    for name in dict.fromkeys([*required, *columns.values()]):
         if header.count(name) > 1:
             at = [i + 1 for i, h in enumerate(header) if h == name]
             raise DataError(f"{path}: column {name!r} appears {len(at)} times in the header (columns {at}); "
@@ -323,6 +336,24 @@ def _read_header(path: Path, layout: _Layout, cfg: DataConfig) -> tuple[_Source,
     return src, columns
 
 
+def read_columns(src: CsvSource, used: Sequence[str], text: Sequence[str] = ()) -> pd.DataFrame:
+    """The ``used`` columns of a file opened by :func:`open_csv`, by name; ``text`` columns kept as strings."""
+    path, header = src.path, src.header
+    names = [f"_{i}" for i in range(len(header))]  # positional: header names may repeat or need stripping
+    col = {name: names[header.index(name)] for name in used}
+    try:
+        df = pd.read_csv(path, header=0, names=names, usecols=[col[n] for n in used], encoding="utf-8",
+                         dtype={col[n]: str for n in text}, low_memory=False)
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:  # the scan should have caught these
+        _check_quotes(path)
+        raise DataError(f"{path}: cannot be parsed as CSV ({' '.join(str(err).split())}); {_TEXT_TABLE}") from None
+    if len(df) != len(src.layout.fields) - 1:
+        _check_quotes(path)
+        raise DataError(f"{path}: {len(df)} rows parsed but {len(src.layout.fields) - 1} lines of data found "
+                        "(stray quotes or control characters?); " + _TEXT_TABLE)
+    return df.rename(columns={c: n for n, c in col.items()})[list(used)]
+
+
 def read_table(path: str | Path, cfg: DataConfig) -> pd.DataFrame:
     """Read and validate one SHARP table by column name.
 
@@ -332,71 +363,58 @@ def read_table(path: str | Path, cfg: DataConfig) -> pd.DataFrame:
     quoted cells, extra columns, times with a UTC offset (converted to UTC).
     """
     path = Path(path)
-    require_file(path)
-    _check_signature(path)
-    src, columns = _read_header(path, _scan(path), cfg)
-    header = src.header
-    used = list(dict.fromkeys([LABEL_COLUMN, TIME_COLUMN, REGION_COLUMN, *columns.values()]))
-    names = [f"_{i}" for i in range(len(header))]  # positional: header names may repeat or need stripping
-    col = {name: names[header.index(name)] for name in used}
-    try:
-        df = pd.read_csv(path, header=0, names=names, usecols=[col[n] for n in used], encoding="utf-8",
-                         dtype={col[LABEL_COLUMN]: str, col[TIME_COLUMN]: str}, low_memory=False)
-    except (pd.errors.ParserError, UnicodeDecodeError) as err:  # the scan should have caught these
-        _check_quotes(path)
-        raise DataError(f"{path}: cannot be parsed as CSV ({' '.join(str(err).split())}); {_TEXT_TABLE}") from None
-    if len(df) != len(src.layout.fields) - 1:
-        _check_quotes(path)
-        raise DataError(f"{path}: {len(df)} rows parsed but {len(src.layout.fields) - 1} lines of data found "
-                        "(stray quotes or control characters?); " + _TEXT_TABLE)
+    region_column = cfg.region_column
+    src, columns = open_csv(path, (LABEL_COLUMN, TIME_COLUMN, region_column), cfg.features, cfg.feature_aliases)
+    used = list(dict.fromkeys([LABEL_COLUMN, TIME_COLUMN, region_column, *columns.values()]))
+    df = read_columns(src, used, text=(LABEL_COLUMN, TIME_COLUMN))
 
-    labels = df[col[LABEL_COLUMN]].str.strip()
+    labels = df[LABEL_COLUMN].str.strip()
     unknown = ~labels.isin(list(LABELS)).to_numpy()
     if unknown.any():
         raw = src.cell(int(np.flatnonzero(unknown)[0]), LABEL_COLUMN)
         hint = " (a repeated header line: files joined with cat?)" if raw.strip() == LABEL_COLUMN else ""
-        raise DataError(f"{path}: column {LABEL_COLUMN!r} has unknown label {_show(raw)} at {src.where(unknown)}"
+        raise DataError(f"{path}: column {LABEL_COLUMN!r} has unknown label {show_cell(raw)} at {src.where(unknown)}"
                         f"{hint}; expected one of {list(LABELS)}")
     label = labels.map(LABELS).to_numpy(np.int8)
 
     out = {"label": label}
-    region = pd.to_numeric(df[col[REGION_COLUMN]], errors="coerce").to_numpy(np.float64)
+    region = pd.to_numeric(df[region_column], errors="coerce").to_numpy(np.float64)
     bad_region = ~((region >= 0) & (region <= MAX_REGION) & (region == np.round(region)))
     if bad_region.any():
-        raw = src.cell(int(np.flatnonzero(bad_region)[0]), REGION_COLUMN)
-        raise DataError(f"{path}: column {REGION_COLUMN!r} holds {_show(raw)} at {src.where(bad_region)}; "
-                        f"expected a NOAA active-region number (a whole number from 0 to {MAX_REGION})")
+        raw = src.cell(int(np.flatnonzero(bad_region)[0]), region_column)
+        raise DataError(f"{path}: column {region_column!r} holds {show_cell(raw)} at {src.where(bad_region)}; "
+                        f"expected {region_meaning(region_column)} (a whole number from 0 to {MAX_REGION})")
     out["region"] = region.astype(np.int64)
 
-    time = pd.to_datetime(df[col[TIME_COLUMN]], errors="coerce", format="ISO8601", utc=True)
+    time = pd.to_datetime(df[TIME_COLUMN], errors="coerce", format="ISO8601", utc=True)
     bad_time = (time.isna() & (label != LABELS["padding"])).to_numpy()
     if bad_time.any():
         raw = src.cell(int(np.flatnonzero(bad_time)[0]), TIME_COLUMN)
-        raise DataError(f"{path}: column {TIME_COLUMN!r} holds {_show(raw)} at {src.where(bad_time)}; "
+        raise DataError(f"{path}: column {TIME_COLUMN!r} holds {show_cell(raw)} at {src.where(bad_time)}; "
                         "expected an ISO 8601 time such as 2010-05-04T23:12:00 (UTC unless an offset is given)")
     out["time"] = time.dt.tz_localize(None).to_numpy("datetime64[s]")
 
     for feat, name in columns.items():
-        values = pd.to_numeric(df[col[name]], errors="coerce").to_numpy(np.float64)
+        values = pd.to_numeric(df[name], errors="coerce").to_numpy(np.float64)
         bad = ~np.isfinite(values)
         huge = np.abs(values) > MAX_ABS_VALUE  # inf included
         if bad.any():
             raw = src.cell(first := int(np.flatnonzero(bad)[0]), name)
             if not huge[first] or "inf" in raw.lower():  # else a number written too large to hold, like 1e400
                 hint = " (write numbers with a '.' decimal point and no thousands separators)" if "," in raw else ""
-                raise DataError(f"{path}: column {name!r} must hold finite numbers; found {_show(raw)} at "
+                raise DataError(f"{path}: column {name!r} must hold finite numbers; found {show_cell(raw)} at "
                                 f"{src.where(bad)}{hint}")
         if huge.any():
             raw = src.cell(int(np.flatnonzero(huge)[0]), name)
-            raise DataError(f"{path}: column {name!r} holds {_show(raw)} at {src.where(huge)}: beyond "
+            raise DataError(f"{path}: column {name!r} holds {show_cell(raw)} at {src.where(huge)}: beyond "
                             f"{MAX_ABS_VALUE:.0e}, the float32 range samples are stored in (a unit or parsing error?)")
         out[feat] = values
     table = pd.DataFrame(out)
-    _check_regions(src, table)
+    _check_regions(src, table, region_column)
     return table
 
 
-def _check_regions(src: _Source, table: pd.DataFrame) -> None:
+def _check_regions(src: CsvSource, table: pd.DataFrame, region_column: str) -> None:
     """Rows of one region must be contiguous and strictly increasing in time."""
     path = src.path
     region = table["region"].to_numpy()
@@ -406,7 +424,7 @@ def _check_regions(src: _Source, table: pd.DataFrame) -> None:
     if (counts > 1).any():
         ar = int(uniq[counts > 1][0])
         lines = [src.line(r) for r in np.flatnonzero(new_run & (region == ar))[:2]]
-        raise DataError(f"{path}: rows of region {REGION_COLUMN}={ar} are not contiguous "
+        raise DataError(f"{path}: rows of region {region_column}={ar} are not contiguous "
                         f"(separate runs start at lines {lines}); expected one time-ordered run per region")
     t = table["time"].to_numpy().astype("datetime64[s]").astype(np.int64)
     known = table["time"].notna().to_numpy()
@@ -417,6 +435,7 @@ def _check_regions(src: _Source, table: pd.DataFrame) -> None:
     if back.any():
         k = int(np.flatnonzero(back)[0])
         r, prev = int(idx[k + 1]), int(idx[k])
-        raise DataError(f"{path}: region {REGION_COLUMN}={int(region[r])} is out of time order at line {src.line(r)}: "
-                        f"{_show(src.cell(r, TIME_COLUMN))} does not follow {_show(src.cell(prev, TIME_COLUMN))} "
+        was, now = (show_cell(src.cell(i, TIME_COLUMN)) for i in (prev, r))
+        raise DataError(f"{path}: region {region_column}={int(region[r])} is out of time order at line {src.line(r)}: "
+                        f"{now} does not follow {was} "
                         f"(line {src.line(prev)}; rows of a region must be strictly increasing in {TIME_COLUMN})")

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,9 +239,7 @@ def write_bundle(output_dir: str | Path, out: str | Path | None = None,
         reasons = "; ".join(f"{t}: {why}" for t, why in skipped.items())
         raise BundleError(f"{output_dir}: no target has a built seed ensemble to bundle ({reasons})")
     verdicts = _verdicts(output_dir)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with io.staged_dir(out) as tmp:
         records = {t: _write_target(tmp / _folder(Target.parse(t)), output_dir, Target.parse(t), ens,
                                     verdicts.get(t)) for t, ens in ready.items()}
         io.write_text(tmp / "MODEL_CARD.md", model_card(records, output_dir))
@@ -251,18 +247,8 @@ def write_bundle(output_dir: str | Path, out: str | Path | None = None,
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
         io.write_json(tmp / MANIFEST, {"format": BUNDLE_FORMAT, "code_version": CODE_VERSION,
                                        "study": str(output_dir), "targets": list(records), "files": files})
-        _swap_into_place(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return BundleSummary(out, list(records), skipped)
 
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _verdicts(output_dir: Path) -> dict[str, dict[str, Any]]:

@@ -20,11 +20,11 @@ import pandas as pd
 from everest import io
 from everest.config import ConfigError, DataConfig, Target
 from everest.data.samples import SampleSet, build_samples
-from everest.data.tables import LABEL_COLUMN, LABELS, MAX_ABS_VALUE, MAX_REGION, REGION_COLUMN, TIME_COLUMN
+from everest.data.tables import LABEL_COLUMN, LABELS, MAX_ABS_VALUE, MAX_REGION, TIME_COLUMN, region_meaning
 from everest.errors import DataError
 from everest.serving.bundle import BaselinePart, Bundle, BundleError, TargetBundle, load_bundle
 
-HARP_COLUMN = "HARPNUM"
+NOAA_COLUMN, HARP_COLUMN = "NOAA_AR", "HARPNUM"
 ModelChoice = Literal["ensemble", "baseline", "best"]
 MODEL_CHOICES: tuple[str, ...] = ("ensemble", "baseline", "best")
 COLUMNS: tuple[str, ...] = (
@@ -53,23 +53,25 @@ def read_input(path: str | Path) -> pd.DataFrame:
 def records_from_frame(frame: pd.DataFrame, data: DataConfig, source: str | None = None) -> pd.DataFrame:
     """Validate a table of SHARP records and give the window builder's columns, sorted by region and time.
 
-    Columns: ``label`` (0, or -1 for rows labelled 'padding': history only), ``time``, ``region``, ``harpnum``
-    and the features. The label column is optional and otherwise ignored; extra columns are ignored. Errors name
-    ``source`` (the file), the column, the value and its line (the header is line 1).
+    Columns: ``label`` (0, or -1 for rows labelled 'padding': history only), ``time``, ``region`` (the configured
+    region column), ``noaa_ar`` and ``harpnum`` (empty where the table lacks the column) and the features. The
+    label column is optional and otherwise ignored; extra columns are ignored. Errors name ``source`` (the
+    file), the column, the value and its line (the header is line 1).
     """
     source = source or frame.attrs.get("source", "the input table")
     if len(frame) == 0:
         raise DataError(f"{source}: no records (only a header, or nothing); expected one row per SHARP record")
     columns = {}
     missing = []
-    for name in (TIME_COLUMN, REGION_COLUMN, *data.features):
+    region_column = data.region_column
+    for name in (TIME_COLUMN, region_column, *data.features):
         names = [name] + [alias for alias, canon in data.feature_aliases.items() if canon == name]
         hit = next((n for n in names if n in frame.columns), None)
         missing += [name] if hit is None else []
         columns[name] = hit
     if missing:
         raise DataError(f"{source}: missing column(s) {missing}; the bundle's models read {list(data.features)} "
-                        f"with {TIME_COLUMN} and {REGION_COLUMN} (the table has {list(frame.columns)[:30]})")
+                        f"with {TIME_COLUMN} and {region_column} (the table has {list(frame.columns)[:30]})")
 
     def bad(column: str, mask: np.ndarray, expected: str) -> DataError:
         i = int(np.flatnonzero(mask)[0])
@@ -89,13 +91,14 @@ def records_from_frame(frame: pd.DataFrame, data: DataConfig, source: str | None
     if (nat := time.isna().to_numpy()).any():
         raise bad(columns[TIME_COLUMN], nat, "an ISO 8601 time such as 2010-05-04T23:12:00")
     out["time"] = time.dt.tz_localize(None).to_numpy("datetime64[s]")
-    region = pd.to_numeric(frame[columns[REGION_COLUMN]], errors="coerce").to_numpy(np.float64)
+    region = pd.to_numeric(frame[columns[region_column]], errors="coerce").to_numpy(np.float64)
     if (wrong := ~((region >= 0) & (region <= MAX_REGION) & (region == np.round(region)))).any():
-        raise bad(columns[REGION_COLUMN], wrong, f"a NOAA active-region number (a whole number, 0 to {MAX_REGION})")
+        raise bad(columns[region_column], wrong, f"{region_meaning(region_column)} (a whole number, 0 to {MAX_REGION})")
     out["region"] = region.astype(np.int64)
-    harp = (pd.to_numeric(frame[HARP_COLUMN], errors="coerce") if HARP_COLUMN in frame.columns
-            else pd.Series(np.nan, index=frame.index))
-    out["harpnum"] = harp.round().astype("Int64").to_numpy()
+    for name in (NOAA_COLUMN, HARP_COLUMN):
+        number = (pd.to_numeric(frame[name], errors="coerce") if name in frame.columns
+                  else pd.Series(np.nan, index=frame.index))
+        out[name.lower()] = number.round().astype("Int64").to_numpy()
     for feature in data.features:
         values = pd.to_numeric(frame[columns[feature]], errors="coerce").to_numpy(np.float64)
         if (wrong := ~(np.isfinite(values) & (np.abs(values) <= MAX_ABS_VALUE))).any():
@@ -105,7 +108,7 @@ def records_from_frame(frame: pd.DataFrame, data: DataConfig, source: str | None
     twice = (records["region"].diff() == 0) & (records["time"].diff() == pd.Timedelta(0))
     if twice.any():
         r = records[twice.to_numpy()].iloc[0]
-        raise DataError(f"{source}: region {REGION_COLUMN}={r['region']} has two records at "
+        raise DataError(f"{source}: region {region_column}={r['region']} has two records at "
                         f"{pd.Timestamp(r['time']).strftime(TIME_FORMAT)}; expected one record per region and time")
     if (records["label"] != LABELS["padding"]).sum() == 0:
         raise DataError(f"{source}: every row is labelled 'padding'; expected at least one record to forecast from")
@@ -189,7 +192,7 @@ class Forecaster:
         region_latest = latest.reindex(samples.region).to_numpy().astype("datetime64[s]")
         as_of = records.loc[real, "time"].to_numpy().astype("datetime64[s]").max()  # the input's newest record
         return pd.DataFrame({
-            "target": str(tb.target), "model": fc.model, "noaa_ar": samples.region,
+            "target": str(tb.target), "model": fc.model, "noaa_ar": records["noaa_ar"].to_numpy()[samples.row],
             "harpnum": records["harpnum"].to_numpy()[samples.row],
             "time": pd.to_datetime(samples.time).strftime(TIME_FORMAT),
             "probability": fc.probability, "probability_raw": fc.raw, "decision": fc.raw >= fc.threshold_raw,

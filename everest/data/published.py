@@ -1,0 +1,299 @@
+"""The published sample tables of Sun et al. (2022, ApJ 931:163) -> the project's tables, one folder per fold.
+
+The source (``smarp_0.csv`` .. ``smarp_4.csv``, or ``sharp_*.csv`` of the same layout) holds one file per
+region-disjoint fold and one row per record of an active-region patch (TARP for SMARP, HARP for SHARP):
+``prefix, arpnum, t_start, t_end, label, flares, FLARE_INDEX`` and the magnetic features (``AREA, USFLUX,
+MEANGBZ, R_VALUE``). A row's features are the patch's record at ``t_end``; ``flares`` lists the GOES classes
+of the flares that start in the 24 hours after ``t_end`` and ``label`` says whether one is of class M or
+above. So the source supports three targets: C-24, M-24 (its own label) and M5-24 (from ``flares``).
+
+Import keeps the source's cadence: each row becomes one record at ``t_end``, and a gap in a patch's records
+becomes ``padding`` rows (history that holds nothing, never a sample), as many as one window can reach, so a
+window spans the real time it claims. ``FLARE_INDEX`` (past flaring) is not imported: EVEREST's features are
+magnetic only. The source's ``train.csv``/``test.csv`` are class-balanced subsamples of the folds and are not
+read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from everest import io
+from everest.config import EXTENSIVE_FEATURES, ModelConfig, Target
+from everest.data.tables import (
+    LABEL_COLUMN,
+    MAX_ABS_VALUE,
+    MAX_REGION,
+    TIME_COLUMN,
+    CsvSource,
+    data_file,
+    open_csv,
+    read_columns,
+    show_cell,
+)
+from everest.errors import DataError
+
+SOURCES = ("smarp", "sharp")
+REGION = "arpnum"
+TIME = "t_end"
+LABEL = "label"
+FLARES = "flares"
+META = ("prefix", REGION, "t_start", TIME, LABEL, FLARES, "FLARE_INDEX")  # every other column is a feature
+TARGETS: tuple[Target, ...] = tuple(Target.parse(t) for t in ("C-24", "M-24", "M5-24"))
+REGION_COLUMN = "HARPNUM"  # the patch number keys the imported tables: the source has no NOAA number
+# Extensive features, put through a signed log10 before standardising (AREA is the patch's area).
+LOG_FEATURES = frozenset({*EXTENSIVE_FEATURES, "AREA"})
+CONFIG_NAME = "everest.yaml"
+RECORD_NAME = "import.json"
+_GOES = re.compile(r"[ABCMX]\d+(\.\d*)?")
+_TRUE, _FALSE = ("true", "1"), ("false", "0")
+OUT_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One source file, validated: its records in file order."""
+
+    path: Path
+    index: int
+    region: np.ndarray  # (R,) int64 patch number
+    time: np.ndarray  # (R,) datetime64[s] record time (t_end)
+    label: np.ndarray  # (R,) bool, the source's >= M label
+    flares: list[str]  # (R,) GOES classes of the flares in the 24 h after the record
+    features: pd.DataFrame  # (R, F) float64
+
+
+@dataclass(frozen=True)
+class ImportSummary:
+    """What an import wrote: one folder per test fold, and every row's fate."""
+
+    folders: list[Path]
+    rows_read: int
+    cadence_minutes: float
+    counts: dict[str, dict]
+
+
+def fold_files(src: Path, name: str) -> list[Path]:
+    """The fold files ``<name>_0.csv`` .. of a source folder, in fold order."""
+    if not src.is_dir():
+        what = "is not a folder" if src.exists() else "folder not found"
+        raise DataError(f"{src}: {what}; expected the folder of published fold tables ({name}_0.csv ..)")
+    files = sorted((p for p in src.glob(f"{name}_*.csv") if p.stem.split("_")[-1].isdigit()),
+                   key=lambda p: int(p.stem.split("_")[-1]))
+    if not files:
+        others = sorted(p.name for p in src.glob("*.csv"))[:10]
+        raise DataError(f"{src}: no {name} fold tables ({name}_0.csv ..); the folder holds {others or 'no CSV'}")
+    numbers = [int(p.stem.split("_")[-1]) for p in files]
+    if numbers != list(range(len(files))) or len(files) < 2:
+        raise DataError(f"{src}: fold tables {[p.name for p in files]}; expected {name}_0.csv .. {name}_<K-1>.csv, "
+                        "at least two, numbered without a gap")
+    return files
+
+
+def _bad(src: CsvSource, mask: np.ndarray, column: str, expected: str) -> DataError:
+    raw = src.cell(int(np.flatnonzero(mask)[0]), column)
+    return DataError(f"{src.path}: column {column!r} holds {show_cell(raw)} at {src.where(mask)}; expected {expected}")
+
+
+def read_fold(path: Path, index: int) -> Fold:
+    """Read and validate one fold file; every error names the file, line, column and value."""
+    header = open_csv(path, (REGION, TIME, LABEL, FLARES))[0].header
+    features = [c for c in header if c not in META]
+    if not features:
+        raise DataError(f"{path}: no feature columns besides {list(META)}; expected magnetic features such as "
+                        "USFLUX")
+    src, _ = open_csv(path, (REGION, TIME, LABEL, FLARES, *features))
+    df = read_columns(src, [REGION, TIME, LABEL, FLARES, *features], text=(TIME, LABEL, FLARES))
+
+    region = pd.to_numeric(df[REGION], errors="coerce").to_numpy(np.float64)
+    if (wrong := ~((region >= 0) & (region <= MAX_REGION) & (region == np.round(region)))).any():
+        raise _bad(src, wrong, REGION, f"an active-region patch number (a whole number from 0 to {MAX_REGION})")
+    time = pd.to_datetime(df[TIME], errors="coerce", format="ISO8601", utc=True)
+    if (wrong := time.isna().to_numpy()).any():
+        raise _bad(src, wrong, TIME, "an ISO 8601 time such as 2000-12-05 19:12:00")
+    text = df[LABEL].fillna("").str.strip().str.lower()
+    if (wrong := ~text.isin(_TRUE + _FALSE).to_numpy()).any():
+        raise _bad(src, wrong, LABEL, "True or False (a flare of class M or above in the 24 h after t_end)")
+    label = text.isin(_TRUE).to_numpy()
+    flares = df[FLARES].fillna("").str.strip().tolist()
+    classes = [[c for c in f.split("|") if c] for f in flares]
+    if (wrong := np.array([not all(_GOES.fullmatch(c) for c in cs) for cs in classes])).any():
+        raise _bad(src, wrong, FLARES, "GOES classes such as C2.5 or M1.0, separated by '|' (or nothing)")
+    if (wrong := label != np.array([any(c[0] in "MX" for c in cs) for cs in classes])).any():
+        raise _bad(src, wrong, LABEL, "the label its flares column gives (True exactly when a listed flare is "
+                   "M or X)")
+    values = {}
+    for name in features:
+        v = pd.to_numeric(df[name], errors="coerce").to_numpy(np.float64)
+        if (wrong := ~(np.isfinite(v) & (np.abs(v) <= MAX_ABS_VALUE))).any():
+            raise _bad(src, wrong, name, f"a finite number (at most {MAX_ABS_VALUE:.0e} in size)")
+        values[name] = v
+    out = Fold(path, index, region.astype(np.int64), time.dt.tz_localize(None).to_numpy("datetime64[s]"),
+               label, flares, pd.DataFrame(values))
+    _check_runs(src, out)
+    return out
+
+
+def _check_runs(src: CsvSource, fold: Fold) -> None:
+    """A patch's rows are contiguous and strictly increasing in time."""
+    region, t = fold.region, fold.time
+    starts = np.flatnonzero(np.r_[True, region[1:] != region[:-1]])
+    uniq, counts = np.unique(region[starts], return_counts=True)
+    if (counts > 1).any():
+        ar = int(uniq[counts > 1][0])
+        lines = [src.line(r) for r in starts[region[starts] == ar][:2]]
+        raise DataError(f"{src.path}: rows of patch {REGION}={ar} are not contiguous (separate runs start at lines "
+                        f"{lines}); expected one time-ordered run per patch")
+    back = (region[1:] == region[:-1]) & (t[1:] <= t[:-1])
+    if back.any():
+        r = int(np.flatnonzero(back)[0]) + 1
+        raise DataError(f"{src.path}: patch {REGION}={int(region[r])} is out of time order at line {src.line(r)}: "
+                        f"{show_cell(src.cell(r, TIME))} does not follow {show_cell(src.cell(r - 1, TIME))}; "
+                        f"expected strictly increasing {TIME}")
+
+
+def cadence_of(folds: Sequence[Fold]) -> np.timedelta64:
+    """The source's record cadence: the most common step between consecutive records of a patch."""
+    steps = np.concatenate([np.diff(f.time.astype(np.int64))[f.region[1:] == f.region[:-1]] for f in folds])
+    if steps.size == 0:
+        raise DataError(f"{folds[0].path.parent}: no patch has two records; cannot tell the cadence")
+    values, counts = np.unique(steps, return_counts=True)
+    return np.timedelta64(int(values[np.argmax(counts)]), "s")
+
+
+def labels_for(fold: Fold, target: Target) -> np.ndarray:
+    """The target's 0/1 label of each record: a flare of at least the class in the 24 h after it."""
+    if target.flare_class == "M":
+        return fold.label
+    least = 1.0 if target.flare_class == "C" else 5.0
+    order = "CMX" if target.flare_class == "C" else "MX"
+
+    def hit(flares: str) -> bool:
+        for c in filter(None, flares.split("|")):
+            if c[0] in order[1:] or (c[0] == order[0] and float(c[1:]) >= least):
+                return True
+        return False
+
+    return np.array([hit(f) for f in fold.flares], bool)
+
+
+def _table(fold: Fold, target: Target, cadence: np.timedelta64, max_padding: int) -> tuple[pd.DataFrame, int, int]:
+    """The fold's records as the target's table with padding rows at gaps; also the gaps and padding rows."""
+    region, t = fold.region, fold.time
+    same = np.r_[False, region[1:] == region[:-1]]
+    step = np.r_[np.timedelta64(0, "s"), np.diff(t)]
+    missing = np.where(same, np.rint(step / cadence).astype(np.int64) - 1, 0)  # (R,) slots missing before a row
+    pad = np.clip(missing, 0, max_padding)
+    n = len(region) + int(pad.sum())
+    at = np.arange(len(region)) + np.cumsum(pad)  # (R,) each record's row in the output
+    is_record = np.zeros(n, bool)
+    is_record[at] = True
+    out_region = np.repeat(region, pad + 1)
+    # A padding row k slots before its record sits at that record's time minus k cadences.
+    before = np.concatenate([np.r_[np.arange(p, 0, -1), 0] for p in pad]) if n else np.zeros(0, np.int64)
+    out_time = np.repeat(t, pad + 1) - before * cadence
+    label = np.where(labels_for(fold, target), "P", "N")
+    flare = np.full(n, "padding", dtype=object)
+    flare[at] = label
+    table = {LABEL_COLUMN: flare, TIME_COLUMN: pd.to_datetime(out_time).strftime(OUT_TIME_FORMAT),
+             REGION_COLUMN: out_region}
+    for name in fold.features.columns:
+        column = np.zeros(n)
+        column[at] = fold.features[name].to_numpy()
+        table[name] = column
+    return pd.DataFrame(table), int((missing > 0).sum()), int(pad.sum())
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def import_published(name: str, src: str | Path, out: str | Path, folds: Sequence[int] | None = None,
+                     max_padding: int | None = None) -> ImportSummary:
+    """Write ``out/fold_K`` for each test fold K (all by default): the targets' training tables (the other folds)
+    and test tables (fold K), an ``everest.yaml`` naming the source's features, and ``import.json``, the rows'
+    accounting. Every source file is validated before anything is written; a folder is replaced in one rename."""
+    if name not in SOURCES:
+        raise DataError(f"unknown source {name!r}; expected one of {list(SOURCES)}")
+    src, out = Path(src), Path(out)
+    files = fold_files(src, name)
+    chosen = list(range(len(files))) if folds is None else list(dict.fromkeys(folds))
+    if bad := [k for k in chosen if not 0 <= k < len(files)]:
+        raise DataError(f"--fold {bad[0]}: {src} holds folds 0 .. {len(files) - 1}")
+    max_padding = ModelConfig().seq_len - 1 if max_padding is None else max_padding
+    parts = [read_fold(p, k) for k, p in enumerate(files)]
+    features = list(parts[0].features.columns)
+    for f in parts[1:]:
+        if list(f.features.columns) != features:
+            raise DataError(f"{f.path}: feature columns {list(f.features.columns)} differ from {files[0].name}'s "
+                            f"{features}; expected the same columns in every fold")
+    owner: dict[int, int] = {}
+    for f in parts:
+        for r in np.unique(f.region):
+            if owner.setdefault(int(r), f.index) != f.index:
+                raise DataError(f"{f.path}: patch {REGION}={int(r)} is also in {files[owner[int(r)]].name}; "
+                                "expected region-disjoint folds")
+    cadence = cadence_of(parts)
+    tables = {(f.index, t): _table(f, t, cadence, max_padding) for f in parts for t in TARGETS}
+    config = {"data": {"features": features, "region_column": REGION_COLUMN,
+                       "log_features": [c for c in features if c in LOG_FEATURES],
+                       "scaling": "log_standard", "c_zero_filter": False}}
+    sources = {p.name: {"rows": len(f.region), "regions": int(np.unique(f.region).size), "sha256": _sha256(p)}
+               for p, f in zip(files, parts, strict=True)}
+    written, counts = [], {}
+    io.check_writable_dir(out, "import folder")
+    for k in chosen:
+        folder = out / f"fold_{k}"
+        if folder.exists() and not (folder / RECORD_NAME).is_file():
+            raise DataError(f"{folder} exists and holds no {RECORD_NAME} (not an earlier import); choose another "
+                            "--out, nothing was written")
+        record = {"source": str(src), "dataset": name, "test_fold": k, "files": sources,
+                  "cadence_minutes": cadence / np.timedelta64(60, "s"), "max_padding": max_padding,
+                  "features": features, "region_column": REGION_COLUMN, "dropped": {"rows": 0},
+                  "not_imported": ["FLARE_INDEX (past flaring; EVEREST's features are magnetic only)",
+                                   "train.csv and test.csv (class-balanced subsamples of the folds)"],
+                  "targets": {}}
+        with io.staged_dir(folder) as tmp:
+            for t in TARGETS:
+                for split, members in (("train", [f for f in parts if f.index != k]), ("test", [parts[k]])):
+                    pieces = [tables[(f.index, t)] for f in members]
+                    frame = pd.concat([p[0] for p in pieces], ignore_index=True)
+                    io.write_csv(data_file(tmp, t, split), frame)
+                    real = frame[LABEL_COLUMN] != "padding"
+                    record["targets"].setdefault(str(t), {})[split] = {
+                        "records": int(real.sum()), "positives": int((frame[LABEL_COLUMN] == "P").sum()),
+                        "regions": int(frame.loc[real, REGION_COLUMN].nunique()),
+                        "gaps": sum(p[1] for p in pieces), "padding_rows": sum(p[2] for p in pieces)}
+            io.write_text(tmp / CONFIG_NAME, _config_text(name, src, config))
+            io.write_json(tmp / RECORD_NAME, record)
+        written.append(folder)
+        counts[f"fold_{k}"] = record["targets"]
+    return ImportSummary(written, sum(len(f.region) for f in parts), cadence / np.timedelta64(60, "s"), counts)
+
+
+def _config_text(name: str, src: Path, config: dict) -> str:
+    head = (f"# Written by `everest data import {name}` from {src}: how these tables become samples.\n"
+            "# Regions are keyed by the patch number (HARPNUM: the source's arpnum; it has no NOAA number).\n"
+            "# The extensive features are log-scaled; R_VALUE is 0 for a patch without strong-gradient\n"
+            "# polarity inversion lines, a real value, so the C-class rule that drops zero rows is off.\n")
+    return head + yaml.safe_dump(config, sort_keys=False)
+
+
+def summary_text(summary: ImportSummary) -> str:
+    """The import's accounting as printed: rows read, and per fold and target the records written."""
+    lines = [f"read {summary.rows_read} rows (cadence {summary.cadence_minutes:g} minutes); dropped 0"]
+    for folder, (fold, targets) in zip(summary.folders, summary.counts.items(), strict=True):
+        lines.append(f"{folder}: test = {fold}")
+        for t, splits in targets.items():
+            lines.append("  " + t + ": " + "; ".join(
+                f"{s} {c['records']} records ({c['positives']} P) of {c['regions']} regions, "
+                f"{c['padding_rows']} padding rows at {c['gaps']} gaps" for s, c in splits.items()))
+    return "\n".join(lines)
