@@ -41,6 +41,7 @@ from everest.config import (
     experiment_matrix,
     run_config,
 )
+from everest.data.tables import data_file
 from everest.errors import EXIT_FAILED, ConfigError
 from everest.scoring import baselines
 from flows import preflight
@@ -82,9 +83,9 @@ class ProductionParameters(FlowParameters):
 
     cli_flags: ClassVar[dict[str, str]] = {"baselines": "--no-baselines"}
 
-    targets: list[TargetName] = Field(default_factory=lambda: [str(t) for t in all_targets()],
-                                      description="flare class and horizon of each forecast to train, e.g. C-24 "
-                                      "M5-72 (default: all 9)")
+    targets: list[TargetName] | None = Field(
+        None, description="flare class and horizon of each forecast to train, e.g. C-24 M5-72 (default: every "
+        "target whose two tables the data folder holds; all 9 for the embedded demo)")
     seeds: list[int] = Field(default_factory=lambda: list(DEFAULT_SEEDS),
                              description="random seeds; each target is trained once per seed (default 0-4: 45 "
                              "experiments)")
@@ -108,6 +109,20 @@ class ProductionParameters(FlowParameters):
     baselines: bool = Field(True, description="fit the simple baselines (logistic regression, gradient boosting) on "
                             "each experiment's windows beside EVEREST, so the report says whether EVEREST beats them "
                             "(--no-baselines: skip them)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _targets_in_folder(cls, data: Any) -> Any:
+        """Unset targets: those whose tables the data folder holds, so a folder of some targets (an import of
+        published tables) runs as it is; all 9 for the demo, or when the folder holds none (the preflight then
+        names the missing tables)."""
+        if isinstance(data, dict) and data.get("targets") is None:
+            folder = data.get("data_dir")
+            held = [] if folder is None else [
+                str(t) for t in all_targets()
+                if all(data_file(Path(folder), t, split).is_file() for split in ("train", "test"))]
+            data = {**data, "targets": held or [str(t) for t in all_targets()]}
+        return data
 
     @field_validator("targets", mode="before")
     @classmethod

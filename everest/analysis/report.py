@@ -314,6 +314,32 @@ def _status(a: ProductionAnalyzer) -> list[str]:
     return out
 
 
+def _history(a: ProductionAnalyzer) -> list[str]:
+    """Per target and file: the base rate, the records' cadence, gaps and padded windows (from the trainer)."""
+    out = ["## Data: how much history the model had\n",
+           "Per target, the training file (before the validation split and augmentation) and the test file: the "
+           "share of positive samples, the most common step between a region's consecutive records, the longer "
+           "steps (gaps), and the windows that hold padding (steps before a region's first record or inside a "
+           "gap) with the mean number of real records per window.\n"]
+    rows = []
+    for t in [str(t) for t in all_targets()]:
+        run = next((r for r in sorted(a.results.analysed, key=lambda r: r.seed) if str(r.target) == t), None)
+        history = (run.results.get("data", {}).get("history") if run else None) or {}
+        for split in ("train", "test"):
+            h = history.get(split)
+            if run is None or h is None:
+                continue
+            n = h.get("samples") or 0
+            padded = f"{_int(h.get('padded_windows'))} ({fmt(h['padded_windows'] / n * 100, 1)} %)" if n else "n/a"
+            rows.append([t, split, _int(n), f"{fmt((h.get('base_rate') or 0) * 100, 2)} %",
+                         f"{fmt(h.get('cadence_minutes'), 0)} min", _int(h.get("gaps")), padded,
+                         fmt(h.get("mean_real_steps"), 2)])
+    if not rows:
+        return out + ["Not recorded (results written before the trainer recorded it).\n"]
+    headers = ["target", "file", "samples", "base rate", "cadence", "gaps", "padded windows", "real steps"]
+    return out + [table(headers, rows), ""]
+
+
 def _overall(a: ProductionAnalyzer) -> list[str]:
     d = a.analysed_frame
     out = ["## Overall statistics\n"]
@@ -508,7 +534,7 @@ def render(a: ProductionAnalyzer, rel_plots: dict[str, str]) -> str:
     provenance, and last how to read it."""
     figures = {k: v for k, v in rel_plots.items() if k != "verdict"}
     parts = ["# EVEREST production training report\n", *first_screen(a, rel_plots.get("verdict"))]
-    parts += _verdict(a) + _ensemble(a) + _status(a) + _overall(a) + _detailed(a) + _significance(a)
+    parts += _verdict(a) + _ensemble(a) + _status(a) + _history(a) + _overall(a) + _detailed(a) + _significance(a)
     parts += _thresholds(a) + _latency(a) + _plots(figures) + _provenance(a) + how_to_read(a)
     return "\n".join(parts).rstrip() + "\n"
 
@@ -523,8 +549,8 @@ def first_screen(a: ProductionAnalyzer, figure: str | None) -> list[str]:
     runs = rs.analysed
     data = ("synthetic data (the project's generator)" if runs and all(r.results.get("data", {}).get("synthetic")
                                                                        for r in runs) else
-            "SHARP data" if runs and not any(r.results.get("data", {}).get("synthetic") for r in runs) else
-            "synthetic and SHARP data" if runs else "no finished experiment")
+            "real (observed) data" if runs and not any(r.results.get("data", {}).get("synthetic") for r in runs) else
+            "synthetic and real data" if runs else "no finished experiment")
     code = _counted([r.code_version for r in runs]) or "n/a"
     config = _counted([r.config_hash for r in runs]) or "n/a"
     out = [f"**Run:** {len(targets)} target(s) × seeds {', '.join(map(str, seeds))} = {len(rs.expected)} experiments, "

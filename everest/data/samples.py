@@ -317,6 +317,24 @@ class ExperimentData:
     test: SampleSet
     scaler: Scaler
     file_hashes: dict[str, str]  # file name -> sha256
+    history: dict[str, dict[str, float | int | None]]  # "train" (before augmentation), "test": history_profile
+
+
+def history_profile(samples: SampleSet) -> dict[str, float | int | None]:
+    """How much history the windows hold: the base rate, the records' cadence (the most common step between a
+    region's consecutive samples) and the longer steps (gaps), and the windows with padded steps."""
+    n = len(samples)
+    same = samples.region[1:] == samples.region[:-1]
+    steps = np.diff(samples.time.astype("datetime64[s]").astype(np.int64))[same]
+    values, counts = np.unique(steps, return_counts=True)
+    cadence = int(values[np.argmax(counts)]) if steps.size else None
+    real_steps = samples.valid.sum(axis=1)
+    return {"samples": n, "positives": samples.n_positive, "base_rate": samples.n_positive / n if n else None,
+            "regions": int(np.unique(samples.region).size),
+            "cadence_minutes": cadence / 60 if cadence is not None else None,
+            "gaps": int((steps > cadence).sum()) if cadence is not None else 0,
+            "padded_windows": int((real_steps < samples.valid.shape[1]).sum()),
+            "mean_real_steps": float(real_steps.mean()) if n else None}
 
 
 def prepare_experiment(data_dir: str | Path, target: Target, seed: int, cfg: DataConfig, seq_len: int,
@@ -334,4 +352,5 @@ def prepare_experiment(data_dir: str | Path, target: Target, seed: int, cfg: Dat
     train, val, test = scaler.transform(train), scaler.transform(val), scaler.transform(test)
     if target.flare_class in cfg.augment_classes:
         train = augment_positives(train, cfg.augment_noise, seed, cfg.augment_copies)
-    return ExperimentData(train, val, test, scaler, {train_path.name: h_train, test_path.name: h_test})
+    history = {"train": history_profile(train_all), "test": history_profile(test)}
+    return ExperimentData(train, val, test, scaler, {train_path.name: h_train, test_path.name: h_test}, history)
