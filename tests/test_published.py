@@ -23,6 +23,8 @@ from everest.data.samples import read_samples
 from everest.data.tables import data_file, read_table
 from everest.errors import DataError
 
+pytestmark = [pytest.mark.slow, pytest.mark.real_data]  # every test runs the command line as a process
+
 EXCERPT = Path(__file__).parent / "data" / "smarp_excerpt"
 ROOT = Path(__file__).resolve().parents[1]
 CADENCE = pd.Timedelta(minutes=96)
@@ -212,3 +214,59 @@ def test_a_folder_that_is_no_import_is_not_replaced(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="fold_0 exists and holds no import.json"):
         import_published("smarp", EXCERPT, tmp_path / "out", folds=[0])
     assert (tmp_path / "out" / "fold_0" / "notes.txt").read_text() == "mine"
+
+
+def _study(folder: Path, out: Path) -> None:
+    """One fold's study with the project's commands: two seeds as one group, the baselines, the ensemble, the
+    analysis."""
+    common = ["--flare-class", "M", "--time-window", "24", "--data-dir", str(folder), "--config",
+              str(folder / "everest.yaml"), "--output-dir", str(out)]
+    commands = [["everest", "train", *common, "--seed", "0", "1", "--epochs", "1", *set_args()],
+                *[["everest", "baselines", *common, "--seed", s] for s in ("0", "1")],
+                ["everest", "ensemble", "--output-dir", str(out), "--targets", "M-24"],
+                ["everest.analysis", "--results-dir", str(out / "results"), "--targets", "M-24", "--seeds", "0", "1",
+                 "--no-plots", "--bootstrap", "200"]]
+    for cmd in commands:
+        r = subprocess.run([sys.executable, "-m", *cmd], capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 0, (cmd, r.stderr[-2000:])
+
+
+def _tss(frame: pd.DataFrame) -> float:
+    y, yhat = frame["y_true"].astype(bool), frame["y_pred"].astype(bool)
+    return (y & yhat).sum() / y.sum() - (~y & yhat).sum() / (~y).sum()
+
+
+def test_cross_fold_verdict_pools_the_folds(imported: Path, tmp_path: Path) -> None:
+    folds = [tmp_path / f"fold_{k}" for k in (0, 2)]
+    for k, out in zip((0, 2), folds, strict=True):
+        _study(imported / f"fold_{k}", out)
+    r = subprocess.run([sys.executable, "-m", "everest.analysis.folds", *map(str, folds), "--out", str(tmp_path / "x"),
+                        "--target", "M-24", "--bootstrap", "200"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "EVEREST against the baselines over 2 region-disjoint folds" in r.stdout
+    per_fold = pd.read_csv(tmp_path / "x" / "folds.csv")
+    for out, row in zip(folds, per_fold.itertuples(), strict=True):
+        verdict = pd.read_csv(out / "analysis" / "verdict.csv").iloc[0]
+        assert (row.everest_tss, row.delta, row.verdict) == (verdict["everest_tss"], verdict["delta"],
+                                                             verdict["verdict"])
+    pooled = pd.read_csv(tmp_path / "x" / "pooled.csv").set_index("model")
+    by_seed = [pd.concat([pd.read_csv(out / "results" / f"everest_M_24h_seed{s}" / "predictions.csv") for out in folds])
+               for s in (0, 1)]
+    assert pooled.loc["everest", "tss"] == pytest.approx(np.mean([_tss(f) for f in by_seed]), abs=1e-12)
+    assert pooled.loc["everest", "samples"] == len(source(0)) + len(source(2))
+    assert pooled.loc["everest", "positives"] == source(0)["label"].sum() + source(2)["label"].sum()
+    assert pooled.loc["everest", "regions"] == 6
+    cmp = pd.read_csv(tmp_path / "x" / "pooled_comparison.csv")
+    assert set(zip(cmp["candidate"], cmp["metric"], strict=True)) == {
+        ("everest", "tss"), ("ensemble", "tss"), ("everest", "brier"), ("ensemble", "brier")}
+    best = [per_fold.loc[i, "best_baseline"] for i in range(2)]
+    base = [pd.concat([pd.read_csv(out / "baselines" / b / "results" / f"everest_M_24h_seed{s}" / "predictions.csv")
+                       for out, b in zip(folds, best, strict=True)]) for s in (0, 1)]
+    row = cmp[(cmp["candidate"] == "everest") & (cmp["metric"] == "tss")].iloc[0]
+    expected = np.mean([_tss(e) - _tss(b) for e, b in zip(by_seed, base, strict=True)])
+    assert row["delta"] == pytest.approx(expected, abs=1e-12) and row["ci_low"] <= row["delta"] <= row["ci_high"]
+    # The same fold twice is no pair of region-disjoint folds.
+    r = subprocess.run([sys.executable, "-m", "everest.analysis.folds", str(folds[0]), str(folds[0]), "--out",
+                        str(tmp_path / "y")], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and f"is tested in both {folds[0]} and {folds[0]}" in r.stderr
+    assert not (tmp_path / "y").exists()
