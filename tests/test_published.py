@@ -7,6 +7,7 @@ records and positives per split, the derived C and M5 labels, the 96-minute cade
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -65,7 +66,9 @@ def imported(tmp_path_factory) -> Path:
     r = subprocess.run([sys.executable, "-m", "everest", "data", "import", "smarp", str(EXCERPT), "--out", str(out)],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
-    assert "read 1309 rows (cadence 96 minutes); dropped 0" in r.stdout
+    assert r.stdout.startswith("read 1309 rows (cadence 96 minutes)\n")
+    assert r.stdout.count("; dropped 0\n") == 10  # C-24 and M-24 of five folds: every row written
+    assert r.stdout.count("M5-24: not written (no positive record in the training folds") == 5
     return out
 
 
@@ -76,7 +79,11 @@ def test_every_row_is_written_once_with_its_labels(imported: Path, k: int) -> No
     assert cfg.features == ("AREA", "USFLUX", "MEANGBZ", "R_VALUE") and cfg.region_column == "HARPNUM"
     test_src = source(k)
     train_src = pd.concat([source(j) for j in range(5) if j != k], ignore_index=True)
-    for cls in ("C", "M", "M5"):
+    record = json.loads((folder / "import.json").read_text())
+    assert set(record["targets"]) == {"C-24", "M-24"} and set(record["skipped_targets"]) == {"M5-24"}
+    assert not expected_labels(train_src, "M5").any()  # the excerpt has no >= M5 flare: nothing to learn
+    assert not data_file(folder, Target.parse("M5-24"), "train").exists()
+    for cls in ("C", "M"):
         target = Target.parse(f"{cls}-24")
         for split, src in (("test", test_src), ("train", train_src)):
             written = pd.read_csv(data_file(folder, target, split))
@@ -89,8 +96,9 @@ def test_every_row_is_written_once_with_its_labels(imported: Path, k: int) -> No
             np.testing.assert_array_equal(records[list(cfg.features)].to_numpy(), src[list(cfg.features)].to_numpy())
             gaps, pad = expected_padding(src)
             assert (written["Flare"] == "padding").sum() == pad
-            acct = json.loads((folder / "import.json").read_text())["targets"][str(target)][split]
+            acct = record["targets"][str(target)][split]
             assert (acct["records"], acct["gaps"], acct["padding_rows"]) == (len(src), gaps, pad)
+        assert record["targets"][str(target)]["dropped_rows"] == 0
     # The source's own label is the M-24 label.
     assert (expected_labels(test_src, "M") == test_src["label"].to_numpy()).all()
     regions = [set(pd.read_csv(data_file(folder, Target.parse("M-24"), s))["HARPNUM"]) for s in ("train", "test")]
@@ -154,11 +162,24 @@ def test_check_accepts_and_one_epoch_trains(imported: Path, tmp_path: Path) -> N
     assert row in report, report[report.index("## Data"):][:1500]
 
 
-def test_flow_defaults_to_the_imported_targets(imported: Path) -> None:
+def test_flow_runs_on_an_import_without_edits(imported: Path, tmp_path: Path, prefect_server: str) -> None:
+    """python -m flows.production --data-dir DIR --config DIR/everest.yaml: the targets the folder holds, the
+    import's configuration; only the budget is cut (one seed, one epoch, the tiny network)."""
     from flows.production import ProductionParameters
 
-    assert ProductionParameters(data_dir=str(imported / "fold_0")).targets == ["C-24", "M-24", "M5-24"]
+    folder = imported / "fold_0"
+    assert ProductionParameters(data_dir=str(folder)).targets == ["C-24", "M-24"]
     assert len(ProductionParameters().targets) == 9
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    r = subprocess.run([sys.executable, "-m", "flows.production", "--data-dir", str(folder), "--config",
+                        str(folder / "everest.yaml"), "--seeds", "0", "--epochs", "1", *set_args(),
+                        "--output-dir", str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT, env=env,
+                       timeout=900)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-2000:])
+    assert "C-24, M-24 x seeds 0" in r.stdout
+    report = (tmp_path / "o" / "analysis" / "production_training_report.md").read_text()
+    history = report[report.index("## Data: how much history"):report.index("## Overall statistics")]
+    assert history.count("| C-24 |") == 2 and history.count("| M-24 |") == 2 and "| 96 min |" in history
 
 
 def _spoilt(tmp_path: Path, k: int, edit) -> Path:

@@ -78,7 +78,7 @@ class ImportSummary:
     folders: list[Path]
     rows_read: int
     cadence_minutes: float
-    counts: dict[str, dict]
+    counts: dict[str, dict]  # per folder: its import.json record
 
 
 def fold_files(src: Path, name: str) -> list[Path]:
@@ -248,6 +248,7 @@ def import_published(name: str, src: str | Path, out: str | Path, folds: Sequenc
                        "scaling": "log_standard", "c_zero_filter": False}}
     sources = {p.name: {"rows": len(f.region), "regions": int(np.unique(f.region).size), "sha256": _sha256(p)}
                for p, f in zip(files, parts, strict=True)}
+    rows_read = sum(len(f.region) for f in parts)
     written, counts = [], {}
     io.check_writable_dir(out, "import folder")
     for k in chosen:
@@ -257,26 +258,33 @@ def import_published(name: str, src: str | Path, out: str | Path, folds: Sequenc
                             "--out, nothing was written")
         record = {"source": str(src), "dataset": name, "test_fold": k, "files": sources,
                   "cadence_minutes": cadence / np.timedelta64(60, "s"), "max_padding": max_padding,
-                  "features": features, "region_column": REGION_COLUMN, "dropped": {"rows": 0},
+                  "features": features, "region_column": REGION_COLUMN,
                   "not_imported": ["FLARE_INDEX (past flaring; EVEREST's features are magnetic only)",
                                    "train.csv and test.csv (class-balanced subsamples of the folds)"],
-                  "targets": {}}
+                  "targets": {}, "skipped_targets": {}}
         with io.staged_dir(folder) as tmp:
             for t in TARGETS:
+                frames, counts_t = {}, {}
                 for split, members in (("train", [f for f in parts if f.index != k]), ("test", [parts[k]])):
                     pieces = [tables[(f.index, t)] for f in members]
-                    frame = pd.concat([p[0] for p in pieces], ignore_index=True)
-                    io.write_csv(data_file(tmp, t, split), frame)
+                    frames[split] = frame = pd.concat([p[0] for p in pieces], ignore_index=True)
                     real = frame[LABEL_COLUMN] != "padding"
-                    record["targets"].setdefault(str(t), {})[split] = {
+                    counts_t[split] = {
                         "records": int(real.sum()), "positives": int((frame[LABEL_COLUMN] == "P").sum()),
                         "regions": int(frame.loc[real, REGION_COLUMN].nunique()),
                         "gaps": sum(p[1] for p in pieces), "padding_rows": sum(p[2] for p in pieces)}
+                if counts_t["train"]["positives"] == 0:
+                    record["skipped_targets"][str(t)] = "no positive record in the training folds: nothing to learn"
+                    continue
+                for split, frame in frames.items():
+                    io.write_csv(data_file(tmp, t, split), frame)
+                dropped = rows_read - counts_t["train"]["records"] - counts_t["test"]["records"]
+                record["targets"][str(t)] = {**counts_t, "dropped_rows": dropped}
             io.write_text(tmp / CONFIG_NAME, _config_text(name, src, config))
             io.write_json(tmp / RECORD_NAME, record)
         written.append(folder)
-        counts[f"fold_{k}"] = record["targets"]
-    return ImportSummary(written, sum(len(f.region) for f in parts), cadence / np.timedelta64(60, "s"), counts)
+        counts[f"fold_{k}"] = record
+    return ImportSummary(written, rows_read, cadence / np.timedelta64(60, "s"), counts)
 
 
 def _config_text(name: str, src: Path, config: dict) -> str:
@@ -288,12 +296,16 @@ def _config_text(name: str, src: Path, config: dict) -> str:
 
 
 def summary_text(summary: ImportSummary) -> str:
-    """The import's accounting as printed: rows read, and per fold and target the records written."""
-    lines = [f"read {summary.rows_read} rows (cadence {summary.cadence_minutes:g} minutes); dropped 0"]
-    for folder, (fold, targets) in zip(summary.folders, summary.counts.items(), strict=True):
-        lines.append(f"{folder}: test = {fold}")
-        for t, splits in targets.items():
-            lines.append("  " + t + ": " + "; ".join(
-                f"{s} {c['records']} records ({c['positives']} P) of {c['regions']} regions, "
-                f"{c['padding_rows']} padding rows at {c['gaps']} gaps" for s, c in splits.items()))
+    """The import's accounting as printed: rows read, and per fold and target the records written, the padding
+    rows added and the rows dropped (none, unless a bug: each is counted, not assumed)."""
+    lines = [f"read {summary.rows_read} rows (cadence {summary.cadence_minutes:g} minutes)"]
+    for folder, record in zip(summary.folders, summary.counts.values(), strict=True):
+        lines.append(f"{folder}: test = fold {record['test_fold']}, training = the other folds")
+        for t, c in record["targets"].items():
+            lines.append(f"  {t}: " + "; ".join(
+                f"{s} {c[s]['records']} records ({c[s]['positives']} P) of {c[s]['regions']} regions, "
+                f"{c[s]['padding_rows']} padding rows at {c[s]['gaps']} gaps" for s in ("train", "test"))
+                + f"; dropped {c['dropped_rows']}")
+        for t, why in record["skipped_targets"].items():
+            lines.append(f"  {t}: not written ({why})")
     return "\n".join(lines)
