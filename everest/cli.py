@@ -384,7 +384,7 @@ def _synth(args: argparse.Namespace) -> None:
 def _import(args: argparse.Namespace) -> None:
     from everest.data.published import import_published, summary_text
 
-    print(summary_text(import_published(args.source, args.src, args.out, args.fold)))
+    print(summary_text(import_published(args.source, args.src, args.out, args.fold, args.window)))
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -474,6 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("src", help="folder holding the fold tables")
     imp.add_argument("--out", required=True, help="output folder: fold_K/ for each test fold K")
     imp.add_argument("--fold", type=int, nargs="+", metavar="K", help="test fold(s) to write (default: every fold)")
+    imp.add_argument("--window", type=int, metavar="N", help="records per window (model.seq_len, written to "
+                     "everest.yaml; default the model's 10): a gap gets up to N-1 padding rows")
     imp.set_defaults(fn=_import)
     check = data.add_parser("check", help="per-target samples, positives, regions and the Bayes ceiling")
     check.add_argument("dir", help="folder holding the CSVs (all 18, or those of some targets)")

@@ -113,14 +113,14 @@ class ProductionParameters(FlowParameters):
     @model_validator(mode="before")
     @classmethod
     def _targets_in_folder(cls, data: Any) -> Any:
-        """Unset targets: those whose tables the data folder holds, so a folder of some targets (an import of
-        published tables) runs as it is; all 9 for the demo, or when the folder holds none (the preflight then
-        names the missing tables)."""
+        """Unset targets: those of which the data folder holds a table, so a folder of some targets (an import of
+        published tables) runs as it is; all 9 for the demo, or when the folder holds none. A target with one of
+        its two tables stays in, so the preflight names the missing one."""
         if isinstance(data, dict) and data.get("targets") is None:
             folder = data.get("data_dir")
             held = [] if folder is None else [
                 str(t) for t in all_targets()
-                if all(data_file(Path(folder), t, split).is_file() for split in ("train", "test"))]
+                if any(data_file(Path(folder), t, split).is_file() for split in ("train", "test"))]
             data = {**data, "targets": held or [str(t) for t in all_targets()]}
         return data
 

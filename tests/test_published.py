@@ -19,7 +19,7 @@ import pytest
 from tiny import set_args
 
 from everest.config import Target, load_config
-from everest.data.published import import_published
+from everest.data.published import Fold, import_published, labels_for
 from everest.data.samples import read_samples
 from everest.data.tables import data_file, read_table
 from everest.errors import DataError
@@ -224,7 +224,8 @@ def test_bad_source_rows_get_one_line_and_nothing_is_written(tmp_path: Path, cas
 def test_regions_shared_by_two_folds_are_refused(tmp_path: Path) -> None:
     first = source(1)["arpnum"].iloc[0]
     src = _spoilt(tmp_path, 0, lambda t: t.replace("TARP,4780,", f"TARP,{first},"))
-    with pytest.raises(DataError, match=rf"smarp_1\.csv: patch arpnum={first} is also in smarp_0\.csv"):
+    message = rf"smarp_1\.csv: patch arpnum={first} at line 2 is also in smarp_0\.csv \(line 2\)"
+    with pytest.raises(DataError, match=message):
         import_published("smarp", src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -291,3 +292,30 @@ def test_cross_fold_verdict_pools_the_folds(imported: Path, tmp_path: Path) -> N
                         str(tmp_path / "y")], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and f"is tested in both {folds[0]} and {folds[0]}" in r.stderr
     assert not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize(("flares", "expected"), [
+    ("", (False, False, False)), ("B9.9", (False, False, False)), ("C1.0", (True, False, False)),
+    ("M4.9|C9.9", (True, True, False)), ("C2.0|M5.0", (True, True, True)), ("X1.0", (True, True, True)),
+    ("M10", (True, True, True)), ("X17.", (True, True, True)), ("B2.0|M1.2", (True, True, False))])
+def test_labels_from_the_flares_column(flares: str, expected: tuple[bool, bool, bool]) -> None:
+    fold = Fold(Path("f.csv"), 0, np.zeros(1, np.int64), np.zeros(1, "datetime64[s]"),
+                np.array([expected[1]]), [flares], pd.DataFrame({"USFLUX": [1.0]}), np.array([2]))
+    got = tuple(bool(labels_for(fold, Target.parse(f"{c}-24"))[0]) for c in ("C", "M", "M5"))
+    assert got == expected
+
+
+def test_every_folder_is_checked_before_any_is_written(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    import_published("smarp", EXCERPT, out, folds=[0])
+    before = (out / "fold_0" / "import.json").read_bytes()
+    (out / "fold_3").mkdir()  # someone else's folder
+    with pytest.raises(DataError, match="fold_3 exists and holds no import.json"):
+        import_published("smarp", EXCERPT, out, folds=[0, 3], window=5)
+    assert (out / "fold_0" / "import.json").read_bytes() == before and not any((out / "fold_3").iterdir())
+    summary = import_published("smarp", EXCERPT, out, folds=[0], window=5)
+    assert load_config(out / "fold_0" / "everest.yaml").model.seq_len == 5
+    assert json.loads((out / "fold_0" / "import.json").read_text())["window"] == 5
+    src = source(0)
+    pad = summary.counts["fold_0"]["targets"]["M-24"]["test"]["padding_rows"]
+    assert pad == expected_padding(src, cap=4)[1] < expected_padding(src)[1]

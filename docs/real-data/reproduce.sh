@@ -3,7 +3,8 @@
 # Per fold: import, train the seeds as one group, fit the baselines, build the seed ensemble and analyse; then
 # pool the five test folds. Usage (from the project root, with the project's environment active):
 #   docs/real-data/reproduce.sh SRC [OUT]     SRC: the folder holding smarp_0.csv .. smarp_4.csv
-# Budget: EPOCHS (default 2) epochs of the demo preset, SEEDS (default "0 1 2"), DEVICE (default auto).
+# Budget: EPOCHS (default 2) epochs of the demo preset (the design's recipe, capped), SEEDS (default "0 1 2"),
+# DEVICE (default auto); SET="key=value ..." adds configuration overrides to the training (e.g. a tuned recipe).
 set -euo pipefail
 SRC=${1:?usage: reproduce.sh SRC [OUT] (SRC holds smarp_0.csv .. smarp_4.csv)}
 OUT=${2:-study-smarp}
@@ -19,7 +20,7 @@ for data in "$OUT"/data/fold_*; do
     fold=$(basename "$data"); run=$OUT/$fold; folds+=("$run")
     common=(--flare-class M --time-window 24 --data-dir "$data" --config "$data/everest.yaml" --output-dir "$run")
     "$PY" -m everest train "${common[@]}" --seed "${SEEDS[@]}" --preset demo --epochs "$EPOCHS" \
-        --device "${DEVICE:-auto}" "${EXTRA[@]}"
+        --device "${DEVICE:-auto}" ${EXTRA[@]+"${EXTRA[@]}"}
     for seed in "${SEEDS[@]}"; do
         "$PY" -m everest baselines "${common[@]}" --seed "$seed"
     done

@@ -25,7 +25,7 @@ import pandas as pd
 from everest import io
 from everest.analysis import stats as st
 from everest.analysis.analyzer import BASELINES_FOLDER
-from everest.analysis.loading import AnalysisError, load_results
+from everest.analysis.loading import AnalysisError, ExperimentResult, load_results
 from everest.analysis.report import fmt, table
 from everest.config import Target
 from everest.results import experiment_dir, verdict_file
@@ -55,7 +55,7 @@ def fold_table(folds: Sequence[Path], target: Target) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _predictions(runs: list, what: str, fold: Path) -> dict[int, pd.DataFrame]:
+def _predictions(runs: list[ExperimentResult], what: str, fold: Path) -> dict[int, pd.DataFrame]:
     out = {r.seed: r.predictions for r in runs if r.predictions is not None}
     if not out:
         raise AnalysisError(f"{fold}: no finished {what} with test predictions")
@@ -64,26 +64,31 @@ def _predictions(runs: list, what: str, fold: Path) -> dict[int, pd.DataFrame]:
 
 def fold_predictions(fold: Path, target: Target, seeds: Sequence[int] | None,
                      best: str) -> dict[str, dict[int, pd.DataFrame]]:
-    """A fold's test predictions by model (everest, ensemble, each baseline, and the fold's best baseline), by seed
-    (the ensemble under every seed, as it is paired with each)."""
+    """A fold's test predictions by model (everest, the fold's best baseline, the ensemble, and every other
+    baseline with predictions), by seed; the one ensemble is listed under each of the best baseline's seeds, with
+    which the fold's analysis pairs it."""
     found = load_results(fold / "results", [target], seeds).by_target().get(target, [])
     models = {EVEREST: _predictions(found, "EVEREST seed", fold)}
+    baselines = {}
+    for root in sorted((fold / BASELINES_FOLDER).glob("*/results")):
+        runs = load_results(root, [target], seeds).by_target().get(target, [])
+        if got := {r.seed: r.predictions for r in runs if r.predictions is not None}:
+            baselines[root.parent.name] = got
+    if best not in baselines:
+        raise AnalysisError(f"{fold}: its verdict's best baseline {best!r} has no test predictions under "
+                            f"{BASELINES_FOLDER}/{best}/results")
+    models[BEST] = baselines[best]
     ensemble = experiment_dir(ensemble_root(fold), ensemble_name(target)) / "predictions.csv"
     if not ensemble.is_file():
         raise AnalysisError(f"{fold}: no seed ensemble predictions ({ensemble}); run everest ensemble first")
-    models[ENSEMBLE] = dict.fromkeys(models[EVEREST], pd.read_csv(ensemble))
-    for root in sorted((fold / BASELINES_FOLDER).glob("*/results")):
-        runs = load_results(root, [target], seeds).by_target().get(target, [])
-        models[root.parent.name] = _predictions(runs, f"{root.parent.name} baseline", fold)
-    if best not in models:
-        raise AnalysisError(f"{fold}: its verdict's best baseline {best!r} has no results under {BASELINES_FOLDER}/")
-    models[BEST] = models[best]
-    return models
+    models[ENSEMBLE] = dict.fromkeys(models[BEST], pd.read_csv(ensemble))
+    return {**models, **baselines}
 
 
 def pool(folds: Sequence[Path], target: Target, seeds: Sequence[int] | None,
          best: Sequence[str]) -> dict[str, dict[int, pd.DataFrame]]:
-    """Every model's test predictions of all folds, concatenated per seed; regions must not repeat across folds."""
+    """Every model's test predictions of all folds, concatenated per seed (the seeds every fold has); regions must
+    not repeat across folds. A baseline some fold lacks is left out."""
     per_fold = [fold_predictions(f, target, seeds, b) for f, b in zip(folds, best, strict=True)]
     owner: dict[int, int] = {}
     for i, models in enumerate(per_fold):
@@ -94,7 +99,14 @@ def pool(folds: Sequence[Path], target: Target, seeds: Sequence[int] | None,
     pooled: dict[str, dict[int, pd.DataFrame]] = {}
     for name in per_fold[0]:
         common = set.intersection(*(set(m.get(name, {})) for m in per_fold))
-        pooled[name] = {s: pd.concat([m[name][s] for m in per_fold], ignore_index=True) for s in sorted(common)}
+        if not common and name in (EVEREST, BEST):
+            held = "; ".join(f"{f.name}: {sorted(m[name])}" for f, m in zip(folds, per_fold, strict=True))
+            raise AnalysisError(f"no seed of {name} is finished in every fold ({held}); pooling needs the same seeds")
+        if common:
+            pooled[name] = {s: pd.concat([m[name][s] for m in per_fold], ignore_index=True) for s in sorted(common)}
+    if not set(pooled[EVEREST]) & set(pooled[BEST]):
+        raise AnalysisError(f"EVEREST's seeds {sorted(pooled[EVEREST])} and the best baseline's "
+                            f"{sorted(pooled[BEST])} share none: no paired comparison")
     return pooled
 
 
@@ -168,7 +180,8 @@ def render(target: Target, folds: pd.DataFrame, pooled: pd.DataFrame, cmp: pd.Da
                  [[r.model, r.seeds, _pm(r.tss, r.tss_sd), _pm(r.roc_auc, r.roc_auc_sd), _pm(r.brier, r.brier_sd, 4),
                    r.samples, r.positives, r.regions] for r in pooled.itertuples()]), "",
            f"Candidate minus best baseline, paired on regions and seeds ({pct} region-bootstrap interval, "
-           "region-permutation p, Holm over the two candidates per metric; for Brier lower is better):\n",
+           "region-permutation p; Holm over the two candidates within each metric, TSS and Brier being two "
+           "questions; for Brier lower is better):\n",
            table(["candidate", "metric", "difference", "interval", "p (Holm)", "verdict", "regions"],
                  [[r.candidate, r.metric, fmt(r.delta, 4), f"[{fmt(r.ci_low, 4)}, {fmt(r.ci_high, 4)}]",
                    fmt(r.p_holm, 4), r.verdict, r.n_units] for r in cmp.itertuples()]), ""]

@@ -324,15 +324,16 @@ def _history(a: ProductionAnalyzer) -> list[str]:
     rows = []
     for t in [str(t) for t in all_targets()]:
         run = next((r for r in sorted(a.results.analysed, key=lambda r: r.seed) if str(r.target) == t), None)
-        history = (run.results.get("data", {}).get("history") if run else None) or {}
+        history = (run.results.get("data", {}).get("history_profile") if run else None) or {}
         for split in ("train", "test"):
             h = history.get(split)
             if run is None or h is None:
                 continue
             n = h.get("samples") or 0
             padded = f"{_int(h.get('padded_windows'))} ({fmt(h['padded_windows'] / n * 100, 1)} %)" if n else "n/a"
-            rows.append([t, split, _int(n), f"{fmt((h.get('base_rate') or 0) * 100, 2)} %",
-                         f"{fmt(h.get('cadence_minutes'), 0)} min", _int(h.get("gaps")), padded,
+            rate, cadence = h.get("base_rate"), h.get("cadence_minutes")
+            rows.append([t, split, _int(n), "n/a" if rate is None else f"{fmt(rate * 100, 2)} %",
+                         "n/a" if cadence is None else f"{fmt(cadence, 0)} min", _int(h.get("gaps")), padded,
                          fmt(h.get("mean_real_steps"), 2)])
     if not rows:
         return out + ["Not recorded (results written before the trainer recorded it).\n"]

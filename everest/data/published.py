@@ -16,6 +16,7 @@ read.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 from collections.abc import Sequence
@@ -34,6 +35,7 @@ from everest.data.tables import (
     MAX_REGION,
     TIME_COLUMN,
     CsvSource,
+    check_runs,
     data_file,
     open_csv,
     read_columns,
@@ -69,6 +71,7 @@ class Fold:
     label: np.ndarray  # (R,) bool, the source's >= M label
     flares: list[str]  # (R,) GOES classes of the flares in the 24 h after the record
     features: pd.DataFrame  # (R, F) float64
+    line: np.ndarray  # (R,) each row's line in the file, as a text editor numbers lines
 
 
 @dataclass(frozen=True)
@@ -128,8 +131,9 @@ def read_fold(path: Path, index: int) -> Fold:
     if (wrong := np.array([not all(_GOES.fullmatch(c) for c in cs) for cs in classes])).any():
         raise _bad(src, wrong, FLARES, "GOES classes such as C2.5 or M1.0, separated by '|' (or nothing)")
     if (wrong := label != np.array([any(c[0] in "MX" for c in cs) for cs in classes])).any():
-        raise _bad(src, wrong, LABEL, "the label its flares column gives (True exactly when a listed flare is "
-                   "M or X)")
+        flares_cell = show_cell(src.cell(int(np.flatnonzero(wrong)[0]), FLARES))
+        raise _bad(src, wrong, LABEL, f"the label its flares cell {flares_cell} gives (True exactly when a "
+                   "listed flare is M or X)")
     values = {}
     for name in features:
         v = pd.to_numeric(df[name], errors="coerce").to_numpy(np.float64)
@@ -137,27 +141,9 @@ def read_fold(path: Path, index: int) -> Fold:
             raise _bad(src, wrong, name, f"a finite number (at most {MAX_ABS_VALUE:.0e} in size)")
         values[name] = v
     out = Fold(path, index, region.astype(np.int64), time.dt.tz_localize(None).to_numpy("datetime64[s]"),
-               label, flares, pd.DataFrame(values))
-    _check_runs(src, out)
+               label, flares, pd.DataFrame(values), src.layout.line[1:])
+    check_runs(src, out.region, out.time, REGION, TIME)
     return out
-
-
-def _check_runs(src: CsvSource, fold: Fold) -> None:
-    """A patch's rows are contiguous and strictly increasing in time."""
-    region, t = fold.region, fold.time
-    starts = np.flatnonzero(np.r_[True, region[1:] != region[:-1]])
-    uniq, counts = np.unique(region[starts], return_counts=True)
-    if (counts > 1).any():
-        ar = int(uniq[counts > 1][0])
-        lines = [src.line(r) for r in starts[region[starts] == ar][:2]]
-        raise DataError(f"{src.path}: rows of patch {REGION}={ar} are not contiguous (separate runs start at lines "
-                        f"{lines}); expected one time-ordered run per patch")
-    back = (region[1:] == region[:-1]) & (t[1:] <= t[:-1])
-    if back.any():
-        r = int(np.flatnonzero(back)[0]) + 1
-        raise DataError(f"{src.path}: patch {REGION}={int(region[r])} is out of time order at line {src.line(r)}: "
-                        f"{show_cell(src.cell(r, TIME))} does not follow {show_cell(src.cell(r - 1, TIME))}; "
-                        f"expected strictly increasing {TIME}")
 
 
 def cadence_of(folds: Sequence[Fold]) -> np.timedelta64:
@@ -217,78 +203,92 @@ def _sha256(path: Path) -> str:
 
 
 def import_published(name: str, src: str | Path, out: str | Path, folds: Sequence[int] | None = None,
-                     max_padding: int | None = None) -> ImportSummary:
+                     window: int | None = None) -> ImportSummary:
     """Write ``out/fold_K`` for each test fold K (all by default): the targets' training tables (the other folds)
-    and test tables (fold K), an ``everest.yaml`` naming the source's features, and ``import.json``, the rows'
-    accounting. Every source file is validated before anything is written; a folder is replaced in one rename."""
+    and test tables (fold K), an ``everest.yaml`` naming the source's features and the window length
+    (``window`` records, the model's default), and ``import.json``, the rows' accounting. A gap gets at most
+    ``window - 1`` padding rows: enough that no window reaches across it. Every source file is validated and
+    every folder checked before anything is written; the folders are written beside their places and renamed
+    into them only when all are complete."""
     if name not in SOURCES:
         raise DataError(f"unknown source {name!r}; expected one of {list(SOURCES)}")
+    window = ModelConfig().seq_len if window is None else window
+    if window < 1:
+        raise DataError(f"window {window}: expected a whole number of records, at least 1")
     src, out = Path(src), Path(out)
     files = fold_files(src, name)
     chosen = list(range(len(files))) if folds is None else list(dict.fromkeys(folds))
     if bad := [k for k in chosen if not 0 <= k < len(files)]:
         raise DataError(f"--fold {bad[0]}: {src} holds folds 0 .. {len(files) - 1}")
-    max_padding = ModelConfig().seq_len - 1 if max_padding is None else max_padding
     parts = [read_fold(p, k) for k, p in enumerate(files)]
     features = list(parts[0].features.columns)
     for f in parts[1:]:
         if list(f.features.columns) != features:
-            raise DataError(f"{f.path}: feature columns {list(f.features.columns)} differ from {files[0].name}'s "
-                            f"{features}; expected the same columns in every fold")
+            raise DataError(f"{f.path}: feature columns {list(f.features.columns)} (line 1, the header) differ from "
+                            f"{files[0].name}'s {features}; expected the same columns in every fold")
     owner: dict[int, int] = {}
     for f in parts:
         for r in np.unique(f.region):
-            if owner.setdefault(int(r), f.index) != f.index:
-                raise DataError(f"{f.path}: patch {REGION}={int(r)} is also in {files[owner[int(r)]].name}; "
-                                "expected region-disjoint folds")
+            if (j := owner.setdefault(int(r), f.index)) != f.index:
+                first = [int(parts[i].line[parts[i].region == r][0]) for i in (f.index, j)]
+                raise DataError(f"{f.path}: patch {REGION}={int(r)} at line {first[0]} is also in "
+                                f"{files[j].name} (line {first[1]}); expected region-disjoint folds")
+    io.check_writable_dir(out, "import folder")
+    for k in chosen:
+        if (folder := out / f"fold_{k}").exists() and not (folder / RECORD_NAME).is_file():
+            raise DataError(f"{folder} exists and holds no {RECORD_NAME} (not an earlier import); choose another "
+                            "--out, nothing was written")
     cadence = cadence_of(parts)
-    tables = {(f.index, t): _table(f, t, cadence, max_padding) for f in parts for t in TARGETS}
+    tables = {(f.index, t): _table(f, t, cadence, window - 1) for f in parts for t in TARGETS}
     config = {"data": {"features": features, "region_column": REGION_COLUMN,
                        "log_features": [c for c in features if c in LOG_FEATURES],
-                       "scaling": "log_standard", "c_zero_filter": False}}
+                       "scaling": "log_standard", "c_zero_filter": False},
+              "model": {"seq_len": window}}
     sources = {p.name: {"rows": len(f.region), "regions": int(np.unique(f.region).size), "sha256": _sha256(p)}
                for p, f in zip(files, parts, strict=True)}
     rows_read = sum(len(f.region) for f in parts)
-    written, counts = [], {}
-    io.check_writable_dir(out, "import folder")
-    for k in chosen:
-        folder = out / f"fold_{k}"
-        if folder.exists() and not (folder / RECORD_NAME).is_file():
-            raise DataError(f"{folder} exists and holds no {RECORD_NAME} (not an earlier import); choose another "
-                            "--out, nothing was written")
-        record = {"source": str(src), "dataset": name, "test_fold": k, "files": sources,
-                  "cadence_minutes": cadence / np.timedelta64(60, "s"), "max_padding": max_padding,
-                  "features": features, "region_column": REGION_COLUMN,
-                  "not_imported": ["FLARE_INDEX (past flaring; EVEREST's features are magnetic only)",
-                                   "train.csv and test.csv (class-balanced subsamples of the folds)"],
-                  "targets": {}, "skipped_targets": {}}
-        with io.staged_dir(folder) as tmp:
-            for t in TARGETS:
-                frames, counts_t = {}, {}
-                for split, members in (("train", [f for f in parts if f.index != k]), ("test", [parts[k]])):
-                    pieces = [tables[(f.index, t)] for f in members]
-                    frames[split] = frame = pd.concat([p[0] for p in pieces], ignore_index=True)
-                    real = frame[LABEL_COLUMN] != "padding"
-                    counts_t[split] = {
-                        "records": int(real.sum()), "positives": int((frame[LABEL_COLUMN] == "P").sum()),
-                        "regions": int(frame.loc[real, REGION_COLUMN].nunique()),
-                        "gaps": sum(p[1] for p in pieces), "padding_rows": sum(p[2] for p in pieces)}
-                if counts_t["train"]["positives"] == 0:
-                    record["skipped_targets"][str(t)] = "no positive record in the training folds: nothing to learn"
-                    continue
-                for split, frame in frames.items():
-                    io.write_csv(data_file(tmp, t, split), frame)
-                dropped = rows_read - counts_t["train"]["records"] - counts_t["test"]["records"]
-                record["targets"][str(t)] = {**counts_t, "dropped_rows": dropped}
-            io.write_text(tmp / CONFIG_NAME, _config_text(name, src, config))
-            io.write_json(tmp / RECORD_NAME, record)
-        written.append(folder)
-        counts[f"fold_{k}"] = record
-    return ImportSummary(written, rows_read, cadence / np.timedelta64(60, "s"), counts)
+    records = {}
+    with contextlib.ExitStack() as stack:  # every folder complete before any is renamed into place
+        for k in chosen:
+            tmp = stack.enter_context(io.staged_dir(out / f"fold_{k}"))
+            records[k] = _write_fold(tmp, k, parts, tables, rows_read)
+            records[k].update({"source": str(src), "dataset": name, "files": sources,
+                               "cadence_minutes": cadence / np.timedelta64(60, "s"), "window": window,
+                               "features": features, "region_column": REGION_COLUMN,
+                               "not_imported": ["FLARE_INDEX (past flaring; EVEREST's features are magnetic only)",
+                                                "train.csv and test.csv (class-balanced subsamples of the folds)"]})
+            io.write_text(tmp / CONFIG_NAME, _config_text(name, src, config, window))
+            io.write_json(tmp / RECORD_NAME, records[k])
+    return ImportSummary([out / f"fold_{k}" for k in chosen], rows_read, cadence / np.timedelta64(60, "s"),
+                         {f"fold_{k}": r for k, r in records.items()})
 
 
-def _config_text(name: str, src: Path, config: dict) -> str:
+def _write_fold(folder: Path, k: int, parts: Sequence[Fold], tables: dict, rows_read: int) -> dict:
+    """Write test fold ``k``'s tables of every target that has a training positive; return their accounting."""
+    record: dict = {"test_fold": k, "targets": {}, "skipped_targets": {}}
+    for t in TARGETS:
+        frames, counts = {}, {}
+        for split, members in (("train", [f for f in parts if f.index != k]), ("test", [parts[k]])):
+            pieces = [tables[(f.index, t)] for f in members]
+            frames[split] = frame = pd.concat([p[0] for p in pieces], ignore_index=True)
+            real = frame[LABEL_COLUMN] != "padding"
+            counts[split] = {"records": int(real.sum()), "positives": int((frame[LABEL_COLUMN] == "P").sum()),
+                             "regions": int(frame.loc[real, REGION_COLUMN].nunique()),
+                             "gaps": sum(p[1] for p in pieces), "padding_rows": sum(p[2] for p in pieces)}
+        if counts["train"]["positives"] == 0:
+            record["skipped_targets"][str(t)] = "no positive record in the training folds: nothing to learn"
+            continue
+        for split, frame in frames.items():
+            io.write_csv(data_file(folder, t, split), frame)
+        dropped = rows_read - counts["train"]["records"] - counts["test"]["records"]
+        record["targets"][str(t)] = {**counts, "dropped_rows": dropped}
+    return record
+
+
+def _config_text(name: str, src: Path, config: dict, window: int) -> str:
     head = (f"# Written by `everest data import {name}` from {src}: how these tables become samples.\n"
+            f"# Gaps hold at most {window - 1} padding rows, enough for windows of {window} records: for longer\n"
+            "# windows import again with --window.\n"
             "# Regions are keyed by the patch number (HARPNUM: the source's arpnum; it has no NOAA number).\n"
             "# The extensive features are log-scaled; R_VALUE is 0 for a patch without strong-gradient\n"
             "# polarity inversion lines, a real value, so the C-class rule that drops zero rows is off.\n")

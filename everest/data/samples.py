@@ -39,7 +39,7 @@ class SampleSet:
     x: np.ndarray  # (N, T, F) float32 feature windows; zeros at front padding and `padding` rows
     valid: np.ndarray  # (N, T) bool, True where the step is a real (non-padding) record
     y: np.ndarray  # (N,) int8 labels 0/1 of the current row
-    region: np.ndarray  # (N,) int64 NOAA_AR of the current row
+    region: np.ndarray  # (N,) int64 region number of the current row (the configured region column)
     row: np.ndarray  # (N,) int64 0-based data-row index of the current row in its file
     time: np.ndarray  # (N,) datetime64[s] record time of the current row
 
@@ -322,7 +322,8 @@ class ExperimentData:
 
 def history_profile(samples: SampleSet) -> dict[str, float | int | None]:
     """How much history the windows hold: the base rate, the records' cadence (the most common step between a
-    region's consecutive samples) and the longer steps (gaps), and the windows with padded steps."""
+    region's consecutive samples), the gaps (steps of two cadences or more, rounded), and the windows with padded
+    steps."""
     n = len(samples)
     same = samples.region[1:] == samples.region[:-1]
     steps = np.diff(samples.time.astype("datetime64[s]").astype(np.int64))[same]
@@ -332,7 +333,7 @@ def history_profile(samples: SampleSet) -> dict[str, float | int | None]:
     return {"samples": n, "positives": samples.n_positive, "base_rate": samples.n_positive / n if n else None,
             "regions": int(np.unique(samples.region).size),
             "cadence_minutes": cadence / 60 if cadence is not None else None,
-            "gaps": int((steps > cadence).sum()) if cadence is not None else 0,
+            "gaps": int((np.rint(steps / cadence) > 1).sum()) if cadence else 0,
             "padded_windows": int((real_steps < samples.valid.shape[1]).sum()),
             "mean_real_steps": float(real_steps.mean()) if n else None}
 

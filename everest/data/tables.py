@@ -410,32 +410,30 @@ def read_table(path: str | Path, cfg: DataConfig) -> pd.DataFrame:
                             f"{MAX_ABS_VALUE:.0e}, the float32 range samples are stored in (a unit or parsing error?)")
         out[feat] = values
     table = pd.DataFrame(out)
-    _check_regions(src, table, region_column)
+    check_runs(src, table["region"].to_numpy(), table["time"].to_numpy(), region_column)
     return table
 
 
-def _check_regions(src: CsvSource, table: pd.DataFrame, region_column: str) -> None:
-    """Rows of one region must be contiguous and strictly increasing in time."""
+def check_runs(src: CsvSource, region: np.ndarray, time: np.ndarray, region_column: str,
+               time_column: str = TIME_COLUMN) -> None:
+    """Rows of one region must be contiguous and strictly increasing in time (rows without a time, such as
+    padding rows, are skipped in the time order); the error names the file, the lines and the cells."""
     path = src.path
-    region = table["region"].to_numpy()
     new_run = np.r_[True, region[1:] != region[:-1]]
-    run_regions = region[new_run]
-    uniq, counts = np.unique(run_regions, return_counts=True)
+    uniq, counts = np.unique(region[new_run], return_counts=True)
     if (counts > 1).any():
         ar = int(uniq[counts > 1][0])
         lines = [src.line(r) for r in np.flatnonzero(new_run & (region == ar))[:2]]
         raise DataError(f"{path}: rows of region {region_column}={ar} are not contiguous "
                         f"(separate runs start at lines {lines}); expected one time-ordered run per region")
-    t = table["time"].to_numpy().astype("datetime64[s]").astype(np.int64)
-    known = table["time"].notna().to_numpy()
+    idx = np.flatnonzero(~np.isnat(time))
+    t = time[idx].astype("datetime64[s]").astype(np.int64)
     # Compare each dated row with the previous dated row of the same region.
-    idx = np.flatnonzero(known)
-    same = region[idx[1:]] == region[idx[:-1]]
-    back = same & (t[idx[1:]] <= t[idx[:-1]])
+    back = (region[idx[1:]] == region[idx[:-1]]) & (t[1:] <= t[:-1])
     if back.any():
         k = int(np.flatnonzero(back)[0])
         r, prev = int(idx[k + 1]), int(idx[k])
-        was, now = (show_cell(src.cell(i, TIME_COLUMN)) for i in (prev, r))
+        was, now = (show_cell(src.cell(i, time_column)) for i in (prev, r))
         raise DataError(f"{path}: region {region_column}={int(region[r])} is out of time order at line {src.line(r)}: "
                         f"{now} does not follow {was} "
-                        f"(line {src.line(prev)}; rows of a region must be strictly increasing in {TIME_COLUMN})")
+                        f"(line {src.line(prev)}; rows of a region must be strictly increasing in {time_column})")

@@ -212,7 +212,7 @@ class ProductionTrainer:
                      "scaler": data.scaler.to_dict(),
                      **{f"n_{k}": len(getattr(data, k)) for k in ("train", "val", "test")},
                      **{f"n_{k}_positive": getattr(data, k).n_positive for k in ("train", "val", "test")},
-                     "n_val_regions": int(len(np.unique(data.val.region))), "history": data.history},
+                     "n_val_regions": int(len(np.unique(data.val.region))), "history_profile": data.history},
             "history": history,
             "config": cfg.model_dump(mode="json"),
         }
