@@ -45,7 +45,7 @@ def model_card(res: dict[str, Any]) -> str:
     e, m, th = res["experiment"], res["test_metrics"], res["threshold"]
     return (
         f"# EVEREST {e['target']} (seed {e['seed']})\n\n"
-        f"Forecasts whether a flare of class >= {e['flare_class']} starts within {e['horizon_hours']} h of a SHARP "
+        f"Forecasts whether a flare of class >= {e['flare_class']} starts within {e['horizon_hours']} h of a "
         f"record, from the last {res['config']['model']['seq_len']} records of its active region.\n\n"
         f"* Parameters: {res['training']['n_parameters']:,}; best epoch {res['training']['best_epoch']} of "
         f"{res['training']['epochs_run']} ({res['training']['stop_reason']}).\n"

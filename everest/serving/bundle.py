@@ -338,7 +338,7 @@ def model_card(records: Mapping[str, Mapping[str, Any]], output_dir: Path) -> st
     first = next(iter(records.values()))
     lines = ["# EVEREST model bundle", "",
              f"Trained by the study in `{output_dir}` (code version {CODE_VERSION}, configuration hash "
-             f"{first['config_hash']}), on {'synthetic' if first['synthetic_data'] else 'SHARP'} tables.", "",
+             f"{first['config_hash']}), on {'synthetic' if first['synthetic_data'] else 'real (observed)'} tables.", "",
              "Each target's forecast is the mean of its seeds' raw probabilities, mapped by a calibration fitted on "
              "validation regions none of the seeds trained on, and decided at the threshold of the highest "
              "validation TSS. The test metrics below were computed once, on the study's test table; nothing was "
