@@ -318,9 +318,9 @@ def _history(a: ProductionAnalyzer) -> list[str]:
     """Per target and file: the base rate, the records' cadence, gaps and padded windows (from the trainer)."""
     out = ["## Data: how much history the model had\n",
            "Per target, the training file (before the validation split and augmentation) and the test file: the "
-           "share of positive samples, the most common step between a region's consecutive records, the longer "
-           "steps (gaps), and the windows that hold padding (steps before a region's first record or inside a "
-           "gap) with the mean number of real records per window.\n"]
+           "share of positive samples, the most common step between a region's consecutive records, the gaps "
+           "(steps of two cadences or more), and the windows that hold padding (steps before a region's first "
+           "record or inside a gap) with the mean number of real records per window.\n"]
     rows = []
     for t in [str(t) for t in all_targets()]:
         run = next((r for r in sorted(a.results.analysed, key=lambda r: r.seed) if str(r.target) == t), None)
