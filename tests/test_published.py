@@ -271,6 +271,8 @@ def test_cross_fold_verdict_pools_the_folds(imported: Path, tmp_path: Path) -> N
         verdict = pd.read_csv(out / "analysis" / "verdict.csv").iloc[0]
         assert (row.everest_tss, row.delta, row.verdict) == (verdict["everest_tss"], verdict["delta"],
                                                              verdict["verdict"])
+        ensemble = pd.read_csv(out / "analysis" / "ensemble.csv").iloc[0]
+        assert (row.ensemble_brier_raw, row.ensemble_ece) == (ensemble["brier_raw"], ensemble["ece"])
     pooled = pd.read_csv(tmp_path / "x" / "pooled.csv").set_index("model")
     by_seed = [pd.concat([pd.read_csv(out / "results" / f"everest_M_24h_seed{s}" / "predictions.csv") for out in folds])
                for s in (0, 1)]

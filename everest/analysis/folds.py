@@ -37,6 +37,7 @@ EVEREST = "everest"
 BEST = "best baseline"
 FOLD_COLUMNS = ("everest_seeds", "everest_tss", "ensemble_tss", "best_baseline", "best_baseline_tss", "delta",
                 "ci_low", "ci_high", "verdict", "everest_brier", "ensemble_brier", "best_baseline_brier", "n_units")
+CALIBRATION_COLUMNS = ("calibration", "brier_raw", "ece_raw", "ece")  # of the ensemble, from the fold's ensemble.csv
 
 
 def fold_table(folds: Sequence[Path], target: Target) -> pd.DataFrame:
@@ -51,7 +52,11 @@ def fold_table(folds: Sequence[Path], target: Target) -> pd.DataFrame:
         row = verdict[verdict["target"] == str(target)]
         if row.empty:
             raise AnalysisError(f"{path}: no verdict for {target} (it holds {', '.join(verdict['target'])})")
-        rows.append({"fold": fold.name, **{c: row.iloc[0][c] for c in FOLD_COLUMNS}})
+        ensemble = pd.read_csv(path.parent / "ensemble.csv") if (path.parent / "ensemble.csv").is_file() else None
+        calibration = ({} if ensemble is None or ensemble[ensemble["target"] == str(target)].empty else
+                       ensemble[ensemble["target"] == str(target)].iloc[0][list(CALIBRATION_COLUMNS)].to_dict())
+        rows.append({"fold": fold.name, **{c: row.iloc[0][c] for c in FOLD_COLUMNS},
+                     **{f"ensemble_{c}": calibration.get(c, np.nan) for c in CALIBRATION_COLUMNS}})
     return pd.DataFrame(rows)
 
 
@@ -170,8 +175,13 @@ def render(target: Target, folds: pd.DataFrame, pooled: pd.DataFrame, cmp: pd.Da
                  [[r.fold, fmt(r.everest_tss), fmt(r.ensemble_tss), f"{r.best_baseline} {fmt(r.best_baseline_tss)}",
                    fmt(r.delta), f"[{fmt(r.ci_low)}, {fmt(r.ci_high)}]", r.verdict, fmt(r.n_units, 0)]
                   for r in folds.itertuples()]), "",
-           table(["fold", "EVEREST Brier", "ensemble Brier", "best baseline Brier"],
-                 [[r.fold, fmt(r.everest_brier, 4), fmt(r.ensemble_brier, 4), fmt(r.best_baseline_brier, 4)]
+           "Brier scores, and the ensemble's calibration: its map fitted on the fold's validation regions, with "
+           "the Brier score and the expected calibration error (ECE) before (raw) and after it.\n",
+           table(["fold", "EVEREST Brier", "best baseline Brier", "ensemble Brier (raw)", "ensemble ECE (raw)",
+                  "calibration"],
+                 [[r.fold, fmt(r.everest_brier, 4), fmt(r.best_baseline_brier, 4),
+                   f"{fmt(r.ensemble_brier, 4)} ({fmt(r.ensemble_brier_raw, 4)})",
+                   f"{fmt(r.ensemble_ece, 4)} ({fmt(r.ensemble_ece_raw, 4)})", r.ensemble_calibration]
                   for r in folds.itertuples()]), "",
            "## Pooled over the folds\n",
            "Every test region once, forecast by the models of the fold that held it out; TSS at each fold's own "
