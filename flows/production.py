@@ -85,7 +85,7 @@ class ProductionParameters(FlowParameters):
 
     targets: list[TargetName] | None = Field(
         None, description="flare class and horizon of each forecast to train, e.g. C-24 M5-72 (default: every "
-        "target whose two tables the data folder holds; all 9 for the embedded demo)")
+        "target whose tables the data folder holds; all 9 for the embedded demo)")
     seeds: list[int] = Field(default_factory=lambda: list(DEFAULT_SEEDS),
                              description="random seeds; each target is trained once per seed (default 0-4: 45 "
                              "experiments)")

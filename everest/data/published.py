@@ -17,7 +17,6 @@ read.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import yaml
 
 from everest import io
 from everest.config import EXTENSIVE_FEATURES, ModelConfig, Target
+from everest.data.samples import cadence_and_gaps
 from everest.data.tables import (
     LABEL_COLUMN,
     MAX_ABS_VALUE,
@@ -37,8 +37,10 @@ from everest.data.tables import (
     CsvSource,
     check_runs,
     data_file,
+    file_hash,
     open_csv,
     read_columns,
+    require_once,
     show_cell,
 )
 from everest.errors import DataError
@@ -108,12 +110,12 @@ def _bad(src: CsvSource, mask: np.ndarray, column: str, expected: str) -> DataEr
 
 def read_fold(path: Path, index: int) -> Fold:
     """Read and validate one fold file; every error names the file, line, column and value."""
-    header = open_csv(path, (REGION, TIME, LABEL, FLARES))[0].header
-    features = [c for c in header if c not in META]
+    src, _ = open_csv(path, (REGION, TIME, LABEL, FLARES))
+    features = list(dict.fromkeys(c for c in src.header if c not in META))
     if not features:
         raise DataError(f"{path}: no feature columns besides {list(META)}; expected magnetic features such as "
                         "USFLUX")
-    src, _ = open_csv(path, (REGION, TIME, LABEL, FLARES, *features))
+    require_once(src, features)
     df = read_columns(src, [REGION, TIME, LABEL, FLARES, *features], text=(TIME, LABEL, FLARES))
 
     region = pd.to_numeric(df[REGION], errors="coerce").to_numpy(np.float64)
@@ -148,11 +150,10 @@ def read_fold(path: Path, index: int) -> Fold:
 
 def cadence_of(folds: Sequence[Fold]) -> np.timedelta64:
     """The source's record cadence: the most common step between consecutive records of a patch."""
-    steps = np.concatenate([np.diff(f.time.astype(np.int64))[f.region[1:] == f.region[:-1]] for f in folds])
-    if steps.size == 0:
+    cadence, _ = cadence_and_gaps(np.concatenate([f.region for f in folds]), np.concatenate([f.time for f in folds]))
+    if not cadence:
         raise DataError(f"{folds[0].path.parent}: no patch has two records; cannot tell the cadence")
-    values, counts = np.unique(steps, return_counts=True)
-    return np.timedelta64(int(values[np.argmax(counts)]), "s")
+    return np.timedelta64(cadence, "s")
 
 
 def labels_for(fold: Fold, target: Target) -> np.ndarray:
@@ -171,8 +172,24 @@ def labels_for(fold: Fold, target: Target) -> np.ndarray:
     return np.array([hit(f) for f in fold.flares], bool)
 
 
-def _table(fold: Fold, target: Target, cadence: np.timedelta64, max_padding: int) -> tuple[pd.DataFrame, int, int]:
-    """The fold's records as the target's table with padding rows at gaps; also the gaps and padding rows."""
+@dataclass(frozen=True)
+class _Layout:
+    """A fold's rows in the output: its records with padding rows before the records that follow a gap."""
+
+    frame: pd.DataFrame  # Flare ('padding' everywhere until a target's labels are set), time, region, features
+    at: np.ndarray  # (R,) each record's row in the frame
+    gaps: int
+    padding_rows: int
+
+    def table(self, labels: np.ndarray) -> pd.DataFrame:
+        """The frame with the records labelled P/N by ``labels`` (R,)."""
+        flare = self.frame[LABEL_COLUMN].to_numpy(copy=True)
+        flare[self.at] = np.where(labels, "P", "N")
+        return self.frame.assign(**{LABEL_COLUMN: flare})
+
+
+def _layout(fold: Fold, cadence: np.timedelta64, max_padding: int) -> _Layout:
+    """Padding rows at the fold's gaps: ``min(missing records, max_padding)`` per gap, nearest its next record."""
     region, t = fold.region, fold.time
     same = np.r_[False, region[1:] == region[:-1]]
     step = np.r_[np.timedelta64(0, "s"), np.diff(t)]
@@ -180,26 +197,16 @@ def _table(fold: Fold, target: Target, cadence: np.timedelta64, max_padding: int
     pad = np.clip(missing, 0, max_padding)
     n = len(region) + int(pad.sum())
     at = np.arange(len(region)) + np.cumsum(pad)  # (R,) each record's row in the output
-    is_record = np.zeros(n, bool)
-    is_record[at] = True
-    out_region = np.repeat(region, pad + 1)
-    # A padding row k slots before its record sits at that record's time minus k cadences.
-    before = np.concatenate([np.r_[np.arange(p, 0, -1), 0] for p in pad]) if n else np.zeros(0, np.int64)
+    # A padding row k rows before its record sits at that record's time minus k cadences.
+    before = np.repeat(at, pad + 1) - np.arange(n)  # (n,) rows to the record each output row belongs to
     out_time = np.repeat(t, pad + 1) - before * cadence
-    label = np.where(labels_for(fold, target), "P", "N")
-    flare = np.full(n, "padding", dtype=object)
-    flare[at] = label
-    table = {LABEL_COLUMN: flare, TIME_COLUMN: pd.to_datetime(out_time).strftime(OUT_TIME_FORMAT),
-             REGION_COLUMN: out_region}
+    frame = {LABEL_COLUMN: np.full(n, "padding", dtype=object),
+             TIME_COLUMN: pd.to_datetime(out_time).strftime(OUT_TIME_FORMAT), REGION_COLUMN: np.repeat(region, pad + 1)}
     for name in fold.features.columns:
         column = np.zeros(n)
         column[at] = fold.features[name].to_numpy()
-        table[name] = column
-    return pd.DataFrame(table), int((missing > 0).sum()), int(pad.sum())
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+        frame[name] = column
+    return _Layout(pd.DataFrame(frame), at, int((missing > 0).sum()), int(pad.sum()))
 
 
 def import_published(name: str, src: str | Path, out: str | Path, folds: Sequence[int] | None = None,
@@ -239,19 +246,19 @@ def import_published(name: str, src: str | Path, out: str | Path, folds: Sequenc
             raise DataError(f"{folder} exists and holds no {RECORD_NAME} (not an earlier import); choose another "
                             "--out, nothing was written")
     cadence = cadence_of(parts)
-    tables = {(f.index, t): _table(f, t, cadence, window - 1) for f in parts for t in TARGETS}
+    layouts = {f.index: _layout(f, cadence, window - 1) for f in parts}
     config = {"data": {"features": features, "region_column": REGION_COLUMN,
                        "log_features": [c for c in features if c in LOG_FEATURES],
                        "scaling": "log_standard", "c_zero_filter": False},
               "model": {"seq_len": window}}
-    sources = {p.name: {"rows": len(f.region), "regions": int(np.unique(f.region).size), "sha256": _sha256(p)}
+    sources = {p.name: {"rows": len(f.region), "regions": int(np.unique(f.region).size), "sha256": file_hash(p)}
                for p, f in zip(files, parts, strict=True)}
     rows_read = sum(len(f.region) for f in parts)
     records = {}
     with contextlib.ExitStack() as stack:  # every folder complete before any is renamed into place
         for k in chosen:
             tmp = stack.enter_context(io.staged_dir(out / f"fold_{k}"))
-            records[k] = _write_fold(tmp, k, parts, tables, rows_read)
+            records[k] = _write_fold(tmp, k, parts, layouts, rows_read)
             records[k].update({"source": str(src), "dataset": name, "files": sources,
                                "cadence_minutes": cadence / np.timedelta64(60, "s"), "window": window,
                                "features": features, "region_column": REGION_COLUMN,
@@ -263,18 +270,19 @@ def import_published(name: str, src: str | Path, out: str | Path, folds: Sequenc
                          {f"fold_{k}": r for k, r in records.items()})
 
 
-def _write_fold(folder: Path, k: int, parts: Sequence[Fold], tables: dict, rows_read: int) -> dict:
+def _write_fold(folder: Path, k: int, parts: Sequence[Fold], layouts: dict[int, _Layout], rows_read: int) -> dict:
     """Write test fold ``k``'s tables of every target that has a training positive; return their accounting."""
     record: dict = {"test_fold": k, "targets": {}, "skipped_targets": {}}
     for t in TARGETS:
         frames, counts = {}, {}
         for split, members in (("train", [f for f in parts if f.index != k]), ("test", [parts[k]])):
-            pieces = [tables[(f.index, t)] for f in members]
-            frames[split] = frame = pd.concat([p[0] for p in pieces], ignore_index=True)
+            frames[split] = frame = pd.concat([layouts[f.index].table(labels_for(f, t)) for f in members],
+                                              ignore_index=True)
             real = frame[LABEL_COLUMN] != "padding"
             counts[split] = {"records": int(real.sum()), "positives": int((frame[LABEL_COLUMN] == "P").sum()),
                              "regions": int(frame.loc[real, REGION_COLUMN].nunique()),
-                             "gaps": sum(p[1] for p in pieces), "padding_rows": sum(p[2] for p in pieces)}
+                             "gaps": sum(layouts[f.index].gaps for f in members),
+                             "padding_rows": sum(layouts[f.index].padding_rows for f in members)}
         if counts["train"]["positives"] == 0:
             record["skipped_targets"][str(t)] = "no positive record in the training folds: nothing to learn"
             continue

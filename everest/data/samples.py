@@ -320,20 +320,28 @@ class ExperimentData:
     history: dict[str, dict[str, float | int | None]]  # "train" (before augmentation), "test": history_profile
 
 
+def cadence_and_gaps(region: np.ndarray, time: np.ndarray) -> tuple[int | None, int]:
+    """The cadence of time-ordered records (seconds: the most common step between consecutive records of a
+    region; None without such a pair) and the gaps (steps of two cadences or more, rounded)."""
+    same = region[1:] == region[:-1]
+    steps = np.diff(time.astype("datetime64[s]").astype(np.int64))[same]
+    if steps.size == 0:
+        return None, 0
+    values, counts = np.unique(steps, return_counts=True)
+    cadence = int(values[np.argmax(counts)])
+    return cadence, int((np.rint(steps / cadence) > 1).sum()) if cadence else 0
+
+
 def history_profile(samples: SampleSet) -> dict[str, float | int | None]:
     """How much history the windows hold: the base rate, the records' cadence (the most common step between a
     region's consecutive samples), the gaps (steps of two cadences or more, rounded), and the windows with padded
     steps."""
     n = len(samples)
-    same = samples.region[1:] == samples.region[:-1]
-    steps = np.diff(samples.time.astype("datetime64[s]").astype(np.int64))[same]
-    values, counts = np.unique(steps, return_counts=True)
-    cadence = int(values[np.argmax(counts)]) if steps.size else None
+    cadence, gaps = cadence_and_gaps(samples.region, samples.time)
     real_steps = samples.valid.sum(axis=1)
     return {"samples": n, "positives": samples.n_positive, "base_rate": samples.n_positive / n if n else None,
             "regions": int(np.unique(samples.region).size),
-            "cadence_minutes": cadence / 60 if cadence is not None else None,
-            "gaps": int((np.rint(steps / cadence) > 1).sum()) if cadence else 0,
+            "cadence_minutes": cadence / 60 if cadence is not None else None, "gaps": gaps,
             "padded_windows": int((real_steps < samples.valid.shape[1]).sum()),
             "mean_real_steps": float(real_steps.mean()) if n else None}
 

@@ -318,11 +318,7 @@ def open_csv(path: str | Path, required: Sequence[str], features: Sequence[str] 
         raise DataError(f"{path}: fields are separated by {delim!r} (line {layout.line[0]}); "
                         "expected commas (a comma-separated .csv file)")
     columns = _resolve_columns(path, header, required, features, aliases or {})
-    for name in dict.fromkeys([*required, *columns.values()]):
-        if header.count(name) > 1:
-            at = [i + 1 for i, h in enumerate(header) if h == name]
-            raise DataError(f"{path}: column {name!r} appears {len(at)} times in the header (columns {at}); "
-                            "expected each column once")
+    require_once(src, [*required, *columns.values()])
     ragged = layout.fields[1:] != len(header)
     if ragged.any():
         _check_quotes(path)
@@ -334,6 +330,15 @@ def open_csv(path: str | Path, required: Sequence[str], features: Sequence[str] 
     if len(layout.fields) == 1:
         raise DataError(f"{path}: no data rows (only a header)")
     return src, columns
+
+
+def require_once(src: CsvSource, names: Sequence[str]) -> None:
+    """Refuse a header in which one of ``names`` appears more than once, naming its column positions."""
+    for name in dict.fromkeys(names):
+        if src.header.count(name) > 1:
+            at = [i + 1 for i, h in enumerate(src.header) if h == name]
+            raise DataError(f"{src.path}: column {name!r} appears {len(at)} times in the header (columns {at}); "
+                            "expected each column once")
 
 
 def read_columns(src: CsvSource, used: Sequence[str], text: Sequence[str] = ()) -> pd.DataFrame:
